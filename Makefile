@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   runs the main job
+#   make test   runs the test suite (with VNPAGER_DEBUG=1 invariant checks)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Debian packages the tests drive: FUSE, and real programs to run on a mount
+DEBS := fuse3 libfuse3-dev pkg-config sqlite3 fio
+
+.PHONY: demo test lint typecheck cover sysdeps clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+sysdeps:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages:$$missing (run as root, or: sudo apt-get install$$missing)"; fi; \
+	fi
+
+demo: $(STAMP)
+	$(BIN)/vnpager demo
+
+test: sysdeps $(STAMP)
+	VNPAGER_DEBUG=1 $(BIN)/pytest
+
+cover: sysdeps $(STAMP)
+	VNPAGER_DEBUG=1 $(BIN)/pytest --cov=vnpager --cov-branch --cov-report=term-missing
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .coverage

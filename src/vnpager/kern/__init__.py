@@ -1,0 +1,1 @@
+"""The kernel services UVM stands on: sleep and wakeup, locks, panics."""

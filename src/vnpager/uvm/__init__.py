@@ -1,0 +1,1 @@
+"""UVM: the virtual memory system, one module per file of sys/uvm."""

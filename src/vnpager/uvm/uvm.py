@@ -1,0 +1,134 @@
+"""One virtual machine: what the kernel keeps global (uvm.h, uvmexp.h).
+
+A :class:`VM` owns its physical memory, page queues, writeable-object list,
+sync lock, pager map and vnode state, so several VMs live in one process
+without sharing anything but the scheduler.
+"""
+
+from __future__ import annotations
+
+import mmap as _mmap
+import threading
+from dataclasses import asdict, dataclass
+
+from vnpager.kern.debug import panic
+from vnpager.kern.lock import Mutex, RWLock
+from vnpager.uvm.uvm_page import PG_BUSY, PG_TABLED, PQ_ACTIVE, PQ_FREE, PQ_INACTIVE, VmPage
+from vnpager.uvm.uvm_pager import PagerMap
+from vnpager.uvm.uvm_param import MAXBSIZE, PAGE_SIZE, round_page, trunc_page
+from vnpager.uvm.uvm_vnode import UvmVnode, uvm_vnodeops, uvm_vnp_sync, uvm_vnp_terminate
+from vnpager.vfs.hostfs import HostFS
+from vnpager.vfs.memfs import MemFS
+from vnpager.vfs.mount import Mount, Vfs
+from vnpager.vfs.specfs import SpecFS
+from vnpager.vfs.vnode import Vnode
+
+DEFAULT_PHYSMEM = 256 << 20
+
+
+@dataclass
+class Uvmexp:
+    """Counters (``struct uvmexp``)."""
+
+    faults: int = 0
+    faultahead: int = 0
+    pageins: int = 0  # pages read
+    pageouts: int = 0  # pages written
+    read_ios: int = 0  # calls to the backend
+    write_ios: int = 0
+    allocfail: int = 0  # uvm_pagealloc found no free page
+    waits: int = 0  # uvm_wait slept
+    frees: int = 0
+    write_errors: int = 0
+    lostpages: int = 0  # dirty pages given up by terminate after a write error
+    pdwoke: int = 0
+    pdfreed: int = 0
+    pdpageouts: int = 0
+
+
+class VM:
+    """A machine with *physmem* bytes of page frames of *page_size* bytes."""
+
+    def __init__(self, physmem: int = DEFAULT_PHYSMEM, page_size: int = PAGE_SIZE, *,
+                 desiredvnodes: int = 4096, pager_map_slots: int = 16) -> None:
+        if page_size < 512 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 512, not {page_size}")
+        if MAXBSIZE % page_size:
+            raise ValueError(f"page_size must divide MAXBSIZE ({MAXBSIZE})")
+        npages = physmem // page_size
+        if npages < MAXBSIZE // page_size:
+            raise ValueError(f"physmem of {physmem} bytes cannot hold one cluster "
+                             f"({MAXBSIZE} bytes)")
+        self.page_size = page_size
+        self.npages = npages
+        self.physmem = npages * page_size
+        self.zero_page = bytes(page_size)
+        # page frames: anonymous memory the host commits only when touched
+        self._arena = _mmap.mmap(-1, self.physmem)
+        frames = memoryview(self._arena)
+        self.pages = [VmPage(self, i, frames[i * page_size:(i + 1) * page_size])
+                      for i in range(npages)]
+        self.page_free: list[VmPage] = self.pages[::-1]  # pop() takes frame 0 first
+        self.page_active: dict[VmPage, None] = {}
+        self.page_inactive: dict[VmPage, None] = {}
+        self.pageqlock = Mutex("pageq")
+        self.pmap_lock = threading.Lock()
+        self.free_chan = (self, "free")
+        self.pagedaemon_chan = (self, "pagedaemon")
+        self.freemin = max(MAXBSIZE // page_size, npages // 32)
+        self.uvmexp = Uvmexp()
+        # the vnode pager's globals
+        self.uvn_wlist: dict[UvmVnode, None] = {}
+        self.uvn_wlist_lock = Mutex("uvn_wlist")
+        self.uvn_sync_lock = RWLock("uvnsync")
+        self.pager_map = PagerMap(pager_map_slots)
+        uvm_vnodeops.pgo_init(self)
+        # the filesystems
+        self.vfs = Vfs(desiredvnodes, self._vnode_init, uvm_vnp_terminate,
+                       lambda mp: uvm_vnp_sync(self, mp))
+        self.hostfs: Mount = self.vfs.mount(HostFS(), "host")
+        self.memfs: Mount = self.vfs.mount(MemFS(), "memfs")
+        self.specfs: Mount = self.vfs.mount(SpecFS(), "specfs")
+
+    def _vnode_init(self, vp: Vnode) -> None:
+        if vp.v_uvm is None:
+            vp.v_uvm = UvmVnode(self, vp)
+
+    def round_page(self, x: int) -> int:
+        return round_page(x, self.page_size)
+
+    def trunc_page(self, x: int) -> int:
+        return trunc_page(x, self.page_size)
+
+    def npages_free_low(self) -> bool:
+        return len(self.page_free) < self.freemin
+
+    def counters(self) -> dict[str, int]:
+        return asdict(self.uvmexp)
+
+    def check_invariants(self) -> None:
+        """Panic unless the page accounting of this VM is consistent.
+
+        => no thread may be changing pages: call it on a quiet VM.
+        """
+        with self.pageqlock:
+            free = set(map(id, self.page_free))
+            for pg in self.pages:
+                q = pg.pg_flags & (PQ_FREE | PQ_ACTIVE | PQ_INACTIVE)
+                if (id(pg) in free) != (q == PQ_FREE):
+                    panic(f"page {pg!r}: free list and PQ_FREE disagree")
+                if q not in (0, PQ_FREE, PQ_ACTIVE, PQ_INACTIVE):
+                    panic(f"page {pg!r}: on several queues")
+                if (pg in self.page_active) != (q == PQ_ACTIVE):
+                    panic(f"page {pg!r}: active queue and PQ_ACTIVE disagree")
+                if (pg in self.page_inactive) != (q == PQ_INACTIVE):
+                    panic(f"page {pg!r}: inactive queue and PQ_INACTIVE disagree")
+                tabled = bool(pg.pg_flags & PG_TABLED)
+                if tabled != (pg.uobject is not None):
+                    panic(f"page {pg!r}: PG_TABLED and uobject disagree")
+                if tabled:
+                    assert pg.uobject is not None
+                    if pg.uobject.memt.get(pg.offset) is not pg:
+                        panic(f"page {pg!r}: not in its object's tree")
+                if q == PQ_FREE and (tabled or pg.pv or pg.pg_flags & PG_BUSY):
+                    panic(f"page {pg!r}: free but in use")

@@ -1,0 +1,265 @@
+"""Physical pages and the page queues (uvm_page.c, uvm_page.h).
+
+Physical memory is one arena of page frames, allocated when the VM is made;
+each :class:`VmPage` owns one frame and exposes it as ``pg.data``, a
+memoryview that I/O reads and writes in place.  A VM can never hold more
+page data than its arena.
+
+Queue membership is kept in ``pg_flags`` as OpenBSD does (PQ_ACTIVE,
+PQ_INACTIVE, PQ_FREE); the queues themselves are insertion-ordered dicts so
+that the oldest page is the first key and requeueing is O(1).
+
+=> page queue changes require ``vm.pageqlock``; page identity changes
+   (insert into or remove from an object) also require the object's lock.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vnpager.kern.debug import KASSERT, panic
+from vnpager.kern.synch import rwsleep, wakeup
+from vnpager.uvm.pmap import pmap_clear_reference, pmap_page_protect
+from vnpager.uvm.uvm_param import PROT_NONE
+
+if TYPE_CHECKING:
+    from vnpager.kern.synch import Interlock
+    from vnpager.uvm.pmap import Pmap
+    from vnpager.uvm.uvm import VM
+    from vnpager.uvm.uvm_object import UvmObject
+
+# pg_flags: page state (uvm_page.h)
+PG_BUSY = 0x00000001  # someone owns the page and is doing I/O on or with it
+PG_WANTED = 0x00000002  # someone sleeps until it stops being busy
+PG_TABLED = 0x00000004  # the page is in an object
+PG_CLEAN = 0x00000008  # the page matches its backing store
+PG_CLEANCHK = 0x00000010  # PG_CLEAN is known to be in sync with the pmap
+PG_RELEASED = 0x00000020  # free the page once it is no longer busy
+PG_FAKE = 0x00000040  # the page holds no valid data yet
+PG_RDONLY = 0x00000080  # the page may only be mapped read-only
+# pg_flags: queue membership
+PQ_FREE = 0x00010000
+PQ_INACTIVE = 0x00020000
+PQ_ACTIVE = 0x00040000
+PQ_ANON = 0x00100000  # the page belongs to an anon, not an object
+PQ_QUEUES = PQ_FREE | PQ_INACTIVE | PQ_ACTIVE
+
+UVM_PGA_ZERO = 0x1  # uvm_pagealloc: zero the frame
+
+
+class VmPage:
+    """One physical page (``struct vm_page``)."""
+
+    __slots__ = (
+        "vm", "frame", "data", "pg_flags", "offset", "uobject", "uanon",
+        "wire_count", "owner", "pv", "attrs",
+    )
+
+    def __init__(self, vm: VM, frame: int, data: memoryview) -> None:
+        self.vm = vm
+        self.frame = frame
+        self.data = data
+        self.pg_flags = PQ_FREE
+        self.offset = 0
+        self.uobject: UvmObject | None = None
+        self.uanon: object | None = None
+        self.wire_count = 0
+        self.owner: str | None = None  # UVM_PAGE_OWN tag, for debugging
+        # pmap state: the mappings of this page and the ref/mod attributes
+        self.pv: dict[tuple[Pmap, int], None] = {}
+        self.attrs = 0
+
+    def trace_name(self) -> str:
+        return f"pg@{self.offset:#x}"
+
+    def __repr__(self) -> str:
+        return f"<VmPage frame={self.frame} off={self.offset:#x} flags={self.pg_flags:#x}>"
+
+
+def UVM_PAGE_OWN(pg: VmPage, tag: str | None) -> None:  # noqa: N802
+    pg.owner = tag
+
+
+def uvm_pagelookup(uobj: UvmObject, off: int) -> VmPage | None:
+    """=> caller holds the object lock."""
+    return uobj.memt.get(off)
+
+
+def uvm_pageinsert(pg: VmPage, uobj: UvmObject, off: int) -> None:
+    KASSERT((pg.pg_flags & PG_TABLED) == 0, "uvm_pageinsert: already tabled")
+    if off in uobj.memt:
+        panic(f"uvm_pageinsert: page already at offset {off:#x}")
+    pg.uobject = uobj
+    pg.offset = off
+    uobj.memt[off] = pg
+    pg.pg_flags |= PG_TABLED
+
+
+def uvm_pageremove(pg: VmPage) -> None:
+    uobj = pg.uobject
+    KASSERT(pg.pg_flags & PG_TABLED and uobj is not None, "uvm_pageremove: not tabled")
+    assert uobj is not None
+    del uobj.memt[pg.offset]
+    pg.pg_flags &= ~PG_TABLED
+    pg.uobject = None
+
+
+def uvm_pagealloc(vm: VM, uobj: UvmObject | None, off: int, flags: int = 0) -> VmPage | None:
+    """Take a free frame and, with *uobj*, insert it at *off*.
+
+    The page comes back PG_BUSY|PG_CLEAN|PG_FAKE, owned by the caller and on
+    no queue.  Returns None when no frame is free: the caller decides
+    whether to uvm_wait() and retry.
+
+    => caller holds the object lock (when *uobj* is given).
+    """
+    with vm.pageqlock:
+        if not vm.page_free:
+            vm.uvmexp.allocfail += 1
+            wakeup(vm.pagedaemon_chan)
+            return None
+        pg = vm.page_free.pop()
+        pg.pg_flags = PG_BUSY | PG_CLEAN | PG_FAKE
+        if vm.npages_free_low():
+            wakeup(vm.pagedaemon_chan)
+    pg.owner = "new"
+    pg.attrs = 0
+    if flags & UVM_PGA_ZERO:
+        pg.data[:] = vm.zero_page
+    if uobj is not None:
+        uvm_pageinsert(pg, uobj, off)
+    return pg
+
+
+def _pagedequeue(vm: VM, pg: VmPage) -> None:
+    if pg.pg_flags & PQ_ACTIVE:
+        del vm.page_active[pg]
+    elif pg.pg_flags & PQ_INACTIVE:
+        del vm.page_inactive[pg]
+    pg.pg_flags &= ~(PQ_ACTIVE | PQ_INACTIVE)
+
+
+def uvm_pageclean(pg: VmPage) -> None:
+    """Take *pg* out of its object and off its queue, ready to be freed.
+
+    => caller holds the object lock and the page queue lock.
+    """
+    KASSERT(pg.vm.pageqlock.held(), "uvm_pageclean: pageq not locked")
+    KASSERT(not pg.pv, "uvm_pageclean: page still mapped")
+    if pg.pg_flags & PG_TABLED:
+        uvm_pageremove(pg)
+    _pagedequeue(pg.vm, pg)
+    pg.wire_count = 0
+    pg.uanon = None
+
+
+def _pagefree_locked(pg: VmPage) -> None:
+    vm = pg.vm
+    if pg.pg_flags & PG_WANTED:
+        wakeup(pg)
+    pg.pg_flags = PQ_FREE
+    pg.owner = None
+    pg.attrs = 0
+    vm.page_free.append(pg)
+    vm.uvmexp.frees += 1
+
+
+def uvm_pagefree(pg: VmPage) -> None:
+    """Return *pg* to the free list, waking threads that wait for memory.
+
+    => caller holds the object lock and the page queue lock.
+    """
+    if pg.pv:
+        pmap_page_protect(pg, PROT_NONE)
+    uvm_pageclean(pg)
+    _pagefree_locked(pg)
+    wakeup(pg.vm.free_chan)
+
+
+def uvm_pglistfree(pgs: list[VmPage]) -> None:
+    """Free pages already taken apart by uvm_pageclean().
+
+    => page queue lock not held (we take it).
+    """
+    if not pgs:
+        return
+    vm = pgs[0].vm
+    with vm.pageqlock:
+        for pg in pgs:
+            _pagefree_locked(pg)
+    wakeup(vm.free_chan)
+
+
+def uvm_pagewait(pg: VmPage, lock: Interlock, wmesg: str) -> None:
+    """Sleep until *pg* is no longer busy.
+
+    => caller holds *lock* (the page's object lock); it is dropped and NOT
+       taken again (PNORELOCK), since the page may be gone on wakeup.
+    """
+    KASSERT(pg.pg_flags & PG_BUSY, "uvm_pagewait: page not busy")
+    pg.pg_flags |= PG_WANTED
+    rwsleep(pg, lock, wmesg, relock=False)
+
+
+def uvm_pagedeactivate(pg: VmPage) -> None:
+    """Move *pg* to the tail of the inactive queue.
+
+    => caller holds the page queue lock.
+    """
+    vm = pg.vm
+    KASSERT(vm.pageqlock.held(), "uvm_pagedeactivate: pageq not locked")
+    if pg.pg_flags & PQ_INACTIVE or pg.wire_count:
+        return
+    if pg.pg_flags & PQ_ACTIVE:
+        del vm.page_active[pg]
+        pg.pg_flags &= ~PQ_ACTIVE
+    pmap_clear_reference(pg)
+    vm.page_inactive[pg] = None
+    pg.pg_flags |= PQ_INACTIVE
+
+
+def uvm_pageactivate(pg: VmPage) -> None:
+    """Move *pg* to the tail of the active queue.
+
+    => caller holds the page queue lock.
+    """
+    vm = pg.vm
+    KASSERT(vm.pageqlock.held(), "uvm_pageactivate: pageq not locked")
+    if pg.wire_count:
+        return
+    _pagedequeue(vm, pg)
+    vm.page_active[pg] = None
+    pg.pg_flags |= PQ_ACTIVE
+
+
+def uvm_page_unbusy(pgs: list[VmPage]) -> None:
+    """Unbusy pages the caller owns: wake waiters, free released ones.
+
+    => caller holds the pages' object lock; page queue lock not held.
+    """
+    for pg in pgs:
+        if pg.pg_flags & PG_WANTED:
+            wakeup(pg)
+        if pg.pg_flags & PG_RELEASED:
+            pg.pg_flags &= ~PG_RELEASED
+            with pg.vm.pageqlock:
+                uvm_pagefree(pg)
+            continue
+        pg.pg_flags &= ~(PG_WANTED | PG_BUSY)
+        pg.owner = None
+
+
+def uvm_wait(vm: VM, wmesg: str) -> None:
+    """Wake the page daemon and sleep until some memory is freed.
+
+    => caller holds no object lock: the daemon may need it to free pages.
+    """
+    with vm.pageqlock:
+        if vm.page_free:
+            return
+        vm.uvmexp.waits += 1
+        wakeup(vm.pagedaemon_chan)
+        # sleep with the queue lock as interlock: a free that follows our
+        # check must find us already queued
+        rwsleep(vm.free_chan, vm.pageqlock, wmesg)
+

@@ -1,0 +1,217 @@
+"""The generic pager layer (uvm_pager.c, uvm_pager.h).
+
+Pagers plug into UVM through a :class:`UvmPagerOps` table.  This module
+holds what all pagers share: the pager map (``uvm_pagermapin``: the kernel
+window through which a pager does I/O on pages, here an iovec of the page
+frames, of which only a few may be in use at once), clustering around a
+dirty page (``uvm_mk_pcluster``) and the put path (``uvm_pager_put``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from vnpager.kern.debug import KASSERT
+from vnpager.kern.lock import Mutex
+from vnpager.kern.synch import rwsleep, wakeup
+from vnpager.uvm.pmap import (
+    pmap_clear_modify,
+    pmap_clear_reference,
+    pmap_is_modified,
+    pmap_page_protect,
+)
+from vnpager.uvm.uvm_page import (
+    PG_BUSY,
+    PG_CLEAN,
+    PG_CLEANCHK,
+    PG_RELEASED,
+    PG_WANTED,
+    PQ_INACTIVE,
+    UVM_PAGE_OWN,
+    VmPage,
+    uvm_pagefree,
+)
+from vnpager.uvm.uvm_param import PROT_READ
+
+if TYPE_CHECKING:
+    from vnpager.uvm.uvm_object import UvmObject
+
+# pager return codes
+VM_PAGER_OK: Final = 0
+VM_PAGER_BAD: Final = 1
+VM_PAGER_FAIL: Final = 2
+VM_PAGER_PEND: Final = 3
+VM_PAGER_ERROR: Final = 4
+VM_PAGER_AGAIN: Final = 5
+VM_PAGER_UNLOCK: Final = 6
+VM_PAGER_REFAULT: Final = 7
+
+# flags for pgo_get, pgo_put, pgo_flush and uvm_pager_put
+PGO_CLEANIT: Final = 0x001  # write dirty pages to backing store
+PGO_SYNCIO: Final = 0x002  # wait for the I/O to finish
+PGO_DEACTIVATE: Final = 0x004  # deactivate the pages flushed
+PGO_FREE: Final = 0x008  # free the pages flushed
+PGO_ALLPAGES: Final = 0x010  # the whole object (flush) / every page (get)
+PGO_DOACTCLUST: Final = 0x020  # clustering may take active pages
+PGO_LOCKED: Final = 0x040  # get: the caller's fault structures are locked
+PGO_PDFREECLUST: Final = 0x080  # the page daemon's put: unbusy the cluster
+PGO_REALLOCSWAP: Final = 0x100  # dropcluster: swap slots (unused here)
+PGO_NOWAIT: Final = 0x200  # do not sleep for the vnode lock
+
+
+class _DontCare:
+    def __repr__(self) -> str:
+        return "PGO_DONTCARE"
+
+
+PGO_DONTCARE: Final = _DontCare()  # a pgo_get slot the caller does not want
+
+UVMPAGER_MAPIN_WAITOK: Final = 0x01
+UVMPAGER_MAPIN_READ: Final = 0x02
+UVMPAGER_MAPIN_WRITE: Final = 0x00
+
+PageSlot = VmPage | _DontCare | None
+
+
+@dataclass(frozen=True)
+class UvmPagerOps:
+    """``struct uvm_pagerops``: a pager's entry points."""
+
+    pgo_init: Callable[..., None]
+    pgo_reference: Callable[[UvmObject], None]
+    pgo_detach: Callable[[UvmObject], None]
+    pgo_get: Callable[[UvmObject, int, list[PageSlot], int, int, int, int, int], tuple[int, int]]
+    pgo_put: Callable[[UvmObject, list[VmPage], int, int], int]
+    pgo_flush: Callable[[UvmObject, int, int, int], bool]
+    pgo_cluster: Callable[[UvmObject, int], tuple[int, int]]
+    pgo_mk_pcluster: Callable[..., list[VmPage]]
+
+
+class PagerMap:
+    """The pager map: at most *nslots* I/Os may have pages mapped in."""
+
+    def __init__(self, nslots: int) -> None:
+        self.nslots = nslots
+        self.inuse = 0
+        self.lock = Mutex("pager_map")
+
+    def trace_name(self) -> str:
+        return "pager_map"
+
+
+def uvm_pagermapin(pager_map: PagerMap, pps: list[VmPage], flags: int) -> list[memoryview] | None:
+    """Map *pps* in for I/O: return their frames as an iovec.
+
+    Returns None when the map is full and UVMPAGER_MAPIN_WAITOK is not set.
+    """
+    with pager_map.lock:
+        while pager_map.inuse >= pager_map.nslots:
+            if not flags & UVMPAGER_MAPIN_WAITOK:
+                return None
+            rwsleep(pager_map, pager_map.lock, "pager_map")
+        pager_map.inuse += 1
+    return [pg.data for pg in pps]
+
+
+def uvm_pagermapout(pager_map: PagerMap) -> None:
+    with pager_map.lock:
+        pager_map.inuse -= 1
+    wakeup(pager_map)
+
+
+def uvm_mk_pcluster(uobj: UvmObject, center: VmPage, maxpages: int, flags: int,
+                    mlo: int, mhi: int) -> list[VmPage]:
+    """Gather the dirty, unbusy pages contiguous with *center* for one write.
+
+    The window comes from the pager's pgo_cluster, clipped to [mlo, mhi)
+    unless PGO_ALLPAGES.  Active (possibly mapped) neighbours are taken only
+    with PGO_DOACTCLUST, and their PG_CLEAN is synced from the pmap first.
+    Every page taken is made busy and write-protected.
+
+    => caller holds the object lock; *center* is busy and owned by the caller.
+    """
+    lo, hi = uobj.pgops.pgo_cluster(uobj, center.offset)
+    if not flags & PGO_ALLPAGES:
+        lo, hi = max(lo, mlo), min(hi, mhi)
+    page_size = uobj.vm.page_size
+    if (hi - lo) // page_size > maxpages:
+        return [center]
+    before: list[VmPage] = []
+    after: list[VmPage] = []
+    for side, step in ((before, -page_size), (after, page_size)):
+        off = center.offset + step
+        while lo <= off < hi:
+            pg = uobj.memt.get(off)
+            if pg is None:
+                break
+            if not pg.pg_flags & PQ_INACTIVE:
+                if not flags & PGO_DOACTCLUST:
+                    break
+                if not pg.pg_flags & PG_CLEANCHK:
+                    if pg.pg_flags & (PG_CLEAN | PG_BUSY) == PG_CLEAN and pmap_is_modified(pg):
+                        pg.pg_flags &= ~PG_CLEAN
+                    pg.pg_flags |= PG_CLEANCHK
+            if pg.pg_flags & (PG_CLEAN | PG_BUSY):
+                break
+            pg.pg_flags |= PG_BUSY
+            UVM_PAGE_OWN(pg, "uvm_mk_pcluster")
+            pmap_page_protect(pg, PROT_READ)
+            side.append(pg)
+            off += step
+    before.reverse()
+    return before + [center] + after
+
+
+def uvm_pager_dropcluster(uobj: UvmObject, pg: VmPage | None, ppsp: list[VmPage], flags: int) -> None:
+    """Give back the pages of a cluster other than *pg*.
+
+    After a failed put they are unbusied and stay dirty, to be retried with
+    the next flush.  With PGO_PDFREECLUST (a successful put for the page
+    daemon) they are marked clean.  Released pages are freed.
+
+    => caller holds the object lock.
+    """
+    vm = uobj.vm
+    for p in ppsp:
+        if p is pg:
+            continue
+        if p.pg_flags & PG_WANTED:
+            wakeup(p)
+        p.pg_flags &= ~(PG_BUSY | PG_WANTED)
+        UVM_PAGE_OWN(p, None)
+        if p.pg_flags & PG_RELEASED:
+            p.pg_flags &= ~PG_RELEASED
+            with vm.pageqlock:
+                uvm_pagefree(p)
+            continue
+        if flags & PGO_PDFREECLUST:
+            pmap_clear_reference(p)
+            pmap_clear_modify(p)
+            p.pg_flags |= PG_CLEAN
+
+
+def uvm_pager_put(uobj: UvmObject, pg: VmPage, maxpages: int, flags: int,
+                  start: int, stop: int) -> tuple[int, list[VmPage]]:
+    """Write *pg* out, clustered with its dirty neighbours.
+
+    Returns ``(result, cluster)``.  On VM_PAGER_OK or VM_PAGER_PEND the
+    cluster comes back busy to the caller (with PGO_PDFREECLUST, the pages
+    other than *pg* are already unbusied and clean).  On any other result
+    the cluster has been dropped and only *pg*, still busy, is returned.
+
+    => caller holds the object lock; *pg* is busy and owned by the caller.
+    => the lock is held again on return (the pager may drop it for I/O).
+    """
+    KASSERT(pg.pg_flags & PG_BUSY, "uvm_pager_put: page not busy")
+    ppsp = uobj.pgops.pgo_mk_pcluster(uobj, pg, maxpages, flags, start, stop)
+    result = uobj.pgops.pgo_put(uobj, ppsp, len(ppsp), flags)
+    if result in (VM_PAGER_OK, VM_PAGER_PEND):
+        if result == VM_PAGER_OK and flags & PGO_PDFREECLUST and len(ppsp) > 1:
+            uvm_pager_dropcluster(uobj, pg, ppsp, PGO_PDFREECLUST)
+            return result, [pg]
+        return result, ppsp
+    if len(ppsp) > 1:
+        uvm_pager_dropcluster(uobj, pg, ppsp, 0)
+    return result, [pg]

@@ -1,0 +1,876 @@
+"""The vnode pager (uvm_vnode.c): pages of files.
+
+Every function of the seed is here under its own name, in the seed's order,
+with the seed's flags and return codes; read the two side by side.  A
+:class:`UvmVnode` is the VM object of one vnode (``vp.v_uvm``).  Its life:
+
+    attach -> VALID (refs > 0) -> detach to 0 refs -> persisting (VALID,
+    refs == 0, CANPERSIST, pages kept) -> attach finds the pages again
+                                       -> terminate (recycling) frees them
+    a vnode without CANPERSIST (uncached) dies on its last detach instead.
+
+Where we differ from the seed, on purpose:
+
+* a page whose write-back fails is never freed or marked clean: it stays
+  dirty and resident, and the errno is kept on the object (``u_error``,
+  counted by ``u_errseq``) until the front ends report it.  An object whose
+  last detach cannot write its pages persists (with its error) rather than
+  dying; only terminate, which must make the vnode reusable, gives such
+  pages up, and counts them in ``uvmexp.lostpages``.
+* flush, sync and the CLEANCHK pass visit the resident pages of the range in
+  offset order, so their cost follows the pages resident, not the range.
+* shrinking a file keeps the bytes before the new end in its last, partial
+  page and zeroes the rest of that page (the seed frees the whole page).
+* uvn_get drops the object lock while it waits for memory, so that the page
+  daemon can clean this object's own pages.
+* every flag change happens under the object lock: the seed leans on the
+  kernel lock for uvn_attach and the writeable list, which we lock instead.
+
+The pageout path is synchronous: uvn_put never returns VM_PAGER_PEND.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import TYPE_CHECKING, Final
+
+from vnpager.kern.debug import DEBUG, KASSERT, panic
+from vnpager.kern.lock import (
+    LK_EXCLUSIVE,
+    LK_NOWAIT,
+    LK_RECURSEFAIL,
+    LK_RETRY,
+    RW_WRITE,
+    kernel_lock,
+)
+from vnpager.kern.proc import curproc
+from vnpager.kern.synch import rwsleep, wakeup
+from vnpager.kern.trace import traced
+from vnpager.uvm.pmap import pmap_clear_modify, pmap_is_modified, pmap_page_protect
+from vnpager.uvm.uvm_object import UvmObject
+from vnpager.uvm.uvm_page import (
+    PG_BUSY,
+    PG_CLEAN,
+    PG_CLEANCHK,
+    PG_FAKE,
+    PG_RELEASED,
+    PG_WANTED,
+    PQ_ACTIVE,
+    UVM_PAGE_OWN,
+    VmPage,
+    uvm_pageclean,
+    uvm_pagedeactivate,
+    uvm_pagefree,
+    uvm_pglistfree,
+    uvm_pagealloc,
+    uvm_pagelookup,
+    uvm_pagewait,
+    uvm_wait,
+)
+from vnpager.uvm.uvm_pager import (
+    PGO_ALLPAGES,
+    PGO_CLEANIT,
+    PGO_DEACTIVATE,
+    PGO_DOACTCLUST,
+    PGO_DONTCARE,
+    PGO_FREE,
+    PGO_LOCKED,
+    PGO_NOWAIT,
+    PGO_PDFREECLUST,
+    PGO_SYNCIO,
+    UVMPAGER_MAPIN_READ,
+    UVMPAGER_MAPIN_WAITOK,
+    UVMPAGER_MAPIN_WRITE,
+    VM_PAGER_AGAIN,
+    VM_PAGER_BAD,
+    VM_PAGER_ERROR,
+    VM_PAGER_OK,
+    VM_PAGER_UNLOCK,
+    PageSlot,
+    UvmPagerOps,
+    uvm_mk_pcluster,
+    uvm_pager_put,
+    uvm_pagermapin,
+    uvm_pagermapout,
+)
+from vnpager.uvm.uvm_param import MAXBSIZE, PROT_NONE, PROT_READ, PROT_WRITE
+from vnpager.vfs.vnode import (
+    DIOCGPART,
+    IO_NOCACHE,
+    UIO_READ,
+    UIO_WRITE,
+    VBLK,
+    VTEXT,
+    Uio,
+    Vattr,
+    Vnode,
+    VOP_GETATTR,
+    VOP_READ,
+    VOP_UNLOCK,
+    VOP_WRITE,
+    vn_lock,
+)
+from vnpager.vfs.specfs import D_DISK
+from vnpager.vfs.mount import vref, vrele
+
+if TYPE_CHECKING:
+    from vnpager.uvm.uvm import VM
+
+log = logging.getLogger("vnpager.uvm_vnode")
+
+# u_flags (uvm_vnode.h)
+UVM_VNODE_VALID: Final = 0x001  # attached to its vnode
+UVM_VNODE_CANPERSIST: Final = 0x002  # may keep its pages at 0 references
+UVM_VNODE_ALOCK: Final = 0x004  # an attach is reading the attributes
+UVM_VNODE_DYING: Final = 0x008  # final detach or terminate under way
+UVM_VNODE_RELKILL: Final = 0x010  # kill when the last I/O is done
+UVM_VNODE_WANTED: Final = 0x020  # someone waits for ALOCK/DYING/RELKILL
+UVM_VNODE_VNISLOCKED: Final = 0x040  # the vnode is locked by our caller
+UVM_VNODE_IOSYNC: Final = 0x080  # someone waits for u_nio to reach 0
+UVM_VNODE_IOSYNCWANTED: Final = 0x100  # someone waits for IOSYNC to clear
+UVM_VNODE_WRITEABLE: Final = 0x200  # on the writeable list
+UVM_VNODE_BLOCKED: Final = UVM_VNODE_ALOCK | UVM_VNODE_DYING | UVM_VNODE_RELKILL
+
+
+class UvmVnode(UvmObject):
+    """``struct uvm_vnode``: the VM object of a vnode."""
+
+    def __init__(self, vm: VM, vp: Vnode) -> None:
+        super().__init__(vm, uvm_vnodeops)
+        self.u_vnode = vp
+        self.u_flags = 0
+        self.u_nio = 0  # I/Os in progress
+        self.u_size = 0  # the size the pager believes in
+        self.u_error = 0  # errno of the last failed write-back
+        self.u_errseq = 0  # how many write-backs have failed
+        self.u_mtime_ns = 0  # the file's mtime when attached
+
+    def trace_name(self) -> str:
+        return f"uvn<{self.u_vnode.v_key}>"
+
+    def __repr__(self) -> str:
+        return (f"<UvmVnode {self.u_vnode.v_key!r} flags={self.u_flags:#x} refs={self.uo_refs} "
+                f"npages={self.uo_npages} size={self.u_size}>")
+
+
+def _uvn(uobj: UvmObject) -> UvmVnode:
+    KASSERT(isinstance(uobj, UvmVnode), "not a vnode object")
+    return uobj  # type: ignore[return-value]
+
+
+def _wlist_insert(uvn: UvmVnode) -> None:
+    """=> caller holds the object lock."""
+    with uvn.vm.uvn_wlist_lock:
+        uvn.vm.uvn_wlist[uvn] = None
+    uvn.u_flags |= UVM_VNODE_WRITEABLE
+
+
+def _wlist_remove(uvn: UvmVnode) -> None:
+    """=> caller holds the object lock."""
+    with uvn.vm.uvn_wlist_lock:
+        del uvn.vm.uvn_wlist[uvn]
+    uvn.u_flags &= ~UVM_VNODE_WRITEABLE
+
+
+def uvn_record_error(uvn: UvmVnode, error: int) -> None:
+    """Keep a write-back error on the object until the front ends see it.
+
+    => caller holds the object lock.
+    """
+    uvn.u_error = error
+    uvn.u_errseq += 1
+    uvn.vm.uvmexp.write_errors += 1
+
+
+@traced
+def uvn_init(vm: VM) -> None:
+    """Set up the pager's share of *vm*: the writeable list and sync lock."""
+    vm.uvn_wlist.clear()
+
+
+@traced
+def uvn_attach(vp: Vnode, accessprot: int) -> UvmVnode | None:
+    """Attach *vp* to its VM object, making it VALID if need be.
+
+    Returns the object with one more reference, or None if *vp* cannot be
+    mapped (a block device that is not a disk, or the size is unknowable).
+    A persisting object is found with its pages, and regains its vnode
+    reference.  *accessprot* with PROT_WRITE puts it on the writeable list.
+
+    => caller holds no lock: we may sleep on another attach or a death.
+    """
+    uvn: UvmVnode = vp.v_uvm
+    lock = uvn.vmobjlock
+    lock.rw_enter(RW_WRITE)
+    while uvn.u_flags & UVM_VNODE_BLOCKED:
+        uvn.u_flags |= UVM_VNODE_WANTED
+        rwsleep(uvn, lock, "uvn_attach")
+
+    if vp.v_type == VBLK and (vp.v_rdev is None or vp.v_rdev.d_type != D_DISK):
+        lock.rw_exit()
+        return None
+
+    if uvn.u_flags & UVM_VNODE_VALID:
+        if uvn.uo_refs == 0:
+            vref(vp)  # a persisting object regains its vnode reference
+        uvn.uo_refs += 1
+        if accessprot & PROT_WRITE and not uvn.u_flags & UVM_VNODE_WRITEABLE:
+            _wlist_insert(uvn)
+        lock.rw_exit()
+        return uvn
+
+    # the attributes may take I/O: keep other attachers out meanwhile
+    uvn.u_flags = UVM_VNODE_ALOCK
+    lock.rw_exit()
+
+    vattr = Vattr()
+    if vp.v_type == VBLK:
+        assert vp.v_rdev is not None
+        pi: dict[str, int] = {}
+        result = vp.v_rdev.d_ioctl(DIOCGPART, pi)
+        used_vnode_size = pi["secsize"] * pi["psize"] if result == 0 else 0
+    else:
+        result = VOP_GETATTR(vp, vattr)
+        used_vnode_size = vattr.va_size
+
+    lock.rw_enter(RW_WRITE)
+    if result != 0:
+        if uvn.u_flags & UVM_VNODE_WANTED:
+            wakeup(uvn)
+        uvn.u_flags = 0
+        lock.rw_exit()
+        curproc().p_errno = result
+        return None
+
+    KASSERT(uvn.uo_refs == 0, "uvn_attach: new object has references")
+    uvn.uo_refs += 1
+    oldflags = uvn.u_flags
+    uvn.u_flags = UVM_VNODE_VALID | UVM_VNODE_CANPERSIST
+    uvn.u_nio = 0
+    uvn.u_size = used_vnode_size
+    uvn.u_mtime_ns = vattr.va_mtime_ns
+    if accessprot & PROT_WRITE:
+        _wlist_insert(uvn)
+    vref(vp)  # held as long as the object has references
+    if oldflags & UVM_VNODE_WANTED:
+        wakeup(uvn)
+    lock.rw_exit()
+    return uvn
+
+
+@traced
+def uvn_reference(uobj: UvmObject) -> None:
+    """Take another reference to a VALID object.
+
+    => the caller already has a reference, and uses the same accessprot as
+       at attach time.
+    """
+    uvn = _uvn(uobj)
+    if DEBUG and not uvn.u_flags & UVM_VNODE_VALID:
+        panic(f"uvn_reference: invalid state: refs={uobj.uo_refs} flags={uvn.u_flags:#x}")
+    with uobj.vmobjlock:
+        uobj.uo_refs += 1
+
+
+@traced
+def uvn_detach(uobj: UvmObject) -> None:
+    """Drop a reference; at zero the object persists or dies.
+
+    With CANPERSIST its pages are deactivated and kept for the next attach.
+    Without it, dirty pages are written, all pages freed, in-flight I/O
+    drained, and the object leaves the writeable list.  Either way the vnode
+    reference taken at attach is dropped.  If dirty pages cannot be written,
+    the object persists with them and its error instead of dying.
+
+    => caller holds no object lock (the map lock may be held).
+    """
+    uvn = _uvn(uobj)
+    lock = uobj.vmobjlock
+    lock.rw_enter(RW_WRITE)
+    uobj.uo_refs -= 1
+    if uobj.uo_refs:
+        lock.rw_exit()
+        return
+
+    vp = uvn.u_vnode
+    vp.v_flag &= ~VTEXT  # no mapping is left to protect
+
+    if uvn.u_flags & UVM_VNODE_CANPERSIST:
+        uvn_flush(uobj, 0, 0, PGO_DEACTIVATE | PGO_ALLPAGES)
+        lock.rw_exit()
+        vrele(vp)
+        return
+
+    uvn.u_flags |= UVM_VNODE_DYING
+    # no one can attach until DYING clears, and no pgo_get can be running
+    # (no references): the only busy pages are in pageout by others
+    written = uvn_flush(uobj, 0, 0, PGO_CLEANIT | PGO_FREE | PGO_ALLPAGES)
+
+    uvn.u_flags |= UVM_VNODE_RELKILL
+    while uobj.uo_npages and uvn.u_flags & UVM_VNODE_RELKILL:
+        if not written and not any(pg.pg_flags & PG_BUSY for pg in uobj.memt.values()):
+            # pages we could not write are all that is left: keep them
+            uvn.u_flags &= ~(UVM_VNODE_DYING | UVM_VNODE_RELKILL)
+            _wake_wanted(uvn)
+            lock.rw_exit()
+            vrele(vp)
+            return
+        uvn.u_flags |= UVM_VNODE_IOSYNC
+        rwsleep((uvn, "u_nio"), lock, "uvn_term")
+
+    if not uvn.u_flags & UVM_VNODE_RELKILL:
+        # terminate took the object over while we slept; it does the rest
+        lock.rw_exit()
+        return
+
+    if uvn.u_flags & UVM_VNODE_WRITEABLE:
+        _wlist_remove(uvn)
+    KASSERT(not uobj.memt, "uvn_detach: pages left on a dead object")
+    oldflags = uvn.u_flags
+    uvn.u_flags = 0
+    if oldflags & UVM_VNODE_WANTED:
+        wakeup(uvn)
+    lock.rw_exit()
+    vrele(vp)
+
+
+def _wake_wanted(uvn: UvmVnode) -> None:
+    if uvn.u_flags & UVM_VNODE_WANTED:
+        uvn.u_flags &= ~UVM_VNODE_WANTED
+        wakeup(uvn)
+
+
+@traced
+def uvm_vnp_terminate(vp: Vnode) -> None:
+    """Clean a vnode's VM object out so that the vnode can be reused.
+
+    Called by vgone() in two cases: recycling a vnode whose object
+    persists (refs == 0: the object is freed), and forced unmount of a
+    vnode still mapped (refs > 0: the object lives on, dead, and every
+    later I/O fails because the vnode is dead).  Dirty pages are written
+    first; pages whose write fails are freed anyway here, since the vnode
+    is going away, and counted in ``uvmexp.lostpages``.
+
+    => caller has the vnode XLOCKed and locked: uvn_io must not lock it.
+    """
+    uvn: UvmVnode | None = vp.v_uvm
+    if uvn is None:
+        return
+    uobj = uvn
+    lock = uobj.vmobjlock
+    lock.rw_enter(RW_WRITE)
+    if not uvn.u_flags & UVM_VNODE_VALID:
+        lock.rw_exit()
+        return
+
+    if DEBUG and uvn.uo_refs:
+        log.debug("uvm_vnp_terminate(%r): terminating active vnode", uvn)
+
+    # a detach waiting for its last I/O: take the object over from it
+    uvn.u_flags &= ~UVM_VNODE_RELKILL
+    uvn.u_flags |= UVM_VNODE_DYING | UVM_VNODE_VNISLOCKED
+
+    if not uvn_flush(uobj, 0, 0, PGO_CLEANIT | PGO_FREE | PGO_ALLPAGES):
+        _free_unwritten(uvn)
+
+    while uobj.uo_npages:
+        if DEBUG:
+            for pg in uobj.memt.values():
+                if not pg.pg_flags & PG_BUSY:
+                    panic("uvm_vnp_terminate: detected unbusy pg")
+            if uvn.u_nio == 0:
+                panic("uvm_vnp_terminate: no I/O to wait for?")
+        uvn.u_flags |= UVM_VNODE_IOSYNC
+        rwsleep((uvn, "u_nio"), lock, "uvn_term")
+
+    oldflags = uvn.u_flags
+    if uvn.uo_refs:
+        # lives on with a dead vnode until its last reference goes
+        uvn.u_flags &= ~(UVM_VNODE_DYING | UVM_VNODE_VNISLOCKED | UVM_VNODE_WANTED
+                         | UVM_VNODE_CANPERSIST)
+    else:
+        if uvn.u_flags & UVM_VNODE_IOSYNCWANTED:
+            panic("uvm_vnp_terminate: io sync wanted bit set")
+        if uvn.u_flags & UVM_VNODE_WRITEABLE:
+            _wlist_remove(uvn)
+        uvn.u_flags = 0
+    if oldflags & UVM_VNODE_WANTED:
+        wakeup(uvn)
+    lock.rw_exit()
+
+
+def _free_unwritten(uvn: UvmVnode) -> None:
+    """Give up the dirty pages that could not be written (terminate only).
+
+    => caller holds the object lock.
+    """
+    dead = [pg for pg in uvn.memt.values() if not pg.pg_flags & PG_BUSY]
+    if not dead:
+        return
+    log.warning("%r: %d dirty pages lost: the vnode is being recycled and "
+                "write-back failed with errno %d", uvn, len(dead), uvn.u_error)
+    with uvn.vm.pageqlock:
+        for pg in dead:
+            uvm_pagefree(pg)
+    uvn.vm.uvmexp.lostpages += len(dead)
+
+
+@traced
+def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
+    """Clean, deactivate and/or free the pages of [start, stop).
+
+    PGO_CLEANIT writes dirty pages (clustered, through uvm_pager_put) and
+    may sleep; without it we never sleep but to wait for a busy page that
+    PGO_FREE must free.  PGO_ALLPAGES means the whole object.  A page busy
+    with someone else's I/O is skipped, and with PGO_CLEANIT|PGO_SYNCIO we
+    wait at the end for all of the object's I/O to finish.
+
+    Returns False if a write failed: those pages stay dirty and resident
+    (even with PGO_FREE) and the error is kept on the object.
+
+    => caller holds the object lock (write); it may be dropped and retaken.
+    => caller must not hold the page queue lock.
+    """
+    uvn = _uvn(uobj)
+    vm = uobj.vm
+    KASSERT(uobj.vmobjlock.rw_write_held(), "uvn_flush: object not locked")
+    page_size = vm.page_size
+    dead: list[VmPage] = []
+    need_iosync = False
+    retval = True
+    if flags & PGO_ALLPAGES:
+        start, stop = 0, vm.round_page(uvn.u_size)
+    else:
+        start = vm.trunc_page(start)
+        stop = min(vm.round_page(stop), vm.round_page(uvn.u_size))
+
+    if flags & PGO_CLEANIT:
+        # uvm_mk_pcluster trusts PG_CLEAN only where CLEANCHK says it is synced
+        for pp in uobj.pages_in(start, stop):
+            pp.pg_flags &= ~PG_CLEANCHK
+
+    curoff = start
+    while True:
+        pp = _next_page(uobj, curoff, stop)
+        if pp is None:
+            break
+        curoff = pp.offset + page_size
+        if not flags & PGO_CLEANIT or pp.pg_flags & PG_BUSY:
+            needs_clean = False
+            if pp.pg_flags & PG_BUSY and flags & (PGO_CLEANIT | PGO_SYNCIO) == PGO_CLEANIT | PGO_SYNCIO:
+                need_iosync = True
+        else:
+            # freeing: unmap first, so that PG_CLEAN cannot go stale after
+            if pp.pg_flags & PG_CLEAN and flags & PGO_FREE and pp.pg_flags & PQ_ACTIVE:
+                pmap_page_protect(pp, PROT_NONE)
+            if pp.pg_flags & PG_CLEAN and pmap_is_modified(pp):
+                pp.pg_flags &= ~PG_CLEAN
+            pp.pg_flags |= PG_CLEANCHK
+            needs_clean = not pp.pg_flags & PG_CLEAN
+
+        if not needs_clean:
+            if flags & PGO_DEACTIVATE:
+                if pp.wire_count == 0:
+                    pmap_page_protect(pp, PROT_NONE)
+                    with vm.pageqlock:
+                        uvm_pagedeactivate(pp)
+            elif flags & PGO_FREE:
+                if pp.pg_flags & PG_BUSY:
+                    uvm_pagewait(pp, uobj.vmobjlock, "uvn_flsh")
+                    uobj.vmobjlock.rw_enter(RW_WRITE)
+                    curoff = pp.offset  # look at this offset again
+                    continue
+                pmap_page_protect(pp, PROT_NONE)
+                with vm.pageqlock:
+                    uvm_pageclean(pp)
+                dead.append(pp)
+            continue
+
+        # a dirty page we may clean: write it out with its neighbours
+        pp.pg_flags |= PG_BUSY
+        UVM_PAGE_OWN(pp, "uvn_flush")
+        pmap_page_protect(pp, PROT_READ)
+        if flags & (PGO_FREE | PGO_SYNCIO) == PGO_FREE:
+            pp.pg_flags |= PG_RELEASED
+        while True:
+            result, ppsp = uvm_pager_put(uobj, pp, MAXBSIZE // page_size,
+                                         flags | PGO_DOACTCLUST, start, stop)
+            if result != VM_PAGER_AGAIN:
+                break
+            # no pager map for an async write: do it synchronously instead
+            KASSERT(not flags & PGO_SYNCIO, "uvn_flush: PGO_SYNCIO returned AGAIN")
+            flags |= PGO_SYNCIO
+            pp.pg_flags &= ~PG_RELEASED
+
+        if result != VM_PAGER_OK:
+            # the seed marks pp clean and may free it: we keep it dirty
+            uvn_record_error(uvn, curproc().p_errno or errno.EIO)
+            retval = False
+            pp.pg_flags &= ~PG_RELEASED
+        for ptmp in ppsp:
+            if ptmp.pg_flags & PG_WANTED:
+                wakeup(ptmp)
+            ptmp.pg_flags &= ~(PG_WANTED | PG_BUSY)
+            UVM_PAGE_OWN(ptmp, None)
+            if result == VM_PAGER_OK:
+                ptmp.pg_flags |= PG_CLEAN | PG_CLEANCHK
+                if not flags & PGO_FREE:
+                    pmap_clear_modify(ptmp)
+            if flags & PGO_DEACTIVATE:
+                if ptmp.wire_count == 0:
+                    pmap_page_protect(ptmp, PROT_NONE)
+                    with vm.pageqlock:
+                        uvm_pagedeactivate(ptmp)
+            elif flags & PGO_FREE and result == VM_PAGER_OK:
+                pmap_page_protect(ptmp, PROT_NONE)
+                with vm.pageqlock:
+                    uvm_pageclean(ptmp)
+                dead.append(ptmp)
+
+    if need_iosync:
+        while uvn.u_nio != 0:
+            uvn.u_flags |= UVM_VNODE_IOSYNC
+            rwsleep((uvn, "u_nio"), uobj.vmobjlock, "uvn_flush")
+        if uvn.u_flags & UVM_VNODE_IOSYNCWANTED:
+            wakeup((uvn, "u_flags"))
+        uvn.u_flags &= ~(UVM_VNODE_IOSYNC | UVM_VNODE_IOSYNCWANTED)
+
+    uvm_pglistfree(dead)
+    return retval
+
+
+def _next_page(uobj: UvmObject, curoff: int, stop: int) -> VmPage | None:
+    """The resident page with the lowest offset in [curoff, stop)."""
+    for off in uobj.memt.irange(curoff, stop, inclusive=(True, False)):
+        return uobj.memt[off]
+    return None
+
+
+@traced
+def uvn_cluster(uobj: UvmObject, offset: int) -> tuple[int, int]:
+    """The range [lo, hi) around *offset* that one I/O may cover.
+
+    => *offset* lies inside the object: anything else is a bug (panic).
+    """
+    uvn = _uvn(uobj)
+    if offset >= uvn.u_size:
+        panic(f"uvn_cluster: offset {offset:#x} out of range (size {uvn.u_size:#x})")
+    return offset, min(offset + MAXBSIZE, uobj.vm.round_page(uvn.u_size))
+
+
+@traced
+def uvn_put(uobj: UvmObject, pps: list[VmPage], npages: int, flags: int) -> int:
+    """Write *pps* to the vnode; synchronous, whatever the flags say.
+
+    => caller holds the object lock; the pages are busy and owned by the
+       caller, who sets PG_CLEAN and clears the modified bits afterwards.
+    """
+    KASSERT(uobj.vmobjlock.rw_write_held(), "uvn_put: object not locked")
+    return uvn_io(_uvn(uobj), pps, npages, flags, UIO_WRITE)
+
+
+@traced
+def uvn_get(uobj: UvmObject, offset: int, pps: list[PageSlot], npages: int,
+            centeridx: int, access_type: int, advice: int, flags: int) -> tuple[int, int]:
+    """Get pages [offset, offset + npages pages) of the object into *pps*.
+
+    With PGO_LOCKED (the fault's structures locked, so no sleeping): take
+    only resident, unbusy pages, skipping PGO_DONTCARE slots; returns
+    ``(VM_PAGER_OK, got)`` if the center page (or with PGO_ALLPAGES, every
+    page) was found, else ``(VM_PAGER_UNLOCK, got)``: unlock and call again.
+
+    Without PGO_LOCKED: wait for busy pages, allocate missing ones (waiting
+    for memory if need be) and read them, one page at a time.  A page whose
+    read fails is freed and the error returned.
+
+    Pages come back busy; the caller unbusies them and must check for
+    PG_RELEASED.  => caller holds the object lock; in the unlocked pass it
+    is released on return, whatever the result.
+    """
+    KASSERT(not flags & PGO_LOCKED or uobj.vmobjlock.rw_lock_held(), "uvn_get: not locked")
+    page_size = uobj.vm.page_size
+
+    if flags & PGO_LOCKED:
+        gotpages = 0
+        done = True
+        for lcv in range(npages):
+            if pps[lcv] is PGO_DONTCARE:
+                continue
+            ptmp = uvm_pagelookup(uobj, offset + lcv * page_size)
+            if ptmp is None or ptmp.pg_flags & PG_BUSY:
+                if lcv == centeridx or flags & PGO_ALLPAGES:
+                    done = False
+                continue
+            ptmp.pg_flags |= PG_BUSY
+            UVM_PAGE_OWN(ptmp, "uvn_get1")
+            pps[lcv] = ptmp
+            gotpages += 1
+        return (VM_PAGER_OK if done else VM_PAGER_UNLOCK), gotpages
+
+    lock = uobj.vmobjlock
+    for lcv in range(npages):
+        if pps[lcv] is not None or (lcv != centeridx and not flags & PGO_ALLPAGES):
+            continue
+        current_offset = offset + lcv * page_size
+        ptmp = None
+        while pps[lcv] is None:
+            ptmp = uvm_pagelookup(uobj, current_offset)
+            if ptmp is None:
+                ptmp = uvm_pagealloc(uobj.vm, uobj, current_offset)
+                if ptmp is None:
+                    lock.rw_exit()  # let the page daemon clean our pages too
+                    uvm_wait(uobj.vm, "uvn_getpage")
+                    lock.rw_enter(RW_WRITE)
+                    continue
+                break  # a new page, busy and fake: read it below
+            if ptmp.pg_flags & PG_BUSY:
+                uvm_pagewait(ptmp, lock, "uvn_get")
+                lock.rw_enter(RW_WRITE)
+                continue
+            ptmp.pg_flags |= PG_BUSY
+            UVM_PAGE_OWN(ptmp, "uvn_get2")
+            pps[lcv] = ptmp
+        if pps[lcv] is not None:
+            continue
+
+        assert ptmp is not None
+        result = uvn_io(_uvn(uobj), [ptmp], 1, PGO_SYNCIO | PGO_NOWAIT, UIO_READ)
+        if result != VM_PAGER_OK:
+            if ptmp.pg_flags & PG_WANTED:
+                wakeup(ptmp)
+            ptmp.pg_flags &= ~(PG_WANTED | PG_BUSY)
+            UVM_PAGE_OWN(ptmp, None)
+            with uobj.vm.pageqlock:
+                uvm_pagefree(ptmp)
+            lock.rw_exit()
+            return result, 0
+
+        ptmp.pg_flags &= ~PG_FAKE
+        pmap_clear_modify(ptmp)
+        pps[lcv] = ptmp
+
+    lock.rw_exit()
+    return VM_PAGER_OK, npages
+
+
+@traced
+def uvn_io(uvn: UvmVnode, pps: list[VmPage], npages: int, flags: int, rw: int) -> int:
+    """Read or write *pps*, contiguous from pps[0].offset, with the vnode.
+
+    Returns VM_PAGER_OK; VM_PAGER_BAD for an offset at or past the end;
+    VM_PAGER_AGAIN where PGO_NOWAIT (or a missing PGO_SYNCIO) forbids the
+    sleep it would need; VM_PAGER_ERROR otherwise, with the errno left in
+    ``curproc().p_errno``.  A short read is zero-filled; a read of nothing
+    is EIO.  A vnode the caller already holds locked gives EDEADLK.
+
+    => caller holds the object lock; it is dropped during the I/O and held
+       again on return.  The pages are busy and owned by the caller.
+    """
+    uobj = uvn
+    vm = uvn.vm
+    lock = uobj.vmobjlock
+    KASSERT(lock.rw_write_held(), "uvn_io: object not locked")
+    waitok = bool(flags & PGO_SYNCIO)
+    vn = uvn.u_vnode
+    file_offset = pps[0].offset
+
+    while uvn.u_flags & UVM_VNODE_IOSYNC:
+        if not waitok:
+            return VM_PAGER_AGAIN
+        uvn.u_flags |= UVM_VNODE_IOSYNCWANTED
+        rwsleep((uvn, "u_flags"), lock, "uvn_iosync")
+
+    if file_offset >= uvn.u_size:
+        return VM_PAGER_BAD
+
+    mapinflags = UVMPAGER_MAPIN_READ if rw == UIO_READ else UVMPAGER_MAPIN_WRITE
+    kva = uvm_pagermapin(vm.pager_map, pps, mapinflags)
+    if kva is None and not waitok:
+        return VM_PAGER_AGAIN
+
+    uvn.u_nio += 1
+    lock.rw_exit()
+    if kva is None:
+        kva = uvm_pagermapin(vm.pager_map, pps, mapinflags | UVMPAGER_MAPIN_WAITOK)
+    assert kva is not None
+
+    # the pages are busy: their offsets cannot change under us
+    wanted = min(npages * vm.page_size, uvn.u_size - file_offset)
+    uio = Uio(list(kva), file_offset, wanted, rw)
+
+    result = 0
+    with kernel_lock:
+        if not uvn.u_flags & UVM_VNODE_VNISLOCKED:
+            result = vn_lock(vn, LK_EXCLUSIVE | LK_RECURSEFAIL
+                             | (LK_NOWAIT if flags & PGO_NOWAIT else 0))
+        if result == 0:
+            if rw == UIO_READ:
+                result = VOP_READ(vn, uio, 0)
+            else:
+                result = VOP_WRITE(vn, uio, IO_NOCACHE if flags & PGO_PDFREECLUST else 0)
+            if not uvn.u_flags & UVM_VNODE_VNISLOCKED:
+                VOP_UNLOCK(vn)
+
+    if result == 0:
+        got = wanted - uio.resid
+        if wanted and got == 0:
+            result = errno.EIO
+        elif rw == UIO_READ and got < npages * vm.page_size:
+            _zero_from(kva, got)
+    if rw == UIO_READ:
+        vm.uvmexp.read_ios += 1
+        vm.uvmexp.pageins += npages
+    else:
+        vm.uvmexp.write_ios += 1
+        vm.uvmexp.pageouts += npages
+
+    uvm_pagermapout(vm.pager_map)
+
+    lock.rw_enter(RW_WRITE)
+    uvn.u_nio -= 1
+    if uvn.u_flags & UVM_VNODE_IOSYNC and uvn.u_nio == 0:
+        wakeup((uvn, "u_nio"))
+
+    if result == 0:
+        return VM_PAGER_OK
+    if result == errno.EBUSY:
+        KASSERT(flags & PGO_NOWAIT, "uvn_io: EBUSY without PGO_NOWAIT")
+        return VM_PAGER_AGAIN
+    curproc().p_errno = result
+    return VM_PAGER_ERROR
+
+
+def _zero_from(iov: list[memoryview], start: int) -> None:
+    """Zero the frames of *iov* from byte *start* of the transfer on."""
+    for frame in iov:
+        if start < len(frame):
+            frame[start:] = bytes(len(frame) - start)
+        start = max(0, start - len(frame))
+
+
+@traced
+def uvm_vnp_uncache(vp: Vnode) -> bool:
+    """Stop *vp*'s object from persisting; kill it now if it persists.
+
+    Returns True if no object is active any more (none was, or we killed
+    it), False if it still has references (it dies on its last detach).
+
+    => caller holds the vnode lock; we drop it while the object dies.
+    """
+    uvn: UvmVnode = vp.v_uvm
+    lock = uvn.vmobjlock
+    lock.rw_enter(RW_WRITE)
+    if not uvn.u_flags & UVM_VNODE_VALID or uvn.u_flags & UVM_VNODE_BLOCKED:
+        lock.rw_exit()
+        return True
+
+    uvn.u_flags &= ~UVM_VNODE_CANPERSIST
+    if uvn.uo_refs:
+        lock.rw_exit()
+        return False
+
+    # persisting: take a reference so that uvn_detach can kill it
+    vref(vp)
+    uvn.uo_refs += 1
+    lock.rw_exit()
+
+    VOP_UNLOCK(vp)
+    uvn_detach(uvn)
+    vn_lock(vp, LK_EXCLUSIVE | LK_RETRY)
+    return True
+
+
+@traced
+def uvm_vnp_setsize(vp: Vnode, newsize: int) -> None:
+    """Tell the pager that *vp* is now *newsize* bytes long.
+
+    Growing changes only the size.  Shrinking frees the pages wholly past
+    the new end, dirty or not, and zeroes the tail of the page that holds
+    the new end, keeping the bytes before it.
+
+    => caller holds the kernel lock and a reference to *vp*.
+    """
+    KASSERT(kernel_lock.held(), "uvm_vnp_setsize: kernel lock not held")
+    uvn: UvmVnode = vp.v_uvm
+    lock = uvn.vmobjlock
+    lock.rw_enter(RW_WRITE)
+    if uvn.u_flags & UVM_VNODE_VALID:
+        if uvn.u_size > newsize:
+            vm = uvn.vm
+            uvn_flush(uvn, vm.round_page(newsize), uvn.u_size, PGO_FREE)
+            _zero_tail(uvn, newsize)
+        uvn.u_size = newsize
+    lock.rw_exit()
+
+
+def _zero_tail(uvn: UvmVnode, newsize: int) -> None:
+    """Zero the page holding *newsize* from there to its end.
+
+    => caller holds the object lock; we may drop it to wait for the page.
+    """
+    vm = uvn.vm
+    keep = newsize - vm.trunc_page(newsize)
+    if keep == 0:
+        return
+    while True:
+        pg = uvm_pagelookup(uvn, vm.trunc_page(newsize))
+        if pg is None:
+            return
+        if not pg.pg_flags & PG_BUSY:
+            break
+        uvm_pagewait(pg, uvn.vmobjlock, "uvn_shrink")
+        uvn.vmobjlock.rw_enter(RW_WRITE)
+    with vm.pmap_lock:  # no store through a mapping may interleave
+        pg.data[keep:] = bytes(vm.page_size - keep)
+
+
+@traced
+def uvm_vnp_sync(vm: VM, mp: object = None) -> None:
+    """Write every dirty page of the writeable objects back (sync(2)).
+
+    With *mp*, only the objects of vnodes on that mount.  One sync runs at
+    a time.  Objects that are blocked (dying) are skipped: they are being
+    flushed already.  An object that is clean afterwards and used only by
+    us leaves the writeable list, so later syncs skip it.
+
+    => caller holds no VM lock.
+    """
+    vm.uvn_sync_lock.rw_enter(RW_WRITE)
+    with vm.uvn_wlist_lock:
+        candidates = list(vm.uvn_wlist)
+    sync_q: list[UvmVnode] = []
+    for uvn in candidates:
+        vp = uvn.u_vnode
+        if mp is not None and vp.v_mount is not mp:
+            continue
+        with uvn.vmobjlock:
+            if uvn.u_flags & UVM_VNODE_BLOCKED or not uvn.u_flags & UVM_VNODE_WRITEABLE:
+                continue
+            if uvn.uo_refs == 0:
+                vref(vp)  # persisting: regain the vnode reference
+            uvn.uo_refs += 1
+        sync_q.append(uvn)
+
+    for uvn in sync_q:
+        with uvn.vmobjlock:
+            if DEBUG and uvn.u_flags & UVM_VNODE_DYING:
+                log.debug("uvm_vnp_sync: dying vnode on sync list")
+            clean = uvn_flush(uvn, 0, 0, PGO_CLEANIT | PGO_ALLPAGES | PGO_DOACTCLUST)
+            if clean and uvn.uo_refs == 1 and uvn.u_flags & UVM_VNODE_WRITEABLE:
+                _wlist_remove(uvn)
+        uvn_detach(uvn)
+
+    vm.uvn_sync_lock.rw_exit()
+
+
+uvm_vnodeops: Final = UvmPagerOps(
+    pgo_init=uvn_init,
+    pgo_reference=uvn_reference,
+    pgo_detach=uvn_detach,
+    pgo_flush=uvn_flush,
+    pgo_get=uvn_get,
+    pgo_put=uvn_put,
+    pgo_cluster=uvn_cluster,
+    pgo_mk_pcluster=uvm_mk_pcluster,
+)

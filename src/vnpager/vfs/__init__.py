@@ -1,0 +1,1 @@
+"""The virtual filesystem layer: vnodes, mounts and the filesystems below."""
