@@ -11,7 +11,7 @@ import errno
 from dataclasses import dataclass, field
 from typing import Any
 
-from vnpager.vfs.memfs import mem_read, mem_write
+from vnpager.vfs.memfs import MemData
 from vnpager.vfs.mount import Mount, Vfs
 from vnpager.vfs.vnode import DIOCGPART, VBLK, Uio, Vattr, Vnode, VnodeOps
 
@@ -25,7 +25,7 @@ class BlockDevice:
     secsize: int
     psize: int  # sectors in the partition
     d_type: int = D_DISK
-    data: bytearray = field(default_factory=bytearray)
+    data: MemData = field(default_factory=MemData)  # the medium, sparse: a big disk costs nothing
     fail_ioctl: int = 0  # an errno for DIOCGPART to fail with (tests)
 
     def d_ioctl(self, cmd: int, data: dict[str, Any]) -> int:
@@ -46,7 +46,7 @@ class SpecFS(VnodeOps):
 
     def read(self, vp: Vnode, uio: Uio, ioflag: int) -> int:
         assert vp.v_rdev is not None
-        mem_read(vp.v_rdev.data, uio)
+        vp.v_rdev.data.read(uio)
         return 0
 
     def write(self, vp: Vnode, uio: Uio, ioflag: int) -> int:
@@ -54,7 +54,7 @@ class SpecFS(VnodeOps):
         assert dev is not None
         if uio.offset + uio.resid > dev.secsize * dev.psize:
             return errno.ENOSPC
-        mem_write(dev.data, uio)
+        dev.data.write(uio)
         return 0
 
     def ioctl(self, vp: Vnode, cmd: int, data: dict[str, Any]) -> int:
