@@ -113,7 +113,7 @@ def hostfs_vget_fd(vfs: Vfs, mp: Mount, fd: int) -> Vnode:
         mine, writable = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC), True
     except OSError:
         mine = os.dup(fd)
-        writable = os.fcntl(mine, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+        writable = fcntl.fcntl(mine, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
     return _vget(vfs, mp, mine, writable, None)
 
 
