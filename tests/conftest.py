@@ -24,3 +24,4 @@ def vm() -> Iterator[VM]:
     machine = VM(physmem=64 * 4096)
     yield machine
     machine.check_invariants()
+    machine.close()

@@ -21,6 +21,6 @@ def panic(msg: str) -> None:
     raise Panic(msg)
 
 
-def KASSERT(cond: object, msg: str = "KASSERT failed") -> None:  # noqa: N802
+def KASSERT(cond: object, msg: str = "KASSERT failed") -> None:
     if DEBUG and not cond:
         raise Panic(msg)

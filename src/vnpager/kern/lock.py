@@ -27,7 +27,7 @@ LK_RETRY = 0x8
 class RWLock:
     """A readers-writer lock (``struct rwlock``)."""
 
-    __slots__ = ("name", "_cv", "_writer", "_readers")
+    __slots__ = ("_cv", "_readers", "_writer", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -93,7 +93,7 @@ class RWLock:
 class Mutex:
     """A non-recursive mutex that knows its owner (``struct mutex``)."""
 
-    __slots__ = ("name", "_lock", "_owner")
+    __slots__ = ("_lock", "_owner", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -129,7 +129,7 @@ class KernelLock:
     of it and takes it back when it runs again: see :meth:`dropped`.
     """
 
-    __slots__ = ("_lock", "_owner", "_depth")
+    __slots__ = ("_depth", "_lock", "_owner")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -179,11 +179,11 @@ class KernelLock:
 kernel_lock = KernelLock()
 
 
-def KERNEL_LOCK() -> None:  # noqa: N802
+def KERNEL_LOCK() -> None:
     kernel_lock.enter()
 
 
-def KERNEL_UNLOCK() -> None:  # noqa: N802
+def KERNEL_UNLOCK() -> None:
     kernel_lock.exit()
 
 
@@ -195,7 +195,7 @@ class LockMgr:
     (where the kernel would otherwise deadlock against itself).
     """
 
-    __slots__ = ("name", "_cv", "_owner")
+    __slots__ = ("_cv", "_owner", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name

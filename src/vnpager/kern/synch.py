@@ -31,6 +31,19 @@ class Interlock(Protocol):
     def enter(self) -> None: ...
 
 
+class WaitChannel:
+    """A named wait channel that refers to nothing (unlike a tuple holding
+    its object), so a sleeper on it does not keep its owner alive."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<WaitChannel {self.name}>"
+
+
 _sched = threading.Lock()
 _sleepq: dict[Hashable, list[threading.Event]] = {}
 _wmesg: dict[int, str] = {}  # thread id -> what it sleeps on, for hang reports

@@ -28,7 +28,7 @@ PG_MOD = 0x2
 class Pmap:
     """The translations of one address space."""
 
-    __slots__ = ("vm", "pm_pte")
+    __slots__ = ("pm_pte", "vm")
 
     def __init__(self, vm: VM) -> None:
         self.vm = vm

@@ -13,9 +13,12 @@ from dataclasses import asdict, dataclass
 
 from vnpager.kern.debug import panic
 from vnpager.kern.lock import Mutex, RWLock
+from vnpager.kern.synch import WaitChannel
+from vnpager.uvm.uvm_map import Vmspace
 from vnpager.uvm.uvm_page import PG_BUSY, PG_TABLED, PQ_ACTIVE, PQ_FREE, PQ_INACTIVE, VmPage
 from vnpager.uvm.uvm_pager import PagerMap
 from vnpager.uvm.uvm_param import MAXBSIZE, PAGE_SIZE, round_page, trunc_page
+from vnpager.uvm.uvm_pdaemon import PageDaemon
 from vnpager.uvm.uvm_vnode import UvmVnode, uvm_vnodeops, uvm_vnp_sync, uvm_vnp_terminate
 from vnpager.vfs.hostfs import HostFS
 from vnpager.vfs.memfs import MemFS
@@ -50,7 +53,8 @@ class VM:
     """A machine with *physmem* bytes of page frames of *page_size* bytes."""
 
     def __init__(self, physmem: int = DEFAULT_PHYSMEM, page_size: int = PAGE_SIZE, *,
-                 desiredvnodes: int = 4096, pager_map_slots: int = 16) -> None:
+                 desiredvnodes: int = 4096, pager_map_slots: int = 16,
+                 pagedaemon: bool = True) -> None:
         if page_size < 512 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 512, not {page_size}")
         if MAXBSIZE % page_size:
@@ -73,9 +77,9 @@ class VM:
         self.page_inactive: dict[VmPage, None] = {}
         self.pageqlock = Mutex("pageq")
         self.pmap_lock = threading.Lock()
-        self.free_chan = (self, "free")
-        self.pagedaemon_chan = (self, "pagedaemon")
-        self.freemin = max(MAXBSIZE // page_size, npages // 32)
+        self.free_chan = WaitChannel("free")
+        self.pagedaemon_chan = WaitChannel("pagedaemon")
+        self.freemin = max(2, npages // 32)
         self.uvmexp = Uvmexp()
         # the vnode pager's globals
         self.uvn_wlist: dict[UvmVnode, None] = {}
@@ -89,6 +93,35 @@ class VM:
         self.hostfs: Mount = self.vfs.mount(HostFS(), "host")
         self.memfs: Mount = self.vfs.mount(MemFS(), "memfs")
         self.specfs: Mount = self.vfs.mount(SpecFS(), "specfs")
+        self._vmspace: Vmspace | None = None
+        self.pagedaemon = PageDaemon(self) if pagedaemon else None
+        self.closed = False
+
+    @property
+    def vmspace(self) -> Vmspace:
+        """The address space of this machine's one process (made on demand)."""
+        if self._vmspace is None:
+            self._vmspace = Vmspace(self)
+        return self._vmspace
+
+    def close(self) -> None:
+        """Write back every dirty page, then stop the page daemon.
+
+        Mappings still open keep working; only the daemon stops, so memory
+        pressure then waits for pages freed by their users.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        uvm_vnp_sync(self)
+        if self.pagedaemon is not None:
+            self.pagedaemon.stop()
+
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _vnode_init(self, vp: Vnode) -> None:
         if vp.v_uvm is None:

@@ -51,8 +51,17 @@ class VmPage:
     """One physical page (``struct vm_page``)."""
 
     __slots__ = (
-        "vm", "frame", "data", "pg_flags", "offset", "uobject", "uanon",
-        "wire_count", "owner", "pv", "attrs",
+        "attrs",
+        "data",
+        "frame",
+        "offset",
+        "owner",
+        "pg_flags",
+        "pv",
+        "uanon",
+        "uobject",
+        "vm",
+        "wire_count",
     )
 
     def __init__(self, vm: VM, frame: int, data: memoryview) -> None:
@@ -76,7 +85,7 @@ class VmPage:
         return f"<VmPage frame={self.frame} off={self.offset:#x} flags={self.pg_flags:#x}>"
 
 
-def UVM_PAGE_OWN(pg: VmPage, tag: str | None) -> None:  # noqa: N802
+def UVM_PAGE_OWN(pg: VmPage, tag: str | None) -> None:
     pg.owner = tag
 
 

@@ -161,7 +161,7 @@ def uvm_mk_pcluster(uobj: UvmObject, center: VmPage, maxpages: int, flags: int,
             side.append(pg)
             off += step
     before.reverse()
-    return before + [center] + after
+    return [*before, center, *after]
 
 
 def uvm_pager_dropcluster(uobj: UvmObject, pg: VmPage | None, ppsp: list[VmPage], flags: int) -> None:

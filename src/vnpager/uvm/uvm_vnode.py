@@ -59,13 +59,13 @@ from vnpager.uvm.uvm_page import (
     PQ_ACTIVE,
     UVM_PAGE_OWN,
     VmPage,
+    uvm_pagealloc,
     uvm_pageclean,
     uvm_pagedeactivate,
     uvm_pagefree,
-    uvm_pglistfree,
-    uvm_pagealloc,
     uvm_pagelookup,
     uvm_pagewait,
+    uvm_pglistfree,
     uvm_wait,
 )
 from vnpager.uvm.uvm_pager import (
@@ -95,24 +95,24 @@ from vnpager.uvm.uvm_pager import (
     uvm_pagermapout,
 )
 from vnpager.uvm.uvm_param import MAXBSIZE, PROT_NONE, PROT_READ, PROT_WRITE
+from vnpager.vfs.mount import vref, vrele
+from vnpager.vfs.specfs import D_DISK
 from vnpager.vfs.vnode import (
     DIOCGPART,
     IO_NOCACHE,
     UIO_READ,
     UIO_WRITE,
     VBLK,
-    VTEXT,
-    Uio,
-    Vattr,
-    Vnode,
     VOP_GETATTR,
     VOP_READ,
     VOP_UNLOCK,
     VOP_WRITE,
+    VTEXT,
+    Uio,
+    Vattr,
+    Vnode,
     vn_lock,
 )
-from vnpager.vfs.specfs import D_DISK
-from vnpager.vfs.mount import vref, vrele
 
 if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
@@ -447,8 +447,8 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
 
     if flags & PGO_CLEANIT:
         # uvm_mk_pcluster trusts PG_CLEAN only where CLEANCHK says it is synced
-        for pp in uobj.pages_in(start, stop):
-            pp.pg_flags &= ~PG_CLEANCHK
+        for pg in uobj.pages_in(start, stop):
+            pg.pg_flags &= ~PG_CLEANCHK
 
     curoff = start
     while True:

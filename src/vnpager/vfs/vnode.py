@@ -167,23 +167,23 @@ def vn_lock(vp: Vnode, flags: int = LK_EXCLUSIVE) -> int:
     return error
 
 
-def VOP_LOCK(vp: Vnode, flags: int = LK_EXCLUSIVE) -> int:  # noqa: N802
+def VOP_LOCK(vp: Vnode, flags: int = LK_EXCLUSIVE) -> int:
     return vp.v_lock.lock(flags)
 
 
-def VOP_UNLOCK(vp: Vnode) -> None:  # noqa: N802
+def VOP_UNLOCK(vp: Vnode) -> None:
     vp.v_lock.unlock()
 
 
-def VOP_ISLOCKED(vp: Vnode) -> bool:  # noqa: N802
+def VOP_ISLOCKED(vp: Vnode) -> bool:
     return vp.v_lock.locked()
 
 
-def VOP_GETATTR(vp: Vnode, vap: Vattr) -> int:  # noqa: N802
+def VOP_GETATTR(vp: Vnode, vap: Vattr) -> int:
     return vp.v_op.getattr(vp, vap)
 
 
-def VOP_READ(vp: Vnode, uio: Uio, ioflag: int = 0) -> int:  # noqa: N802
+def VOP_READ(vp: Vnode, uio: Uio, ioflag: int = 0) -> int:
     """=> caller holds the vnode lock."""
     if not vp.v_lock.held():
         panic("VOP_READ: vnode not locked")
@@ -191,7 +191,7 @@ def VOP_READ(vp: Vnode, uio: Uio, ioflag: int = 0) -> int:  # noqa: N802
         return vp.v_op.read(vp, uio, ioflag)
 
 
-def VOP_WRITE(vp: Vnode, uio: Uio, ioflag: int = 0) -> int:  # noqa: N802
+def VOP_WRITE(vp: Vnode, uio: Uio, ioflag: int = 0) -> int:
     """=> caller holds the vnode lock."""
     if not vp.v_lock.held():
         panic("VOP_WRITE: vnode not locked")
@@ -199,9 +199,9 @@ def VOP_WRITE(vp: Vnode, uio: Uio, ioflag: int = 0) -> int:  # noqa: N802
         return vp.v_op.write(vp, uio, ioflag)
 
 
-def VOP_IOCTL(vp: Vnode, cmd: int, data: dict[str, Any]) -> int:  # noqa: N802
+def VOP_IOCTL(vp: Vnode, cmd: int, data: dict[str, Any]) -> int:
     return vp.v_op.ioctl(vp, cmd, data)
 
 
-def VOP_FSYNC(vp: Vnode) -> int:  # noqa: N802
+def VOP_FSYNC(vp: Vnode) -> int:
     return vp.v_op.fsync(vp)

@@ -1,0 +1,242 @@
+"""Page faults and the MMU's side of memory access (uvm_fault.c).
+
+:func:`uvm_copyin` and :func:`uvm_copyout` touch a range of an address
+space the way a CPU does: through the pmap, faulting on a missing or
+read-only translation.  :func:`uvm_fault` resolves one fault:
+
+1. find the map entry (none: SegvError; protection: SegvError EACCES);
+2. private entry with a page of its own in the amap: map that page;
+3. otherwise ask the object's pager for the page and its resident
+   neighbours with PGO_LOCKED (fault-ahead: the neighbours are mapped too,
+   as many as the entry's advice says), then, if the page is not resident,
+   without PGO_LOCKED, which may sleep and read;
+4. a write to a private entry copies the page into the amap (copy on
+   write); anything else maps the object's page.
+
+The map lock is held (read) for the whole fault, so the entry cannot go
+away while we sleep for I/O; munmap and mprotect wait for faults to finish.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from vnpager.kern.errors import BusError, SegvError
+from vnpager.kern.lock import RW_READ, RW_WRITE
+from vnpager.kern.proc import curproc
+from vnpager.kern.synch import tsleep
+from vnpager.kern.trace import traced
+from vnpager.uvm.pmap import pmap_access, pmap_enter, pmap_extract
+from vnpager.uvm.uvm_map import MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, VmMapEntry, Vmspace
+from vnpager.uvm.uvm_page import (
+    PG_CLEAN,
+    PG_FAKE,
+    PG_RELEASED,
+    VmPage,
+    uvm_page_unbusy,
+    uvm_pageactivate,
+    uvm_pagealloc,
+    uvm_wait,
+)
+from vnpager.uvm.uvm_pager import (
+    PGO_DONTCARE,
+    PGO_LOCKED,
+    VM_PAGER_AGAIN,
+    VM_PAGER_BAD,
+    VM_PAGER_OK,
+    PageSlot,
+)
+from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
+
+if TYPE_CHECKING:
+    from vnpager.uvm.uvm_object import UvmObject
+
+# pages mapped behind and ahead of the faulting page, by advice (as OpenBSD)
+FAULT_AHEAD = {MADV_NORMAL: (3, 4), MADV_RANDOM: (0, 0), MADV_SEQUENTIAL: (8, 7)}
+
+AGAIN_SLEEP = 0.001  # the vnode was busy (PGO_NOWAIT): try again shortly
+
+
+class _Refault(Exception):
+    """The fault must start over: memory was short or a page went away."""
+
+
+@traced
+def uvm_fault(space: Vmspace, vaddr: int, access_type: int) -> None:
+    """Resolve a fault at *vaddr* for *access_type* (PROT_READ/PROT_WRITE).
+
+    Raises SegvError (no mapping, or one that forbids the access), BusError
+    (the page lies past the end of the object), or OSError with the
+    backend's errno (the page could not be read).
+    => caller holds no VM lock.
+    """
+    vm = space.vm
+    va = vm.trunc_page(vaddr)
+    vm.uvmexp.faults += 1
+    while True:
+        space.lock.rw_enter(RW_READ)
+        try:
+            entry = space.lookup(va)
+            if entry is None:
+                raise SegvError(f"no mapping at {vaddr:#x}")
+            if access_type & ~entry.protection:
+                raise SegvError(f"{vaddr:#x} is not mapped for that access", errno.EACCES)
+            try:
+                _fault_entry(space, entry, va, access_type)
+                return
+            except _Refault:
+                pass
+        finally:
+            space.lock.rw_exit()
+
+
+def _fault_entry(space: Vmspace, entry: VmMapEntry, va: int, access_type: int) -> None:
+    """=> caller holds the map lock (read); raises _Refault to start over."""
+    amap = entry.amap
+    slot = entry.amap_offset + (va - entry.start)
+    if amap is not None and slot in amap.slots:
+        anon = _getpage(space, entry, amap.obj, slot, va, access_type, ahead=False)
+        _enter(space, va, anon, entry.protection, access_type)
+        amap.obj.vmobjlock.rw_exit()
+        return
+
+    uobj = entry.object
+    assert uobj is not None
+    pg = _getpage(space, entry, uobj, entry.offset + (va - entry.start), va, access_type, ahead=True)
+    if entry.shared:
+        _enter(space, va, pg, entry.protection, access_type)
+    elif access_type & PROT_WRITE:
+        assert amap is not None
+        _copy_on_write(space, entry, pg, slot, va, access_type)
+    else:
+        _enter(space, va, pg, entry.protection & ~PROT_WRITE, access_type)
+    uobj.vmobjlock.rw_exit()
+
+
+def _getpage(space: Vmspace, entry: VmMapEntry, uobj: UvmObject, off: int, va: int,
+             access_type: int, ahead: bool) -> VmPage:
+    """The page at *off* of *uobj*, busy, with the object locked.
+
+    With *ahead*, the resident neighbours the advice asks for are mapped
+    on the way.  => caller holds the map lock; the object lock is held on
+    return.  Raises _Refault, BusError or OSError.
+    """
+    vm = space.vm
+    ps = vm.page_size
+    nback, nforw = FAULT_AHEAD.get(entry.advice, (0, 0)) if ahead else (0, 0)
+    lo = max(entry.start, va - nback * ps)
+    hi = min(entry.end, va + (nforw + 1) * ps)
+    npages, centeridx = (hi - lo) // ps, (va - lo) // ps
+    pps: list[PageSlot] = [None] * npages
+    for i in range(npages):
+        nva = lo + i * ps
+        if i != centeridx and (pmap_extract(space.pmap, nva) is not None or _has_anon(entry, nva)):
+            pps[i] = PGO_DONTCARE
+    off0 = off - centeridx * ps
+    uobj.vmobjlock.rw_enter(RW_WRITE)
+    uobj.pgops.pgo_get(uobj, off0, pps, npages, centeridx, access_type, entry.advice, PGO_LOCKED)
+    for i, pg in enumerate(pps):
+        if i != centeridx and isinstance(pg, VmPage):
+            prot = entry.protection if entry.shared else entry.protection & ~PROT_WRITE
+            _enter(space, lo + i * ps, pg, prot, 0)
+            vm.uvmexp.faultahead += 1
+    center = pps[centeridx]
+    if isinstance(center, VmPage):
+        return center
+
+    slot: list[PageSlot] = [None]
+    result, _ = uobj.pgops.pgo_get(uobj, off, slot, 1, 0, access_type, entry.advice, 0)
+    if result == VM_PAGER_AGAIN:
+        tsleep((uobj, "fltagain"), "fltagain", AGAIN_SLEEP)
+        raise _Refault
+    if result == VM_PAGER_BAD:
+        raise BusError(f"page at offset {off:#x} lies past the end of the file")
+    if result != VM_PAGER_OK:
+        err = curproc().p_errno or errno.EIO
+        raise OSError(err, f"cannot read page at offset {off:#x}: {errno.errorcode.get(err, err)}")
+    uobj.vmobjlock.rw_enter(RW_WRITE)
+    pg = slot[0]
+    assert isinstance(pg, VmPage)
+    if pg.pg_flags & PG_RELEASED:  # freed while we read it: start over
+        uvm_page_unbusy([pg])
+        uobj.vmobjlock.rw_exit()
+        raise _Refault
+    return pg
+
+
+def _has_anon(entry: VmMapEntry, va: int) -> bool:
+    return entry.amap is not None and entry.amap_offset + (va - entry.start) in entry.amap.slots
+
+
+def _enter(space: Vmspace, va: int, pg: VmPage, prot: int, access_type: int) -> None:
+    """Map the busy page *pg* at *va*, activate and unbusy it.
+
+    => caller holds the page's object lock.
+    """
+    pmap_enter(space.pmap, va, pg, prot, access_type)
+    with space.vm.pageqlock:
+        uvm_pageactivate(pg)
+    uvm_page_unbusy([pg])
+
+
+def _copy_on_write(space: Vmspace, entry: VmMapEntry, pg: VmPage, slot: int, va: int,
+                   access_type: int) -> None:
+    """Give *entry* its own copy of *pg* at amap *slot*, mapped writable.
+
+    => caller holds the map lock and *pg*'s object lock; *pg* is busy.  If
+       memory is short, both are given up and we raise _Refault.
+    """
+    amap = entry.amap
+    assert amap is not None
+    aobj = amap.obj
+    aobj.vmobjlock.rw_enter(RW_WRITE)
+    anon = uvm_pagealloc(space.vm, aobj, slot)
+    if anon is None:
+        aobj.vmobjlock.rw_exit()
+        with space.vm.pageqlock:
+            uvm_pageactivate(pg)
+        uvm_page_unbusy([pg])
+        pg.uobject.vmobjlock.rw_exit()  # type: ignore[union-attr]
+        uvm_wait(space.vm, "flt_noram")
+        raise _Refault  # with both object locks dropped
+    anon.data[:] = pg.data
+    anon.pg_flags &= ~(PG_FAKE | PG_CLEAN)  # only the amap's backing store can have it now
+    amap.slots.add(slot)
+    with space.vm.pageqlock:
+        uvm_pageactivate(pg)
+    uvm_page_unbusy([pg])
+    _enter(space, va, anon, entry.protection, access_type)
+    aobj.vmobjlock.rw_exit()
+
+
+def _copy(space: Vmspace, va: int, buf: memoryview, write: bool) -> None:
+    vm = space.vm
+    ps = vm.page_size
+    access = PROT_WRITE if write else PROT_READ
+    pos, n = 0, len(buf)
+    while pos < n:
+        a = va + pos
+        pva = a & ~(ps - 1)
+        o = a - pva
+        k = min(ps - o, n - pos)
+        with vm.pmap_lock:
+            pg = pmap_access(space.pmap, pva, access)
+            if pg is not None:
+                if write:
+                    pg.data[o:o + k] = buf[pos:pos + k]
+                else:
+                    buf[pos:pos + k] = pg.data[o:o + k]
+                pos += k
+                continue
+        uvm_fault(space, pva, access)
+
+
+def uvm_copyin(space: Vmspace, va: int, buf: memoryview) -> None:
+    """Load ``len(buf)`` bytes at *va* into *buf*, faulting as needed."""
+    _copy(space, va, buf, write=False)
+
+
+def uvm_copyout(space: Vmspace, buf: memoryview, va: int) -> None:
+    """Store *buf* at *va*, faulting as needed."""
+    _copy(space, va, buf, write=True)

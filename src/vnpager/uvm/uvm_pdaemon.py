@@ -1,0 +1,189 @@
+"""The page daemon (uvm_pdaemon.c): keeps some memory free.
+
+One thread per VM sleeps until memory runs low (uvm_pagealloc and
+uvm_wait wake it), then scans the inactive queue oldest first:
+
+* a page referenced since it was deactivated gets a second chance (back to
+  the active queue);
+* a clean page is unmapped and freed;
+* a dirty page is written through its pager (clustered with dirty
+  inactive neighbours by uvm_pager_put) and freed once clean.
+
+It then deactivates the oldest active pages, unreferenced ones first, to
+refill the inactive queue, and wakes the threads waiting for memory.
+
+Object locks are only tried (RW_NOSLEEP): a thread that holds an object
+lock while it waits for memory must not deadlock against the daemon.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import TYPE_CHECKING
+
+from vnpager.kern.lock import RW_NOSLEEP, RW_WRITE
+from vnpager.kern.synch import rwsleep, wakeup
+from vnpager.uvm.pmap import (
+    pmap_clear_modify,
+    pmap_clear_reference,
+    pmap_is_modified,
+    pmap_is_referenced,
+    pmap_page_protect,
+)
+from vnpager.uvm.uvm_page import (
+    PG_BUSY,
+    PG_CLEAN,
+    PG_WANTED,
+    PQ_ACTIVE,
+    PQ_INACTIVE,
+    UVM_PAGE_OWN,
+    VmPage,
+    uvm_pageactivate,
+    uvm_pagedeactivate,
+    uvm_pagefree,
+)
+from vnpager.uvm.uvm_pager import PGO_PDFREECLUST, VM_PAGER_OK, uvm_pager_put
+from vnpager.uvm.uvm_param import MAXBSIZE, PROT_NONE, PROT_READ
+
+if TYPE_CHECKING:
+    from vnpager.uvm.uvm import VM
+
+IDLE_TIMEOUT = 1.0  # seconds between checks that the VM still exists
+BACKOFF = 0.005  # seconds to wait after a scan that could not free enough
+
+
+def uvmpd_targets(vm: VM) -> tuple[int, int]:
+    """(freetarg, inactarg): free pages to reach, inactive pages to keep."""
+    freetarg = vm.freemin * 4 // 3 + 1
+    inactarg = max((len(vm.page_active) + len(vm.page_inactive)) // 3, freetarg)
+    return freetarg, inactarg
+
+
+def uvmpd_scan_inactive(vm: VM, shortage: int) -> int:
+    """Free up to *shortage* pages from the inactive queue; return how many.
+
+    => caller holds no lock.
+    """
+    with vm.pageqlock:
+        candidates = list(vm.page_inactive)
+    freed = 0
+    for pg in candidates:
+        if freed >= shortage:
+            break
+        freed += _reclaim(vm, pg)
+    return freed
+
+
+def _reclaim(vm: VM, pg: VmPage) -> int:
+    """Try to free one inactive page; return the pages freed (0 or 1)."""
+    uobj = pg.uobject
+    if uobj is None or not uobj.vmobjlock.rw_enter(RW_WRITE | RW_NOSLEEP):
+        return 0
+    try:
+        if pg.uobject is not uobj or pg.pg_flags & (PG_BUSY | PQ_ACTIVE) or not pg.pg_flags & PQ_INACTIVE:
+            return 0  # changed hands or state since we listed it
+        if pmap_is_referenced(pg):
+            with vm.pageqlock:  # second chance
+                uvm_pageactivate(pg)
+            return 0
+        pmap_page_protect(pg, PROT_NONE)
+        if pg.pg_flags & PG_CLEAN and pmap_is_modified(pg):
+            pg.pg_flags &= ~PG_CLEAN
+        if not pg.pg_flags & PG_CLEAN:
+            pg.pg_flags |= PG_BUSY
+            UVM_PAGE_OWN(pg, "pdaemon")
+            pmap_page_protect(pg, PROT_READ)
+            result, _ = uvm_pager_put(uobj, pg, MAXBSIZE // vm.page_size, PGO_PDFREECLUST, 0, 0)
+            if pg.pg_flags & PG_WANTED:
+                wakeup(pg)
+            pg.pg_flags &= ~(PG_BUSY | PG_WANTED)
+            UVM_PAGE_OWN(pg, None)
+            if result != VM_PAGER_OK:
+                with vm.pageqlock:  # keep it; the error is on the object
+                    uvm_pageactivate(pg)
+                return 0
+            pg.pg_flags |= PG_CLEAN
+            pmap_clear_modify(pg)
+            vm.uvmexp.pdpageouts += 1
+            if pmap_is_referenced(pg) or pg.pv:
+                return 0  # touched while we wrote it
+        with vm.pageqlock:
+            uvm_pagefree(pg)
+        vm.uvmexp.pdfreed += 1
+        return 1
+    finally:
+        uobj.vmobjlock.rw_exit()
+
+
+def uvmpd_scan_active(vm: VM, want: int) -> None:
+    """Move up to *want* of the oldest active pages to the inactive queue."""
+    with vm.pageqlock:
+        candidates = list(vm.page_active)[: want * 2]
+    moved = 0
+    for pg in candidates:
+        if moved >= want:
+            break
+        with vm.pageqlock:
+            if not pg.pg_flags & PQ_ACTIVE or pg.pg_flags & PG_BUSY:
+                continue
+            if pmap_clear_reference(pg):
+                uvm_pageactivate(pg)  # used lately: to the tail
+                continue
+        pmap_page_protect(pg, PROT_NONE)
+        with vm.pageqlock:
+            if pg.pg_flags & PQ_ACTIVE:
+                uvm_pagedeactivate(pg)
+                moved += 1
+
+
+def uvmpd_scan(vm: VM) -> None:
+    """One pass: refill the inactive queue, then free from it."""
+    freetarg, inactarg = uvmpd_targets(vm)
+    shortage = freetarg - len(vm.page_free)
+    if shortage <= 0:
+        return
+    uvmpd_scan_active(vm, max(inactarg - len(vm.page_inactive), shortage))
+    uvmpd_scan_inactive(vm, shortage)
+
+
+class PageDaemon:
+    """The page daemon thread of one VM.
+
+    It holds the VM only weakly while asleep, so a VM dropped without
+    close() is still collected (the thread then exits on its next check).
+    """
+
+    def __init__(self, vm: VM) -> None:
+        self._vm = weakref.ref(vm)
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, name="pagedaemon", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        vm = self._vm()
+        if vm is not None:
+            wakeup(vm.pagedaemon_chan)
+        self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        backoff = False
+        while not self._stop:
+            vm = self._vm()
+            if vm is None:
+                return
+            chan, lock = vm.pagedaemon_chan, vm.pageqlock
+            lock.enter()
+            if vm.npages_free_low() and not backoff:
+                lock.exit()
+                vm.uvmexp.pdwoke += 1
+                uvmpd_scan(vm)
+                wakeup(vm.free_chan)
+                # no progress: the pages left are busy or wired; let their
+                # owners run before we scan again
+                backoff = vm.npages_free_low()
+                continue
+            del vm
+            rwsleep(chan, lock, "pgdaemon", BACKOFF if backoff else IDLE_TIMEOUT, relock=False)
+            backoff = False
