@@ -8,56 +8,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vfs_helpers import dirty_page, size_of, vop_read, vop_write
 from vnpager import VM
 from vnpager.kern.lock import RW_WRITE
-from vnpager.uvm.pmap import Pmap, pmap_enter
-from vnpager.uvm.uvm_page import VmPage, uvm_page_unbusy, uvm_pageactivate
-from vnpager.uvm.uvm_pager import PGO_ALLPAGES, PGO_CLEANIT, PGO_SYNCIO, VM_PAGER_OK, PageSlot
+from vnpager.uvm.uvm_pager import PGO_ALLPAGES, PGO_CLEANIT, PGO_SYNCIO
 from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
-from vnpager.uvm.uvm_vnode import uvn_attach, uvn_detach, uvn_flush, uvn_get
+from vnpager.uvm.uvm_vnode import uvn_attach, uvn_detach, uvn_flush
 from vnpager.vfs.memfs import MEM_CHUNK, MemData, memfs_create
 from vnpager.vfs.mount import vrele
 from vnpager.vfs.specfs import BlockDevice, bdevvp
-from vnpager.vfs.vnode import (
-    UIO_READ,
-    UIO_WRITE,
-    VOP_GETATTR,
-    VOP_READ,
-    VOP_UNLOCK,
-    VOP_WRITE,
-    Uio,
-    Vattr,
-    Vnode,
-    vn_lock,
-)
+from vnpager.vfs.vnode import UIO_WRITE, Uio
 
 GiB = 1 << 30
-
-
-def vop_read(vp: Vnode, offset: int, length: int) -> tuple[int, bytes]:
-    """(errno, the bytes read) for a VOP_READ of *length* bytes at *offset*."""
-    buf = bytearray(length)
-    uio = Uio([memoryview(buf)], offset, length, UIO_READ)
-    vn_lock(vp)
-    try:
-        error = VOP_READ(vp, uio)
-    finally:
-        VOP_UNLOCK(vp)
-    return error, bytes(buf[:length - uio.resid])
-
-
-def vop_write(vp: Vnode, offset: int, data: bytes) -> int:
-    vn_lock(vp)
-    try:
-        return VOP_WRITE(vp, Uio([memoryview(data)], offset, len(data), UIO_WRITE))
-    finally:
-        VOP_UNLOCK(vp)
-
-
-def size_of(vp: Vnode) -> int:
-    va = Vattr()
-    assert VOP_GETATTR(vp, va) == 0
-    return va.va_size
 
 
 def test_create_holds_data_and_reads_stop_at_eof(vm: VM) -> None:
@@ -76,7 +38,7 @@ def test_a_big_file_costs_nothing_until_written(vm: VM) -> None:
     assert size_of(vp) == GiB
     assert data.stored == 0
     assert vop_read(vp, GiB // 2, 4096) == (0, bytes(4096))
-    assert vop_write(vp, GiB // 2 + 10, b"xyz") == 0
+    assert vop_write(vp, GiB // 2 + 10, b"xyz") == (0, 3)
     assert data.stored == MEM_CHUNK
     assert size_of(vp) == GiB
     assert vop_read(vp, GiB // 2 + 8, 7) == (0, b"\0\0xyz\0\0")
@@ -153,10 +115,10 @@ def test_behaves_as_a_flat_file(script: list[tuple[str, int, bytes | int | None]
 def test_block_device_is_sparse_and_bounded(vm: VM) -> None:
     dev = BlockDevice("sd0", 512, (4 * GiB) // 512)
     vp = bdevvp(vm.vfs, vm.specfs, dev)
-    assert vop_write(vp, 3 * GiB, b"sector") == 0
+    assert vop_write(vp, 3 * GiB, b"sector") == (0, 6)
     assert vop_read(vp, 3 * GiB, 6) == (0, b"sector")
     assert dev.data.stored == MEM_CHUNK
-    assert vop_write(vp, 4 * GiB - 2, b"past") == errno.ENOSPC
+    assert vop_write(vp, 4 * GiB - 2, b"past") == (errno.ENOSPC, 0)
     vrele(vp)
 
 
@@ -166,18 +128,9 @@ def test_pager_writes_one_page_of_a_huge_file(vm: VM) -> None:
     uvn = uvn_attach(vp, PROT_READ | PROT_WRITE)
     assert uvn is not None
     off = GiB // 2
+    pg = dirty_page(uvn, off, b"page")
+    assert bytes(pg.data[4:]) == vm.zero_page[4:]
     uvn.vmobjlock.rw_enter(RW_WRITE)
-    pps: list[PageSlot] = [None]
-    assert uvn_get(uvn, off, pps, 1, 0, PROT_READ, 0, 0) == (VM_PAGER_OK, 1)
-    pg = pps[0]
-    assert isinstance(pg, VmPage)
-    assert bytes(pg.data) == vm.zero_page
-    uvn.vmobjlock.rw_enter(RW_WRITE)
-    with vm.pageqlock:
-        uvm_pageactivate(pg)
-    uvm_page_unbusy([pg])
-    pmap_enter(Pmap(vm), 0, pg, PROT_READ | PROT_WRITE, PROT_WRITE)
-    pg.data[:4] = b"page"
     assert uvn_flush(uvn, 0, 0, PGO_CLEANIT | PGO_SYNCIO | PGO_ALLPAGES)
     uvn.vmobjlock.rw_exit()
     data: MemData = vp.v_data.data
