@@ -43,7 +43,7 @@ from vnpager.uvm.uvm_page import (
     uvm_pagedeactivate,
     uvm_pagefree,
 )
-from vnpager.uvm.uvm_pager import PGO_PDFREECLUST, VM_PAGER_OK, uvm_pager_put
+from vnpager.uvm.uvm_pager import PGO_ALLPAGES, PGO_PDFREECLUST, VM_PAGER_OK, uvm_pager_put
 from vnpager.uvm.uvm_param import MAXBSIZE, PROT_NONE, PROT_READ
 
 if TYPE_CHECKING:
@@ -94,7 +94,9 @@ def _reclaim(vm: VM, pg: VmPage) -> int:
             pg.pg_flags |= PG_BUSY
             UVM_PAGE_OWN(pg, "pdaemon")
             pmap_page_protect(pg, PROT_READ)
-            result, _ = uvm_pager_put(uobj, pg, MAXBSIZE // vm.page_size, PGO_PDFREECLUST, 0, 0)
+            # ALLPAGES: the cluster may take any dirty inactive neighbour
+            result, _ = uvm_pager_put(uobj, pg, MAXBSIZE // vm.page_size,
+                                      PGO_ALLPAGES | PGO_PDFREECLUST, 0, 0)
             if pg.pg_flags & PG_WANTED:
                 wakeup(pg)
             pg.pg_flags &= ~(PG_BUSY | PG_WANTED)
