@@ -491,7 +491,9 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
         pp.pg_flags |= PG_BUSY
         UVM_PAGE_OWN(pp, "uvn_flush")
         pmap_page_protect(pp, PROT_READ)
-        if flags & (PGO_FREE | PGO_SYNCIO) == PGO_FREE:
+        # PGO_DEACTIVATE wins over PGO_FREE (as in the seed's disposal below):
+        # a page that will not be freed must not be left PG_RELEASED
+        if flags & (PGO_FREE | PGO_SYNCIO | PGO_DEACTIVATE) == PGO_FREE:
             pp.pg_flags |= PG_RELEASED
         while True:
             result, ppsp = uvm_pager_put(uobj, pp, MAXBSIZE // page_size,
@@ -515,7 +517,7 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
             UVM_PAGE_OWN(ptmp, None)
             if result == VM_PAGER_OK:
                 ptmp.pg_flags |= PG_CLEAN | PG_CLEANCHK
-                if not flags & PGO_FREE:
+                if not flags & PGO_FREE or flags & PGO_DEACTIVATE:  # it stays: clean
                     pmap_clear_modify(ptmp)
             if flags & PGO_DEACTIVATE:
                 if ptmp.wire_count == 0:

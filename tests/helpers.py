@@ -1,0 +1,218 @@
+"""Set-up shared by the pager tests: files, pages, a scriptable filesystem
+and bounded thread helpers."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from vnpager import VM
+from vnpager.kern.lock import RW_WRITE
+from vnpager.kern.synch import sleepers
+from vnpager.uvm.pmap import Pmap, pmap_enter
+from vnpager.uvm.uvm_page import VmPage, uvm_page_unbusy, uvm_pageactivate
+from vnpager.uvm.uvm_pager import PGO_ALLPAGES, VM_PAGER_OK, PageSlot
+from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
+from vnpager.uvm.uvm_vnode import UvmVnode, uvn_attach, uvn_flush, uvn_get
+from vnpager.vfs.memfs import MemFS, memfs_create
+from vnpager.vfs.mount import Mount
+from vnpager.vfs.vnode import Uio, Vnode
+
+PS = 4096
+RW = PROT_READ | PROT_WRITE
+WAIT = 30.0  # seconds: a bound on every wait, never a measure of anything
+
+IoHook = Callable[[str, Vnode, Uio], int]
+
+
+def pattern(npages: int, tail: int = 0) -> bytes:
+    """File contents where each page is recognisable: page i is full of i+1."""
+    return b"".join(bytes([i + 1]) * PS for i in range(npages)) + bytes([0xEE]) * tail
+
+
+# ---------------------------------------------------------------- filesystems
+
+class ProgFS(MemFS):
+    """memfs whose reads and writes can be made to fail or stop on demand.
+
+    ``fail[op] = errno`` fails every *op* ("read"/"write") with that errno;
+    each hook in ``hooks`` runs before the transfer and may block, or return
+    an errno to fail it.  ``calls`` records (op, offset, bytes) of each I/O.
+    """
+
+    name = "progfs"
+
+    def __init__(self) -> None:
+        self.fail: dict[str, int] = {}
+        self.getattr_error = 0
+        self.hooks: list[IoHook] = []
+        self.calls: list[tuple[str, int, int]] = []
+
+    def getattr(self, vp: Vnode, vap: Any) -> int:
+        return self.getattr_error or super().getattr(vp, vap)
+
+    def _before(self, op: str, vp: Vnode, uio: Uio) -> int:
+        self.calls.append((op, uio.offset, uio.resid))
+        for hook in list(self.hooks):
+            error = hook(op, vp, uio)
+            if error:
+                return error
+        return self.fail.get(op, 0)
+
+    def read(self, vp: Vnode, uio: Uio, ioflag: int) -> int:
+        return self._before("read", vp, uio) or super().read(vp, uio, ioflag)
+
+    def write(self, vp: Vnode, uio: Uio, ioflag: int) -> int:
+        return self._before("write", vp, uio) or super().write(vp, uio, ioflag)
+
+
+class Gate:
+    """A ProgFS hook that holds matching I/Os until :meth:`open` is called."""
+
+    def __init__(self, op: str, offset: int | None = None) -> None:
+        self.op, self.offset = op, offset
+        self.entered = threading.Event()
+        self.released = threading.Event()
+        self.passed = 0
+
+    def __call__(self, op: str, vp: Vnode, uio: Uio) -> int:
+        if op == self.op and (self.offset is None or uio.offset == self.offset):
+            self.entered.set()
+            if not self.released.wait(WAIT):
+                raise AssertionError("gate never opened")
+            self.passed += 1
+        return 0
+
+    def wait_entered(self) -> None:
+        assert self.entered.wait(WAIT), "no I/O reached the gate"
+
+    def open(self) -> None:
+        self.released.set()
+
+
+def progfs(vm: VM) -> tuple[ProgFS, Mount]:
+    fs = ProgFS()
+    return fs, vm.vfs.mount(fs, f"progfs{id(fs)}")
+
+
+# ---------------------------------------------------------------- objects
+
+def mkfile(vm: VM, data: bytes = b"", prot: int = RW, mp: Mount | None = None,
+           size: int | None = None) -> tuple[Vnode, UvmVnode]:
+    """A memfs (or *mp*) file attached once.  The vnode has two references:
+    the creator's and the object's."""
+    vp = memfs_create(vm.vfs, mp or vm.memfs, data, size=size)
+    uvn = uvn_attach(vp, prot)
+    assert uvn is not None
+    return vp, uvn
+
+
+def contents(vp: Vnode) -> bytes:
+    return bytes(vp.v_data.data)
+
+
+def get_busy(uvn: UvmVnode, offset: int, npages: int, flags: int = PGO_ALLPAGES,
+             centeridx: int = 0) -> tuple[int, list[PageSlot]]:
+    """The unlocked pass of uvn_get: pages come back busy, object unlocked."""
+    pps: list[PageSlot] = [None] * npages
+    uvn.vmobjlock.rw_enter(RW_WRITE)
+    result, _ = uvn_get(uvn, offset, pps, npages, centeridx, PROT_READ, 0, flags)
+    return result, pps
+
+
+def unbusy(uvn: UvmVnode, pgs: list[VmPage]) -> None:
+    """What a fault does with the pages it got: activate and unbusy them."""
+    with uvn.vmobjlock:
+        with uvn.vm.pageqlock:
+            for pg in pgs:
+                uvm_pageactivate(pg)
+        uvm_page_unbusy(pgs)
+
+
+def getpages(uvn: UvmVnode, offset: int, npages: int) -> list[VmPage]:
+    """Pages [offset, +npages) resident, active and not busy."""
+    result, pps = get_busy(uvn, offset, npages)
+    assert result == VM_PAGER_OK
+    pgs = [pg for pg in pps if isinstance(pg, VmPage)]
+    assert len(pgs) == npages
+    unbusy(uvn, pgs)
+    return pgs
+
+
+def store(pmap: Pmap, pg: VmPage, data: bytes, at: int = 0) -> None:
+    """A store through a writable mapping: the pmap marks the page modified."""
+    pmap_enter(pmap, pg.offset, pg, RW, PROT_WRITE)
+    pg.data[at:at + len(data)] = data
+
+
+def flush(uvn: UvmVnode, start: int, stop: int, flags: int) -> bool:
+    with uvn.vmobjlock:
+        return uvn_flush(uvn, start, stop, flags)
+
+
+# ---------------------------------------------------------------- threads
+
+class Runner(threading.Thread):
+    """A thread that keeps its target's result or exception for join_ok()."""
+
+    def __init__(self, fn: Callable[[], Any], name: str = "runner") -> None:
+        super().__init__(name=name, daemon=True)
+        self.fn = fn
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as e:  # reported by join_ok
+            self.error = e
+
+    def join_ok(self) -> Any:
+        self.join(WAIT)
+        assert not self.is_alive(), f"{self.name} did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def start(fn: Callable[[], Any], name: str = "runner") -> Runner:
+    t = Runner(fn, name)
+    t.start()
+    return t
+
+
+def _stack_names(t: threading.Thread) -> list[str]:
+    frame = sys._current_frames().get(t.ident or -1)
+    names = []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return names
+
+
+def wait_blocked(t: threading.Thread, fn: str) -> None:
+    """Wait until *t* is blocked (waiting on a lock or event) inside *fn*.
+
+    Polls the thread's stack: the innermost frame must be a wait, and *fn*
+    must be on the stack.  Bounded by WAIT.
+    """
+    done = threading.Event()
+    for _ in range(int(WAIT / 0.005)):
+        names = _stack_names(t)
+        if names and names[0] == "wait" and fn in names:
+            return
+        assert t.is_alive(), f"{t.name} finished without blocking in {fn}"
+        done.wait(0.005)
+    raise AssertionError(f"{t.name} never blocked in {fn}: {_stack_names(t)}")
+
+
+def wait_sleeping(wmesg: str, count: int = 1) -> None:
+    """Wait until *count* threads sleep (tsleep/rwsleep) with *wmesg*."""
+    ev = threading.Event()
+    for _ in range(int(WAIT / 0.005)):
+        if list(sleepers().values()).count(wmesg) >= count:
+            return
+        ev.wait(0.005)
+    raise AssertionError(f"no thread slept on {wmesg}: {sleepers()}")
