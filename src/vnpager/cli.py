@@ -1,0 +1,291 @@
+"""The ``vnpager`` command.
+
+``vnpager demo`` is the main job: a file several times larger than a small
+VM, mapped with :func:`vnpager.mmap`, read and written at random, flushed
+and checked against plain file reads, with the pager's story told on the
+way (attach, fault, flush, persist, terminate).
+
+Other front ends add their own subcommands: each module named in
+:data:`SUBCOMMAND_MODULES` has ``add_subcommands(subparsers)``, which adds
+parsers that ``set_defaults(func=run)`` with ``run(args) -> int`` (the exit
+status).  A module that cannot be imported (say, FUSE is not installed)
+adds nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from vnpager.uvm.uvm import VM
+
+SUBCOMMAND_MODULES = ("vnpager.bench", "vnpager.fuse.cli")
+
+# what each counter of vm.stats() means, in the order the table shows them
+STATS_HELP = {
+    "faults": "page faults taken",
+    "faultahead": "resident neighbours mapped by fault-ahead",
+    "pageins": "pages read from the file",
+    "pageouts": "pages written to the file",
+    "read_ios": "read calls to the backend",
+    "write_ios": "write calls to the backend",
+    "resident": "pages holding file data now",
+    "free": "free page frames",
+    "active": "pages on the active queue",
+    "inactive": "pages on the inactive queue",
+    "persisting": "unmapped objects keeping their pages",
+}
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``4M``, ``256KiB``, ``1g`` or plain bytes, in bytes (powers of 1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4M, 256K, 1G)")
+    return int(m[1]) << (10 * " KMGT".index(m[2].upper() or " "))
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def stats_table(stats: Mapping[str, int], title: str = "vm.stats()") -> Table:
+    """A table of the counters of ``vm.stats()``, known ones first, explained."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("counter")
+    table.add_column("value", justify="right")
+    table.add_column("meaning", style="dim")
+    for key in [*[k for k in STATS_HELP if k in stats], *[k for k in stats if k not in STATS_HELP]]:
+        table.add_row(key, f"{stats[key]:,}", STATS_HELP.get(key, ""))
+    return table
+
+
+# --- the demo ----------------------------------------------------------------
+
+class _Story:
+    """Prints the steps of the demo, each with what changed in the counters."""
+
+    def __init__(self, console: Console, vm: VM) -> None:
+        self.console = console
+        self.vm = vm
+        self.before = dict(vm.stats())
+
+    def changed(self, *keys: str) -> str:
+        now = dict(self.vm.stats())
+        parts = []
+        for k in keys:
+            d = now[k] - self.before[k]
+            parts.append(f"{k} {'+' if d >= 0 else ''}{d}" if k not in ("resident", "persisting")
+                         else f"{k} {now[k]}")
+        self.before = now
+        return ", ".join(parts)
+
+    def step(self, name: str, text: str) -> None:
+        self.console.print(f"[bold cyan]{name:>9}[/]  {text}")
+
+
+def _workload(rng: random.Random, size: int, ops: int) -> Iterator[tuple[str, int, int]]:
+    """(kind, offset, length) of a mixed job: random reads, sequential runs, random writes."""
+    cursor = 0
+    for _ in range(ops):
+        r = rng.random()
+        if r < 0.4:
+            n = rng.randint(1, 64 << 10)
+            yield "read", rng.randrange(size - n), n
+        elif r < 0.6:
+            n = min(64 << 10, size - cursor)
+            yield "read", cursor, n
+            cursor = (cursor + n) % size
+        else:
+            n = rng.randint(1, 16 << 10)
+            yield "write", rng.randrange(size - n), n
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from vnpager.kern import trace
+
+    if args.trace and not trace.TRACE:
+        # tracing is decided when vnpager is imported: start again with it on
+        env = dict(os.environ, VNPAGER_TRACE="1")
+        argv = [sys.executable, "-m", "vnpager.cli", *args.argv]
+        sys.stdout.flush()
+        os.execve(sys.executable, argv, env)
+    import vnpager
+
+    console = Console(highlight=False)
+    physmem = args.physmem
+    size = args.file_size or 8 * physmem
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="vnpager-demo-") as tmp, \
+            vnpager.VM(physmem=physmem) as vm:
+        path = os.path.join(tmp, "data")
+        ps = vm.page_size
+        model = bytearray(rng.randbytes(size))  # what the file must hold
+        with open(path, "wb") as f:
+            f.write(model)
+        console.print(f"[bold]vnpager demo[/]: a VM of {human(vm.physmem)} ({vm.npages} pages of "
+                      f"{ps} bytes) maps a file of {human(size)} ({size // ps} pages), "
+                      f"{size / vm.physmem:.0f} times its memory.\n")
+        story = _Story(console, vm)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            # traced runs show the steps of the story only, not the whole job
+            with trace.tracing(False):
+                status = _demo_steps(console, story, vnpager, fd, path, model, rng, args)
+        finally:
+            os.close(fd)
+        console.print()
+        console.print(stats_table(vm.stats()))
+    return status
+
+
+def _demo_steps(console: Console, story: _Story, vnpager: Any, fd: int, path: str,
+                model: bytearray, rng: random.Random, args: argparse.Namespace) -> int:
+    from vnpager.kern.trace import tracing
+
+    vm = story.vm
+    ps = vm.page_size
+    size = len(model)
+
+    with tracing(True):
+        m = vnpager.mmap(fd, 0, vm=vm)
+    story.step("attach", f"mmap attaches the file's VM object (uvn_attach); nothing is read yet: "
+                         f"{story.changed('read_ios', 'resident')}")
+
+    with tracing(True):
+        first = m[ps:ps + 16]
+    assert first == model[ps:ps + 16]
+    story.step("fault", f"the first touch of page 1 faults; uvn_get reads it through uvn_io: "
+                        f"{story.changed('faults', 'pageins', 'read_ios')}")
+    with tracing(True):
+        m[ps:ps + 16]
+    story.step("", f"touching it again costs no fault: {story.changed('faults', 'read_ios')}")
+
+    # the job: many times the VM's memory goes through it, so pages are evicted and read again
+    mismatches = 0
+    deadline = time.monotonic() + args.seconds if args.seconds else None
+    done = 0
+    with Progress(TextColumn("[bold cyan]{task.description:>9}[/]"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("workload", total=args.ops)
+        for kind, off, n in _workload(rng, size, args.ops):
+            if kind == "read":
+                mismatches += m[off:off + n] != model[off:off + n]
+            else:
+                data = rng.randbytes(n)
+                m[off:off + n] = data
+                model[off:off + n] = data
+            done += 1
+            progress.advance(task)
+            if deadline is not None and time.monotonic() > deadline:
+                break
+    story.step("workload", f"{done} mixed reads and writes, every read checked "
+                           f"({mismatches} wrong): "
+                           f"{story.changed('faults', 'pageins', 'pageouts', 'read_ios', 'write_ios')}")
+
+    with tracing(True):
+        m.flush()
+    story.step("flush", f"uvn_flush writes the dirty pages back in clusters: "
+                        f"{story.changed('pageouts', 'write_ios')}")
+
+    bad = _first_difference(path, model)
+    story.step("check", f"plain file reads see all {human(size)} as written" if bad is None
+               else f"[bold red]the file differs from what was written at offset {bad:#x}[/]")
+
+    # persist: pages survive the mapping; close, map again, find them resident
+    window = min(16, vm.npages // 4) * ps
+    assert m[:window] == model[:window]  # make the first pages recently used
+    story.changed("faults")
+    with tracing(True):
+        m.close()
+    story.step("persist", f"close drops the last reference (uvn_detach): the object persists "
+                          f"with its pages: {story.changed('persisting', 'resident')}")
+    with tracing(True):
+        m = vnpager.mmap(fd, 0, vm=vm)
+        again = m[:window]
+    assert again == model[:window]
+    story.step("", f"mapping the file again finds the first {window // ps} pages without I/O: "
+                   f"{story.changed('faults', 'pageins', 'read_ios')}")
+    m.close()
+
+    story.changed("resident")
+    with tracing(True):
+        vm.vfs.dounmount(vm.hostfs)  # recycles the vnode, as the kernel does to reuse it
+    story.step("terminate", f"unmounting recycles the vnode; uvm_vnp_terminate frees its pages: "
+                            f"{story.changed('persisting', 'resident')}")
+    return 0 if bad is None and mismatches == 0 else 1
+
+
+def _first_difference(path: str, model: bytes | bytearray) -> int | None:
+    """The first offset where the file differs from *model* (None: equal), by plain reads."""
+    off = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(1 << 20):
+            want = model[off:off + len(chunk)]
+            if chunk != want:
+                return off + next((i for i, (a, b) in enumerate(zip(chunk, want, strict=False))
+                                   if a != b), len(want))
+            off += len(chunk)
+    return None if off == len(model) else off
+
+
+def _add_demo(subparsers: Any) -> None:
+    p = subparsers.add_parser("demo", help="map a file larger than the VM, read and write it, check it",
+                              description=__doc__.split("\n\n")[1] if __doc__ else None)
+    p.add_argument("--trace", action="store_true",
+                   help="trace the pager's calls for the steps of the story (VNPAGER_TRACE=1)")
+    p.add_argument("--physmem", type=parse_size, default=parse_size("4M"), metavar="SIZE",
+                   help="memory of the VM (default 4M)")
+    p.add_argument("--file-size", type=parse_size, default=0, metavar="SIZE",
+                   help="size of the file (default 8 times --physmem)")
+    p.add_argument("--ops", type=int, default=5000, metavar="N",
+                   help="operations of the workload (default 5000)")
+    p.add_argument("--seconds", type=float, default=0, metavar="S",
+                   help="stop the workload after S seconds, if sooner")
+    p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    p.set_defaults(func=run_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vnpager", description="The OpenBSD UVM vnode pager, in Python.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(subparsers)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        add: Callable[[Any], None] = module.add_subcommands
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    status: int = args.func(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
