@@ -65,6 +65,22 @@ def get_page(uvn: UvmVnode, offset: int) -> tuple[int, VmPage | None]:
     return result, pg
 
 
+def release_page(uvn: UvmVnode, pg: VmPage) -> None:
+    """Put a page got by :func:`get_page` on the active queue, unbusy.
+
+    => caller holds no lock.
+    """
+    uvn.vmobjlock.rw_enter(RW_WRITE)
+    _release(pg)
+    uvn.vmobjlock.rw_exit()
+
+
+def _release(pg: VmPage) -> None:
+    with pg.vm.pageqlock:
+        uvm_pageactivate(pg)
+    uvm_page_unbusy([pg])
+
+
 def dirty_page(uvn: UvmVnode, offset: int, data: bytes) -> VmPage:
     """Page in *offset*, map it writable and store *data* at its start.
 
@@ -73,9 +89,7 @@ def dirty_page(uvn: UvmVnode, offset: int, data: bytes) -> VmPage:
     result, pg = get_page(uvn, offset)
     assert pg is not None, f"page-in failed: {result}"
     uvn.vmobjlock.rw_enter(RW_WRITE)
-    with uvn.vm.pageqlock:
-        uvm_pageactivate(pg)
-    uvm_page_unbusy([pg])
+    _release(pg)
     pmap_enter(Pmap(uvn.vm), 0, pg, PROT_READ | PROT_WRITE, PROT_WRITE)
     pg.data[:len(data)] = data
     uvn.vmobjlock.rw_exit()
