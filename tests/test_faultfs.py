@@ -20,7 +20,7 @@ from vnpager.uvm.uvm_pager import PGO_ALLPAGES, PGO_CLEANIT, PGO_SYNCIO, VM_PAGE
 from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
 from vnpager.uvm.uvm_vnode import UvmVnode, uvn_attach, uvn_detach, uvn_flush
 from vnpager.vfs import faultfs
-from vnpager.vfs.faultfs import FaultFS, FaultPlan
+from vnpager.vfs.faultfs import OPS, FaultFS, FaultPlan
 from vnpager.vfs.hostfs import HostFS, hostfs_vget_fd, hostfs_vget_path
 from vnpager.vfs.memfs import MemFS, memfs_create
 from vnpager.vfs.mount import Mount, vrele
@@ -154,7 +154,7 @@ def test_first_failure_decides_and_delays_add_up(vm: VM, memmp: Mount, plan: Fau
     slept: list[tuple[float, bool]] = []
     monkeypatch.setattr(faultfs.time, "sleep", lambda s: slept.append((s, kernel_lock.held())))
     vp = memfs_create(vm.vfs, memmp, b"abc")
-    plan.delay(["read", "getattr"], 0.25)
+    plan.delay(OPS, 0.25)  # every call
     first = plan.fail("read", errno.EIO, times=1)
     second = plan.fail("read", errno.ENXIO, times=1)
     plan.delay("read", 0.5)
@@ -170,23 +170,23 @@ def test_first_failure_decides_and_delays_add_up(vm: VM, memmp: Mount, plan: Fau
     vrele(vp)
 
 
-def test_random_faults_follow_the_seed(vm: VM, memmp: Mount) -> None:
-    vp = memfs_create(vm.vfs, memmp, b"x")
-
+def test_random_faults_follow_the_seed(vm: VM) -> None:
     def fates(seed: int) -> list[int]:
         plan = FaultPlan(seed)
-        memmp.mnt_op = vp.v_op = FaultFS(MemFS(), plan)
+        mp = vm.vfs.mount(FaultFS(MemFS(), plan), f"seed{seed}")
+        vp = memfs_create(vm.vfs, mp, b"x")
         plan.fail("read", errno.EIO, probability=0.3)
         plan.fail("read", errno.EAGAIN, probability=0)
         out = [vop_read(vp, 0, 1)[0] for _ in range(200)]
         assert sum(plan.injected.values()) == out.count(errno.EIO)
+        vrele(vp)
+        assert vm.vfs.dounmount(mp) == 0
         return out
 
     run = fates(7)
     assert run == fates(7)
     assert run != fates(8)
     assert 0 < run.count(errno.EIO) < 200 and errno.EAGAIN not in run
-    vrele(vp)
 
 
 def test_counts_are_exact_under_threads(vm: VM, memmp: Mount, plan: FaultPlan) -> None:

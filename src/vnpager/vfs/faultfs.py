@@ -14,6 +14,7 @@ inject a fault first::
     plan.short("read", nbytes=100)                         # stop early, as at EOF
     plan.short("write", nbytes=100, error=errno.ENOSPC)    # 100 bytes, then the error
     plan.delay(("read", "write"), 0.001)                   # a slow backend
+    plan.delay(OPS, 0.001)                                 # every call delays 1 ms
     plan.fail("write", errno.EIO, probability=0.01)        # at random, from the seed
     plan.injected[("write", "ENOSPC")]                     # faults injected so far
     plan.clear()
@@ -38,7 +39,7 @@ from vnpager.kern.lock import kernel_lock
 from vnpager.vfs.vnode import Uio, Vattr, Vnode, VnodeOps
 
 Op = Literal["getattr", "read", "write", "fsync", "setsize"]
-OPS: frozenset[str] = frozenset(get_args(Op))
+OPS: frozenset[Op] = frozenset(get_args(Op))
 _TRANSFERS = frozenset({"read", "write"})
 
 Kind = Literal["fail", "short", "delay"]
