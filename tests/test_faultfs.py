@@ -325,3 +325,34 @@ def test_attach_fails_when_getattr_does(vm: VM, memmp: Mount, plan: FaultPlan) -
     assert uvn is not None and uvn.u_size == 1
     vrele(vp)
     uvn_detach(uvn)
+
+
+class _HalfWriteFS(MemFS):
+    """Writes half of what it is asked and says nothing (a short write(2)),
+    until healed."""
+
+    healed = False
+
+    def write(self, vp: Vnode, uio: faultfs.Uio, ioflag: int) -> int:
+        if self.healed:
+            return super().write(vp, uio, ioflag)
+        rest = uio.resid - uio.resid // 2
+        uio.resid -= rest
+        super().write(vp, uio, ioflag)
+        uio.resid += rest
+        return 0
+
+
+def test_write_back_stopped_short_without_an_error_fails(vm: VM) -> None:
+    fs = _HalfWriteFS()
+    mp = vm.vfs.mount(fs, "half")
+    vp = memfs_create(vm.vfs, mp, bytes(PAGE))
+    uvn = _attach(vp)
+    pg = dirty_page(uvn, 0, b"a" * PAGE)
+    assert not _flush(uvn)
+    assert not pg.pg_flags & PG_CLEAN and uvn.u_error == errno.EIO
+    fs.healed = True
+    assert _flush(uvn)
+    assert vp.v_data.data.pread(0, PAGE) == b"a" * PAGE
+    uvn_detach(uvn)
+    assert vm.vfs.dounmount(mp) == 0

@@ -663,7 +663,8 @@ def uvn_io(uvn: UvmVnode, pps: list[VmPage], npages: int, flags: int, rw: int) -
     Returns VM_PAGER_OK; VM_PAGER_BAD for an offset at or past the end;
     VM_PAGER_AGAIN where PGO_NOWAIT (or a missing PGO_SYNCIO) forbids the
     sleep it would need; VM_PAGER_ERROR otherwise, with the errno left in
-    ``curproc().p_errno``.  A short read is zero-filled; a read of nothing
+    ``curproc().p_errno``.  A short read is zero-filled; a read of nothing,
+    or a write that leaves bytes unwritten (the seed would mark them clean),
     is EIO.  A vnode the caller already holds locked gives EDEADLK.
 
     => caller holds the object lock; it is dropped during the I/O and held
@@ -718,6 +719,8 @@ def uvn_io(uvn: UvmVnode, pps: list[VmPage], npages: int, flags: int, rw: int) -
         got = wanted - uio.resid
         if wanted and got == 0:
             result = errno.EIO
+        elif rw == UIO_WRITE and got < wanted:
+            result = errno.EIO  # bytes left unwritten: the pages must stay dirty
         elif rw == UIO_READ and got < npages * vm.page_size:
             _zero_from(kva, got)
     if rw == UIO_READ:
