@@ -14,7 +14,7 @@ from pathlib import Path
 SCRIPT = textwrap.dedent("""
     import os, sys
     from vnpager import VM
-    from vnpager.kern.trace import quiet
+    from vnpager.kern.trace import tracing
     from vnpager.uvm.uvm_fault import uvm_copyin
     from vnpager.uvm.uvm_map import MAP_SHARED, uvm_map
     from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
     from vnpager.vfs.hostfs import hostfs_vget_path
 
     rw = PROT_READ | PROT_WRITE
-    with quiet():  # set-up is not what we look at
+    with tracing(False):  # set-up is not what we look at
         vm = VM(physmem=16 * 4096)
         vp = hostfs_vget_path(vm.vfs, vm.hostfs, sys.argv[1])
         uobj = uvn_attach(vp, rw)
@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent("""
         va = uvm_map(vm.vmspace, 8 * 4096, uobj, 0, rw, rw, MAP_SHARED)
     buf = bytearray(16)
     uvm_copyin(vm.vmspace, va + 4096 + 100, memoryview(buf))
-    with quiet():
+    with tracing(False):
         vm.close()
     print(buf.hex())
 """)

@@ -11,8 +11,8 @@ line per call and one per return, indented by the calling thread's depth::
 
 Flags, protections and pager return codes print by name: the names are the
 constants of the traced function's own module (so this layer imports no
-upper one).  :func:`quiet` silences the output for a stretch of a traced
-run, so that a long job can show a few operations only.
+upper one).  :func:`tracing` turns the output off and on for a stretch of
+a traced run, so that a long job can show a few operations only.
 """
 
 from __future__ import annotations
@@ -129,15 +129,21 @@ class _Formatter:
 
 
 @contextmanager
-def quiet() -> Iterator[None]:
-    """Print no trace inside the block (in any thread)."""
-    was = _muted.is_set()
-    _muted.set()
+def tracing(on: bool) -> Iterator[None]:
+    """Print the trace inside the block, or not (for every thread)."""
+    was = not _muted.is_set()
+    _show(on)
     try:
         yield
     finally:
-        if not was:
-            _muted.clear()
+        _show(was)
+
+
+def _show(on: bool) -> None:
+    if on:
+        _muted.clear()
+    else:
+        _muted.set()
 
 
 def _emit(depth: int, text: str) -> None:
