@@ -830,6 +830,49 @@ def _zero_tail(uvn: UvmVnode, newsize: int) -> None:
         pg.data[keep:] = bytes(vm.page_size - keep)
 
 
+def uvm_vnp_revalidate(vp: Vnode, drop_stale: bool) -> int:
+    """Bring the pager's idea of *vp*'s file up to date with the file itself.
+
+    A size changed behind the pager's back (the file truncated or extended
+    by someone else) goes through uvm_vnp_setsize, so the pages past a new
+    end are tossed and touching them is a bus error.  With *drop_stale*
+    (an attach that found a persisting object: close-to-open consistency),
+    a size or mtime other than the recorded ones means the pages may be
+    stale: dirty ones are written back, all are freed, and the new mtime is
+    recorded.  Returns 0 or the errno of VOP_GETATTR.
+
+    => caller holds a reference to the object and no VM lock.
+    """
+    uvn: UvmVnode = vp.v_uvm
+    vattr = Vattr()
+    error = VOP_GETATTR(vp, vattr)
+    if error:
+        return error
+    if drop_stale and (vattr.va_size, vattr.va_mtime_ns) != (uvn.u_size, uvn.u_mtime_ns):
+        with uvn.vmobjlock:
+            uvn_flush(uvn, 0, 0, PGO_CLEANIT | PGO_FREE | PGO_SYNCIO | PGO_ALLPAGES)
+            uvn.u_mtime_ns = vattr.va_mtime_ns
+    if vattr.va_size != uvn.u_size:
+        with kernel_lock:
+            uvm_vnp_setsize(vp, vattr.va_size)
+    return 0
+
+
+def uvm_vnp_wrote(vp: Vnode) -> None:
+    """Record the file's mtime after a write-back of ours.
+
+    Our own writes change the mtime too; without this, the next attach of
+    the persisting object would take them for someone else's and drop the
+    pages.  (A write by someone else in between goes unnoticed, as it does
+    with NFS.)  => caller holds a reference to the object and no VM lock.
+    """
+    uvn: UvmVnode = vp.v_uvm
+    vattr = Vattr()
+    if VOP_GETATTR(vp, vattr) == 0:
+        with uvn.vmobjlock:
+            uvn.u_mtime_ns = vattr.va_mtime_ns
+
+
 @traced
 def uvm_vnp_sync(vm: VM, mp: object = None) -> None:
     """Write every dirty page of the writeable objects back (sync(2)).
