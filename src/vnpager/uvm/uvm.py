@@ -19,7 +19,13 @@ from vnpager.uvm.uvm_page import PG_BUSY, PG_TABLED, PQ_ACTIVE, PQ_FREE, PQ_INAC
 from vnpager.uvm.uvm_pager import PagerMap
 from vnpager.uvm.uvm_param import MAXBSIZE, PAGE_SIZE, round_page, trunc_page
 from vnpager.uvm.uvm_pdaemon import PageDaemon
-from vnpager.uvm.uvm_vnode import UvmVnode, uvm_vnodeops, uvm_vnp_sync, uvm_vnp_terminate
+from vnpager.uvm.uvm_vnode import (
+    UVM_VNODE_VALID,
+    UvmVnode,
+    uvm_vnodeops,
+    uvm_vnp_sync,
+    uvm_vnp_terminate,
+)
 from vnpager.vfs.hostfs import HostFS
 from vnpager.vfs.memfs import MemFS
 from vnpager.vfs.mount import Mount, Vfs
@@ -138,6 +144,24 @@ class VM:
 
     def counters(self) -> dict[str, int]:
         return asdict(self.uvmexp)
+
+    def stats(self) -> dict[str, int]:
+        """The counters of ``uvmexp`` and the state of memory, in pages.
+
+        ``resident`` pages hold data (all but the free ones); ``persisting``
+        counts the objects with no references that are kept with their
+        pages for the next attach.  A snapshot taken without stopping the
+        machine: the numbers need not add up exactly while it runs.
+        """
+        with self.vfs.lock:
+            vnodes = [vp for mp in self.vfs.mountlist for vp in mp.mnt_vnodes.values()]
+        persisting = sum(1 for vp in vnodes
+                         if isinstance(vp.v_uvm, UvmVnode) and vp.v_uvm.u_flags & UVM_VNODE_VALID
+                         and vp.v_uvm.uo_refs == 0)
+        free = len(self.page_free)
+        return {**self.counters(), "resident": self.npages - free, "free": free,
+                "active": len(self.page_active), "inactive": len(self.page_inactive),
+                "persisting": persisting}
 
     def check_invariants(self) -> None:
         """Panic unless the page accounting of this VM is consistent.
