@@ -8,9 +8,11 @@ without sharing anything but the scheduler.
 from __future__ import annotations
 
 import mmap as _mmap
+import os
 import threading
 from dataclasses import asdict, dataclass
 
+from vnpager import ubc  # the UBC block of VM
 from vnpager.kern.debug import panic
 from vnpager.kern.lock import Mutex, RWLock
 from vnpager.kern.synch import WaitChannel
@@ -128,6 +130,20 @@ class VM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # --- UBC: file I/O through this VM's pages (vnpager.ubc, uvm_bio.py) ---
+    def pread(self, target: ubc.Target, n: int, off: int) -> bytes:
+        """Up to *n* bytes at *off* of a host path or vnode, through the pages."""
+        return ubc.vm_pread(self, target, n, off)
+
+    def pwrite(self, target: ubc.Target, data: bytes | bytearray | memoryview, off: int) -> int:
+        """Write *data* at *off* of a host path or vnode into its pages (dirty)."""
+        return ubc.vm_pwrite(self, target, data, off)
+
+    def open(self, path: str | os.PathLike[str], mode: str = "r") -> ubc.UbcFile:
+        """A raw file object whose I/O goes through the pages (see UbcFile)."""
+        return ubc.UbcFile(self, path, mode)
+    # --- end UBC ---
 
     def _vnode_init(self, vp: Vnode) -> None:
         if vp.v_uvm is None:

@@ -1,0 +1,247 @@
+"""UBC: file reads and writes through the pages of a vnode's object.
+
+NetBSD calls this the unified buffer cache: read() and write() copy to and
+from the very pages that mappings of the file use, so file I/O and mappings
+are coherent by construction and there is one cache, the pager's.
+
+For each page of the range we take the object lock, find the page resident
+(``uvn_get`` with PGO_LOCKED: a lookup) or fetch it (the unlocked pass, which
+reads it from the vnode), copy, and give it back active and unbusy.  A write
+that covers every byte of the file in a page does not read it first: it
+allocates a fresh page.  A write past the end grows the backing file and
+then the pager's size (``uvm_vnp_setsize``); a read stops at the pager's end.
+
+=> every function here takes an object the caller has attached (a
+   reference from ``uvn_attach``), with PROT_WRITE for writes so that the
+   object is on the writeable list and sync finds its dirty pages.
+=> the caller holds no VM lock: we sleep for pages, memory and the vnode.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import weakref
+from collections.abc import Callable
+
+from vnpager.kern.lock import LK_EXCLUSIVE, LK_RETRY, RW_WRITE, Mutex, kernel_lock
+from vnpager.kern.proc import curproc
+from vnpager.uvm.uvm_page import (
+    PG_CLEAN,
+    PG_FAKE,
+    UVM_PGA_ZERO,
+    VmPage,
+    uvm_page_unbusy,
+    uvm_pageactivate,
+    uvm_pagealloc,
+    uvm_pagelookup,
+    uvm_pagewait,
+    uvm_wait,
+)
+from vnpager.uvm.uvm_pager import (
+    PGO_LOCKED,
+    VM_PAGER_AGAIN,
+    VM_PAGER_BAD,
+    VM_PAGER_OK,
+    PageSlot,
+)
+from vnpager.uvm.uvm_param import PROT_READ
+from vnpager.uvm.uvm_vnode import UvmVnode, uvm_vnp_setsize, uvn_get
+from vnpager.vfs.vnode import VOP_UNLOCK, vn_lock
+
+# how ubc_page() gets a page that is not resident
+FETCH = 0  # read it from the vnode
+FRESH = 1  # allocate it: the caller overwrites every byte of it
+ZEROED = 2  # allocate it zero-filled: the caller overwrites part of it
+
+# one lock per object serialises size changes (grow on write, truncate), so
+# that the backing file and the pager never disagree for long; it is not
+# the vnode lock, which the page daemon's writes need while we free pages
+_size_locks: weakref.WeakKeyDictionary[UvmVnode, threading.Lock] = weakref.WeakKeyDictionary()
+_size_locks_guard = Mutex("ubc_size_locks")
+
+
+def _size_lock(uvn: UvmVnode) -> threading.Lock:
+    with _size_locks_guard:
+        lk = _size_locks.get(uvn)
+        if lk is None:
+            lk = _size_locks[uvn] = threading.Lock()
+        return lk
+
+
+def ubc_page(uvn: UvmVnode, pgoff: int, how: int) -> VmPage | None:
+    """The page at *pgoff*, busy and owned by the caller.
+
+    Returns None if *pgoff* is past the end of the object (FETCH only).
+    Raises OSError with the backend's errno if the page-in fails.
+
+    => caller holds no lock; the object lock is held on return (with a page).
+    """
+    lock = uvn.vmobjlock
+    vm = uvn.vm
+    slot: list[PageSlot] = [None]
+    while True:
+        lock.rw_enter(RW_WRITE)
+        result, _ = uvn_get(uvn, pgoff, slot, 1, 0, PROT_READ, 0, PGO_LOCKED)
+        if result == VM_PAGER_OK:
+            return slot[0]  # type: ignore[return-value]
+        if how == FETCH:
+            # releases the object lock whatever the result
+            result, _ = uvn_get(uvn, pgoff, slot, 1, 0, PROT_READ, 0, 0)
+            if result == VM_PAGER_OK:
+                lock.rw_enter(RW_WRITE)
+                return slot[0]  # type: ignore[return-value]
+            if result == VM_PAGER_BAD:
+                return None
+            if result == VM_PAGER_AGAIN:
+                # the vnode lock was busy (uvn_get does not sleep for it):
+                # wait until it is free, then try again
+                vp = uvn.u_vnode
+                vn_lock(vp, LK_EXCLUSIVE | LK_RETRY)
+                VOP_UNLOCK(vp)
+                continue
+            raise OSError(curproc().p_errno or errno.EIO, "page-in failed")
+        pg = uvm_pagelookup(uvn, pgoff)
+        if pg is not None:  # resident but busy: wait for it (drops the lock)
+            uvm_pagewait(pg, lock, "ubcwait")
+            continue
+        pg = uvm_pagealloc(vm, uvn, pgoff, UVM_PGA_ZERO if how == ZEROED else 0)
+        if pg is not None:
+            return pg  # PG_FAKE until the caller fills it
+        lock.rw_exit()
+        uvm_wait(vm, "ubcalloc")
+
+
+def ubc_release(uvn: UvmVnode, pg: VmPage, dirty: bool) -> None:
+    """Give back a page from :func:`ubc_page`: active, unbusy, unlocked.
+
+    A page written by the caller becomes dirty: it is not mapped through a
+    pmap here, so its modified bit would not tell; PG_CLEAN goes instead.
+
+    => caller holds the object lock and owns *pg* (busy); lock released.
+    """
+    if dirty:
+        pg.pg_flags &= ~(PG_CLEAN | PG_FAKE)
+    with uvn.vm.pageqlock:
+        uvm_pageactivate(pg)
+    uvm_page_unbusy([pg])
+    uvn.vmobjlock.rw_exit()
+
+
+def _each_page(uvn: UvmVnode, off: int, end: int,
+               step: Callable[[int, int, int], bool]) -> None:
+    """Call step(pgoff, lo, hi) for each page of [off, end), [lo, hi) being
+    the bytes of it in range, until step returns False."""
+    ps = uvn.vm.page_size
+    pgoff = uvn.vm.trunc_page(off)
+    while pgoff < end and step(pgoff, max(off, pgoff), min(end, pgoff + ps)):
+        pgoff += ps
+
+
+def ubc_readinto(uvn: UvmVnode, buf: memoryview, off: int) -> int:
+    """Read up to len(buf) bytes at *off* into *buf*; return how many.
+
+    Stops at the end of the object (0 at or past it).
+    """
+    end = min(off + len(buf), uvn.u_size)
+    done = 0
+
+    def step(pgoff: int, lo: int, hi: int) -> bool:
+        nonlocal done
+        pg = ubc_page(uvn, pgoff, FETCH)
+        if pg is None:  # truncated under us
+            return False
+        hi = min(hi, uvn.u_size)  # it may have shrunk since we looked
+        if hi > lo:
+            buf[lo - off:hi - off] = pg.data[lo - pgoff:hi - pgoff]
+            done = hi - off
+        ubc_release(uvn, pg, dirty=False)
+        return hi > lo
+
+    _each_page(uvn, off, end, step)
+    return done
+
+
+def ubc_read(uvn: UvmVnode, n: int, off: int) -> bytes:
+    """Read up to *n* bytes at *off*; fewer at the end of the object."""
+    buf = bytearray(max(0, min(n, uvn.u_size - off)))
+    got = ubc_readinto(uvn, memoryview(buf), off)
+    return bytes(buf[:got]) if got < len(buf) else bytes(buf)
+
+
+def ubc_write(uvn: UvmVnode, data: bytes | bytearray | memoryview, off: int) -> int:
+    """Write *data* at *off*, growing the object if it ends past the end.
+
+    Returns len(data).  Raises OSError if the backing file cannot grow or a
+    page that must be read first cannot be.  The pages are left dirty:
+    they reach the vnode at the next flush, sync or pageout.
+    """
+    src = memoryview(data).cast("B")
+    end = off + len(src)
+    if not src:
+        return 0
+    old_size = _grow(uvn, end)
+    ps = uvn.vm.page_size
+    pmap_lock = uvn.vm.pmap_lock
+
+    def step(pgoff: int, lo: int, hi: int) -> bool:
+        # bytes of the file in this page that the write leaves as they are
+        valid_end = min(pgoff + ps, old_size)
+        if pgoff < valid_end and (lo > pgoff or hi < valid_end):
+            how = FETCH
+        else:
+            how = FRESH if hi - lo == ps else ZEROED
+        pg = ubc_page(uvn, pgoff, how)
+        while pg is None:  # truncated under us: the write still lands
+            _grow(uvn, end)
+            pg = ubc_page(uvn, pgoff, how)
+        with pmap_lock:  # no pmap_page_protect or store may interleave
+            pg.data[lo - pgoff:hi - pgoff] = src[lo - off:hi - off]
+        ubc_release(uvn, pg, dirty=True)
+        return True
+
+    _each_page(uvn, off, end, step)
+    return len(src)
+
+
+def _backing_setsize(uvn: UvmVnode, size: int) -> None:
+    vp = uvn.u_vnode
+    error = vn_lock(vp, LK_EXCLUSIVE)
+    if error == 0:
+        error = vp.v_op.setsize(vp, size)
+        VOP_UNLOCK(vp)
+    if error:
+        raise OSError(error, "cannot resize the backing file")
+
+
+def _grow(uvn: UvmVnode, end: int) -> int:
+    """Make the object at least *end* bytes long; return the size before."""
+    size = uvn.u_size
+    if end <= size:
+        return size
+    with _size_lock(uvn):
+        size = uvn.u_size
+        if end > size:
+            # the backing file first: a page-in past its end would fail
+            _backing_setsize(uvn, end)
+            with kernel_lock:
+                uvm_vnp_setsize(uvn.u_vnode, end)
+    return size
+
+
+def ubc_setsize(uvn: UvmVnode, size: int) -> None:
+    """Truncate or extend the object and its backing file to *size*.
+
+    Shrinking frees the pages past the new end (dirty or not) before the
+    backing file shrinks, so that no pageout can write them back beyond it.
+    """
+    with _size_lock(uvn):
+        if size < uvn.u_size:
+            with kernel_lock:
+                uvm_vnp_setsize(uvn.u_vnode, size)
+            _backing_setsize(uvn, size)
+        else:
+            _backing_setsize(uvn, size)
+            with kernel_lock:
+                uvm_vnp_setsize(uvn.u_vnode, size)
+
