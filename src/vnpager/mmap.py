@@ -1,0 +1,786 @@
+"""``vnpager.mmap``: Python's ``mmap.mmap`` on the vnode pager.
+
+The same class, arguments, methods, errors and messages as CPython 3.11's
+``mmap.mmap`` on Unix (plus 3.13's ``trackfd`` and ``seekable``), but the
+pages live in a :class:`~vnpager.VM` of bounded size (``vm=``, by default
+:func:`default_vm`), are read and written by the vnode pager, and every
+access goes through the VM's address space and fault handler.
+
+Differences from CPython's mmap, each on purpose or forced:
+
+* **No buffer protocol.**  The mapped pages are not contiguous memory, so
+  ``memoryview(m)``, ``bytes(m)``, ``re.search(pattern, m)``,
+  ``hashlib.sha256(m)``, ``f.write(m)`` and ``m.readinto``-style consumers
+  raise TypeError.  Use ``m[a:b]`` or ``m.read(n)`` (bytes copies), and
+  ``m.find``/``m.rfind`` (which search without copying the whole map).
+  Slice assignment, ``write`` and ``find`` accept any bytes-like object.
+* **Errors instead of signals.**  Touching a page past the file's current
+  end raises :class:`BusError` (an OSError, errno EFAULT) instead of
+  SIGBUS; a page that cannot be read raises OSError with the backend's
+  errno; touching a PROT_NONE mapping raises ``SegvError`` instead of
+  SIGSEGV.  The process lives and the mapping stays usable.
+* **Truncation from outside is noticed by an fstat per operation.**  The
+  pager's idea of the file size would go stale when someone else truncates
+  the file, so every operation that touches the mapped bytes first
+  compares the file's size with the pager's (one ``fstat``, through
+  :func:`~vnpager.uvm.uvm_vnode.uvm_vnp_revalidate`) and shrinks or grows
+  the pager with ``uvm_vnp_setsize`` (which tosses the pages past a new
+  end).  Checking only on a fault would be cheaper but would keep serving
+  resident pages of a truncated file; an fstat costs about a microsecond,
+  far less than the copy through the pager.  ``len``, ``tell`` and
+  ``seek`` do not check.
+* **Coherence with other I/O on the file is close-to-open, as NFS gives.**
+  CPython's mappings share the kernel's page cache with ``read``/``write``;
+  ours are a cache of their own.  Writes reach the file at ``flush()``, at
+  ``close()`` (which writes back, so that a reader who opens the file
+  after the close sees them), when the page daemon cleans the page, or
+  when the VM closes (the default VM closes at exit).  Changes made to the
+  file by other means are seen by mappings made after them: a file mapped
+  again finds its persisting pages without I/O unless its size or mtime
+  changed, in which case those pages are dropped first.  All mappings of
+  one file in one VM share one object, so they see each other's writes at
+  once.
+* ``flush()`` and ``close()`` raise the write-back error (OSError with the
+  backend's errno); the pages stay dirty, so a later flush can write them.
+  CPython's ``close`` never reports write-back errors.
+* ``resize()`` of an anonymous map grows its memory (CPython's grows the
+  mapping but not the shared memory behind it, so touching the new pages
+  is SIGBUS).  ``resize()`` of a MAP_PRIVATE map copies the mapped range
+  into fresh private pages.
+* Only ``MADV_NORMAL``, ``MADV_RANDOM``, ``MADV_SEQUENTIAL`` (fault-ahead
+  of 3+4, 0 and 8+7 resident pages), ``MADV_WILLNEED`` (accepted, no
+  read-ahead) and ``MADV_DONTNEED`` (the pages become the first to be
+  reclaimed; contents are kept) exist; other advice is EINVAL.
+* Only regular files and anonymous memory can be mapped (ENODEV for
+  others).  ``MAP_PRIVATE`` anonymous memory is mapped shared: nobody else
+  can see it, so the two cannot be told apart.
+* ``PAGESIZE`` and ``ALLOCATIONGRANULARITY`` are 4096, the default page
+  size of a VM, whatever the host's; a VM made with another page size
+  still accepts offsets that are multiples of its own page size.
+* The object is not thread-safe against ``close()`` racing another
+  operation on it: that operation raises instead of crashing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import fcntl
+import operator
+import os
+import re
+import stat
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any, NoReturn, SupportsIndex
+
+from vnpager.kern.lock import LK_EXCLUSIVE, LK_RETRY, kernel_lock
+from vnpager.uvm.uvm import VM
+from vnpager.uvm.uvm_fault import uvm_copyin, uvm_copyout
+from vnpager.uvm.uvm_map import (
+    MADV_DONTNEED,
+    MADV_NORMAL,
+    MADV_RANDOM,
+    MADV_SEQUENTIAL,
+    MADV_WILLNEED,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    MS_SYNC,
+    Vmspace,
+    uvm_map,
+    uvm_map_advice,
+    uvm_msync,
+    uvm_unmap,
+)
+from vnpager.uvm.uvm_param import PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE
+from vnpager.uvm.uvm_vnode import (
+    UVM_VNODE_VALID,
+    UvmVnode,
+    uvm_vnp_revalidate,
+    uvm_vnp_setsize,
+    uvm_vnp_uncache,
+    uvm_vnp_wrote,
+    uvn_attach,
+)
+from vnpager.vfs.hostfs import hostfs_vget_fd
+from vnpager.vfs.memfs import memfs_create
+from vnpager.vfs.vnode import VOP_UNLOCK, Vnode, vn_lock
+
+__all__ = [
+    "ACCESS_COPY", "ACCESS_DEFAULT", "ACCESS_READ", "ACCESS_WRITE", "ALLOCATIONGRANULARITY",
+    "MADV_DONTNEED", "MADV_NORMAL", "MADV_RANDOM", "MADV_SEQUENTIAL", "MADV_WILLNEED",
+    "MAP_ANON", "MAP_ANONYMOUS", "MAP_PRIVATE", "MAP_SHARED", "PAGESIZE", "PROT_EXEC",
+    "PROT_READ", "PROT_WRITE", "default_vm", "error", "mmap",
+]
+
+ACCESS_DEFAULT = 0
+ACCESS_READ = 1
+ACCESS_WRITE = 2
+ACCESS_COPY = 3
+_ACCESS_NAMES = ("ACCESS_DEFAULT", "ACCESS_READ", "ACCESS_WRITE", "ACCESS_COPY")
+
+MAP_ANONYMOUS = MAP_ANON = 0x20  # Linux's value: accepted, and implied by fileno=-1
+
+PAGESIZE = PAGE_SIZE
+ALLOCATIONGRANULARITY = PAGE_SIZE
+
+error = OSError
+
+CHUNK = 1 << 20  # bytes per copy through the pager: bounds the memory of big reads
+_LINE_CHUNK = 8192
+_SSIZE_MAX = sys.maxsize
+_INT_MAX = 2**31 - 1
+
+# ---------------------------------------------------------------- the default VM
+
+DEFAULT_PHYSMEM = 256 << 20
+_SIZE_RE = re.compile(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
+_default_vm: VM | None = None
+_default_vm_lock = threading.Lock()
+
+
+def parse_size(text: str) -> int:
+    """Bytes in *text*: a number with an optional K/M/G/T suffix (powers of
+    1024; "64M", "64MiB", "1g").  Raises ValueError."""
+    m = _SIZE_RE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"not a size: {text!r}")
+    return int(m.group(1)) << (10 * " kmgt".index(m.group(2).lower() or " "))
+
+
+def default_vm() -> VM:
+    """The VM that mappings use unless given one: made on first use with
+    ``VNPAGER_PHYSMEM`` bytes (256 MiB when unset), and closed at exit so
+    that dirty pages reach their files."""
+    global _default_vm
+    with _default_vm_lock:
+        if _default_vm is None or _default_vm.closed:
+            env = os.environ.get("VNPAGER_PHYSMEM")
+            _default_vm = VM(physmem=parse_size(env) if env else DEFAULT_PHYSMEM)
+            atexit.register(_default_vm.close)
+        return _default_vm
+
+
+# ---------------------------------------------------------------- argument conversion
+# As CPython's argument parsing does it, so that the same calls fail the same way.
+
+def _ssize(x: SupportsIndex) -> int:
+    """A Py_ssize_t argument (format "n")."""
+    i = operator.index(x)
+    if not -_SSIZE_MAX - 1 <= i <= _SSIZE_MAX:
+        raise OverflowError("Python int too large to convert to C ssize_t")
+    return i
+
+
+def _cint(x: SupportsIndex) -> int:
+    """A C int argument (format "i")."""
+    i = operator.index(x)
+    if i > _INT_MAX:
+        raise OverflowError("signed integer is greater than maximum")
+    if i < -_INT_MAX - 1:
+        raise OverflowError("signed integer is less than minimum")
+    return i
+
+
+def _opt_ssize(x: SupportsIndex | None, default: int) -> int:
+    return default if x is None else _ssize(x)
+
+
+def _index_arg(x: SupportsIndex) -> int:
+    """An index (sequence subscript): too large for Py_ssize_t is IndexError."""
+    i = operator.index(x)
+    if not -_SSIZE_MAX - 1 <= i <= _SSIZE_MAX:
+        raise IndexError(f"cannot fit '{type(x).__name__}' into an index-sized integer")
+    return i
+
+
+def _buffer(obj: Any) -> memoryview:
+    """The bytes of a bytes-like object (format "y*")."""
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        raise TypeError(f"a bytes-like object is required, not '{type(obj).__name__}'") from None
+    if not view.c_contiguous:
+        raise BufferError("memoryview: underlying buffer is not C-contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _oserror(err: int) -> OSError:
+    return OSError(err, os.strerror(err))
+
+
+# ---------------------------------------------------------------- the map
+
+
+class mmap:  # noqa: N801 - the stdlib's name
+    """A memory-mapped file or anonymous memory: see the module docstring.
+
+    ``mmap(fileno, length, flags=MAP_SHARED, prot=PROT_WRITE|PROT_READ,
+    access=ACCESS_DEFAULT, offset=0, *, trackfd=True, vm=None)``
+    """
+
+    __slots__ = ("__weakref__", "_access", "_anon", "_closed", "_fd", "_flags", "_offset",
+                 "_pos", "_prot", "_size", "_space", "_uobj", "_va", "_vm", "_vp")
+
+    _access: int
+    _anon: bool  # fileno=-1: a memfs object nobody else can map
+    _closed: bool
+    _fd: int  # our duplicate of the descriptor (trackfd), else -1
+    _flags: int  # MAP_SHARED or MAP_PRIVATE, as mapped
+    _offset: int
+    _pos: int
+    _prot: int
+    _size: int
+    _space: Vmspace
+    _uobj: UvmVnode
+    _va: int
+    _vm: VM
+    _vp: Vnode
+
+    def __new__(cls, fileno: SupportsIndex, length: SupportsIndex, flags: SupportsIndex = MAP_SHARED,
+                prot: SupportsIndex = PROT_WRITE | PROT_READ, access: SupportsIndex = ACCESS_DEFAULT,
+                offset: SupportsIndex = 0, *, trackfd: bool = True, vm: VM | None = None) -> mmap:
+        fd, size, flags, prot, access = (_cint(fileno), _ssize(length), _cint(flags), _cint(prot),
+                                         _cint(access))
+        off = operator.index(offset)
+        if size < 0:
+            raise OverflowError("memory mapped length must be positive")
+        if off < 0:
+            raise OverflowError("memory mapped offset must be positive")
+        if access != ACCESS_DEFAULT and (flags != MAP_SHARED or prot != PROT_WRITE | PROT_READ):
+            raise ValueError("mmap can't specify both access and flags, prot.")
+        if access == ACCESS_READ:
+            flags, prot = MAP_SHARED, PROT_READ
+        elif access == ACCESS_WRITE:
+            flags, prot = MAP_SHARED, PROT_READ | PROT_WRITE
+        elif access == ACCESS_COPY:
+            flags, prot = MAP_PRIVATE, PROT_READ | PROT_WRITE
+        elif access == ACCESS_DEFAULT:
+            if not (prot & PROT_READ and prot & PROT_WRITE):
+                access = ACCESS_WRITE if prot & PROT_WRITE else ACCESS_READ
+        else:
+            raise ValueError("mmap invalid access parameter.")
+
+        st = os.fstat(fd) if fd != -1 else None  # EBADF for a bad descriptor, as CPython's
+        if st is not None and stat.S_ISREG(st.st_mode):
+            if size == 0:
+                if st.st_size == 0:
+                    raise ValueError("cannot mmap an empty file")
+                if off >= st.st_size:
+                    raise ValueError("mmap offset is greater than file size")
+                size = st.st_size - off
+            elif off > st.st_size or st.st_size - off < size:
+                raise ValueError("mmap length is greater than file size")
+
+        vm = vm if vm is not None else default_vm()
+        # what the kernel's mmap(2) checks, in its order
+        sharing = flags & (MAP_SHARED | MAP_PRIVATE)
+        if size == 0 or off % vm.page_size or sharing not in (MAP_SHARED, MAP_PRIVATE):
+            raise _oserror(errno.EINVAL)
+        if st is not None:
+            if not stat.S_ISREG(st.st_mode):
+                raise _oserror(errno.ENODEV)
+            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+            if mode == os.O_WRONLY or (sharing == MAP_SHARED and prot & PROT_WRITE
+                                       and mode != os.O_RDWR):
+                raise _oserror(errno.EACCES)
+            maxprot = PROT_READ | PROT_EXEC | (
+                PROT_WRITE if sharing == MAP_PRIVATE or mode == os.O_RDWR else 0)
+        else:
+            maxprot = PROT_READ | PROT_WRITE | PROT_EXEC
+
+        self = object.__new__(cls)
+        self._closed = True  # until mapped: __del__ and close() have nothing to undo
+        self._vm, self._space = vm, vm.vmspace
+        self._size, self._pos, self._offset = size, 0, off
+        self._access, self._flags, self._prot = access, sharing, prot
+        self._anon = st is None
+        self._fd = os.dup(fd) if st is not None and trackfd else -1
+        try:
+            if st is None:
+                self._uobj = _anon_object(vm, size)
+                self._flags = MAP_SHARED  # private to this object anyway
+                off = 0
+            else:
+                self._uobj = _file_object(vm, fd, prot)
+            self._vp = self._uobj.u_vnode
+            self._va = uvm_map(self._space, size, self._uobj, off, prot, maxprot, self._flags)
+        except BaseException:
+            if self._fd != -1:
+                os.close(self._fd)
+            raise
+        self._closed = False
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Everything is done in __new__, as CPython's type does (subclasses
+        may call ``mmap.__new__`` with other arguments than their own)."""
+
+    # -------------------------------------------------------- helpers
+
+    def _check_valid(self) -> None:
+        if self._closed:
+            raise ValueError("mmap closed or invalid")
+
+    def _check_writable(self) -> None:
+        if self._access == ACCESS_READ:
+            raise TypeError("mmap can't modify a readonly memory map.")
+
+    def _revalidate(self) -> None:
+        """Follow the file's size before touching the pages (see module doc)."""
+        if not self._anon:
+            err = uvm_vnp_revalidate(self._vp, drop_stale=False)
+            if err:
+                raise _oserror(err)
+
+    def _read(self, pos: int, n: int) -> bytes:
+        """*n* bytes from *pos*, copied through the pager.  => revalidated."""
+        buf = bytearray(n)
+        view = memoryview(buf)
+        for i in range(0, n, CHUNK):
+            uvm_copyin(self._space, self._va + pos + i, view[i:i + CHUNK])
+        return bytes(buf)
+
+    def _write(self, pos: int, data: memoryview) -> None:
+        """Store *data* at *pos* through the pager.  => revalidated."""
+        for i in range(0, len(data), CHUNK):
+            uvm_copyout(self._space, data[i:i + CHUNK], self._va + pos + i)
+
+    def _extended(self, start: int, step: int, count: int) -> Iterator[tuple[int, int]]:
+        """Cover the *count* positions start, start+step, ... (step > 0) with
+        windows of at most CHUNK bytes: yields (position, span)."""
+        per = max(1, (CHUNK - 1) // step + 1)
+        for first in range(0, count, per):
+            k = min(per, count - first)
+            yield start + first * step, (k - 1) * step + 1
+
+    # -------------------------------------------------------- life
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Unmap; a shared file map writes its dirty pages back first.
+
+        The map is closed even if the write-back fails; the error is raised
+        then, and the pages stay dirty in the file's object.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        err = 0
+        if self._anon:
+            # nobody can map this memory again: free it instead of writing it
+            with kernel_lock:
+                self._vp.v_op.setsize(self._vp, 0)
+                uvm_vnp_setsize(self._vp, 0)
+            vn_lock(self._vp, LK_EXCLUSIVE | LK_RETRY)
+            uvm_vnp_uncache(self._vp)
+            VOP_UNLOCK(self._vp)
+        elif self._flags == MAP_SHARED and self._prot & PROT_WRITE:
+            err = self._msync(0, self._size)
+        uvm_unmap(self._space, self._va, self._va + self._vm.round_page(self._size))
+        if self._fd != -1:
+            os.close(self._fd)
+            self._fd = -1
+        if err:
+            raise _oserror(err)
+
+    def _msync(self, offset: int, size: int) -> int:
+        err = uvm_msync(self._space, self._va + offset, self._va + offset + size, MS_SYNC)
+        if not err:
+            uvm_vnp_wrote(self._vp)
+        return err
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.close()
+
+    def __enter__(self) -> mmap:
+        self._check_valid()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        raise TypeError(f"cannot pickle '{self._type_name()}' object")
+
+    def _type_name(self) -> str:
+        return "mmap.mmap" if type(self) is mmap else type(self).__name__
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return f"<{self._type_name()} closed=True>"
+        return (f"<{self._type_name()} closed=False, access={_ACCESS_NAMES[self._access]}, "
+                f"length={self._size}, pos={self._pos}, offset={self._offset}>")
+
+    # -------------------------------------------------------- file-like
+
+    def tell(self) -> int:
+        self._check_valid()
+        return self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: SupportsIndex, whence: SupportsIndex = 0) -> None:
+        dist, how = _ssize(pos), _cint(whence)
+        self._check_valid()
+        if how == 0:
+            where = dist
+        elif how == 1:
+            where = self._pos + dist
+        elif how == 2:
+            where = self._size + dist
+        else:
+            raise ValueError("unknown seek type")
+        if not 0 <= where <= self._size:
+            raise ValueError("seek out of range")
+        self._pos = where
+
+    def size(self) -> int:
+        """The size of the file (not of the map); OSError EBADF for anonymous
+        memory or trackfd=False, as CPython."""
+        self._check_valid()
+        return os.fstat(self._fd).st_size
+
+    def read(self, n: SupportsIndex | None = None) -> bytes:
+        num = _opt_ssize(n, _SSIZE_MAX)
+        self._check_valid()
+        remaining = max(0, self._size - self._pos)
+        if num < 0 or num > remaining:
+            num = remaining
+        self._revalidate()
+        data = self._read(self._pos, num)
+        self._pos += num
+        return data
+
+    def read_byte(self) -> int:
+        self._check_valid()
+        if self._pos >= self._size:
+            raise ValueError("read byte out of range")
+        self._revalidate()
+        value = self._read(self._pos, 1)[0]
+        self._pos += 1
+        return value
+
+    def readline(self) -> bytes:
+        self._check_valid()
+        self._revalidate()
+        parts, pos = [], self._pos
+        while pos < self._size:
+            chunk = self._read(pos, min(_LINE_CHUNK, self._size - pos))
+            nl = chunk.find(b"\n")
+            if nl >= 0:
+                parts.append(chunk[:nl + 1])
+                pos += nl + 1
+                break
+            parts.append(chunk)
+            pos += len(chunk)
+        self._pos = pos
+        return b"".join(parts)
+
+    def write(self, data: Any) -> int:
+        view = _buffer(data)
+        self._check_valid()
+        self._check_writable()
+        if self._pos > self._size or self._size - self._pos < len(view):
+            raise ValueError("data out of range")
+        self._revalidate()
+        self._write(self._pos, view)
+        self._pos += len(view)
+        return len(view)
+
+    def write_byte(self, byte: SupportsIndex) -> None:
+        value = operator.index(byte)
+        if value < 0:
+            raise OverflowError("unsigned byte integer is less than minimum")
+        if value > 255:
+            raise OverflowError("unsigned byte integer is greater than maximum")
+        self._check_valid()
+        self._check_writable()
+        if self._pos >= self._size:
+            raise ValueError("write byte out of range")
+        self._revalidate()
+        self._write(self._pos, memoryview(bytes((value,))))
+        self._pos += 1
+
+    # -------------------------------------------------------- search and move
+
+    def find(self, sub: Any, start: SupportsIndex | None = None,
+             end: SupportsIndex | None = None) -> int:
+        return self._find(sub, start, end, reverse=False)
+
+    def rfind(self, sub: Any, start: SupportsIndex | None = None,
+              end: SupportsIndex | None = None) -> int:
+        return self._find(sub, start, end, reverse=True)
+
+    def _find(self, sub: Any, start_arg: SupportsIndex | None, end_arg: SupportsIndex | None,
+              reverse: bool) -> int:
+        """Search [start, end) window by window, each overlapping the next by
+        len(sub) - 1 bytes, so that only the windows searched are read."""
+        needle = _buffer(sub).tobytes()
+        self._check_valid()
+        start = self._clamp(_ssize(start_arg) if start_arg is not None else self._pos)
+        end = self._clamp(_ssize(end_arg) if end_arg is not None else self._size)
+        self._check_valid()  # an __index__ may have closed us
+        n = len(needle)
+        if end - start < n:
+            return -1
+        if n == 0:
+            return end if reverse else start
+        self._revalidate()
+        span = max(CHUNK, 2 * n)
+        if not reverse:
+            lo = start
+            while True:
+                hi = min(end, lo + span)
+                i = self._read(lo, hi - lo).find(needle)
+                if i >= 0:
+                    return lo + i
+                if hi == end:
+                    return -1
+                lo = hi - n + 1
+        hi = end
+        while True:
+            lo = max(start, hi - span)
+            i = self._read(lo, hi - lo).rfind(needle)
+            if i >= 0:
+                return lo + i
+            if lo == start:
+                return -1
+            hi = lo + n - 1
+
+    def _clamp(self, i: int) -> int:
+        if i < 0:
+            return max(0, i + self._size)
+        return min(i, self._size)
+
+    def move(self, dest: SupportsIndex, src: SupportsIndex, count: SupportsIndex) -> None:
+        d, s, cnt = _ssize(dest), _ssize(src), _ssize(count)
+        self._check_valid()
+        self._check_writable()
+        if d < 0 or s < 0 or cnt < 0 or self._size - d < cnt or self._size - s < cnt:
+            raise ValueError("source, destination, or count out of range")
+        self._revalidate()
+        # chunk by chunk in the direction that never reads what it wrote
+        offsets = range(0, cnt, CHUNK)
+        for i in offsets if d <= s else reversed(offsets):
+            k = min(CHUNK, cnt - i)
+            self._write(d + i, memoryview(self._read(s + i, k)))
+
+    # -------------------------------------------------------- memory management
+
+    def flush(self, offset: SupportsIndex = 0, size: SupportsIndex | None = None) -> None:
+        """Write the dirty pages of [offset, offset+size) back to the file.
+
+        Raises OSError with the write-back's errno; the pages that could not
+        be written stay dirty, for a later flush.  *offset* must be a
+        multiple of the page size (EINVAL, as Linux's msync).
+        """
+        off = _ssize(offset)
+        n = _opt_ssize(size, self._size if not self._closed else 0)
+        self._check_valid()
+        if n < 0 or off < 0 or self._size - off < n:
+            raise ValueError("flush values out of range")
+        if self._access in (ACCESS_READ, ACCESS_COPY):
+            return
+        if off % self._vm.page_size:
+            raise _oserror(errno.EINVAL)
+        if self._anon or self._flags != MAP_SHARED:
+            return  # nothing behind it to write to
+        self._revalidate()
+        err = self._msync(off, n)
+        if err:
+            raise _oserror(err)
+
+    def madvise(self, option: SupportsIndex, start: SupportsIndex = 0,
+                length: SupportsIndex | None = None) -> None:
+        opt, st = _cint(option), _ssize(start)
+        ln = _opt_ssize(length, self._size if not self._closed else 0)
+        self._check_valid()
+        if st < 0 or st >= self._size:
+            raise ValueError("madvise start out of bounds")
+        if ln < 0:
+            raise ValueError("madvise length invalid")
+        if _SSIZE_MAX - st < ln:
+            raise OverflowError("madvise length too large")
+        ln = min(ln, self._size - st)
+        if st % self._vm.page_size:
+            raise _oserror(errno.EINVAL)
+        va = self._va + st
+        uvm_map_advice(self._space, va, self._vm.round_page(va + ln), opt)
+
+    def resize(self, newsize: SupportsIndex) -> None:
+        """Change the map's length, and the file's to offset + newsize.
+
+        Raises ValueError with trackfd=False, TypeError for a read-only or
+        copy-on-write map, and (as Linux's mremap) OSError EINVAL for 0,
+        after the file was truncated.
+        """
+        new = _ssize(newsize)
+        self._check_valid()
+        if self._access not in (ACCESS_WRITE, ACCESS_DEFAULT):
+            raise TypeError("mmap can't resize a readonly or copy-on-write memory map.")
+        if not self._anon and self._fd == -1:
+            raise ValueError("mmap can't resize with trackfd=False.")
+        if new < 0 or _SSIZE_MAX - new < self._offset:
+            raise ValueError("new size out of range")
+        if self._anon:
+            err = self._vp.v_op.setsize(self._vp, new)
+            if err:
+                raise _oserror(err)
+        else:
+            os.ftruncate(self._fd, self._offset + new)
+        with kernel_lock:
+            uvm_vnp_setsize(self._vp, self._offset + new if not self._anon else new)
+        if new == 0:
+            raise _oserror(errno.EINVAL)
+        uobj = self._uobj
+        uobj.pgops.pgo_reference(uobj)  # for the new entry
+        va = uvm_map(self._space, new, uobj, 0 if self._anon else self._offset, self._prot,
+                     self._maxprot(), self._flags)
+        if self._flags == MAP_PRIVATE:  # carry the private pages over
+            for i in range(0, min(new, self._size), CHUNK):
+                buf = memoryview(bytearray(min(CHUNK, new - i, self._size - i)))
+                uvm_copyin(self._space, self._va + i, buf)
+                uvm_copyout(self._space, buf, va + i)
+        old_va, self._va = self._va, va
+        uvm_unmap(self._space, old_va, old_va + self._vm.round_page(self._size))
+        self._size = new
+
+    # -------------------------------------------------------- sequence
+
+    def __len__(self) -> int:
+        self._check_valid()
+        return self._size
+
+    def __getitem__(self, item: SupportsIndex | slice) -> Any:
+        self._check_valid()
+        if isinstance(item, slice):
+            start, stop, step = item.indices(self._size)
+            self._check_valid()
+            count = len(range(start, stop, step))
+            if count == 0:
+                return b""
+            self._revalidate()
+            if step == 1:
+                return self._read(start, count)
+            lo = start if step > 0 else start + (count - 1) * step
+            parts = [self._read(pos, span)[::abs(step)]
+                     for pos, span in self._extended(lo, abs(step), count)]
+            data = b"".join(parts)
+            return data if step > 0 else data[::-1]
+        if not hasattr(type(item), "__index__"):
+            raise TypeError("mmap indices must be integers")
+        i = self._item_index(item)
+        self._check_valid()
+        self._revalidate()
+        return self._read(i, 1)[0]
+
+    def _item_index(self, item: SupportsIndex) -> int:
+        i = _index_arg(item)
+        if i < 0:
+            i += self._size
+        if not 0 <= i < self._size:
+            raise IndexError("mmap index out of range")
+        return i
+
+    def __setitem__(self, item: SupportsIndex | slice, value: Any) -> None:
+        self._check_valid()
+        self._check_writable()
+        if isinstance(item, slice):
+            start, stop, step = item.indices(self._size)
+            count = len(range(start, stop, step))
+            view = _buffer(value)
+            if len(view) != count:
+                raise IndexError("mmap slice assignment is wrong size")
+            self._check_valid()
+            if count == 0:
+                return
+            self._revalidate()
+            if step == 1:
+                self._write(start, view)
+                return
+            for j in range(count):  # byte by byte, as CPython: never rewrite the bytes between
+                self._write(start + j * step, view[j:j + 1])
+            return
+        if not hasattr(type(item), "__index__"):
+            raise TypeError("mmap indices must be integer")
+        i = self._item_index(item)
+        if not hasattr(type(value), "__index__"):
+            raise TypeError("mmap item value must be an int")
+        v = _ssize(value)
+        if not 0 <= v <= 255:
+            raise ValueError("mmap item value must be in range(0, 256)")
+        self._check_valid()
+        self._revalidate()
+        self._write(i, memoryview(bytes((v,))))
+
+    def __delitem__(self, item: SupportsIndex | slice) -> None:
+        self._check_valid()
+        self._check_writable()
+        if isinstance(item, slice):
+            raise TypeError("mmap object doesn't support slice deletion")
+        raise TypeError("mmap doesn't support item deletion")
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Bytes objects of length 1, as CPython's (its iteration goes through
+        the sequence protocol, which returns bytes where indexing gives ints)."""
+        i = 0
+        while True:
+            self._check_valid()
+            if i >= self._size:
+                return
+            self._revalidate()
+            yield self._read(i, 1)
+            i += 1
+
+    def __reversed__(self) -> Iterator[bytes]:
+        self._check_valid()
+        i = self._size - 1
+        while i >= 0:
+            self._check_valid()
+            if i < self._size:
+                self._revalidate()
+                yield self._read(i, 1)
+            i -= 1
+
+    def _maxprot(self) -> int:
+        """=> only for remapping: the first mapping checked the descriptor."""
+        return self._prot | PROT_READ
+
+
+def _anon_object(vm: VM, size: int) -> UvmVnode:
+    """A zero-filled memfs object of *size* bytes, referenced once."""
+    vp = memfs_create(vm.vfs, vm.memfs, size=size)
+    return _attach(vm, vp, PROT_READ | PROT_WRITE, fresh=True)
+
+
+def _file_object(vm: VM, fd: int, prot: int) -> UvmVnode:
+    """The object of the file open on *fd*, referenced once, its pages
+    revalidated if it persisted (close-to-open)."""
+    vp = hostfs_vget_fd(vm.vfs, vm.hostfs, fd)
+    return _attach(vm, vp, prot, fresh=False)
+
+
+def _attach(vm: VM, vp: Vnode, prot: int, fresh: bool) -> UvmVnode:
+    """Attach *vp* and drop the caller's vnode reference (the object keeps its own)."""
+    try:
+        uvn: UvmVnode = vp.v_uvm
+        with uvn.vmobjlock:
+            persisting = not fresh and uvn.u_flags & UVM_VNODE_VALID and uvn.uo_refs == 0
+        uobj = uvn_attach(vp, prot)
+    finally:
+        vm.vfs.vrele(vp)
+    if uobj is None:
+        raise _oserror(errno.ENODEV)
+    if persisting:
+        err = uvm_vnp_revalidate(vp, drop_stale=True)
+        if err:
+            uobj.pgops.pgo_detach(uobj)
+            raise _oserror(err)
+    return uobj
