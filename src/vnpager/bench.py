@@ -64,11 +64,11 @@ class _Vnpager:
     """vnpager.mmap of the whole file, in a fresh VM of *physmem* bytes."""
 
     def __init__(self, path: str, physmem: int) -> None:
-        import vnpager
+        from vnpager import VM, mmap
 
-        self.vm = vnpager.VM(physmem=physmem)
+        self.vm = VM(physmem=physmem)
         self.fd = os.open(path, os.O_RDWR)
-        self.m = vnpager.mmap(self.fd, 0, vm=self.vm)
+        self.m = mmap(self.fd, 0, vm=self.vm)
 
     def read(self, off: int, n: int) -> object:
         return self.m[off:off + n]

@@ -129,14 +129,14 @@ def run_demo(args: argparse.Namespace) -> int:
         argv = [sys.executable, "-m", "vnpager.cli", *args.argv]
         sys.stdout.flush()
         os.execve(sys.executable, argv, env)
-    import vnpager
+    from vnpager import VM
 
     console = Console(highlight=False)
     physmem = args.physmem
     size = args.file_size or 8 * physmem
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="vnpager-demo-") as tmp, \
-            vnpager.VM(physmem=physmem) as vm:
+            VM(physmem=physmem) as vm:
         path = os.path.join(tmp, "data")
         ps = vm.page_size
         model = bytearray(rng.randbytes(size))  # what the file must hold
@@ -150,7 +150,7 @@ def run_demo(args: argparse.Namespace) -> int:
         try:
             # traced runs show the steps of the story only, not the whole job
             with trace.tracing(False):
-                status = _demo_steps(console, story, vnpager, fd, path, model, rng, args)
+                status = _demo_steps(console, story, fd, path, model, rng, args)
         finally:
             os.close(fd)
         console.print()
@@ -158,8 +158,9 @@ def run_demo(args: argparse.Namespace) -> int:
     return status
 
 
-def _demo_steps(console: Console, story: _Story, vnpager: Any, fd: int, path: str,
-                model: bytearray, rng: random.Random, args: argparse.Namespace) -> int:
+def _demo_steps(console: Console, story: _Story, fd: int, path: str, model: bytearray,
+                rng: random.Random, args: argparse.Namespace) -> int:
+    from vnpager import mmap
     from vnpager.kern.trace import tracing
 
     vm = story.vm
@@ -167,7 +168,7 @@ def _demo_steps(console: Console, story: _Story, vnpager: Any, fd: int, path: st
     size = len(model)
 
     with tracing(True):
-        m = vnpager.mmap(fd, 0, vm=vm)
+        m = mmap(fd, 0, vm=vm)
     story.step("attach", f"mmap attaches the file's VM object (uvn_attach); nothing is read yet: "
                          f"{story.changed('read_ios', 'resident')}")
 
@@ -220,7 +221,7 @@ def _demo_steps(console: Console, story: _Story, vnpager: Any, fd: int, path: st
     story.step("persist", f"close drops the last reference (uvn_detach): the object persists "
                           f"with its pages: {story.changed('persisting', 'resident')}")
     with tracing(True):
-        m = vnpager.mmap(fd, 0, vm=vm)
+        m = mmap(fd, 0, vm=vm)
         again = m[:window]
     assert again == model[:window]
     story.step("", f"mapping the file again finds the first {window // ps} pages without I/O: "
