@@ -122,6 +122,11 @@ def _vget(vfs: Vfs, mp: Mount, fd: int, writable: bool, path: str | None) -> Vno
         st = os.fstat(fd)
         key = _key(st)
         vp = vfs.lookup(mp, key)
+        if vp is not None and os.fstat(vp.v_data.fd).st_nlink == 0 < st.st_nlink:
+            # the vnode's file was unlinked and its inode number reused
+            vfs.vunhash(vp)
+            vfs.vrele(vp)
+            vp = None
         if vp is not None:
             node: HostNode = vp.v_data
             if writable and not node.writable:

@@ -146,6 +146,13 @@ class Vfs:
         vp.v_op.reclaim(vp)
         return other
 
+    def vunhash(self, vp: Vnode) -> None:
+        """Forget *vp*'s key: another file has taken it (its inode number
+        reused after an unlink).  *vp* lives on for its users, unfindable,
+        and is recycled from the free list as usual."""
+        with self.lock:
+            self._unhash(vp)
+
     def vref(self, vp: Vnode) -> None:
         with self.lock:
             self._vref_locked(vp)
