@@ -84,3 +84,12 @@ def test_no_trace_when_off(tmp_path: Path) -> None:
     proc = run(tmp_path, "0")
     assert proc.stdout.strip() == bytes(range(100, 116)).hex()
     assert events(proc.stderr) == []
+
+
+def test_off_means_the_functions_are_not_wrapped() -> None:
+    from vnpager.kern import trace
+    from vnpager.uvm import uvm_fault, uvm_vnode
+
+    assert not trace.TRACE  # the suite runs untraced
+    for fn in (uvm_fault.uvm_fault, uvm_vnode.uvn_get, uvm_vnode.uvn_io, uvm_vnode.uvn_flush):
+        assert not hasattr(fn, "__wrapped__"), fn.__name__

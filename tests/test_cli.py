@@ -1,0 +1,90 @@
+"""The vnpager command: the demo tells the pager's story and checks the file;
+--trace shows the calls of the story's steps only."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from vnpager.cli import build_parser, parse_size, stats_table
+
+
+def vnpager(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, COLUMNS="200")  # no wrapped lines to match across
+    env.pop("VNPAGER_TRACE", None)
+    return subprocess.run([sys.executable, "-m", "vnpager.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+SMALL = ("demo", "--physmem", "256K", "--ops", "300")
+
+
+def test_demo_tells_the_story_and_checks_the_file() -> None:
+    proc = vnpager(*SMALL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "a VM of 256.0 KiB (64 pages of 4096 bytes) maps a file of 2.0 MiB (512 pages)" in out
+    assert re.search(r"attach .*nothing is read yet: read_ios \+0, resident 0", out)
+    assert re.search(r"fault .*faults \+1, pageins \+1, read_ios \+1", out)
+    assert re.search(r"touching it again costs no fault: faults \+0, read_ios \+0", out)
+    assert re.search(r"300 mixed reads and writes, every read checked \(0 wrong\)", out)
+    assert "plain file reads see all 2.0 MiB as written" in out
+    assert re.search(r"persist .*persisting 1, resident [1-9]", out)
+    assert re.search(r"without I/O: faults \+[1-9]\d*, pageins \+0, read_ios \+0", out)
+    assert re.search(r"terminate .*persisting 0, resident 0", out)
+    for key in ("faults", "faultahead", "pageins", "pageouts", "read_ios", "write_ios", "resident",
+                "persisting"):
+        assert re.search(rf"│ {key} +│ +[\d,]+ │", out), key
+
+
+def test_demo_trace_shows_the_steps_not_the_workload() -> None:
+    proc = vnpager(*SMALL, "--trace")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[MainThread] ")]
+    text = [line.removeprefix("[MainThread] ") for line in lines]
+    # the first fault, nested down to the read and back
+    start = text.index("uvm_fault(<Vmspace>, vaddr=0x100001000, access_type=PROT_READ)")
+    assert text[start + 1].startswith("  uvn_get(")
+    io = next(i for i in range(start, len(text)) if text[i].startswith("    uvn_io("))
+    assert "rw=UIO_READ" in text[io] and text[io + 1] == "    uvn_io -> VM_PAGER_OK"
+    assert "uvm_fault -> None" in text[io + 2:io + 4]
+    for name in ("uvn_attach(", "uvn_flush(", "uvn_detach(", "uvm_vnp_terminate("):
+        assert any(t.lstrip().startswith(name) for t in text), name
+    # hundreds of faults in the workload, a handful traced
+    faults = sum(t.startswith("uvm_fault(") for t in text)
+    assert 1 <= faults <= 20
+
+
+def test_help_lists_the_commands() -> None:
+    proc = vnpager("--help")
+    assert proc.returncode == 0
+    assert "demo" in proc.stdout and "bench" in proc.stdout
+
+
+def test_subcommands_set_their_function() -> None:
+    args = build_parser().parse_args(["demo", "--physmem", "1M"])
+    assert callable(args.func) and args.physmem == 1 << 20 and args.file_size == 0
+
+
+@pytest.mark.parametrize(("text", "size"), [("4096", 4096), ("256K", 256 << 10), ("4M", 4 << 20),
+                                            ("4MiB", 4 << 20), ("1g", 1 << 30)])
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_parse_size_rejects_nonsense() -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_size("four megs")
+
+
+def test_stats_table_explains_known_counters_first() -> None:
+    table = stats_table({"zeta": 1, "faults": 12345, "resident": 3})
+    names = list(table.columns[0].cells)
+    assert names == ["faults", "resident", "zeta"]
+    assert list(table.columns[1].cells) == ["12,345", "3", "1"]
+    assert list(table.columns[2].cells)[2] == ""
