@@ -33,6 +33,7 @@ def test_demo_tells_the_story_and_checks_the_file() -> None:
     assert re.search(r"fault .*faults \+1, pageins \+1, read_ios \+1", out)
     assert re.search(r"touching it again costs no fault: faults \+0, read_ios \+0", out)
     assert re.search(r"300 mixed reads and writes, every read checked \(0 wrong\)", out)
+    assert re.search(r"flush .*one cluster, uvn_put writes it: pageouts \+3, write_ios \+1", out)
     assert "plain file reads see all 2.0 MiB as written" in out
     assert re.search(r"persist .*persisting 1, resident [1-9]", out)
     assert re.search(r"without I/O: faults \+[1-9]\d*, pageins \+0, read_ios \+0", out)
@@ -53,7 +54,8 @@ def test_demo_trace_shows_the_steps_not_the_workload() -> None:
     io = next(i for i in range(start, len(text)) if text[i].startswith("    uvn_io("))
     assert "rw=UIO_READ" in text[io] and text[io + 1] == "    uvn_io -> VM_PAGER_OK"
     assert "uvm_fault -> None" in text[io + 2:io + 4]
-    for name in ("uvn_attach(", "uvn_flush(", "uvn_detach(", "uvm_vnp_terminate("):
+    assert any(t.startswith("  uvn_cluster -> (0x4000, ") for t in text)  # offsets in hex
+    for name in ("uvn_attach(", "uvn_flush(", "uvn_put(", "uvn_detach(", "uvm_vnp_terminate("):
         assert any(t.lstrip().startswith(name) for t in text), name
     # hundreds of faults in the workload, a handful traced
     faults = sum(t.startswith("uvm_fault(") for t in text)

@@ -203,10 +203,18 @@ def _demo_steps(console: Console, story: _Story, fd: int, path: str, model: byte
                            f"({mismatches} wrong): "
                            f"{story.changed('faults', 'pageins', 'pageouts', 'read_ios', 'write_ios')}")
 
+    # first a few pages, traced, to show one cluster going out; then the rest
+    data = rng.randbytes(3 * ps)
+    m[4 * ps:7 * ps] = data
+    model[4 * ps:7 * ps] = data
+    story.changed("pageouts")
     with tracing(True):
-        m.flush()
-    story.step("flush", f"uvn_flush writes the dirty pages back in clusters: "
-                        f"{story.changed('pageouts', 'write_ios')}")
+        m.flush(4 * ps, 3 * ps)
+    story.step("flush", f"flushing 3 pages just written: uvn_flush gathers them into one cluster, "
+                        f"uvn_put writes it: {story.changed('pageouts', 'write_ios')}")
+    m.flush()
+    story.step("", f"flushing the whole mapping writes the other dirty pages back in clusters: "
+                   f"{story.changed('pageouts', 'write_ios')}")
 
     bad = _first_difference(path, model)
     story.step("check", f"plain file reads see all {human(size)} as written" if bad is None

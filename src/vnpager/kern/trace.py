@@ -45,6 +45,8 @@ _ARG_NAMES: dict[str, tuple[str, bool]] = {
 _HEX_ARGS = frozenset({"offset", "start", "stop", "vaddr", "va", "newsize"})
 # functions returning a pager code (or a tuple that starts with one)
 _PAGER_RESULTS = frozenset({"uvn_get", "uvn_put", "uvn_io", "uvm_pager_put"})
+# functions returning offsets
+_HEX_RESULTS = frozenset({"uvn_cluster"})
 
 
 def _names(fn: Callable[..., Any], prefix: str) -> dict[int, str]:
@@ -125,6 +127,8 @@ class _Formatter:
                 return codes[v]
             if isinstance(v, tuple) and v and v[0] in codes:
                 return f"({', '.join([codes[v[0]], *map(_fmt, v[1:])])})"
+        if self.fn.__name__ in _HEX_RESULTS and isinstance(v, tuple):
+            return f"({', '.join(hex(x) for x in v)})"
         return _fmt(v)
 
 

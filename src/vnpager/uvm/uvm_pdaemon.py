@@ -102,7 +102,7 @@ def _reclaim(vm: VM, pg: VmPage) -> int:
             pg.pg_flags &= ~(PG_BUSY | PG_WANTED)
             UVM_PAGE_OWN(pg, None)
             if result != VM_PAGER_OK:
-                with vm.pageqlock:  # keep it; the error is on the object
+                with vm.pageqlock:  # keep it dirty; uvn_io recorded the error on the object
                     uvm_pageactivate(pg)
                 return 0
             pg.pg_flags |= PG_CLEAN

@@ -13,10 +13,11 @@ Where we differ from the seed, on purpose:
 
 * a page whose write-back fails is never freed or marked clean: it stays
   dirty and resident, and the errno is kept on the object (``u_error``,
-  counted by ``u_errseq``) until the front ends report it.  An object whose
-  last detach cannot write its pages persists (with its error) rather than
-  dying; only terminate, which must make the vnode reusable, gives such
-  pages up, and counts them in ``uvmexp.lostpages``.
+  counted by ``u_errseq``) until the front ends report it, once to each
+  mapping (``uvn_errseq_sample``/``uvn_errseq_check``, as Linux's errseq).
+  An object whose last detach cannot write its pages persists (with its
+  error) rather than dying; only terminate, which must make the vnode
+  reusable, gives such pages up, and counts them in ``uvmexp.lostpages``.
 * flush, sync and the CLEANCHK pass visit the resident pages of the range in
   offset order, so their cost follows the pages resident, not the range.
 * shrinking a file keeps the bytes before the new end in its last, partial
@@ -144,6 +145,7 @@ class UvmVnode(UvmObject):
         self.u_size = 0  # the size the pager believes in
         self.u_error = 0  # errno of the last failed write-back
         self.u_errseq = 0  # how many write-backs have failed
+        self.u_errseen = False  # a mapping was told of the last error (errseq)
         self.u_mtime_ns = 0  # the file's mtime when attached
 
     def trace_name(self) -> str:
@@ -180,7 +182,38 @@ def uvn_record_error(uvn: UvmVnode, error: int) -> None:
     """
     uvn.u_error = error
     uvn.u_errseq += 1
+    uvn.u_errseen = False
     uvn.vm.uvmexp.write_errors += 1
+
+
+# errseq, as Linux's for file descriptions: each mapping keeps a cursor into
+# u_errseq, so every mapping open when a write-back failed (whoever did the
+# write: flush, sync or the page daemon) is told once, by its next check.
+
+def uvn_errseq_sample(uvn: UvmVnode) -> int:
+    """The cursor of a new mapping of *uvn*.
+
+    It sees the errors recorded from now on, and also the last one already
+    recorded if no mapping has seen it yet: an error of the page daemon on
+    an object nobody mapped then is not lost.
+
+    => caller holds no object lock.
+    """
+    with uvn.vmobjlock:
+        return uvn.u_errseq - 1 if uvn.u_errseq and not uvn.u_errseen else uvn.u_errseq
+
+
+def uvn_errseq_check(uvn: UvmVnode, cursor: int) -> tuple[int, int]:
+    """``(errno, new cursor)``: the last write-back error if any was recorded
+    since *cursor* (0 if none), and the cursor to keep for the next check.
+
+    => caller holds no object lock.
+    """
+    with uvn.vmobjlock:
+        if uvn.u_errseq == cursor:
+            return 0, cursor
+        uvn.u_errseen = True
+        return uvn.u_error, uvn.u_errseq
 
 
 @traced
@@ -506,8 +539,8 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
             pp.pg_flags &= ~PG_RELEASED
 
         if result != VM_PAGER_OK:
-            # the seed marks pp clean and may free it: we keep it dirty
-            uvn_record_error(uvn, curproc().p_errno or errno.EIO)
+            # the seed marks pp clean and may free it: we keep it dirty (uvn_io
+            # has recorded the error on the object)
             retval = False
             pp.pg_flags &= ~PG_RELEASED
         for ptmp in ppsp:
@@ -663,9 +696,10 @@ def uvn_io(uvn: UvmVnode, pps: list[VmPage], npages: int, flags: int, rw: int) -
     Returns VM_PAGER_OK; VM_PAGER_BAD for an offset at or past the end;
     VM_PAGER_AGAIN where PGO_NOWAIT (or a missing PGO_SYNCIO) forbids the
     sleep it would need; VM_PAGER_ERROR otherwise, with the errno left in
-    ``curproc().p_errno``.  A short read is zero-filled; a read of nothing,
-    or a write that leaves bytes unwritten (the seed would mark them clean),
-    is EIO.  A vnode the caller already holds locked gives EDEADLK.
+    ``curproc().p_errno`` (and, for a write, recorded on the object).  A
+    short read is zero-filled; a read of nothing, or a write that leaves
+    bytes unwritten (the seed would mark them clean), is EIO.  A vnode the
+    caller already holds locked gives EDEADLK.
 
     => caller holds the object lock; it is dropped during the I/O and held
        again on return.  The pages are busy and owned by the caller.
@@ -750,6 +784,9 @@ def _zero_from(iov: list[memoryview], start: int) -> None:
     """Zero the frames of *iov* from byte *start* of the transfer on."""
     for frame in iov:
         if start < len(frame):
+    if rw == UIO_WRITE:
+        # every write-back (flush, sync, the page daemon) comes through here
+        uvn_record_error(uvn, result)
             frame[start:] = bytes(len(frame) - start)
         start = max(0, start - len(frame))
 
