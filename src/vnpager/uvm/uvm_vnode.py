@@ -777,6 +777,9 @@ def uvn_io(uvn: UvmVnode, pps: list[VmPage], npages: int, flags: int, rw: int) -
         KASSERT(flags & PGO_NOWAIT, "uvn_io: EBUSY without PGO_NOWAIT")
         return VM_PAGER_AGAIN
     curproc().p_errno = result
+    if rw == UIO_WRITE:
+        # every write-back (flush, sync, the page daemon) comes through here
+        uvn_record_error(uvn, result)
     return VM_PAGER_ERROR
 
 
@@ -784,9 +787,6 @@ def _zero_from(iov: list[memoryview], start: int) -> None:
     """Zero the frames of *iov* from byte *start* of the transfer on."""
     for frame in iov:
         if start < len(frame):
-    if rw == UIO_WRITE:
-        # every write-back (flush, sync, the page daemon) comes through here
-        uvn_record_error(uvn, result)
             frame[start:] = bytes(len(frame) - start)
         start = max(0, start - len(frame))
 
