@@ -61,11 +61,10 @@ def parse_size(text: str) -> int:
 
 
 def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    if n < 1024:
+        return f"{n:.0f} B"
+    exp = min(3, (int(n).bit_length() - 1) // 10)  # 1 KiB, 2 MiB, 3 GiB and over
+    return f"{n / (1 << 10 * exp):.1f} {('KiB', 'MiB', 'GiB')[exp - 1]}"
 
 
 def stats_table(stats: Mapping[str, int], title: str = "vm.stats()") -> Table:
@@ -92,7 +91,7 @@ class _Story:
     def changed(self, *keys: str) -> str:
         now = dict(self.vm.stats())
         parts = []
-        for k in keys:
+        for k in keys:  # counters show their growth; resident and persisting, their level
             d = now[k] - self.before[k]
             parts.append(f"{k} {'+' if d >= 0 else ''}{d}" if k not in ("resident", "persisting")
                          else f"{k} {now[k]}")
@@ -134,6 +133,8 @@ def run_demo(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
     physmem = args.physmem
     size = args.file_size or 8 * physmem
+    if size < 1 << 20:
+        raise SystemExit("vnpager demo: the file must be at least 1 MiB")
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="vnpager-demo-") as tmp, \
             VM(physmem=physmem) as vm:
