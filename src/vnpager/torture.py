@@ -382,10 +382,13 @@ class Torture:
 def dump_hang(out: Any) -> None:
     """Every thread's stack, and what each sleeping thread waits for."""
     print("torture: threads did not finish; their stacks:", file=out, flush=True)
+    out.flush()
     faulthandler.dump_traceback(out, all_threads=True)
-    names = {t.ident: t.name for t in threading.enumerate()}
-    for ident, wmesg in sleepers().items():
-        print(f"  {names.get(ident, ident)} sleeps on {wmesg!r}", file=out)
+    waits = sleepers()
+    for t in threading.enumerate():  # faulthandler names threads by their ident only
+        wmesg = waits.get(t.ident or 0)
+        print(f"  Thread 0x{t.ident or 0:016x} is {t.name}"
+              + (f", asleep on {wmesg!r}" if wmesg else ""), file=out)
 
 
 def torture(cfg: Config) -> tuple[Figures, Counter[str], bool]:
