@@ -50,7 +50,9 @@ Differences from CPython's mmap, each on purpose or forced:
 * Only ``MADV_NORMAL``, ``MADV_RANDOM``, ``MADV_SEQUENTIAL`` (fault-ahead
   of 3+4, 0 and 8+7 resident pages), ``MADV_WILLNEED`` (accepted, no
   read-ahead) and ``MADV_DONTNEED`` (the pages become the first to be
-  reclaimed; contents are kept) exist; other advice is EINVAL.
+  reclaimed; contents are kept, as on OpenBSD, where Linux throws away
+  the private changes of a MAP_PRIVATE range) exist; other advice is
+  EINVAL.
 * Only regular files and anonymous memory can be mapped (ENODEV for
   others).  ``MAP_PRIVATE`` anonymous memory is mapped shared: nobody else
   can see it, so the two cannot be told apart.
@@ -705,8 +707,18 @@ class mmap:  # noqa: N801 - the stdlib's name
             if step == 1:
                 self._write(start, view)
                 return
-            for j in range(count):  # byte by byte, as CPython: never rewrite the bytes between
-                self._write(start + j * step, view[j:j + 1])
+            if step < 0:  # the same positions in ascending order, with the data reversed
+                start, step, view = start + (count - 1) * step, -step, memoryview(view.tobytes()[::-1])
+            done = 0
+            for pos, span in self._extended(start, step, count):
+                # read, modify, write: the bytes between the elements are
+                # written back as they were read (a store by another thread
+                # in between would be lost; CPython's GIL keeps it out)
+                window = bytearray(self._read(pos, span))
+                k = len(range(0, span, step))
+                window[::step] = view[done:done + k]
+                self._write(pos, memoryview(window))
+                done += k
             return
         if not hasattr(type(item), "__index__"):
             raise TypeError("mmap indices must be integer")
