@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING
 
 from sortedcontainers import SortedDict
 
-from vnpager.kern.lock import RW_READ, RW_WRITE, RWLock
+from vnpager.kern.lock import LK_EXCLUSIVE, LK_RETRY, RW_READ, RW_WRITE, RWLock, kernel_lock
 from vnpager.uvm.pmap import Pmap, pmap_page_protect, pmap_protect, pmap_remove
 from vnpager.uvm.uvm_page import PG_BUSY, uvm_pagedeactivate
 from vnpager.uvm.uvm_pager import PGO_CLEANIT, PGO_FREE, PGO_SYNCIO
 from vnpager.uvm.uvm_param import PROT_NONE, PROT_READ, PROT_WRITE
-from vnpager.uvm.uvm_vnode import uvn_attach
+from vnpager.uvm.uvm_vnode import UvmVnode, uvm_vnp_setsize, uvm_vnp_uncache, uvn_attach
 from vnpager.vfs.memfs import memfs_create
+from vnpager.vfs.vnode import VOP_UNLOCK, vn_lock
 
 if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
@@ -61,7 +62,7 @@ class Amap:
     another share the amap, each holding a reference to ``obj``.
     """
 
-    obj: UvmObject
+    obj: UvmVnode
     slots: set[int] = field(default_factory=set)
 
 
@@ -154,7 +155,7 @@ def uvm_map(space: Vmspace, size: int, uobj: UvmObject | None, uoffset: int, pro
         raise PermissionError(errno.EACCES, "protection exceeds the maximum protection")
     amap = None
     if flags & MAP_PRIVATE:
-        amap = Amap(_anon_object(vm, size))
+        amap = Amap(uvm_anon_object(vm, size))
     space.lock.rw_enter(RW_WRITE)
     try:
         va = space._next_va
@@ -167,13 +168,33 @@ def uvm_map(space: Vmspace, size: int, uobj: UvmObject | None, uoffset: int, pro
     return va
 
 
-def _anon_object(vm: VM, size: int) -> UvmObject:
-    """A fresh anonymous object of *size* bytes, zero-filled, on memfs."""
+def uvm_anon_object(vm: VM, size: int) -> UvmVnode:
+    """A fresh anonymous object of *size* bytes, zero-filled, on memfs,
+    referenced once.
+
+    Nobody can attach it again, so it does not persist: it dies with its
+    last reference (see :func:`uvm_anon_discard` to spare it the writes).
+    """
     vp = memfs_create(vm.vfs, vm.memfs, size=size)
     uobj = uvn_attach(vp, PROT_READ | PROT_WRITE)
     vm.vfs.vrele(vp)
     assert uobj is not None
+    vn_lock(vp, LK_EXCLUSIVE | LK_RETRY)
+    uvm_vnp_uncache(vp)
+    VOP_UNLOCK(vp)
     return uobj
+
+
+def uvm_anon_discard(uobj: UvmVnode) -> None:
+    """Throw away the contents of an anonymous object whose last user is
+    done with them: its pages are freed unwritten, its memfs file emptied.
+
+    => caller holds a reference and no VM lock.
+    """
+    vp = uobj.u_vnode
+    with kernel_lock:
+        vp.v_op.setsize(vp, 0)
+        uvm_vnp_setsize(vp, 0)
 
 
 def uvm_unmap(space: Vmspace, start: int, end: int) -> None:
@@ -197,7 +218,10 @@ def uvm_unmap(space: Vmspace, start: int, end: int) -> None:
         if e.object is not None:
             e.object.pgops.pgo_detach(e.object)
         if e.amap is not None:
-            e.amap.obj.pgops.pgo_detach(e.amap.obj)
+            aobj = e.amap.obj
+            if aobj.uo_refs == 1:  # the last entry of the amap: its pages need no write
+                uvm_anon_discard(aobj)
+            aobj.pgops.pgo_detach(aobj)
 
 
 def uvm_map_protect(space: Vmspace, start: int, end: int, prot: int) -> None:
