@@ -77,7 +77,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any, NoReturn, SupportsIndex
 
-from vnpager.kern.lock import LK_EXCLUSIVE, LK_RETRY, kernel_lock
+from vnpager.kern.lock import kernel_lock
 from vnpager.uvm.uvm import VM
 from vnpager.uvm.uvm_fault import uvm_copyin, uvm_copyout
 from vnpager.uvm.uvm_map import (
@@ -90,6 +90,8 @@ from vnpager.uvm.uvm_map import (
     MAP_SHARED,
     MS_SYNC,
     Vmspace,
+    uvm_anon_discard,
+    uvm_anon_object,
     uvm_map,
     uvm_map_advice,
     uvm_msync,
@@ -101,13 +103,11 @@ from vnpager.uvm.uvm_vnode import (
     UvmVnode,
     uvm_vnp_revalidate,
     uvm_vnp_setsize,
-    uvm_vnp_uncache,
     uvm_vnp_wrote,
     uvn_attach,
 )
 from vnpager.vfs.hostfs import hostfs_vget_fd
-from vnpager.vfs.memfs import memfs_create
-from vnpager.vfs.vnode import VOP_UNLOCK, Vnode, vn_lock
+from vnpager.vfs.vnode import Vnode
 
 __all__ = [
     "ACCESS_COPY", "ACCESS_DEFAULT", "ACCESS_READ", "ACCESS_WRITE", "ALLOCATIONGRANULARITY",
@@ -301,7 +301,7 @@ class mmap:  # noqa: N801 - the stdlib's name
         self._fd = os.dup(fd) if st is not None and trackfd else -1
         try:
             if st is None:
-                self._uobj = _anon_object(vm, size)
+                self._uobj = uvm_anon_object(vm, size)
                 self._flags = MAP_SHARED  # private to this object anyway
                 off = 0
             else:
@@ -374,13 +374,7 @@ class mmap:  # noqa: N801 - the stdlib's name
         self._closed = True
         err = 0
         if self._anon:
-            # nobody can map this memory again: free it instead of writing it
-            with kernel_lock:
-                self._vp.v_op.setsize(self._vp, 0)
-                uvm_vnp_setsize(self._vp, 0)
-            vn_lock(self._vp, LK_EXCLUSIVE | LK_RETRY)
-            uvm_vnp_uncache(self._vp)
-            VOP_UNLOCK(self._vp)
+            uvm_anon_discard(self._uobj)  # nobody can map it again: free it unwritten
         elif self._flags == MAP_SHARED and self._prot & PROT_WRITE:
             err = self._msync(0, self._size)
         uvm_unmap(self._space, self._va, self._va + self._vm.round_page(self._size))
@@ -766,28 +760,17 @@ class mmap:  # noqa: N801 - the stdlib's name
         return self._prot | PROT_READ
 
 
-def _anon_object(vm: VM, size: int) -> UvmVnode:
-    """A zero-filled memfs object of *size* bytes, referenced once."""
-    vp = memfs_create(vm.vfs, vm.memfs, size=size)
-    return _attach(vm, vp, PROT_READ | PROT_WRITE, fresh=True)
-
-
 def _file_object(vm: VM, fd: int, prot: int) -> UvmVnode:
-    """The object of the file open on *fd*, referenced once, its pages
-    revalidated if it persisted (close-to-open)."""
+    """The object of the file open on *fd*, referenced once; if it was
+    persisting, its pages are revalidated first (close-to-open)."""
     vp = hostfs_vget_fd(vm.vfs, vm.hostfs, fd)
-    return _attach(vm, vp, prot, fresh=False)
-
-
-def _attach(vm: VM, vp: Vnode, prot: int, fresh: bool) -> UvmVnode:
-    """Attach *vp* and drop the caller's vnode reference (the object keeps its own)."""
     try:
         uvn: UvmVnode = vp.v_uvm
         with uvn.vmobjlock:
-            persisting = not fresh and uvn.u_flags & UVM_VNODE_VALID and uvn.uo_refs == 0
+            persisting = uvn.u_flags & UVM_VNODE_VALID and uvn.uo_refs == 0
         uobj = uvn_attach(vp, prot)
     finally:
-        vm.vfs.vrele(vp)
+        vm.vfs.vrele(vp)  # the object holds its own reference
     if uobj is None:
         raise _oserror(errno.ENODEV)
     if persisting:
