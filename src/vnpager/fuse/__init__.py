@@ -1,0 +1,1 @@
+"""``vnpager mount``: a FUSE passthrough whose file data goes through the pager."""
