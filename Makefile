@@ -10,7 +10,7 @@ DEBS := fuse3 libfuse3-dev pkg-config sqlite3 fio
 
 .PHONY: demo test lint typecheck cover sysdeps clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | sysdeps
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

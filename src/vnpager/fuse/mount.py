@@ -49,6 +49,8 @@ def serve(src: str, mnt: str, physmem: int, *, direct_io: bool = False) -> None:
               f"vnpager: unmount with: vnpager umount {mnt}   (or Ctrl-C / SIGTERM here)", flush=True)
         unmounted = trio.run(_main)
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second one must not cut the write-back short
+            signal.signal(sig, signal.SIG_IGN)
         pyfuse3.close(unmount=not unmounted)
         pager.shutdown(vm, fs.open_objects())
     print(f"vnpager: {mnt} unmounted, every dirty page written", flush=True)
