@@ -1,0 +1,206 @@
+"""vnpager mount: real programs on a FUSE mount whose pager has far less
+memory than the data (cp, tar, sqlite3, Python's mmap).
+
+Each server runs in a subprocess (``python -m vnpager.cli mount ...
+--foreground``); the fixtures always unmount and reap it, even on failure.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed (pip install -e '.[fuse]')")
+from vnpager.fuse.mount import server_pid
+
+if not os.path.exists("/dev/fuse"):
+    pytest.skip("/dev/fuse is absent: FUSE mounts are impossible here", allow_module_level=True)
+if shutil.which("fusermount3") is None:
+    pytest.skip("fusermount3 is not installed (make sysdeps)", allow_module_level=True)
+
+PHYSMEM = 2 << 20  # 512 pages
+MOUNT_WAIT = 20.0
+
+
+class Server:
+    """One ``vnpager mount`` server process and its mount point."""
+
+    def __init__(self, src: Path, mnt: Path, *extra: str) -> None:
+        self.src, self.mnt = src, mnt
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vnpager.cli", "mount", str(src), str(mnt), "--foreground",
+             "--physmem", str(PHYSMEM), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + MOUNT_WAIT
+        while server_pid(str(mnt)) != self.proc.pid:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"the mount did not appear: {self.output}")
+            time.sleep(0.05)
+        self.output = ""
+
+    def stop(self, sig: int | None = None) -> int:
+        """Unmount (by *sig* to the server, or fusermount3 -u), reap the
+        server; lazily unmount and kill it if it will not go."""
+        if self.proc.poll() is None:
+            if sig is not None:
+                self.proc.send_signal(sig)
+            else:
+                subprocess.run(["fusermount3", "-u", str(self.mnt)], check=False)
+            try:
+                self.output, _ = self.proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.output, _ = self.proc.communicate()
+        if server_pid(str(self.mnt)) is not None or os.path.ismount(self.mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
+        return self.proc.returncode
+
+
+def _mount(tmp: Path, *extra: str) -> Iterator[Server]:
+    src, mnt = tmp / "src", tmp / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    server = Server(src, mnt, *extra)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A mount kept for the whole module (starting one costs a second)."""
+    yield from _mount(tmp_path_factory.mktemp("shared"))
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[Server]:
+    """A mount of its own, for tests that unmount it."""
+    yield from _mount(tmp_path)
+
+
+def test_cp_of_a_file_many_times_physmem(shared: Server) -> None:
+    data = random.Random(5).randbytes(8 * PHYSMEM + 4321)
+    (shared.src / "big").write_bytes(data)
+    subprocess.run(["cp", str(shared.mnt / "big"), str(shared.mnt / "copy")], check=True, timeout=120)
+    subprocess.run(["cmp", str(shared.src / "big"), str(shared.mnt / "copy")], check=True, timeout=60)
+    assert os.path.getsize(shared.mnt / "copy") == len(data)
+
+
+def _make_tree(root: Path) -> None:
+    rng = random.Random(7)
+    for d in range(6):
+        sub = root / f"dir{d}" / f"sub{d % 2}"
+        sub.mkdir(parents=True)
+        for f in range(8):
+            (sub / f"file{f}.bin").write_bytes(rng.randbytes(rng.choice([0, 1, 4096, 70_000, 300_001])))
+    (root / "link").symlink_to("dir0/sub0/file1.bin")
+    (root / "empty").mkdir()
+
+
+def test_tar_extract_and_diff(shared: Server, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    _make_tree(tree)
+    archive = tmp_path / "tree.tar"
+    subprocess.run(["tar", "cf", str(archive), "-C", str(tree), "."], check=True, timeout=60)
+    dest = shared.mnt / "extracted"
+    dest.mkdir()
+    subprocess.run(["tar", "xf", str(archive), "-C", str(dest)], check=True, timeout=120)
+    subprocess.run(["diff", "-r", "--no-dereference", str(tree), str(dest)], check=True, timeout=60)
+    assert os.readlink(dest / "link") == "dir0/sub0/file1.bin"
+
+
+def test_python_mmap_on_the_mount(shared: Server) -> None:
+    path = shared.mnt / "mapped"
+    path.write_bytes(b"\0" * (3 * mmap.PAGESIZE))
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        m[mmap.PAGESIZE:mmap.PAGESIZE + 7] = b"written"
+        m.flush()
+        assert m[:4] == b"\0\0\0\0"
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[mmap.PAGESIZE:mmap.PAGESIZE + 7] == b"written"
+    assert len(data) == 3 * mmap.PAGESIZE
+    # written through the file, then seen through a new mapping
+    with open(path, "r+b") as f:
+        f.seek(5)
+        f.write(b"by write")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        assert m[5:13] == b"by write"
+
+
+def test_rename_over_and_unlink(shared: Server) -> None:
+    a, b = shared.mnt / "a", shared.mnt / "b"
+    a.write_bytes(b"new contents")
+    b.write_bytes(b"old contents that are longer")
+    os.rename(a, b)
+    assert b.read_bytes() == b"new contents"
+    assert not a.exists()
+    b.unlink()
+    assert not (shared.src / "b").exists()
+    b.write_bytes(b"again")  # a new file of the same name
+    assert b.read_bytes() == b"again"
+
+
+def _sqlite(db: Path, sql: str) -> str:
+    return subprocess.run(["sqlite3", str(db)], input=sql, capture_output=True, text=True,
+                          check=True, timeout=120).stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("sqlite3") is None, reason="sqlite3 CLI not installed (make sysdeps)")
+def test_sqlite_then_sigterm_writes_every_page(fresh: Server) -> None:
+    db = fresh.mnt / "test.db"
+    _sqlite(db, "CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB);")
+    batches, rows = 30, 500
+    for b in range(batches):
+        _sqlite(db, "BEGIN; " + "".join(
+            f"INSERT INTO t (v) VALUES (randomblob({300 + (b * rows + i) % 400}));" for i in range(rows))
+            + " COMMIT;")
+    _sqlite(db, "DELETE FROM t WHERE id % 7 = 0; CREATE INDEX tv ON t (v);")
+    expected = batches * rows - batches * rows // 7
+    assert _sqlite(db, "PRAGMA integrity_check;") == "ok"
+    assert int(_sqlite(db, "SELECT count(*) FROM t;")) == expected
+    assert os.path.getsize(db) > 4 * PHYSMEM
+    assert fresh.stop(signal.SIGTERM) == 0, fresh.output
+    assert "every dirty page written" in fresh.output
+    assert not os.path.ismount(fresh.mnt)
+    on_src = fresh.src / "test.db"
+    assert _sqlite(on_src, "PRAGMA integrity_check;") == "ok"
+    assert int(_sqlite(on_src, "SELECT count(*) FROM t;")) == expected
+
+
+def test_umount_command_waits_for_write_back(fresh: Server) -> None:
+    data = random.Random(9).randbytes(3 * PHYSMEM)
+    (fresh.mnt / "f").write_bytes(data)
+    subprocess.run([sys.executable, "-m", "vnpager.cli", "umount", str(fresh.mnt)], check=True, timeout=60)
+    assert (fresh.src / "f").read_bytes() == data
+    assert fresh.proc.wait(timeout=10) == 0
+
+
+def test_direct_io_refuses_shared_mmap(tmp_path: Path) -> None:
+    """Why the default keeps the kernel's page cache: with direct_io this
+    kernel refuses MAP_SHARED (FUSE_DIRECT_IO_ALLOW_MMAP is not negotiated
+    by libfuse 3.14); reads and writes still go through the pager."""
+    for server in _mount(tmp_path, "--direct-io"):
+        path = server.mnt / "f"
+        path.write_bytes(b"direct")
+        assert path.read_bytes() == b"direct"
+        with open(path, "r+b") as f:
+            try:
+                mmap.mmap(f.fileno(), 0).close()
+            except OSError as e:
+                assert e.errno == 19  # ENODEV
+            with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE) as m:
+                assert m[:6] == b"direct"
