@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from vnpager.kern.debug import KASSERT, panic
 from vnpager.kern.synch import rwsleep, wakeup
-from vnpager.uvm.pmap import pmap_clear_reference, pmap_page_protect
+from vnpager.uvm.pmap import pmap_clear_reference, pmap_is_modified, pmap_page_protect
 from vnpager.uvm.uvm_param import PROT_NONE
 
 if TYPE_CHECKING:
@@ -213,6 +213,9 @@ def uvm_pagewait(pg: VmPage, lock: Interlock, wmesg: str) -> None:
 def uvm_pagedeactivate(pg: VmPage) -> None:
     """Move *pg* to the tail of the inactive queue.
 
+    PG_CLEAN is synced from the pmap on the way: the pager trusts the
+    PG_CLEAN of inactive pages (uvm_mk_pcluster clusters on it).
+
     => caller holds the page queue lock.
     """
     vm = pg.vm
@@ -222,6 +225,8 @@ def uvm_pagedeactivate(pg: VmPage) -> None:
     if pg.pg_flags & PQ_ACTIVE:
         del vm.page_active[pg]
         pg.pg_flags &= ~PQ_ACTIVE
+    if pg.pg_flags & PG_CLEAN and pmap_is_modified(pg):
+        pg.pg_flags &= ~PG_CLEAN
     pmap_clear_reference(pg)
     vm.page_inactive[pg] = None
     pg.pg_flags |= PQ_INACTIVE
