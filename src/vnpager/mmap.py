@@ -276,11 +276,14 @@ class mmap:  # noqa: N801 - the stdlib's name
                 raise ValueError("mmap length is greater than file size")
 
         vm = vm if vm is not None else default_vm()
-        # what the kernel's mmap(2) checks, in its order
+        # what the kernel's mmap(2) checks, in its order; it ignores the
+        # descriptor of a MAP_ANONYMOUS map
         sharing = flags & (MAP_SHARED | MAP_PRIVATE)
         if size == 0 or off % vm.page_size or sharing not in (MAP_SHARED, MAP_PRIVATE):
             raise _oserror(errno.EINVAL)
-        if st is not None:
+        anon = st is None or bool(flags & MAP_ANONYMOUS)
+        if not anon:
+            assert st is not None
             if not stat.S_ISREG(st.st_mode):
                 raise _oserror(errno.ENODEV)
             mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
@@ -297,20 +300,22 @@ class mmap:  # noqa: N801 - the stdlib's name
         self._vm, self._space = vm, vm.vmspace
         self._size, self._pos, self._offset = size, 0, off
         self._access, self._flags, self._prot = access, sharing, prot
-        self._anon = st is None
-        self._fd = os.dup(fd) if st is not None and trackfd else -1
+        self._anon, self._fd = anon, -1
+        if anon:
+            self._uobj = uvm_anon_object(vm, size)
+            self._flags = MAP_SHARED  # private to this object anyway
+            off = 0
+        else:
+            self._uobj = _file_object(vm, fd, prot)
+        self._vp = self._uobj.u_vnode
         try:
-            if st is None:
-                self._uobj = uvm_anon_object(vm, size)
-                self._flags = MAP_SHARED  # private to this object anyway
-                off = 0
-            else:
-                self._uobj = _file_object(vm, fd, prot)
-            self._vp = self._uobj.u_vnode
+            if not anon and trackfd:
+                self._fd = os.dup(fd)
             self._va = uvm_map(self._space, size, self._uobj, off, prot, maxprot, self._flags)
         except BaseException:
             if self._fd != -1:
                 os.close(self._fd)
+            self._uobj.pgops.pgo_detach(self._uobj)
             raise
         self._closed = False
         return self
