@@ -24,7 +24,7 @@ PS = 4096
 RW = PROT_READ | PROT_WRITE
 WAIT = 30.0  # seconds: a bound on every wait, never a measure of anything
 
-IoHook = Callable[[str, Vnode, Uio], int]
+IoHook = Callable[[str, Vnode, Uio | None], int]
 
 
 def pattern(npages: int, tail: int = 0) -> bytes:
@@ -37,7 +37,7 @@ def pattern(npages: int, tail: int = 0) -> bytes:
 class ProgFS(MemFS):
     """memfs whose reads and writes can be made to fail or stop on demand.
 
-    ``fail[op] = errno`` fails every *op* ("read"/"write") with that errno;
+    ``fail[op] = errno`` fails every *op* ("read", "write", "getattr");
     each hook in ``hooks`` runs before the transfer and may block, or return
     an errno to fail it.  ``calls`` records (op, offset, bytes) of each I/O.
     """
@@ -46,15 +46,14 @@ class ProgFS(MemFS):
 
     def __init__(self) -> None:
         self.fail: dict[str, int] = {}
-        self.getattr_error = 0
         self.hooks: list[IoHook] = []
         self.calls: list[tuple[str, int, int]] = []
 
     def getattr(self, vp: Vnode, vap: Any) -> int:
-        return self.getattr_error or super().getattr(vp, vap)
+        return self._before("getattr", vp, None) or super().getattr(vp, vap)
 
-    def _before(self, op: str, vp: Vnode, uio: Uio) -> int:
-        self.calls.append((op, uio.offset, uio.resid))
+    def _before(self, op: str, vp: Vnode, uio: Uio | None) -> int:
+        self.calls.append((op, uio.offset, uio.resid) if uio else (op, -1, 0))
         for hook in list(self.hooks):
             error = hook(op, vp, uio)
             if error:
@@ -71,14 +70,16 @@ class ProgFS(MemFS):
 class Gate:
     """A ProgFS hook that holds matching I/Os until :meth:`open` is called."""
 
-    def __init__(self, op: str, offset: int | None = None) -> None:
-        self.op, self.offset = op, offset
+    def __init__(self, op: str, offset: int | None = None,
+                 when: Callable[[], object] | None = None) -> None:
+        self.op, self.offset, self.when = op, offset, when
         self.entered = threading.Event()
         self.released = threading.Event()
         self.passed = 0
 
-    def __call__(self, op: str, vp: Vnode, uio: Uio) -> int:
-        if op == self.op and (self.offset is None or uio.offset == self.offset):
+    def __call__(self, op: str, vp: Vnode, uio: Uio | None) -> int:
+        if (op == self.op and (self.offset is None or uio is None or uio.offset == self.offset)
+                and (self.when is None or self.when())):
             self.entered.set()
             if not self.released.wait(WAIT):
                 raise AssertionError("gate never opened")
@@ -98,6 +99,11 @@ def progfs(vm: VM) -> tuple[ProgFS, Mount]:
 
 
 # ---------------------------------------------------------------- objects
+
+def machine(pages: int = 64, **kw: Any) -> VM:
+    """A VM of *pages* pages with no page daemon: nothing runs but the test."""
+    return VM(physmem=pages * PS, pagedaemon=False, **kw)
+
 
 def mkfile(vm: VM, data: bytes = b"", prot: int = RW, mp: Mount | None = None,
            size: int | None = None) -> tuple[Vnode, UvmVnode]:

@@ -7,7 +7,7 @@ import errno
 
 import pytest
 
-from helpers import PS, RW, Pmap, contents, get_busy, getpages, mkfile, pattern, progfs, store
+from helpers import PS, RW, Pmap, contents, get_busy, getpages, machine, mkfile, pattern, progfs, store
 from vnpager import VM
 from vnpager.kern.debug import Panic
 from vnpager.kern.lock import LK_EXCLUSIVE
@@ -104,11 +104,11 @@ def test_uvn_attach_block_device_partition_ioctl_failure(vm: VM) -> None:
 def test_uvn_attach_getattr_failure_returns_none(vm: VM) -> None:
     fs, mp = progfs(vm)
     vp = memfs_create(vm.vfs, mp, b"data")
-    fs.getattr_error = errno.ESTALE
+    fs.fail["getattr"] = errno.ESTALE
     assert uvn_attach(vp, RW) is None
     assert curproc().p_errno == errno.ESTALE
     assert vp.v_uvm.u_flags == 0 and vp.v_usecount == 1 and not vm.uvn_wlist
-    fs.getattr_error = 0
+    del fs.fail["getattr"]
     assert uvn_attach(vp, RW) is vp.v_uvm  # a later attach starts afresh
 
 
@@ -182,7 +182,7 @@ def test_uvn_detach_unwritable_pages_keep_object_alive(vm: VM) -> None:
 
 
 def test_uvm_vnp_terminate_recycling_frees_persisting_object() -> None:
-    vm = VM(physmem=64 * PS, desiredvnodes=2)
+    vm = machine(desiredvnodes=2)
     vp, uvn, pgs = persist(vm, 2)
     other = memfs_create(vm.vfs, vm.memfs, b"other")
     assert vm.vfs.numvnodes == 2
@@ -198,7 +198,7 @@ def test_uvm_vnp_terminate_recycling_frees_persisting_object() -> None:
 
 
 def test_uvm_vnp_terminate_recycling_writes_dirty_pages_first() -> None:
-    vm = VM(physmem=64 * PS, desiredvnodes=1)
+    vm = machine(desiredvnodes=1)
     vp, uvn = mkfile(vm, pattern(2))
     data = vp.v_data.data
     pg = getpages(uvn, PS, 1)[0]
@@ -210,7 +210,7 @@ def test_uvm_vnp_terminate_recycling_writes_dirty_pages_first() -> None:
 
 
 def test_uvm_vnp_terminate_gives_up_unwritable_pages_and_counts_them() -> None:
-    vm = VM(physmem=64 * PS, desiredvnodes=1)
+    vm = machine(desiredvnodes=1)
     fs, mp = progfs(vm)
     vp, uvn = mkfile(vm, pattern(2), mp=mp)
     pgs = getpages(uvn, 0, 2)

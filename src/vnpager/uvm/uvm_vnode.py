@@ -738,7 +738,14 @@ def uvn_io(uvn: UvmVnode, pps: list[VmPage], npages: int, flags: int, rw: int) -
 
     result = 0
     with kernel_lock:
-        if not uvn.u_flags & UVM_VNODE_VNISLOCKED:
+        # VNISLOCKED speaks for terminate's thread only, which holds the vnode
+        # lock.  Any other thread would wait for that lock while terminate
+        # waits for its busy pages (or, unlocked, race the reclaim): the
+        # vnode is going dead, so its I/O fails now.
+        vnislocked = bool(uvn.u_flags & UVM_VNODE_VNISLOCKED)
+        if vnislocked and not vn.v_lock.held():
+            result = errno.EIO
+        elif not vnislocked:
             result = vn_lock(vn, LK_EXCLUSIVE | LK_RECURSEFAIL
                              | (LK_NOWAIT if flags & PGO_NOWAIT else 0))
         if result == 0:
@@ -746,7 +753,7 @@ def uvn_io(uvn: UvmVnode, pps: list[VmPage], npages: int, flags: int, rw: int) -
                 result = VOP_READ(vn, uio, 0)
             else:
                 result = VOP_WRITE(vn, uio, IO_NOCACHE if flags & PGO_PDFREECLUST else 0)
-            if not uvn.u_flags & UVM_VNODE_VNISLOCKED:
+            if not vnislocked:
                 VOP_UNLOCK(vn)
 
     if result == 0:
