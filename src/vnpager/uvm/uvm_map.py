@@ -151,6 +151,10 @@ def uvm_map(space: Vmspace, size: int, uobj: UvmObject | None, uoffset: int, pro
     size = vm.round_page(size)
     if size <= 0:
         raise ValueError("cannot map zero bytes")
+    if uoffset < 0 or uoffset % vm.page_size:
+        # the pages of an object sit at page boundaries: anything else would
+        # table a second copy of the bytes at an offset no one else uses
+        raise OSError(errno.EINVAL, f"object offset {uoffset:#x} is not a page boundary")
     if prot & ~maxprot:
         raise PermissionError(errno.EACCES, "protection exceeds the maximum protection")
     amap = None
