@@ -47,6 +47,7 @@ class ProgFS(MemFS):
     def __init__(self) -> None:
         self.fail: dict[str, int] = {}
         self.hooks: list[IoHook] = []
+        self.write_limit: int | None = None  # write at most this many bytes, then stop short
         self.calls: list[tuple[str, int, int]] = []
 
     def getattr(self, vp: Vnode, vap: Any) -> int:
@@ -64,7 +65,14 @@ class ProgFS(MemFS):
         return self._before("read", vp, uio) or super().read(vp, uio, ioflag)
 
     def write(self, vp: Vnode, uio: Uio, ioflag: int) -> int:
-        return self._before("write", vp, uio) or super().write(vp, uio, ioflag)
+        error = self._before("write", vp, uio)
+        if error or self.write_limit is None or uio.resid <= self.write_limit:
+            return error or super().write(vp, uio, ioflag)
+        short = uio.resid - self.write_limit
+        uio.resid = self.write_limit
+        error = super().write(vp, uio, ioflag)
+        uio.resid += short
+        return error
 
 
 class Gate:

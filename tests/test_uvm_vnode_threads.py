@@ -298,3 +298,44 @@ def test_uvm_vnp_terminate_concurrent_flush_fails_and_terminate_writes(vm: VM) -
     assert data.pread(PS, 5) == b"page1" and data.pread(3 * PS, 5) == b"page3"
     assert vm.uvmexp.lostpages == 0
 
+
+
+def test_uvn_detach_keeping_unwritable_pages_wakes_attacher(vm: VM) -> None:
+    fs, vp, uvn, gate, pgs = gated(vm, 1, "write")
+    store(Pmap(vm), pgs[0], b"full")
+    fs.fail["write"] = errno.ENOSPC
+    uvm_vnp_uncache(vp)
+    dying = start(lambda: uvn_detach(uvn), "detach")
+    gate.wait_entered()
+    attacher = start(lambda: uvn_attach(vp, PROT_READ), "attach")
+    wait_sleeping("uvn_attach")
+    gate.open()
+    dying.join_ok()
+    # the object kept its dirty page, so the attacher finds it, page and all
+    assert attacher.join_ok() is uvn and list(uvn.memt.values()) == pgs
+    assert uvn.uo_refs == 1 and uvn.u_error == errno.ENOSPC
+
+
+def test_uvm_vnp_terminate_wakes_attacher_of_dead_object(vm: VM) -> None:
+    vp, uvn, gate, unmount, _ = forced_unmount_in_write(vm, 2, dirty=(1,))
+    attacher = start(lambda: uvn_attach(vp, PROT_READ), "attach")
+    wait_sleeping("uvn_attach")
+    gate.open()
+    assert unmount.join_ok() == 0
+    assert attacher.join_ok() is uvn and uvn.uo_refs == 2
+    assert not uvn.u_flags & UVM_VNODE_CANPERSIST
+
+
+def test_uvn_flush_wakes_waiter_on_page_it_wrote(vm: VM) -> None:
+    _, vp, uvn, gate, pgs = gated(vm, 1, "write")
+    store(Pmap(vm), pgs[0], b"wake")
+    writer = start(lambda: flush(uvn, 0, 0, SYNC_FLUSH), "writer")
+    gate.wait_entered()
+    getter = start(lambda: get_busy(uvn, 0, 1), "getter")
+    wait_sleeping("uvn_get")
+    gate.open()
+    assert writer.join_ok() is True
+    result, pps = getter.join_ok()
+    assert result == VM_PAGER_OK and pps == pgs
+    unbusy(uvn, pgs)
+    assert contents(vp)[:4] == b"wake"

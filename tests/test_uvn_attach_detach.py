@@ -282,3 +282,14 @@ def test_uvm_vnp_uncache_of_active_object_defers_death(vm: VM) -> None:
     assert uvm_vnp_uncache(vp) is False
     assert uvn.u_flags & UVM_VNODE_VALID and not uvn.u_flags & UVM_VNODE_CANPERSIST
 
+
+
+def test_uvm_vnp_terminate_recycling_read_only_persisting_object() -> None:
+    vm = machine(desiredvnodes=1)
+    vp, uvn = mkfile(vm, pattern(1), prot=PROT_READ)
+    getpages(uvn, 0, 1)
+    uvn_detach(uvn)
+    vrele(vp)
+    assert uvn not in vm.uvn_wlist
+    memfs_create(vm.vfs, vm.memfs, b"new")
+    assert uvn.u_flags == 0 and uvn.uo_npages == 0

@@ -9,6 +9,8 @@ import pytest
 
 from helpers import (
     PS,
+    contents,
+    flush,
     get_busy,
     getpages,
     machine,
@@ -16,6 +18,7 @@ from helpers import (
     pattern,
     progfs,
     start,
+    store,
     unbusy,
     wait_sleeping,
 )
@@ -23,9 +26,19 @@ from vnpager import VM
 from vnpager.kern.debug import Panic
 from vnpager.kern.lock import LK_EXCLUSIVE, RW_WRITE
 from vnpager.kern.proc import curproc
-from vnpager.uvm.uvm_page import PG_BUSY, PG_FAKE, VmPage, uvm_page_unbusy, uvm_pagealloc, uvm_pagefree
+from vnpager.uvm.pmap import Pmap
+from vnpager.uvm.uvm_page import (
+    PG_BUSY,
+    PG_CLEAN,
+    PG_FAKE,
+    VmPage,
+    uvm_page_unbusy,
+    uvm_pagealloc,
+    uvm_pagefree,
+)
 from vnpager.uvm.uvm_pager import (
     PGO_ALLPAGES,
+    PGO_CLEANIT,
     PGO_DONTCARE,
     PGO_FREE,
     PGO_LOCKED,
@@ -266,3 +279,35 @@ def test_uvn_put_requires_object_lock(vm: VM) -> None:
     with pytest.raises(Panic, match="uvn_put"):
         uvn_put(uvn, [pg], 1, PGO_SYNCIO)
 
+
+
+def test_uvn_io_short_write_is_an_error_and_pages_stay_dirty(vm: VM) -> None:
+    fs, mp = progfs(vm)
+    vp, uvn = mkfile(vm, pattern(2), mp=mp)
+    pgs = getpages(uvn, 0, 2)
+    pm = Pmap(vm)
+    for pg in pgs:
+        store(pm, pg, b"both")
+    fs.write_limit = PS  # the backend stops after one page, with no error
+    assert flush(uvn, 0, 0, PGO_CLEANIT | PGO_SYNCIO | PGO_ALLPAGES) is False
+    assert uvn.u_error == errno.EIO and not pgs[0].pg_flags & PG_CLEAN
+    # the cluster was dropped dirty; page 1 alone then fit in one short write
+    assert pgs[1].pg_flags & PG_CLEAN and contents(vp)[PS:PS + 4] == b"both"
+    fs.write_limit = None
+    assert flush(uvn, 0, 0, PGO_CLEANIT | PGO_SYNCIO | PGO_ALLPAGES) is True
+    assert contents(vp)[:4] == b"both"
+
+
+def test_uvn_io_multi_page_read_zero_fills_after_eof(vm: VM) -> None:
+    _, uvn = mkfile(vm, pattern(1, tail=3))
+    with uvn.vmobjlock:
+        pgs = [uvm_pagealloc(vm, uvn, off) for off in (0, PS)]
+        assert all(pgs)
+        for pg in pgs:
+            pg.data[:] = b"\xff" * PS  # type: ignore[union-attr]
+        assert uvn_io(uvn, pgs, 2, PGO_SYNCIO, UIO_READ) == VM_PAGER_OK  # type: ignore[arg-type]
+        assert bytes(pgs[0].data) == b"\x01" * PS  # type: ignore[union-attr]
+        assert bytes(pgs[1].data) == b"\xee" * 3 + bytes(PS - 3)  # type: ignore[union-attr]
+        with vm.pageqlock:
+            for pg in pgs:
+                uvm_pagefree(pg)  # type: ignore[arg-type]
