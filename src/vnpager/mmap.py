@@ -284,12 +284,12 @@ class mmap:  # noqa: N801 - the stdlib's name
         anon = st is None or bool(flags & MAP_ANONYMOUS)
         if not anon:
             assert st is not None
-            if not stat.S_ISREG(st.st_mode):
-                raise _oserror(errno.ENODEV)
             mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
             if mode == os.O_WRONLY or (sharing == MAP_SHARED and prot & PROT_WRITE
                                        and mode != os.O_RDWR):
                 raise _oserror(errno.EACCES)
+            if not stat.S_ISREG(st.st_mode):
+                raise _oserror(errno.ENODEV)
             maxprot = PROT_READ | PROT_EXEC | (
                 PROT_WRITE if sharing == MAP_PRIVATE or mode == os.O_RDWR else 0)
         else:
