@@ -354,7 +354,9 @@ def uvn_detach(uobj: UvmObject) -> None:
 
     if not uvn.u_flags & UVM_VNODE_RELKILL:
         # terminate took the object over while we slept; it does the rest
+        # but for the vnode reference we hold (the seed leaks it here)
         lock.rw_exit()
+        vrele(vp)
         return
 
     if uvn.u_flags & UVM_VNODE_WRITEABLE:
@@ -428,6 +430,8 @@ def uvm_vnp_terminate(vp: Vnode) -> None:
         if uvn.u_flags & UVM_VNODE_WRITEABLE:
             _wlist_remove(uvn)
         uvn.u_flags = 0
+        # the vnode may next hold another file: its errors are not that file's
+        uvn.u_error, uvn.u_errseq, uvn.u_errseen = 0, 0, False
     if oldflags & UVM_VNODE_WANTED:
         wakeup(uvn)
     lock.rw_exit()
