@@ -140,7 +140,6 @@ def test_mmap_flush_raises_the_write_back_error(vm: VM, plan: FaultPlan, tmp_pat
     assert path.read_bytes()[:5] == b"hello"
 
 
-@pytest.mark.xfail(strict=True, reason="vnpager.mmap does not keep an errseq cursor yet")
 def test_mmap_every_map_open_is_told_once(vm: VM, plan: FaultPlan, tmp_path: Path) -> None:
     path = _file(tmp_path, 2)
     _faulty_mmap_vm(vm, plan)

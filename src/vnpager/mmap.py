@@ -42,7 +42,10 @@ Differences from CPython's mmap, each on purpose or forced:
   once.
 * ``flush()`` and ``close()`` raise the write-back error (OSError with the
   backend's errno); the pages stay dirty, so a later flush can write them.
-  CPython's ``close`` never reports write-back errors.
+  A write-back that failed elsewhere (another map of the file, the page
+  daemon, sync) is reported too, once to each map open when it happened,
+  as Linux's fsync does with errseq.  CPython's ``close`` never reports
+  write-back errors.
 * ``resize()`` of an anonymous map grows its memory (CPython's grows the
   mapping but not the shared memory behind it, so touching the new pages
   is SIGBUS).  ``resize()`` of a MAP_PRIVATE map copies the mapped range
@@ -105,6 +108,8 @@ from vnpager.uvm.uvm_vnode import (
     uvm_vnp_setsize,
     uvm_vnp_wrote,
     uvn_attach,
+    uvn_errseq_check,
+    uvn_errseq_sample,
 )
 from vnpager.vfs.hostfs import hostfs_vget_fd
 from vnpager.vfs.vnode import Vnode
@@ -222,12 +227,13 @@ class mmap:  # noqa: N801 - the stdlib's name
     access=ACCESS_DEFAULT, offset=0, *, trackfd=True, vm=None)``
     """
 
-    __slots__ = ("__weakref__", "_access", "_anon", "_closed", "_fd", "_flags", "_offset",
+    __slots__ = ("__weakref__", "_access", "_anon", "_closed", "_errseq", "_fd", "_flags", "_offset",
                  "_pos", "_prot", "_size", "_space", "_uobj", "_va", "_vm", "_vp")
 
     _access: int
     _anon: bool  # fileno=-1: a memfs object nobody else can map
     _closed: bool
+    _errseq: int  # the write-back errors reported so far (uvn_errseq_check)
     _fd: int  # our duplicate of the descriptor (trackfd), else -1
     _flags: int  # MAP_SHARED or MAP_PRIVATE, as mapped
     _offset: int
@@ -308,6 +314,7 @@ class mmap:  # noqa: N801 - the stdlib's name
         else:
             self._uobj = _file_object(vm, fd, prot)
         self._vp = self._uobj.u_vnode
+        self._errseq = uvn_errseq_sample(self._uobj)
         try:
             if not anon and trackfd:
                 self._fd = os.dup(fd)
@@ -390,10 +397,14 @@ class mmap:  # noqa: N801 - the stdlib's name
             raise _oserror(err)
 
     def _msync(self, offset: int, size: int) -> int:
+        """Write back [offset, offset+size); the errno of this write-back, or
+        else of one that failed since this map last reported (whoever wrote:
+        another map, the page daemon, sync), each reported once per map."""
         err = uvm_msync(self._space, self._va + offset, self._va + offset + size, MS_SYNC)
         if not err:
             uvm_vnp_wrote(self._vp)
-        return err
+        seen, self._errseq = uvn_errseq_check(self._uobj, self._errseq)
+        return err or seen
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
