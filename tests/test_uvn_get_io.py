@@ -73,11 +73,11 @@ def locked_get(uvn: UvmVnode, pps: list[PageSlot], centeridx: int = 0,
 
 def test_uvn_get_locked_takes_only_resident_unbusy_pages(vm: VM) -> None:
     _, uvn = mkfile(vm, pattern(4))
-    resident = getpages(uvn, PS, 2)  # pages 1 and 2
+    resident = getpages(uvn, PS, 2)  # pages 1 and 2, in one read
     pps: list[PageSlot] = [None] * 4
     assert locked_get(uvn, pps, centeridx=1) == (VM_PAGER_OK, 2)
     assert pps == [None, *resident, None]
-    assert vm.uvmexp.read_ios == 2  # the locked pass never does I/O
+    assert vm.uvmexp.read_ios == 1  # the locked pass never does I/O
 
 
 def test_uvn_get_locked_missing_center_means_unlock(vm: VM) -> None:
@@ -121,22 +121,24 @@ def test_uvn_get_locked_requires_object_lock(vm: VM) -> None:
         uvn_get(uvn, 0, [None], 1, 0, PROT_READ, 0, PGO_LOCKED)
 
 
-def test_uvn_get_unlocked_reads_center_only_without_allpages(vm: VM) -> None:
-    _, uvn = mkfile(vm, pattern(3))
+def test_uvn_get_unlocked_reads_center_and_window_after_it_without_allpages(vm: VM) -> None:
+    _, uvn = mkfile(vm, pattern(4))
     result, pps = get_busy(uvn, 0, 3, flags=0, centeridx=1)
     assert result == VM_PAGER_OK and not uvn.vmobjlock.rw_lock_held()
-    assert pps[0] is None and pps[2] is None
-    pg = pps[1]
-    assert isinstance(pg, VmPage) and pg.pg_flags & PG_BUSY and not pg.pg_flags & PG_FAKE
-    assert bytes(pg.data[:3]) == b"\x02" * 3 and vm.uvmexp.read_ios == 1
-    unbusy(uvn, [pg])
+    assert pps[0] is None  # before the center: not wanted, not read
+    pgs = pps[1:]
+    for i, pg in enumerate(pgs, start=2):  # the center, and page 2 read ahead with it
+        assert isinstance(pg, VmPage) and pg.pg_flags & PG_BUSY and not pg.pg_flags & PG_FAKE
+        assert bytes(pg.data[:3]) == bytes([i]) * 3
+    assert vm.uvmexp.read_ios == 1 and uvn.uo_npages == 2  # one read, nothing past the window
+    unbusy(uvn, pgs)  # type: ignore[arg-type]
 
 
 def test_uvn_get_unlocked_takes_resident_page_without_io(vm: VM) -> None:
     _, uvn = mkfile(vm, pattern(2))
     pgs = getpages(uvn, 0, 2)
     result, pps = get_busy(uvn, 0, 2)
-    assert result == VM_PAGER_OK and pps == pgs and vm.uvmexp.read_ios == 2
+    assert result == VM_PAGER_OK and pps == pgs and vm.uvmexp.read_ios == 1
     unbusy(uvn, pgs)
 
 

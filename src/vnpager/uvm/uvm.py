@@ -88,6 +88,7 @@ class VM:
         self.free_chan = WaitChannel("free")
         self.pagedaemon_chan = WaitChannel("pagedaemon")
         self.freemin = max(2, npages // 32)
+        self.ra_wanted = 0  # pages read-ahead asks the page daemon to free (uvm_pagewant_ra)
         self.uvmexp = Uvmexp()
         # the vnode pager's globals
         self.uvn_wlist: dict[UvmVnode, None] = {}

@@ -45,6 +45,7 @@ PQ_ANON = 0x00100000  # the page belongs to an anon, not an object
 PQ_QUEUES = PQ_FREE | PQ_INACTIVE | PQ_ACTIVE
 
 UVM_PGA_ZERO = 0x1  # uvm_pagealloc: zero the frame
+UVM_PGA_NORESERVE = 0x2  # uvm_pagealloc: fail rather than go below vm.freemin (read-ahead)
 
 
 class VmPage:
@@ -118,11 +119,17 @@ def uvm_pagealloc(vm: VM, uobj: UvmObject | None, off: int, flags: int = 0) -> V
 
     The page comes back PG_BUSY|PG_CLEAN|PG_FAKE, owned by the caller and on
     no queue.  Returns None when no frame is free: the caller decides
-    whether to uvm_wait() and retry.
+    whether to uvm_wait() and retry.  With UVM_PGA_NORESERVE (pages that may
+    never be used: read-ahead) it also returns None rather than take the
+    free count below vm.freemin, the mark at which the page daemon starts
+    reclaiming: such pages never make it push other pages out (see
+    uvm_pagewant_ra to get more).
 
     => caller holds the object lock (when *uobj* is given).
     """
     with vm.pageqlock:
+        if flags & UVM_PGA_NORESERVE and len(vm.page_free) <= vm.freemin:
+            return None
         if not vm.page_free:
             vm.uvmexp.allocfail += 1
             wakeup(vm.pagedaemon_chan)
@@ -138,6 +145,15 @@ def uvm_pagealloc(vm: VM, uobj: UvmObject | None, off: int, flags: int = 0) -> V
     if uobj is not None:
         uvm_pageinsert(pg, uobj, off)
     return pg
+
+
+def uvm_pagewant_ra(vm: VM, npages: int) -> None:
+    """Read-ahead was cut short for want of *npages* free pages: ask the
+    page daemon to free that many above freemin, from inactive pages only,
+    for the next read-ahead.  => caller holds no page queue lock."""
+    with vm.pageqlock:
+        vm.ra_wanted = max(vm.ra_wanted, npages)
+    wakeup(vm.pagedaemon_chan)
 
 
 def _pagedequeue(vm: VM, pg: VmPage) -> None:

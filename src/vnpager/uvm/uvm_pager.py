@@ -59,6 +59,7 @@ PGO_LOCKED: Final = 0x040  # get: the caller's fault structures are locked
 PGO_PDFREECLUST: Final = 0x080  # the page daemon's put: unbusy the cluster
 PGO_REALLOCSWAP: Final = 0x100  # dropcluster: swap slots (unused here)
 PGO_NOWAIT: Final = 0x200  # do not sleep for the vnode lock
+PGO_NOSLEEPALLOC: Final = 0x400  # get: never sleep for memory, take no reserve (read-ahead)
 
 
 class _DontCare:

@@ -140,13 +140,21 @@ def uvmpd_scan_active(vm: VM, want: int) -> None:
 
 
 def uvmpd_scan(vm: VM) -> None:
-    """One pass: refill the inactive queue, then free from it."""
+    """One pass: refill the inactive queue, then free from it.
+
+    Then the pages read-ahead asked for (``vm.ra_wanted``) above freemin
+    are freed from the inactive queue only: read-ahead never makes the
+    daemon deactivate a page in active use.
+    """
     freetarg, inactarg = uvmpd_targets(vm)
     shortage = freetarg - len(vm.page_free)
-    if shortage <= 0:
-        return
-    uvmpd_scan_active(vm, max(inactarg - len(vm.page_inactive), shortage))
-    uvmpd_scan_inactive(vm, shortage)
+    if shortage > 0:
+        uvmpd_scan_active(vm, max(inactarg - len(vm.page_inactive), shortage))
+        uvmpd_scan_inactive(vm, shortage)
+    ra_shortage = vm.freemin + vm.ra_wanted - len(vm.page_free)
+    vm.ra_wanted = 0
+    if ra_shortage > 0:
+        uvmpd_scan_inactive(vm, ra_shortage)
 
 
 class PageDaemon:
@@ -177,7 +185,7 @@ class PageDaemon:
                 return
             chan, lock = vm.pagedaemon_chan, vm.pageqlock
             lock.enter()
-            if vm.npages_free_low() and not backoff:
+            if (vm.npages_free_low() or vm.ra_wanted) and not backoff:
                 lock.exit()
                 vm.uvmexp.pdwoke += 1
                 uvmpd_scan(vm)

@@ -24,6 +24,8 @@ Where we differ from the seed, on purpose:
   page and zeroes the rest of that page (the seed frees the whole page).
 * uvn_get drops the object lock while it waits for memory, so that the page
   daemon can clean this object's own pages.
+* uvn_get reads a run of missing pages in one read, not page by page, and
+  fills the caller's read-ahead slots from free memory only.
 * every flag change happens under the object lock: the seed leans on the
   kernel lock for uvn_attach and the writeable list, which we lock instead.
 
@@ -59,6 +61,7 @@ from vnpager.uvm.uvm_page import (
     PG_WANTED,
     PQ_ACTIVE,
     UVM_PAGE_OWN,
+    UVM_PGA_NORESERVE,
     VmPage,
     uvm_pagealloc,
     uvm_pageclean,
@@ -66,6 +69,7 @@ from vnpager.uvm.uvm_page import (
     uvm_pagefree,
     uvm_pagelookup,
     uvm_pagewait,
+    uvm_pagewant_ra,
     uvm_pglistfree,
     uvm_wait,
 )
@@ -77,6 +81,7 @@ from vnpager.uvm.uvm_pager import (
     PGO_DONTCARE,
     PGO_FREE,
     PGO_LOCKED,
+    PGO_NOSLEEPALLOC,
     PGO_NOWAIT,
     PGO_PDFREECLUST,
     PGO_SYNCIO,
@@ -619,9 +624,22 @@ def uvn_get(uobj: UvmObject, offset: int, pps: list[PageSlot], npages: int,
     ``(VM_PAGER_OK, got)`` if the center page (or with PGO_ALLPAGES, every
     page) was found, else ``(VM_PAGER_UNLOCK, got)``: unlock and call again.
 
-    Without PGO_LOCKED: wait for busy pages, allocate missing ones (waiting
-    for memory if need be) and read them, one page at a time.  A page whose
-    read fails is freed and the error returned.
+    Without PGO_LOCKED: the pages wanted are the center, or with
+    PGO_ALLPAGES every slot not yet filled and not PGO_DONTCARE.  Wait for
+    busy ones, allocate missing ones (waiting for memory if need be) and
+    read them.  Where the seed reads one page at a time ("otherwise we'd
+    chunk"), each missing wanted page is read in one vectored read with the
+    missing pages after it (:func:`_uvn_getrun`): the None slots after the
+    center are the caller's read-ahead window.  A run stops at a slot that
+    is filled or DONTCARE, at a resident page, at the last page of u_size,
+    after max(MAXBSIZE, the window) bytes, or where no page is free above
+    vm.freemin: we never sleep for memory, nor reclaim, for a page nobody
+    asked for.  Pages read ahead come back in their slots busy, like the
+    center, and the caller unbusies them; slots not read stay None.
+
+    With PGO_NOSLEEPALLOC (background read-ahead) the wanted pages too take
+    only free pages above vm.freemin; ``(VM_PAGER_AGAIN, 0)`` if there are
+    none.  A run whose read fails is freed and the error returned.
 
     Pages come back busy; the caller unbusies them and must check for
     PG_RELEASED.  => caller holds the object lock; in the unlocked pass it
@@ -648,17 +666,24 @@ def uvn_get(uobj: UvmObject, offset: int, pps: list[PageSlot], npages: int,
         return (VM_PAGER_OK if done else VM_PAGER_UNLOCK), gotpages
 
     lock = uobj.vmobjlock
-    for lcv in range(npages):
+    uvn = _uvn(uobj)
+    maxrun = max(MAXBSIZE // page_size, npages - centeridx)
+    pgaflags = UVM_PGA_NORESERVE if flags & PGO_NOSLEEPALLOC else 0
+    lcv = 0
+    while lcv < npages:
         if pps[lcv] is not None or (lcv != centeridx and not flags & PGO_ALLPAGES):
+            lcv += 1
             continue
         current_offset = offset + lcv * page_size
         ptmp = None
         while pps[lcv] is None:
             ptmp = uvm_pagelookup(uobj, current_offset)
             if ptmp is None:
-                ptmp = uvm_pagealloc(uobj.vm, uobj, current_offset)
+                ptmp = uvm_pagealloc(uobj.vm, uobj, current_offset, pgaflags)
                 if ptmp is None:
                     lock.rw_exit()  # let the page daemon clean our pages too
+                    if flags & PGO_NOSLEEPALLOC:
+                        return VM_PAGER_AGAIN, 0
                     uvm_wait(uobj.vm, "uvn_getpage")
                     lock.rw_enter(RW_WRITE)
                     continue
@@ -671,26 +696,56 @@ def uvn_get(uobj: UvmObject, offset: int, pps: list[PageSlot], npages: int,
             UVM_PAGE_OWN(ptmp, "uvn_get2")
             pps[lcv] = ptmp
         if pps[lcv] is not None:
+            lcv += 1
             continue
 
         assert ptmp is not None
-        result = uvn_io(_uvn(uobj), [ptmp], 1, PGO_SYNCIO | PGO_NOWAIT, UIO_READ)
+        run = _uvn_getrun(uvn, ptmp, pps, lcv + 1, min(npages, lcv + maxrun))
+        result = uvn_io(uvn, run, len(run), PGO_SYNCIO | PGO_NOWAIT, UIO_READ)
         if result != VM_PAGER_OK:
-            if ptmp.pg_flags & PG_WANTED:
-                wakeup(ptmp)
-            ptmp.pg_flags &= ~(PG_WANTED | PG_BUSY)
-            UVM_PAGE_OWN(ptmp, None)
+            for pg in run:
+                if pg.pg_flags & PG_WANTED:
+                    wakeup(pg)
+                pg.pg_flags &= ~(PG_WANTED | PG_BUSY)
+                UVM_PAGE_OWN(pg, None)
             with uobj.vm.pageqlock:
-                uvm_pagefree(ptmp)
+                for pg in run:
+                    uvm_pagefree(pg)
             lock.rw_exit()
             return result, 0
 
-        ptmp.pg_flags &= ~PG_FAKE
-        pmap_clear_modify(ptmp)
-        pps[lcv] = ptmp
+        for pg in run:
+            pg.pg_flags &= ~PG_FAKE
+            pmap_clear_modify(pg)
+            pps[lcv] = pg
+            lcv += 1
 
     lock.rw_exit()
     return VM_PAGER_OK, npages
+
+
+def _uvn_getrun(uvn: UvmVnode, first: VmPage, pps: list[PageSlot], lcv: int, stop: int) -> list[VmPage]:
+    """The pages of one read: *first*, a new page, and a new page for each
+    empty slot from *lcv* up to *stop* whose page is not resident, up to the
+    last page of u_size and as long as pages are free above vm.freemin.
+
+    => caller holds the object lock; the pages are busy and fake, owned by
+       the caller, and in offset order.
+    """
+    vm = uvn.vm
+    eof = vm.round_page(uvn.u_size)
+    run = [first]
+    off = first.offset + vm.page_size
+    while lcv < stop and pps[lcv] is None and off < eof and uvm_pagelookup(uvn, off) is None:
+        pg = uvm_pagealloc(vm, uvn, off, UVM_PGA_NORESERVE)
+        if pg is None:  # memory is short: read what was asked for, not more
+            uvm_pagewant_ra(vm, stop - lcv)
+            break
+        UVM_PAGE_OWN(pg, "uvn_get3")
+        run.append(pg)
+        off += vm.page_size
+        lcv += 1
+    return run
 
 
 @traced
