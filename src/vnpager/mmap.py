@@ -50,12 +50,13 @@ Differences from CPython's mmap, each on purpose or forced:
   mapping but not the shared memory behind it, so touching the new pages
   is SIGBUS).  ``resize()`` of a MAP_PRIVATE map copies the mapped range
   into fresh private pages.
-* Only ``MADV_NORMAL``, ``MADV_RANDOM``, ``MADV_SEQUENTIAL`` (fault-ahead
-  of 3+4, 0 and 8+7 resident pages), ``MADV_WILLNEED`` (accepted, no
-  read-ahead) and ``MADV_DONTNEED`` (the pages become the first to be
-  reclaimed; contents are kept, as on OpenBSD, where Linux throws away
-  the private changes of a MAP_PRIVATE range) exist; other advice is
-  EINVAL.
+* Only ``MADV_NORMAL`` (read-ahead that grows on sequential faults),
+  ``MADV_RANDOM`` (no read-ahead), ``MADV_SEQUENTIAL`` (the largest
+  read-ahead; pages behind are deactivated), ``MADV_WILLNEED`` (read in
+  the background from free memory) and ``MADV_DONTNEED`` (clean file
+  pages are freed, dirty ones deactivated; the private changes of a
+  MAP_PRIVATE range are kept, as on OpenBSD, where Linux throws them
+  away) exist; other advice is EINVAL.
 * Only regular files and anonymous memory can be mapped (ENODEV for
   others).  ``MAP_PRIVATE`` anonymous memory is mapped shared: nobody else
   can see it, so the two cannot be told apart.

@@ -21,6 +21,7 @@ from vnpager.uvm.uvm_page import PG_BUSY, PG_TABLED, PQ_ACTIVE, PQ_FREE, PQ_INAC
 from vnpager.uvm.uvm_pager import PagerMap
 from vnpager.uvm.uvm_param import MAXBSIZE, PAGE_SIZE, round_page, trunc_page
 from vnpager.uvm.uvm_pdaemon import PageDaemon
+from vnpager.uvm.uvm_readahead import RaDaemon
 from vnpager.uvm.uvm_vnode import (
     UVM_VNODE_VALID,
     UvmVnode,
@@ -104,6 +105,7 @@ class VM:
         self.specfs: Mount = self.vfs.mount(SpecFS(), "specfs")
         self._vmspace: Vmspace | None = None
         self.pagedaemon = PageDaemon(self) if pagedaemon else None
+        self.readahead = RaDaemon(self)  # MADV_WILLNEED's reader; a thread once used
         self.closed = False
 
     @property
@@ -122,6 +124,7 @@ class VM:
         if self.closed:
             return
         self.closed = True
+        self.readahead.stop()
         uvm_vnp_sync(self)
         if self.pagedaemon is not None:
             self.pagedaemon.stop()
@@ -183,8 +186,10 @@ class VM:
     def check_invariants(self) -> None:
         """Panic unless the page accounting of this VM is consistent.
 
-        => no thread may be changing pages: call it on a quiet VM.
+        => no thread may be changing pages: call it on a quiet VM.  The
+           read-ahead daemon is drained first.
         """
+        self.readahead.drain()
         with self.pageqlock:
             free = set(map(id, self.page_free))
             for pg in self.pages:

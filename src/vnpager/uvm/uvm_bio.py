@@ -6,7 +6,8 @@ are coherent by construction and there is one cache, the pager's.
 
 For each page of the range we take the object lock, find the page resident
 (``uvn_get`` with PGO_LOCKED: a lookup) or fetch it (the unlocked pass, which
-reads it from the vnode), copy, and give it back active and unbusy.  A write
+reads it from the vnode, with the rest of the read and the object's
+read-ahead window in the same I/O), copy, and give it back active and unbusy.  A write
 that covers every byte of the file in a page does not read it first: it
 allocates a fresh page.  A write past the end grows the backing file and
 then the pager's size (``uvm_vnp_setsize``); a read stops at the pager's end.
@@ -34,6 +35,7 @@ from vnpager.uvm.uvm_page import (
     uvm_page_unbusy,
     uvm_pageactivate,
     uvm_pagealloc,
+    uvm_pagedeactivate,
     uvm_pagelookup,
     uvm_pagewait,
     uvm_wait,
@@ -45,7 +47,8 @@ from vnpager.uvm.uvm_pager import (
     VM_PAGER_OK,
     PageSlot,
 )
-from vnpager.uvm.uvm_param import PROT_READ
+from vnpager.uvm.uvm_param import MADV_NORMAL, PROT_READ
+from vnpager.uvm.uvm_readahead import RA_WINSIZE_MAX, UvmRactx, uvm_ra_window
 from vnpager.uvm.uvm_vnode import UvmVnode, uvm_vnp_setsize, uvn_get
 from vnpager.vfs.vnode import VOP_UNLOCK, vn_lock
 
@@ -58,6 +61,8 @@ ZEROED = 2  # allocate it zero-filled: the caller overwrites part of it
 # that the backing file and the pager never disagree for long; it is not
 # the vnode lock, which the page daemon's writes need while we free pages
 _size_locks: weakref.WeakKeyDictionary[UvmVnode, threading.Lock] = weakref.WeakKeyDictionary()
+# the read-ahead of each object's UBC reads (under the same guard)
+_ractxs: weakref.WeakKeyDictionary[UvmVnode, UvmRactx] = weakref.WeakKeyDictionary()
 _size_locks_guard = Mutex("ubc_size_locks")
 
 
@@ -69,8 +74,21 @@ def _size_lock(uvn: UvmVnode) -> threading.Lock:
         return lk
 
 
-def ubc_page(uvn: UvmVnode, pgoff: int, how: int) -> VmPage | None:
+def _ractx(uvn: UvmVnode) -> UvmRactx:
+    with _size_locks_guard:
+        ra = _ractxs.get(uvn)
+        if ra is None:
+            ra = _ractxs[uvn] = UvmRactx()
+        return ra
+
+
+def ubc_page(uvn: UvmVnode, pgoff: int, how: int, ahead: int = 0) -> VmPage | None:
     """The page at *pgoff*, busy and owned by the caller.
+
+    FETCH reads a missing page with the object's read-ahead window, or the
+    *ahead* pages the caller is about to read after it if that is more (up
+    to RA_WINSIZE_MAX); the pages read besides *pgoff* are left unbusy on
+    the inactive queue, for the caller's next calls to find.
 
     Returns None if *pgoff* is past the end of the object (FETCH only).
     Raises OSError with the backend's errno if the page-in fails.
@@ -79,18 +97,30 @@ def ubc_page(uvn: UvmVnode, pgoff: int, how: int) -> VmPage | None:
     """
     lock = uvn.vmobjlock
     vm = uvn.vm
+    ps = vm.page_size
     slot: list[PageSlot] = [None]
     while True:
         lock.rw_enter(RW_WRITE)
         result, _ = uvn_get(uvn, pgoff, slot, 1, 0, PROT_READ, 0, PGO_LOCKED)
         if result == VM_PAGER_OK:
+            if how == FETCH:
+                _ractx(uvn).ra_next = pgoff + ps
             return slot[0]  # type: ignore[return-value]
         if how == FETCH:
+            ra = _ractx(uvn)
+            n = max(uvm_ra_window(ra, MADV_NORMAL, pgoff, ps), min(1 + ahead, RA_WINSIZE_MAX // ps))
+            pps: list[PageSlot] = [None] * n
             # releases the object lock whatever the result
-            result, _ = uvn_get(uvn, pgoff, slot, 1, 0, PROT_READ, 0, 0)
+            result, _ = uvn_get(uvn, pgoff, pps, n, 0, PROT_READ, MADV_NORMAL, 0)
             if result == VM_PAGER_OK:
                 lock.rw_enter(RW_WRITE)
-                return slot[0]  # type: ignore[return-value]
+                extra = [p for p in pps[1:] if isinstance(p, VmPage)]
+                with vm.pageqlock:
+                    for p in extra:
+                        uvm_pagedeactivate(p)
+                uvm_page_unbusy(extra)
+                ra.ra_next = pgoff + (1 + len(extra)) * ps
+                return pps[0]  # type: ignore[return-value]
             if result == VM_PAGER_BAD:
                 return None
             if result == VM_PAGER_AGAIN:
@@ -148,7 +178,7 @@ def ubc_readinto(uvn: UvmVnode, buf: memoryview, off: int) -> int:
 
     def step(pgoff: int, lo: int, hi: int) -> bool:
         nonlocal done
-        pg = ubc_page(uvn, pgoff, FETCH)
+        pg = ubc_page(uvn, pgoff, FETCH, (end - hi + uvn.vm.page_size - 1) // uvn.vm.page_size)
         if pg is None:  # truncated under us
             return False
         hi = min(hi, uvn.u_size)  # it may have shrunk since we looked

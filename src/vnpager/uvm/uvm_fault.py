@@ -9,7 +9,8 @@ read-only translation.  :func:`uvm_fault` resolves one fault:
 3. otherwise ask the object's pager for the page and its resident
    neighbours with PGO_LOCKED (fault-ahead: the neighbours are mapped too,
    as many as the entry's advice says), then, if the page is not resident,
-   without PGO_LOCKED, which may sleep and read;
+   without PGO_LOCKED, which may sleep and reads the page together with the
+   entry's read-ahead window (uvm_readahead), mapped as fault-ahead;
 4. a write to a private entry copies the page into the amap (copy on
    write); anything else maps the object's page.
 
@@ -40,6 +41,7 @@ from vnpager.uvm.uvm_page import (
     uvm_wait,
 )
 from vnpager.uvm.uvm_pager import (
+    PGO_DEACTIVATE,
     PGO_DONTCARE,
     PGO_LOCKED,
     VM_PAGER_AGAIN,
@@ -48,6 +50,7 @@ from vnpager.uvm.uvm_pager import (
     PageSlot,
 )
 from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
+from vnpager.uvm.uvm_readahead import RA_WINSIZE_MAX, uvm_ra_window
 
 if TYPE_CHECKING:
     from vnpager.uvm.uvm_object import UvmObject
@@ -118,8 +121,11 @@ def _getpage(space: Vmspace, entry: VmMapEntry, uobj: UvmObject, off: int, va: i
              access_type: int, ahead: bool) -> VmPage:
     """The page at *off* of *uobj*, busy, with the object locked.
 
-    With *ahead*, the resident neighbours the advice asks for are mapped
-    on the way.  => caller holds the map lock; the object lock is held on
+    With *ahead*, the resident neighbours the advice asks for are mapped on
+    the way and, if the page is not resident, the pager reads the entry's
+    read-ahead window from it in the same I/O; the pages read ahead are
+    mapped too (fault-ahead), and MADV_SEQUENTIAL deactivates the pages
+    behind.  => caller holds the map lock; the object lock is held on
     return.  Raises _Refault, BusError or OSError.
     """
     vm = space.vm
@@ -128,25 +134,23 @@ def _getpage(space: Vmspace, entry: VmMapEntry, uobj: UvmObject, off: int, va: i
     lo = max(entry.start, va - nback * ps)
     hi = min(entry.end, va + (nforw + 1) * ps)
     npages, centeridx = (hi - lo) // ps, (va - lo) // ps
-    pps: list[PageSlot] = [None] * npages
-    for i in range(npages):
-        nva = lo + i * ps
-        if i != centeridx and (pmap_extract(space.pmap, nva) is not None or _has_anon(entry, nva)):
-            pps[i] = PGO_DONTCARE
+    pps = _ahead_slots(space, entry, lo, npages, centeridx)
     off0 = off - centeridx * ps
     uobj.vmobjlock.rw_enter(RW_WRITE)
     uobj.pgops.pgo_get(uobj, off0, pps, npages, centeridx, access_type, entry.advice, PGO_LOCKED)
-    for i, pg in enumerate(pps):
-        if i != centeridx and isinstance(pg, VmPage):
-            prot = entry.protection if entry.shared else entry.protection & ~PROT_WRITE
-            _enter(space, lo + i * ps, pg, prot, 0)
-            vm.uvmexp.faultahead += 1
+    _map_ahead(space, entry, lo, pps, centeridx)
     center = pps[centeridx]
     if isinstance(center, VmPage):
+        if ahead:
+            _sequential_behind(entry, uobj, off)
+            entry.ra.ra_next = off0 + _mapped_end(pps, centeridx) * ps
         return center
 
-    slot: list[PageSlot] = [None]
-    result, _ = uobj.pgops.pgo_get(uobj, off, slot, 1, 0, access_type, entry.advice, 0)
+    window = 1
+    if ahead:
+        window = min(uvm_ra_window(entry.ra, entry.advice, off, ps), (entry.end - va) // ps)
+    slots = _ahead_slots(space, entry, va, window, 0)
+    result, _ = uobj.pgops.pgo_get(uobj, off, slots, window, 0, access_type, entry.advice, 0)
     if result == VM_PAGER_AGAIN:
         tsleep((uobj, "fltagain"), "fltagain", AGAIN_SLEEP)
         raise _Refault
@@ -156,13 +160,71 @@ def _getpage(space: Vmspace, entry: VmMapEntry, uobj: UvmObject, off: int, va: i
         err = curproc().p_errno or errno.EIO
         raise OSError(err, f"cannot read page at offset {off:#x}: {errno.errorcode.get(err, err)}")
     uobj.vmobjlock.rw_enter(RW_WRITE)
-    pg = slot[0]
+    # the pages read ahead are busy and ours: map them (or free the released)
+    _map_ahead(space, entry, va, slots, 0)
+    pg = slots[0]
     assert isinstance(pg, VmPage)
     if pg.pg_flags & PG_RELEASED:  # freed while we read it: start over
         uvm_page_unbusy([pg])
         uobj.vmobjlock.rw_exit()
         raise _Refault
+    if ahead:
+        _sequential_behind(entry, uobj, off)
+        entry.ra.ra_next = off + _mapped_end(slots, 0) * ps
     return pg
+
+
+def _ahead_slots(space: Vmspace, entry: VmMapEntry, lo: int, npages: int, centeridx: int) -> list[PageSlot]:
+    """pgo_get slots for the pages at [lo, lo + npages pages): PGO_DONTCARE
+    for those other than the center that are mapped or have an anon."""
+    ps = space.vm.page_size
+    pps: list[PageSlot] = [None] * npages
+    for i in range(npages):
+        nva = lo + i * ps
+        if i != centeridx and (pmap_extract(space.pmap, nva) is not None or _has_anon(entry, nva)):
+            pps[i] = PGO_DONTCARE
+    return pps
+
+
+def _map_ahead(space: Vmspace, entry: VmMapEntry, lo: int, pps: list[PageSlot], centeridx: int) -> None:
+    """Map the busy pages pgo_get gave besides the center, unreferenced,
+    read-only in a private entry; unbusy them (a released page is freed).
+
+    => caller holds the object lock.
+    """
+    prot = entry.protection if entry.shared else entry.protection & ~PROT_WRITE
+    ps = space.vm.page_size
+    for i, pg in enumerate(pps):
+        if i == centeridx or not isinstance(pg, VmPage):
+            continue
+        if pg.pg_flags & PG_RELEASED:
+            uvm_page_unbusy([pg])
+            pps[i] = None
+            continue
+        _enter(space, lo + i * ps, pg, prot, 0)
+        space.vm.uvmexp.faultahead += 1
+
+
+def _mapped_end(pps: list[PageSlot], centeridx: int) -> int:
+    """The index past the run of mapped slots that starts at the center."""
+    end = centeridx + 1
+    while end < len(pps) and pps[end] is not None:
+        end += 1
+    return end
+
+
+def _sequential_behind(entry: VmMapEntry, uobj: UvmObject, off: int) -> None:
+    """MADV_SEQUENTIAL: deactivate the entry's object pages behind *off*
+    (one largest window's worth), so that a scan leaves behind it pages
+    the page daemon reclaims before any other.
+
+    => caller holds the object lock.
+    """
+    if entry.advice != MADV_SEQUENTIAL:
+        return
+    lo = max(entry.offset, off - RA_WINSIZE_MAX)
+    if lo < off:
+        uobj.pgops.pgo_flush(uobj, lo, off, PGO_DEACTIVATE)
 
 
 def _has_anon(entry: VmMapEntry, va: int) -> bool:

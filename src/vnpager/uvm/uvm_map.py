@@ -25,10 +25,20 @@ from typing import TYPE_CHECKING
 from sortedcontainers import SortedDict
 
 from vnpager.kern.lock import LK_EXCLUSIVE, LK_RETRY, RW_READ, RW_WRITE, RWLock, kernel_lock
-from vnpager.uvm.pmap import Pmap, pmap_page_protect, pmap_protect, pmap_remove
-from vnpager.uvm.uvm_page import PG_BUSY, uvm_pagedeactivate
+from vnpager.uvm.pmap import Pmap, pmap_is_modified, pmap_page_protect, pmap_protect, pmap_remove
+from vnpager.uvm.uvm_page import PG_BUSY, PG_CLEAN, uvm_pagedeactivate, uvm_pagefree
 from vnpager.uvm.uvm_pager import PGO_CLEANIT, PGO_FREE, PGO_SYNCIO
-from vnpager.uvm.uvm_param import PROT_NONE, PROT_READ, PROT_WRITE
+from vnpager.uvm.uvm_param import (
+    MADV_DONTNEED,
+    MADV_NORMAL,
+    MADV_RANDOM,
+    MADV_SEQUENTIAL,
+    MADV_WILLNEED,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+)
+from vnpager.uvm.uvm_readahead import UvmRactx
 from vnpager.uvm.uvm_vnode import UvmVnode, uvm_vnp_setsize, uvm_vnp_uncache, uvn_attach
 from vnpager.vfs.memfs import memfs_create
 from vnpager.vfs.vnode import VOP_UNLOCK, vn_lock
@@ -39,12 +49,6 @@ if TYPE_CHECKING:
 
 MAP_SHARED = 0x01
 MAP_PRIVATE = 0x02
-
-MADV_NORMAL = 0
-MADV_RANDOM = 1
-MADV_SEQUENTIAL = 2
-MADV_WILLNEED = 3
-MADV_DONTNEED = 4
 
 MS_ASYNC = 0x1
 MS_INVALIDATE = 0x2
@@ -78,6 +82,7 @@ class VmMapEntry:
     shared: bool = True
     amap: Amap | None = None
     amap_offset: int = 0  # amap offset of ``start``
+    ra: UvmRactx = field(default_factory=UvmRactx)  # the read-ahead of its faults
 
     def __repr__(self) -> str:
         kind = "shared" if self.shared else "private"
@@ -119,7 +124,7 @@ class Vmspace:
         """Split *entry* at *at*; return the upper half.  => lock held (write)."""
         delta = at - entry.start
         upper = replace(entry, start=at, offset=entry.offset + delta,
-                        amap_offset=entry.amap_offset + delta)
+                        amap_offset=entry.amap_offset + delta, ra=UvmRactx())
         entry.end = at
         if entry.object is not None:
             entry.object.pgops.pgo_reference(entry.object)
@@ -246,9 +251,12 @@ def uvm_map_protect(space: Vmspace, start: int, end: int, prot: int) -> None:
 def uvm_map_advice(space: Vmspace, start: int, end: int, advice: int) -> None:
     """Record NORMAL/RANDOM/SEQUENTIAL advice, or act on WILLNEED/DONTNEED.
 
-    MADV_DONTNEED deactivates the resident pages of the range, so they are
-    the first the page daemon reclaims; MADV_WILLNEED is accepted and
-    recorded nowhere (read-ahead is not built yet).
+    The recorded advice sizes the read-ahead of the entry's faults (see
+    uvm_readahead).  MADV_WILLNEED queues the range's object pages for the
+    VM's read-ahead daemon, which reads them in the background from free
+    memory.  MADV_DONTNEED frees the clean resident object pages of the
+    range (dirty ones are deactivated: the page daemon writes them first);
+    the private pages of a MAP_PRIVATE range are kept.
     """
     if advice not in (MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MADV_DONTNEED):
         raise OSError(errno.EINVAL, f"bad advice {advice}")
@@ -257,24 +265,39 @@ def uvm_map_advice(space: Vmspace, start: int, end: int, advice: int) -> None:
         if advice <= MADV_SEQUENTIAL:
             for e in space._range(start, end):
                 e.advice = advice
+                e.ra = UvmRactx()
             space.timestamp += 1
-        elif advice == MADV_DONTNEED:
-            for e in space.entries_in(start, end):
-                _deactivate_range(space, e, max(start, e.start), min(end, e.end))
+            return
+        for e in space.entries_in(start, end):
+            if e.object is None:
+                continue
+            lo = e.offset + max(start, e.start) - e.start
+            hi = e.offset + min(end, e.end) - e.start
+            if advice == MADV_WILLNEED:
+                space.vm.readahead.request(e.object, lo, hi)
+            else:
+                _dontneed(e.object, lo, hi)
     finally:
         space.lock.rw_exit()
 
 
-def _deactivate_range(space: Vmspace, e: VmMapEntry, start: int, end: int) -> None:
-    uobj = e.object
-    if uobj is None:
-        return
-    vm = space.vm
+def _dontneed(uobj: UvmObject, lo: int, hi: int) -> None:
+    """Free the clean pages of [lo, hi) of *uobj*, deactivate the dirty ones.
+
+    Busy and wired pages are left alone.  => caller holds no object lock.
+    """
+    vm = uobj.vm
     with uobj.vmobjlock:
-        for pg in uobj.pages_in(e.offset + start - e.start, e.offset + end - e.start):
-            if not pg.pg_flags & PG_BUSY and pg.wire_count == 0:
-                pmap_page_protect(pg, PROT_NONE)
-                with vm.pageqlock:
+        for pg in uobj.pages_in(lo, hi):
+            if pg.pg_flags & PG_BUSY or pg.wire_count:
+                continue
+            pmap_page_protect(pg, PROT_NONE)  # unmapped first: it cannot be dirtied after the check
+            if pg.pg_flags & PG_CLEAN and pmap_is_modified(pg):
+                pg.pg_flags &= ~PG_CLEAN
+            with vm.pageqlock:
+                if pg.pg_flags & PG_CLEAN:
+                    uvm_pagefree(pg)
+                else:
                     uvm_pagedeactivate(pg)
 
 

@@ -150,9 +150,11 @@ def uvm_pagealloc(vm: VM, uobj: UvmObject | None, off: int, flags: int = 0) -> V
 def uvm_pagewant_ra(vm: VM, npages: int) -> None:
     """Read-ahead was cut short for want of *npages* free pages: ask the
     page daemon to free that many above freemin, from inactive pages only,
-    for the next read-ahead.  => caller holds no page queue lock."""
+    for the next read-ahead.  The request is capped at freemin, so that
+    read-ahead never has the daemon empty the inactive queue of a small
+    machine.  => caller holds no page queue lock."""
     with vm.pageqlock:
-        vm.ra_wanted = max(vm.ra_wanted, npages)
+        vm.ra_wanted = max(vm.ra_wanted, min(npages, vm.freemin))
     wakeup(vm.pagedaemon_chan)
 
 

@@ -15,6 +15,13 @@ PROT_READ = 0x1
 PROT_WRITE = 0x2
 PROT_EXEC = 0x4
 
+# madvise(2) advice; NORMAL, RANDOM and SEQUENTIAL stay on the map entry
+MADV_NORMAL = 0
+MADV_RANDOM = 1
+MADV_SEQUENTIAL = 2
+MADV_WILLNEED = 3
+MADV_DONTNEED = 4
+
 
 def round_page(x: int, page_size: int) -> int:
     return (x + page_size - 1) & ~(page_size - 1)

@@ -1,0 +1,174 @@
+"""Read-ahead (as NetBSD's uvm_readahead.c, with Linux's on-demand sizing).
+
+A :class:`UvmRactx` follows one stream of accesses: a map entry's faults,
+or UBC's reads of one object.  A miss at the page where the stream left off
+is sequential and doubles the window, from RA_WINSIZE_INIT up to
+RA_WINSIZE_MAX; a miss anywhere else is random and resets it.  The window
+is how many pages the pager reads at the miss, in one I/O (uvn_get fills
+them from free memory only: see UVM_PGA_NORESERVE); the caller then sets
+``ra_next`` past the pages the access made resident or mapped.
+MADV_SEQUENTIAL always reads the largest window, MADV_RANDOM only the page
+that missed.
+
+MADV_WILLNEED hands a range to the VM's :class:`RaDaemon`, one thread that
+reads the missing pages of queued ranges in the background, from free
+memory only and never sleeping for it; what it reads waits on the inactive
+queue, unmapped: if nobody maps it, it goes before any page in active use.
+
+=> a context is updated by concurrent faults on one entry (the map lock is
+   shared) with no lock of its own: a race can only make the heuristic
+   guess wrong, never touch a page.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vnpager.kern.lock import RW_WRITE
+from vnpager.uvm.uvm_page import VmPage, uvm_page_unbusy, uvm_pagedeactivate, uvm_pagelookup
+from vnpager.uvm.uvm_pager import PGO_NOSLEEPALLOC, VM_PAGER_OK, PageSlot
+from vnpager.uvm.uvm_param import MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, PROT_READ
+
+if TYPE_CHECKING:
+    from vnpager.uvm.uvm import VM
+    from vnpager.uvm.uvm_object import UvmObject
+
+RA_WINSIZE_INIT = 16 * 1024  # bytes: the first window of a sequential stream
+RA_WINSIZE_MAX = 256 * 1024  # bytes: the largest, and MADV_SEQUENTIAL's
+RA_QUEUE_MAX = 32  # WILLNEED ranges queued per VM; more are dropped (advice)
+
+
+@dataclass(eq=False)
+class UvmRactx:
+    """The read-ahead state of one stream."""
+
+    ra_next: int = -1  # object offset of the page a sequential stream touches next
+    ra_winsize: int = 0  # pages of the window (0: not in a stream)
+
+
+def uvm_ra_window(ra: UvmRactx, advice: int, off: int, page_size: int) -> int:
+    """How many pages to read for a miss at object offset *off*, the page
+    that missed first; records the miss in *ra*."""
+    maxwin = RA_WINSIZE_MAX // page_size
+    if advice == MADV_RANDOM:
+        return 1
+    if advice == MADV_SEQUENTIAL:
+        return maxwin
+    if off == ra.ra_next:
+        ra.ra_winsize = min(max(2 * ra.ra_winsize, RA_WINSIZE_INIT // page_size), maxwin)
+    else:
+        ra.ra_winsize = 0  # random: read what faulted, start again small
+    return max(ra.ra_winsize, 1)
+
+
+class RaDaemon:
+    """The WILLNEED reader of one VM: one thread, started on first use.
+
+    Each queued range holds a reference to its object, dropped when the
+    range is done (or dropped at stop).  The thread holds the VM weakly
+    while idle, so a VM dropped without close() is still collected.
+    """
+
+    def __init__(self, vm: VM) -> None:
+        self._vm = weakref.ref(vm)
+        self._cv = threading.Condition()
+        self._q: deque[tuple[UvmObject, int, int]] = deque()
+        self._busy = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def request(self, uobj: UvmObject, start: int, end: int) -> bool:
+        """Queue [start, end) of *uobj* for reading; False if the queue is
+        full or the daemon stopped (the advice is then ignored).
+
+        => caller holds a reference to *uobj* (the map lock, for an entry's).
+        """
+        with self._cv:
+            if self._stop or len(self._q) >= RA_QUEUE_MAX:
+                return False
+            uobj.pgops.pgo_reference(uobj)
+            self._q.append((uobj, start, end))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="readahead", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return True
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued range is done; False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._q and not self._busy, timeout)
+
+    def stop(self) -> None:
+        """Stop the thread; ranges not started are dropped unread."""
+        with self._cv:
+            self._stop = True
+            dropped = list(self._q)
+            self._q.clear()
+            self._cv.notify_all()
+            thread = self._thread
+        for uobj, _, _ in dropped:
+            uobj.pgops.pgo_detach(uobj)
+        if thread is not None:
+            thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+                while not self._q and not self._stop:
+                    if not self._cv.wait(timeout=1.0) and self._vm() is None:
+                        return
+                if self._stop:
+                    return
+                uobj, start, end = self._q.popleft()
+                self._busy = True
+            try:
+                uvm_ra_fill(uobj, start, end)
+            finally:
+                uobj.pgops.pgo_detach(uobj)
+
+
+def uvm_ra_fill(uobj: UvmObject, start: int, end: int) -> int:
+    """Read the missing pages of [start, end) of *uobj*, in runs of up to
+    RA_WINSIZE_MAX, from free memory only; return how many were read.
+
+    Stops at the first run that cannot be read: no memory free above
+    vm.freemin, the end of the object, or an error (which the fault that
+    needs the page will meet and report).  The pages read go to the
+    inactive queue, unmapped and unreferenced.
+
+    => caller holds a reference to *uobj* and no VM lock.
+    """
+    vm = uobj.vm
+    ps = vm.page_size
+    lock = uobj.vmobjlock
+    maxwin = RA_WINSIZE_MAX // ps
+    off, nread = vm.trunc_page(start), 0
+    while off < end:
+        lock.rw_enter(RW_WRITE)
+        while off < end and uvm_pagelookup(uobj, off) is not None:
+            off += ps
+        if off >= end:
+            lock.rw_exit()
+            break
+        n = min(maxwin, -(-(end - off) // ps))
+        pps: list[PageSlot] = [None] * n
+        result, _ = uobj.pgops.pgo_get(uobj, off, pps, n, 0, PROT_READ, MADV_WILLNEED, PGO_NOSLEEPALLOC)
+        if result != VM_PAGER_OK:  # the object lock is released whatever the result
+            break
+        got = [pg for pg in pps if isinstance(pg, VmPage)]
+        lock.rw_enter(RW_WRITE)
+        with vm.pageqlock:
+            for pg in got:
+                uvm_pagedeactivate(pg)
+        uvm_page_unbusy(got)
+        lock.rw_exit()
+        off += len(got) * ps
+        nread += len(got)
+    return nread
