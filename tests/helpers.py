@@ -162,8 +162,13 @@ def store(pmap: Pmap, pg: VmPage, data: bytes, at: int = 0) -> None:
 
 
 def flush(uvn: UvmVnode, start: int, stop: int, flags: int) -> bool:
+    """uvn_flush, then wait for the asynchronous writes it started (without
+    PGO_SYNCIO), so that the test sees their outcome."""
     with uvn.vmobjlock:
-        return uvn_flush(uvn, start, stop, flags)
+        ok = uvn_flush(uvn, start, stop, flags)
+    if uvn.vm.aiodaemon is not None:
+        uvn.vm.aiodaemon.drain()
+    return ok
 
 
 # ---------------------------------------------------------------- threads

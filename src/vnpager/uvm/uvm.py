@@ -18,7 +18,7 @@ from vnpager.kern.lock import Mutex, RWLock
 from vnpager.kern.synch import WaitChannel
 from vnpager.uvm.uvm_map import Vmspace
 from vnpager.uvm.uvm_page import PG_BUSY, PG_TABLED, PQ_ACTIVE, PQ_FREE, PQ_INACTIVE, VmPage
-from vnpager.uvm.uvm_pager import PagerMap
+from vnpager.uvm.uvm_pager import AioDaemon, PagerMap
 from vnpager.uvm.uvm_param import MAXBSIZE, PAGE_SIZE, round_page, trunc_page
 from vnpager.uvm.uvm_pdaemon import PageDaemon
 from vnpager.uvm.uvm_readahead import RaDaemon
@@ -63,7 +63,7 @@ class VM:
 
     def __init__(self, physmem: int = DEFAULT_PHYSMEM, page_size: int = PAGE_SIZE, *,
                  desiredvnodes: int = 4096, pager_map_slots: int = 16,
-                 pagedaemon: bool = True) -> None:
+                 pagedaemon: bool = True, async_pageout: bool = True) -> None:
         if page_size < 512 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 512, not {page_size}")
         if MAXBSIZE % page_size:
@@ -96,6 +96,7 @@ class VM:
         self.uvn_wlist_lock = Mutex("uvn_wlist")
         self.uvn_sync_lock = RWLock("uvnsync")
         self.pager_map = PagerMap(pager_map_slots)
+        self.aiodaemon = AioDaemon() if async_pageout else None
         uvm_vnodeops.pgo_init(self)
         # the filesystems
         self.vfs = Vfs(desiredvnodes, self._vnode_init, uvm_vnp_terminate,
@@ -128,6 +129,8 @@ class VM:
         uvm_vnp_sync(self)
         if self.pagedaemon is not None:
             self.pagedaemon.stop()
+        if self.aiodaemon is not None:
+            self.aiodaemon.drain()
 
     def __enter__(self) -> VM:
         return self

@@ -4,11 +4,19 @@ Pagers plug into UVM through a :class:`UvmPagerOps` table.  This module
 holds what all pagers share: the pager map (``uvm_pagermapin``: the kernel
 window through which a pager does I/O on pages, here an iovec of the page
 frames, of which only a few may be in use at once), clustering around a
-dirty page (``uvm_mk_pcluster``) and the put path (``uvm_pager_put``).
+dirty page (``uvm_mk_pcluster``), the put path (``uvm_pager_put``), and
+asynchronous I/O: a pager may start a write on the :class:`AioDaemon`
+and return VM_PAGER_PEND; the daemon runs the transfer and then the
+pager's aiodone hook, which finishes the pages as the synchronous path
+would have.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -37,6 +45,8 @@ from vnpager.uvm.uvm_param import PROT_READ
 
 if TYPE_CHECKING:
     from vnpager.uvm.uvm_object import UvmObject
+
+log = logging.getLogger("vnpager.uvm_pager")
 
 # pager return codes
 VM_PAGER_OK: Final = 0
@@ -88,6 +98,78 @@ class UvmPagerOps:
     pgo_flush: Callable[[UvmObject, int, int, int], bool]
     pgo_cluster: Callable[[UvmObject, int], tuple[int, int]]
     pgo_mk_pcluster: Callable[..., list[VmPage]]
+
+
+@dataclass(eq=False)
+class UvmAioDesc:
+    """One asynchronous pager I/O (``struct uvm_aiodesc``).
+
+    ``io`` does the transfer and returns an errno; ``aiodone`` then runs
+    on the daemon's thread with the descriptor, ``error`` filled in.
+    """
+
+    uobj: UvmObject
+    pps: list[VmPage]
+    io: Callable[[], int]
+    aiodone: Callable[[UvmAioDesc], None]
+    error: int = 0
+
+
+class AioDaemon:
+    """Threads that run asynchronous pager I/O and its completion.
+
+    Up to *nworkers* threads, started on demand and gone after *idle*
+    seconds without work, so an idle VM costs no threads.  An exception in
+    an aiodone hook is a bug: it is kept and raised again by :meth:`drain`.
+    """
+
+    def __init__(self, nworkers: int = 2, idle: float = 2.0) -> None:
+        self.nworkers = nworkers
+        self.idle = idle
+        self._q: queue.SimpleQueue[UvmAioDesc] = queue.SimpleQueue()
+        self._cv = threading.Condition()
+        self._threads = 0
+        self.pending = 0  # started and not yet done
+        self.failures: list[BaseException] = []
+
+    def start(self, desc: UvmAioDesc) -> None:
+        with self._cv:
+            self.pending += 1
+            self._q.put(desc)
+            if self._threads < min(self.nworkers, self.pending):
+                self._threads += 1
+                threading.Thread(target=self._run, name="aiodoned", daemon=True).start()
+
+    def drain(self) -> None:
+        """Wait until every I/O started so far is done."""
+        with self._cv:
+            self._cv.wait_for(lambda: self.pending == 0)
+            if self.failures:
+                raise self.failures[0]
+
+    def _run(self) -> None:
+        while True:
+            try:
+                desc = self._q.get(timeout=self.idle)
+            except queue.Empty:
+                with self._cv:
+                    if self._q.empty():
+                        self._threads -= 1
+                        return
+                continue
+            try:
+                desc.error = desc.io()
+            except Exception:  # a backend bug must not leave the pages busy forever
+                log.exception("asynchronous pager I/O failed")
+                desc.error = errno.EIO
+            try:
+                desc.aiodone(desc)
+            except BaseException as e:
+                log.exception("aiodone failed")
+                self.failures.append(e)
+            with self._cv:
+                self.pending -= 1
+                self._cv.notify_all()
 
 
 class PagerMap:

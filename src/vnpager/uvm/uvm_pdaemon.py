@@ -43,7 +43,14 @@ from vnpager.uvm.uvm_page import (
     uvm_pagedeactivate,
     uvm_pagefree,
 )
-from vnpager.uvm.uvm_pager import PGO_ALLPAGES, PGO_PDFREECLUST, VM_PAGER_OK, uvm_pager_put
+from vnpager.uvm.uvm_pager import (
+    PGO_ALLPAGES,
+    PGO_PDFREECLUST,
+    VM_PAGER_AGAIN,
+    VM_PAGER_OK,
+    VM_PAGER_PEND,
+    uvm_pager_put,
+)
 from vnpager.uvm.uvm_param import MAXBSIZE, PROT_NONE, PROT_READ
 
 if TYPE_CHECKING:
@@ -97,12 +104,16 @@ def _reclaim(vm: VM, pg: VmPage) -> int:
             # ALLPAGES: the cluster may take any dirty inactive neighbour
             result, _ = uvm_pager_put(uobj, pg, MAXBSIZE // vm.page_size,
                                       PGO_ALLPAGES | PGO_PDFREECLUST, 0, 0)
-            if pg.pg_flags & PG_WANTED:
-                wakeup(pg)
-            pg.pg_flags &= ~(PG_BUSY | PG_WANTED)
-            UVM_PAGE_OWN(pg, None)
+            if result == VM_PAGER_PEND:
+                # the daemon never waits for a write: aiodone cleans the
+                # pages and wakes us, and a later scan frees them
+                vm.uvmexp.pdpageouts += 1
+                return 0
+            _unbusy(pg)
+            if result == VM_PAGER_AGAIN:  # no pager map just now: next scan
+                return 0
             if result != VM_PAGER_OK:
-                with vm.pageqlock:  # keep it dirty; uvn_io recorded the error on the object
+                with vm.pageqlock:  # keep it dirty; uvn_io recorded the error
                     uvm_pageactivate(pg)
                 return 0
             pg.pg_flags |= PG_CLEAN
@@ -116,6 +127,13 @@ def _reclaim(vm: VM, pg: VmPage) -> int:
         return 1
     finally:
         uobj.vmobjlock.rw_exit()
+
+
+def _unbusy(pg: VmPage) -> None:
+    if pg.pg_flags & PG_WANTED:
+        wakeup(pg)
+    pg.pg_flags &= ~(PG_BUSY | PG_WANTED)
+    UVM_PAGE_OWN(pg, None)
 
 
 def uvmpd_scan_active(vm: VM, want: int) -> None:

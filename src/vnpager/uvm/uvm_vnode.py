@@ -29,7 +29,12 @@ Where we differ from the seed, on purpose:
 * every flag change happens under the object lock: the seed leans on the
   kernel lock for uvn_attach and the writeable list, which we lock instead.
 
-The pageout path is synchronous: uvn_put never returns VM_PAGER_PEND.
+Pageout without PGO_SYNCIO is asynchronous, as the seed's long comment
+above uvn_flush designs it: uvn_io starts the write on the VM's aio daemon
+and returns VM_PAGER_PEND, and :func:`uvn_aiodone` finishes the pages.
+Such writes go through VOP_STRATEGY, without the vnode lock, as buffer
+writes do.  uvm_vnp_sync asks for PGO_SYNCIO, so a returned sync means the
+data reached the filesystem.
 """
 
 from __future__ import annotations
@@ -92,8 +97,10 @@ from vnpager.uvm.uvm_pager import (
     VM_PAGER_BAD,
     VM_PAGER_ERROR,
     VM_PAGER_OK,
+    VM_PAGER_PEND,
     VM_PAGER_UNLOCK,
     PageSlot,
+    UvmAioDesc,
     UvmPagerOps,
     uvm_mk_pcluster,
     uvm_pager_put,
@@ -111,6 +118,7 @@ from vnpager.vfs.vnode import (
     VBLK,
     VOP_GETATTR,
     VOP_READ,
+    VOP_STRATEGY,
     VOP_UNLOCK,
     VOP_WRITE,
     VTEXT,
@@ -343,12 +351,14 @@ def uvn_detach(uobj: UvmObject) -> None:
     uvn.u_flags |= UVM_VNODE_DYING
     # no one can attach until DYING clears, and no pgo_get can be running
     # (no references): the only busy pages are in pageout by others
-    written = uvn_flush(uobj, 0, 0, PGO_CLEANIT | PGO_FREE | PGO_ALLPAGES)
+    uvn_flush(uobj, 0, 0, PGO_CLEANIT | PGO_FREE | PGO_ALLPAGES)
 
     uvn.u_flags |= UVM_VNODE_RELKILL
     while uobj.uo_npages and uvn.u_flags & UVM_VNODE_RELKILL:
-        if not written and not any(pg.pg_flags & PG_BUSY for pg in uobj.memt.values()):
-            # pages we could not write are all that is left: keep them
+        if not any(pg.pg_flags & PG_BUSY for pg in uobj.memt.values()):
+            # no write is in flight, so what is left could not be written
+            # (now or asynchronously): keep it, with its error
+            _iosync_done(uvn)
             uvn.u_flags &= ~(UVM_VNODE_DYING | UVM_VNODE_RELKILL)
             _wake_wanted(uvn)
             lock.rw_exit()
@@ -373,6 +383,16 @@ def uvn_detach(uobj: UvmObject) -> None:
         wakeup(uvn)
     lock.rw_exit()
     vrele(vp)
+
+
+def _iosync_done(uvn: UvmVnode) -> None:
+    """Clear IOSYNC after a wait for u_nio, letting held-back I/O start.
+
+    => caller holds the object lock.
+    """
+    if uvn.u_flags & UVM_VNODE_IOSYNCWANTED:
+        wakeup((uvn, "u_flags"))
+    uvn.u_flags &= ~(UVM_VNODE_IOSYNC | UVM_VNODE_IOSYNCWANTED)
 
 
 def _wake_wanted(uvn: UvmVnode) -> None:
@@ -411,22 +431,25 @@ def uvm_vnp_terminate(vp: Vnode) -> None:
     uvn.u_flags &= ~UVM_VNODE_RELKILL
     uvn.u_flags |= UVM_VNODE_DYING | UVM_VNODE_VNISLOCKED
 
-    if not uvn_flush(uobj, 0, 0, PGO_CLEANIT | PGO_FREE | PGO_ALLPAGES):
+    # synchronous (the seed's flush is not): we wait for the writes anyway,
+    # and a fault meanwhile then fails at once rather than behind IOSYNC
+    uvn_flush(uobj, 0, 0, PGO_CLEANIT | PGO_FREE | PGO_ALLPAGES | PGO_SYNCIO)
+    while True:
+        # the seed panics on an unbusy page here; with write errors kept,
+        # an unbusy page is one whose write failed (synchronously or not)
         _free_unwritten(uvn)
-
-    while uobj.uo_npages:
-        if DEBUG:
-            for pg in uobj.memt.values():
-                if not pg.pg_flags & PG_BUSY:
-                    panic("uvm_vnp_terminate: detected unbusy pg")
-            if uvn.u_nio == 0:
-                panic("uvm_vnp_terminate: no I/O to wait for?")
+        if not uobj.uo_npages:
+            break
+        if DEBUG and uvn.u_nio == 0:
+            panic("uvm_vnp_terminate: no I/O to wait for?")
         uvn.u_flags |= UVM_VNODE_IOSYNC
         rwsleep((uvn, "u_nio"), lock, "uvn_term")
 
     oldflags = uvn.u_flags
     if uvn.uo_refs:
-        # lives on with a dead vnode until its last reference goes
+        # lives on with a dead vnode until its last reference goes; the seed
+        # leaves IOSYNC set here, and the object's next I/O waits forever
+        _iosync_done(uvn)
         uvn.u_flags &= ~(UVM_VNODE_DYING | UVM_VNODE_VNISLOCKED | UVM_VNODE_WANTED
                          | UVM_VNODE_CANPERSIST)
     else:
@@ -443,19 +466,21 @@ def uvm_vnp_terminate(vp: Vnode) -> None:
 
 
 def _free_unwritten(uvn: UvmVnode) -> None:
-    """Give up the dirty pages that could not be written (terminate only).
+    """Free the unbusy pages left after terminate's flush (terminate only).
+
+    Dirty ones are those whose write failed: they are counted as lost.
 
     => caller holds the object lock.
     """
     dead = [pg for pg in uvn.memt.values() if not pg.pg_flags & PG_BUSY]
-    if not dead:
-        return
-    log.warning("%r: %d dirty pages lost: the vnode is being recycled and "
-                "write-back failed with errno %d", uvn, len(dead), uvn.u_error)
+    lost = sum(1 for pg in dead if not pg.pg_flags & PG_CLEAN or pmap_is_modified(pg))
     with uvn.vm.pageqlock:
         for pg in dead:
             uvm_pagefree(pg)
-    uvn.vm.uvmexp.lostpages += len(dead)
+    if lost:
+        log.warning("%r: %d dirty pages lost: the vnode is being recycled and "
+                    "write-back failed with errno %d", uvn, lost, uvn.u_error)
+        uvn.vm.uvmexp.lostpages += lost
 
 
 @traced
@@ -547,6 +572,22 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
             flags |= PGO_SYNCIO
             pp.pg_flags &= ~PG_RELEASED
 
+        # the cluster is dealt with: go on after its last page (a page of a
+        # pending write is busy, and one whose write failed must not be
+        # tried again by this same flush)
+        curoff = max(curoff, ppsp[-1].offset + page_size)
+        if result == VM_PAGER_PEND:
+            # uvn_aiodone finishes these pages and frees the released ones
+            # (aiodone needs the object lock we hold: none is done yet)
+            for ptmp in ppsp:
+                if flags & PGO_DEACTIVATE:  # allowed for busy pages
+                    if ptmp.wire_count == 0:
+                        pmap_page_protect(ptmp, PROT_NONE)
+                        with vm.pageqlock:
+                            uvm_pagedeactivate(ptmp)
+                elif flags & PGO_FREE:
+                    ptmp.pg_flags |= PG_RELEASED
+            continue
         if result != VM_PAGER_OK:
             # the seed marks pp clean and may free it: we keep it dirty (uvn_io
             # has recorded the error on the object)
@@ -576,9 +617,7 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
         while uvn.u_nio != 0:
             uvn.u_flags |= UVM_VNODE_IOSYNC
             rwsleep((uvn, "u_nio"), uobj.vmobjlock, "uvn_flush")
-        if uvn.u_flags & UVM_VNODE_IOSYNCWANTED:
-            wakeup((uvn, "u_flags"))
-        uvn.u_flags &= ~(UVM_VNODE_IOSYNC | UVM_VNODE_IOSYNCWANTED)
+        _iosync_done(uvn)
 
     uvm_pglistfree(dead)
     return retval
@@ -605,10 +644,12 @@ def uvn_cluster(uobj: UvmObject, offset: int) -> tuple[int, int]:
 
 @traced
 def uvn_put(uobj: UvmObject, pps: list[VmPage], npages: int, flags: int) -> int:
-    """Write *pps* to the vnode; synchronous, whatever the flags say.
+    """Write *pps* to the vnode: with PGO_SYNCIO, wait for it; without,
+    start it and return VM_PAGER_PEND (or VM_PAGER_AGAIN: no pager map).
 
     => caller holds the object lock; the pages are busy and owned by the
-       caller, who sets PG_CLEAN and clears the modified bits afterwards.
+       caller, who sets PG_CLEAN and clears the modified bits afterwards
+       (uvn_aiodone does it for a pending write).
     """
     KASSERT(uobj.vmobjlock.rw_write_held(), "uvn_put: object not locked")
     return uvn_io(_uvn(uobj), pps, npages, flags, UIO_WRITE)
@@ -784,6 +825,11 @@ def uvn_io(uvn: UvmVnode, pps: list[VmPage], npages: int, flags: int, rw: int) -
     kva = uvm_pagermapin(vm.pager_map, pps, mapinflags)
     if kva is None and not waitok:
         return VM_PAGER_AGAIN
+    # asynchronous write, unless terminate owns the vnode (see below)
+    if (rw == UIO_WRITE and not waitok and vm.aiodaemon is not None
+            and not uvn.u_flags & UVM_VNODE_VNISLOCKED):
+        assert kva is not None
+        return _uvn_io_start(uvn, pps[:npages], kva)
 
     uvn.u_nio += 1
     lock.rw_exit()
@@ -855,6 +901,70 @@ def _zero_from(iov: list[memoryview], start: int) -> None:
         if start < len(frame):
             frame[start:] = bytes(len(frame) - start)
         start = max(0, start - len(frame))
+
+
+def _uvn_io_start(uvn: UvmVnode, pps: list[VmPage], kva: list[memoryview]) -> int:
+    """Start writing *pps* on the aio daemon; uvn_aiodone finishes them.
+
+    => caller holds the object lock (kept); the pages are busy and mapped in.
+    """
+    vn = uvn.u_vnode
+    uvn.u_nio += 1
+    # the pages are busy, so neither their offsets nor u_size's effect on
+    # them change before the write runs
+    wanted = min(len(pps) * uvn.vm.page_size, uvn.u_size - pps[0].offset)
+    uio = Uio(list(kva), pps[0].offset, wanted, UIO_WRITE)
+
+    def io() -> int:
+        error = VOP_STRATEGY(vn, uio)
+        return error or (errno.EIO if uio.resid else 0)
+
+    uvn.vm.aiodaemon.start(UvmAioDesc(uvn, pps, io, uvn_aiodone))  # type: ignore[union-attr]
+    return VM_PAGER_PEND
+
+
+@traced
+def uvn_aiodone(desc: UvmAioDesc) -> None:
+    """Finish an asynchronous write, as the seed's comment designs it.
+
+    Drops u_nio (waking IOSYNC sleepers), unbusies the pages (waking their
+    waiters), marks them clean, and frees those released meanwhile.  On an
+    error the pages stay dirty and resident, released or not, and the error
+    is recorded exactly as a synchronous write records it.
+
+    => runs on the aio daemon; takes the object lock.
+    """
+    uvn = _uvn(desc.uobj)
+    vm = uvn.vm
+    uvm_pagermapout(vm.pager_map)
+    vm.uvmexp.write_ios += 1
+    vm.uvmexp.pageouts += len(desc.pps)
+    dead: list[VmPage] = []
+    with uvn.vmobjlock:
+        if desc.error:
+            uvn_record_error(uvn, desc.error)
+        for pg in desc.pps:
+            if pg.pg_flags & PG_WANTED:
+                wakeup(pg)
+            pg.pg_flags &= ~(PG_BUSY | PG_WANTED)
+            UVM_PAGE_OWN(pg, None)
+            if desc.error:
+                pg.pg_flags &= ~PG_RELEASED
+                continue
+            # write-protected and busy while written: no store can have raced
+            pg.pg_flags |= PG_CLEAN | PG_CLEANCHK
+            pmap_clear_modify(pg)
+            if pg.pg_flags & PG_RELEASED:
+                pmap_page_protect(pg, PROT_NONE)
+                with vm.pageqlock:
+                    uvm_pageclean(pg)
+                dead.append(pg)
+        uvn.u_nio -= 1
+        if uvn.u_flags & UVM_VNODE_IOSYNC and uvn.u_nio == 0:
+            wakeup((uvn, "u_nio"))
+    uvm_pglistfree(dead)
+    if vm.npages_free_low():  # the daemon's pageouts are clean now: free them
+        wakeup(vm.pagedaemon_chan)
 
 
 @traced
@@ -1007,7 +1117,8 @@ def uvm_vnp_sync(vm: VM, mp: object = None) -> None:
         with uvn.vmobjlock:
             if DEBUG and uvn.u_flags & UVM_VNODE_DYING:
                 log.debug("uvm_vnp_sync: dying vnode on sync list")
-            clean = uvn_flush(uvn, 0, 0, PGO_CLEANIT | PGO_ALLPAGES | PGO_DOACTCLUST)
+            # PGO_SYNCIO (not in the seed): a returned sync has written
+            clean = uvn_flush(uvn, 0, 0, PGO_CLEANIT | PGO_ALLPAGES | PGO_DOACTCLUST | PGO_SYNCIO)
             if clean and uvn.uo_refs == 1 and uvn.u_flags & UVM_VNODE_WRITEABLE:
                 _wlist_remove(uvn)
         uvn_detach(uvn)

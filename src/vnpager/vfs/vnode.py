@@ -199,6 +199,16 @@ def VOP_WRITE(vp: Vnode, uio: Uio, ioflag: int = 0) -> int:
         return vp.v_op.write(vp, uio, ioflag)
 
 
+def VOP_STRATEGY(vp: Vnode, uio: Uio) -> int:
+    """Write *uio* as a buffer write does: without the vnode lock.
+
+    Asynchronous pageout uses it, so that a write in flight never waits for
+    a vnode lock whose holder (terminate, say) is waiting for that write.
+    """
+    with kernel_lock.dropped():
+        return vp.v_op.write(vp, uio, IO_NOCACHE)
+
+
 def VOP_IOCTL(vp: Vnode, cmd: int, data: dict[str, Any]) -> int:
     return vp.v_op.ioctl(vp, cmd, data)
 
