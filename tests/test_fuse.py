@@ -3,6 +3,8 @@ memory than the data (cp, tar, sqlite3, Python's mmap).
 
 Each server runs in a subprocess (``python -m vnpager.cli mount ...
 --foreground``); the fixtures always unmount and reap it, even on failure.
+The coherence test of the mount with vnpager.mmap needs one VM for both,
+so it serves from a thread of the test process (``mounted``) instead.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed (pip install -e '.[fuse]')")
-from vnpager.fuse.mount import server_pid
+import vnpager
+from vnpager.fuse.mount import mounted, server_pid
 
 if not os.path.exists("/dev/fuse"):
     pytest.skip("/dev/fuse is absent: FUSE mounts are impossible here", allow_module_level=True)
@@ -204,3 +207,53 @@ def test_direct_io_refuses_shared_mmap(tmp_path: Path) -> None:
                 assert e.errno == 19  # ENODEV
             with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE) as m:
                 assert m[:6] == b"direct"
+
+
+def test_mount_and_vnpager_mmap_in_one_vm_stay_coherent(tmp_path: Path) -> None:
+    """One file, written through the mount (the kernel, then our server
+    thread, then UBC) and through vnpager.mmap in the same VM, four times
+    the VM's size so that pages are paged out and read again in between:
+    each side sees the other's writes without a flush, the mount's at once,
+    the mapping's at the next open (the kernel caches an open file's pages:
+    coherence through the mount is close-to-open), and a truncation
+    through the mount at once.  This process touches the mount only with
+    read/write/stat (see ``mounted``)."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    rng = random.Random(11)
+    size = 4 * PHYSMEM
+    model = bytearray(rng.randbytes(size))
+    spots = [rng.randrange(size - 10_000) for _ in range(20)]
+    vm = vnpager.VM(physmem=PHYSMEM)
+    with mounted(vm, str(src), str(mnt)):
+        fd = os.open(mnt / "f", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            assert os.pwrite(fd, model, 0) == size
+            with open(src / "f", "r+b") as host, vnpager.mmap(host.fileno(), 0, vm=vm) as m:
+                assert m[:] == model  # the mount's writes, seen by the mapping
+                for off in spots[:10]:  # the mount writes while mapped: seen at once
+                    data = rng.randbytes(rng.randrange(1, 10_000))
+                    assert os.pwrite(fd, data, off) == len(data)
+                    model[off:off + len(data)] = data
+                    assert m[off:off + len(data)] == data
+                for off in spots[10:]:  # the mapping writes: seen by the next open of the mount
+                    data = rng.randbytes(rng.randrange(1, 10_000))
+                    m[off:off + len(data)] = data
+                    model[off:off + len(data)] = data
+                reader = os.open(mnt / "f", os.O_RDONLY)
+                try:
+                    assert os.pread(reader, size + 1, 0) == model
+                finally:
+                    os.close(reader)
+                os.ftruncate(fd, size // 2)  # through the mount: the mapping's file shrinks at once
+                del model[size // 2:]
+                assert m[:size // 2] == model
+                with pytest.raises(vnpager.BusError):
+                    m[size // 2 + 1]
+        finally:
+            os.close(fd)
+        assert os.stat(mnt / "f").st_size == size // 2
+    # the unmount wrote every page, the mapping's and the mount's
+    assert (src / "f").read_bytes() == model
+    assert not os.path.ismount(mnt)

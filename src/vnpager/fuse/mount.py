@@ -6,17 +6,24 @@ writes every dirty page, terminates every object and stops the VM.
 
 The mount's source name in /proc/self/mountinfo is ``vnpager:PID``, so
 that ``vnpager umount`` can wait for the server to finish its write-back.
+
+:func:`mounted` serves from a thread of the calling process instead, so
+that the program can use the mount's VM itself (``vnpager.mmap``,
+``vm.pread``) and see the same pages as the programs on the mount.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import pyfuse3
 import trio
@@ -38,10 +45,7 @@ def serve(src: str, mnt: str, physmem: int, *, direct_io: bool = False) -> None:
     where = os.path.realpath(mnt)  # not once mounted: that would ask us, not yet serving
     vm = VM(physmem=physmem)
     fs = VnpagerFS(vm, src, direct_io=direct_io)
-    options = set(pyfuse3.default_options) | {f"fsname={FSNAME_PREFIX}{os.getpid()}", "subtype=vnpager"}
-    if os.geteuid() == 0:
-        options.add("allow_other")  # a root server serves every user
-    pyfuse3.init(fs, mnt, options)
+    pyfuse3.init(fs, mnt, _options())
     unmounted = False
     try:
         print(f"vnpager: {fs.src} mounted at {where} "
@@ -51,9 +55,63 @@ def serve(src: str, mnt: str, physmem: int, *, direct_io: bool = False) -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second one must not cut the write-back short
             signal.signal(sig, signal.SIG_IGN)
-        pyfuse3.close(unmount=not unmounted)
-        pager.shutdown(vm, fs.open_objects())
+        _finish(fs, unmount=not unmounted)
     print(f"vnpager: {mnt} unmounted, every dirty page written", flush=True)
+
+
+@contextmanager
+def mounted(vm: VM, src: str, mnt: str, *, direct_io: bool = False,
+            timeout: float = 60.0) -> Iterator[VnpagerFS]:
+    """Mount *src* at *mnt* with the pages of *vm*, served by a thread of
+    this process, for the duration of the ``with`` block.
+
+    At the end: stop serving, unmount (lazily, so a file left open cannot
+    keep the mount), write every dirty page and close *vm*.  pyfuse3 has
+    one session per process: one mount at a time.
+
+    => the caller's own mappings of *vm* are closed before the block ends.
+    => this process must never touch a kernel mapping (mmap.mmap) of a file
+       on the mount: the page fault would hold the GIL that the server
+       thread needs to serve it.  read/write/stat release the GIL: fine.
+    """
+    fs = VnpagerFS(vm, src, direct_io=direct_io)
+    pyfuse3.init(fs, mnt, _options())
+    loop = threading.Thread(target=trio.run, args=(pyfuse3.main,), name="vnpager-fuse", daemon=True)
+    loop.start()
+    try:
+        yield fs
+    finally:
+        if not _stopped(loop, timeout):  # stuck: leave no mount behind, and no VM to a live thread
+            subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
+            raise TimeoutError(f"the FUSE server thread outlived {timeout:.0f}s")
+        _finish(fs, unmount=True)
+
+
+def _stopped(loop: threading.Thread, timeout: float) -> bool:
+    """End pyfuse3.main on the thread *loop* (unless it has ended by
+    itself); False if it is still running after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while loop.is_alive() and time.monotonic() < deadline:
+        token = pyfuse3.trio_token  # None until main starts and once it ends
+        if token is not None:
+            with contextlib.suppress(trio.RunFinishedError):  # it ended meanwhile
+                trio.from_thread.run_sync(pyfuse3.terminate, trio_token=token)
+        loop.join(0.05)
+    return not loop.is_alive()
+
+
+def _options() -> set[str]:
+    options = set(pyfuse3.default_options) | {f"fsname={FSNAME_PREFIX}{os.getpid()}", "subtype=vnpager"}
+    if os.geteuid() == 0:
+        options.add("allow_other")  # a root server serves every user
+    return options
+
+
+def _finish(fs: VnpagerFS, *, unmount: bool) -> None:
+    """The loop has ended: unmount if still mounted, then write every dirty
+    page, terminate every object and close the VM."""
+    pyfuse3.close(unmount=unmount)
+    pager.shutdown(fs.vm, fs.open_objects())
 
 
 async def _main() -> bool:
