@@ -450,6 +450,14 @@ def markdown(report: Report) -> Iterable[str]:
 def run_bench(args: argparse.Namespace) -> int:
     # a wide table: do not squeeze it into 80 columns when piped
     console = Console(stderr=args.json, highlight=False, width=None if sys.stdout.isatty() else 160)
+    if args.mount:  # fio on FUSE mounts: vnpager.fuse.bench
+        try:
+            from vnpager.fuse.bench import run_mount_bench
+        except ImportError as e:
+            print(f"vnpager bench --mount needs the fuse extra (pip install -e '.[fuse]'): {e}",
+                  file=sys.stderr)
+            return 1
+        return run_mount_bench(args, console)
     cfg = QUICK if args.quick else FULL
     with console.status("measuring") as status:
         report = run(cfg, lambda case: status.update(f"measuring: {case}"))
@@ -467,6 +475,8 @@ def add_subcommands(subparsers: Any) -> None:
     p = subparsers.add_parser("bench", help="measure vnpager.mmap against mmap, os.preadv and fsspec",
                               description=__doc__.split("\n\n")[1] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="a smaller file, shorter measurements")
+    p.add_argument("--mount", action="store_true",
+                   help="fio on a vnpager mount, on its SRC directly and on an rclone mount instead")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the results as JSON")
     out.add_argument("--markdown", action="store_true", help="print the table as Markdown")

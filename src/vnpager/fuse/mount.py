@@ -132,17 +132,27 @@ async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) 
         return
 
 
-def server_pid(mnt: str) -> int | None:
-    """The pid of the vnpager server of the mount at *mnt*, if it is one."""
+def mount_source(mnt: str) -> str | None:
+    """The source name of the mount at *mnt* (``vnpager:PID``, or another
+    server's; the topmost if several), or None if nothing is mounted there.
+    Reads mountinfo: never asks the server, so it is safe before it serves
+    or after it died."""
     target = os.path.realpath(mnt)
+    source = None
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
-            point = left.split()[4].encode().decode("unicode_escape")
-            source = right.split()[1]
-            if point == target and source.startswith(FSNAME_PREFIX):
-                return int(source[len(FSNAME_PREFIX):])
-    return None
+            if left.split()[4].encode().decode("unicode_escape") == target:
+                source = right.split()[1]
+    return source
+
+
+def server_pid(mnt: str) -> int | None:
+    """The pid of the vnpager server of the mount at *mnt*, if it is one."""
+    source = mount_source(mnt)
+    if source is None or not source.startswith(FSNAME_PREFIX):
+        return None
+    return int(source[len(FSNAME_PREFIX):])
 
 
 def unmount(mnt: str, timeout: float) -> int:
