@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests drive: FUSE, and real programs to run on a mount
 DEBS := fuse3 libfuse3-dev pkg-config sqlite3 fio
 
-.PHONY: demo test lint typecheck cover sysdeps clean
+.PHONY: demo test lint typecheck cover sysdeps bench-deps clean
 
 $(STAMP): pyproject.toml | sysdeps
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ sysdeps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "missing Debian packages:$$missing (run as root, or: sudo apt-get install$$missing)"; fi; \
 	fi
+
+# vnpager bench --mount compares with rclone mount: for the benchmark only, not the tests
+bench-deps:
+	$(MAKE) sysdeps DEBS="$(DEBS) rclone"
 
 demo: $(STAMP)
 	$(BIN)/vnpager demo
