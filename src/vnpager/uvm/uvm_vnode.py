@@ -544,9 +544,11 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
                         uvm_pagedeactivate(pp)
             elif flags & PGO_FREE:
                 if pp.pg_flags & PG_BUSY:
+                    # look at this offset again: not at pp.offset, for pp may
+                    # be freed and reused elsewhere while we sleep
+                    curoff -= page_size
                     uvm_pagewait(pp, uobj.vmobjlock, "uvn_flsh")
                     uobj.vmobjlock.rw_enter(RW_WRITE)
-                    curoff = pp.offset  # look at this offset again
                     continue
                 pmap_page_protect(pp, PROT_NONE)
                 with vm.pageqlock:
