@@ -27,7 +27,7 @@ from vnpager.mmap import (
     default_vm,
     mmap,
 )
-from vnpager.uvm.uvm import VM
+from vnpager.vm import VM
 
 __all__ = [
     "ACCESS_COPY", "ACCESS_DEFAULT", "ACCESS_READ", "ACCESS_WRITE", "ALLOCATIONGRANULARITY",

@@ -208,6 +208,7 @@ def _demo_steps(console: Console, story: _Story, fd: int, path: str, model: byte
     data = rng.randbytes(3 * ps)
     m[4 * ps:7 * ps] = data
     model[4 * ps:7 * ps] = data
+    vm.quiesce()  # the page daemon's own pageouts must not blur the count
     story.changed("pageouts")
     with tracing(True):
         m.flush(4 * ps, 3 * ps)

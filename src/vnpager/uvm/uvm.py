@@ -8,14 +8,13 @@ without sharing anything but the scheduler.
 from __future__ import annotations
 
 import mmap as _mmap
-import os
 import threading
+import time
 from dataclasses import asdict, dataclass
 
-from vnpager import ubc  # the UBC block of VM
 from vnpager.kern.debug import panic
 from vnpager.kern.lock import Mutex, RWLock
-from vnpager.kern.synch import WaitChannel
+from vnpager.kern.synch import WaitChannel, tsleep
 from vnpager.uvm.uvm_map import Vmspace
 from vnpager.uvm.uvm_page import PG_BUSY, PG_TABLED, PQ_ACTIVE, PQ_FREE, PQ_INACTIVE, VmPage
 from vnpager.uvm.uvm_pager import AioDaemon, PagerMap
@@ -132,25 +131,30 @@ class VM:
         if self.aiodaemon is not None:
             self.aiodaemon.drain()
 
+    def quiesce(self, timeout: float = 10.0) -> None:
+        """Wait until the page daemon is not scanning and no asynchronous
+        write is in flight, so that counters read next change only by what
+        the caller does (the demo and benchmarks measure steps this way).
+        Raises TimeoutError if the VM stays busy for *timeout* seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.aiodaemon is not None:
+                self.aiodaemon.drain()
+            with self.pageqlock:
+                daemon_busy = self.pagedaemon is not None and (
+                    self.pagedaemon.scanning or self.npages_free_low())
+            if not daemon_busy and (self.aiodaemon is None or not self.aiodaemon.pending):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError("the VM did not become quiet")
+            tsleep(self.free_chan, "quiesce", 0.001)
+
     def __enter__(self) -> VM:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # --- UBC: file I/O through this VM's pages (vnpager.ubc, uvm_bio.py) ---
-    def pread(self, target: ubc.Target, n: int, off: int) -> bytes:
-        """Up to *n* bytes at *off* of a host path or vnode, through the pages."""
-        return ubc.vm_pread(self, target, n, off)
-
-    def pwrite(self, target: ubc.Target, data: bytes | bytearray | memoryview, off: int) -> int:
-        """Write *data* at *off* of a host path or vnode into its pages (dirty)."""
-        return ubc.vm_pwrite(self, target, data, off)
-
-    def open(self, path: str | os.PathLike[str], mode: str = "r") -> ubc.UbcFile:
-        """A raw file object whose I/O goes through the pages (see UbcFile)."""
-        return ubc.UbcFile(self, path, mode)
-    # --- end UBC ---
 
     def _vnode_init(self, vp: Vnode) -> None:
         if vp.v_uvm is None:

@@ -185,6 +185,7 @@ class PageDaemon:
     def __init__(self, vm: VM) -> None:
         self._vm = weakref.ref(vm)
         self._stop = False
+        self.scanning = False  # between a wakeup and the end of its scan
         self.thread = threading.Thread(target=self._run, name="pagedaemon", daemon=True)
         self.thread.start()
 
@@ -204,10 +205,12 @@ class PageDaemon:
             chan, lock = vm.pagedaemon_chan, vm.pageqlock
             lock.enter()
             if (vm.npages_free_low() or vm.ra_wanted) and not backoff:
+                self.scanning = True
                 lock.exit()
                 vm.uvmexp.pdwoke += 1
                 uvmpd_scan(vm)
                 wakeup(vm.free_chan)
+                self.scanning = False
                 # no progress: the pages left are busy or wired; let their
                 # owners run before we scan again
                 backoff = vm.npages_free_low()
