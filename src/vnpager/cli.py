@@ -47,6 +47,14 @@ STATS_HELP = {
     "active": "pages on the active queue",
     "inactive": "pages on the inactive queue",
     "persisting": "unmapped objects keeping their pages",
+    "allocfail": "page allocations that found no free frame",
+    "waits": "sleeps in uvm_wait for free memory",
+    "frees": "pages returned to the free list",
+    "write_errors": "failed write-backs (pages kept dirty)",
+    "lostpages": "dirty pages given up when a vnode was recycled",
+    "pdwoke": "page daemon wakeups",
+    "pdfreed": "pages freed by the page daemon",
+    "pdpageouts": "pageouts started by the page daemon",
 }
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
