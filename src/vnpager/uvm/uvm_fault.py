@@ -1,8 +1,9 @@
 """Page faults and the MMU's side of memory access (uvm_fault.c).
 
-:func:`uvm_copyin` and :func:`uvm_copyout` touch a range of an address
-space the way a CPU does: through the pmap, faulting on a missing or
-read-only translation.  :func:`uvm_fault` resolves one fault:
+:func:`uvm_load` and :func:`uvm_store` (and :func:`uvm_copyin`,
+:func:`uvm_copyout`) touch a range of an address space the way a CPU does:
+through the pmap's TLB, whose runs of resident pages make a warm access one
+lookup and one copy, faulting on a missing or read-only translation.  :func:`uvm_fault` resolves one fault:
 
 1. find the map entry (none: SegvError; protection: SegvError EACCES);
 2. private entry with a page of its own in the amap: map that page;
@@ -28,7 +29,7 @@ from vnpager.kern.lock import RW_READ, RW_WRITE
 from vnpager.kern.proc import curproc
 from vnpager.kern.synch import tsleep
 from vnpager.kern.trace import traced
-from vnpager.uvm.pmap import pmap_access, pmap_enter, pmap_extract
+from vnpager.uvm.pmap import pmap_access, pmap_enter, pmap_extract, pmap_tlb_merge
 from vnpager.uvm.uvm_map import MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, VmMapEntry, Vmspace
 from vnpager.uvm.uvm_page import (
     PG_CLEAN,
@@ -272,33 +273,96 @@ def _copy_on_write(space: Vmspace, entry: VmMapEntry, pg: VmPage, slot: int, va:
     aobj.vmobjlock.rw_exit()
 
 
-def _copy(space: Vmspace, va: int, buf: memoryview, write: bool) -> None:
+COPY_SPAN = 1 << 20  # bytes copied per hold of vm.pmap_lock: bounds how long a protect waits
+
+
+def _resident(space: Vmspace, pos: int, end: int, access_type: int) -> tuple[list[memoryview], int]:
+    """The bytes of [pos, end) that can be loaded or stored without a fault
+    (at most COPY_SPAN of them), as slices of TLB runs, and where they stop.
+
+    => caller holds ``vm.pmap_lock``, and copies through the slices before
+       dropping it (see pmap: a protect may invalidate them after).
+    """
+    pmap = space.pmap
+    tlb = pmap.pm_wtlb if access_type & PROT_WRITE else pmap.pm_rtlb
+    mask = pmap.pm_mask
+    stop = min(end, pos + COPY_SPAN)
+    parts, runs = [], []
+    while pos < stop:
+        pva = pos & mask
+        run = tlb.get(pva) or pmap_access(pmap, pva, stop, access_type)
+        if run is None:
+            break
+        start, hi, frames, _ = run
+        k = min(hi, stop)
+        parts.append(frames[pos - start:k - start])
+        runs.append(run)
+        pos = k
+    if len(runs) > 1:
+        pmap_tlb_merge(pmap, runs, access_type)
+    return parts, pos
+
+
+def uvm_load(space: Vmspace, va: int, n: int) -> bytes:
+    """The *n* bytes at *va*, faulting as needed.
+
+    The fast path: the bytes lie in one TLB run (a resident page, or pages
+    on consecutive frames, already loaded through this mapping), and cost
+    one lookup and one copy, with no lock (see pmap: a load racing an
+    invalidation is retried).  Otherwise the runs are joined under the
+    lock, one copy too, with a fault wherever a page is not mapped for
+    reading.
+    """
+    pmap = space.pmap
+    tlb = pmap.pm_rtlb
+    pva = va & pmap.pm_mask
+    run = tlb.get(pva)
+    if run is not None and va + n <= run[1]:
+        # no lock: a run dropped is never put back, so finding it still
+        # there after the copy means it was valid all through the copy
+        start = run[0]
+        data = run[2][va - start:va + n - start].tobytes()
+        if tlb.get(pva) is run:
+            return data
     vm = space.vm
-    ps = vm.page_size
-    access = PROT_WRITE if write else PROT_READ
-    pos, n = 0, len(buf)
-    while pos < n:
-        a = va + pos
-        pva = a & ~(ps - 1)
-        o = a - pva
-        k = min(ps - o, n - pos)
+    out: list[bytes] = []
+    pos, end = va, va + n
+    while pos < end:
+        lo = pos
         with vm.pmap_lock:
-            pg = pmap_access(space.pmap, pva, access)
-            if pg is not None:
-                if write:
-                    pg.data[o:o + k] = buf[pos:pos + k]
-                else:
-                    buf[pos:pos + k] = pg.data[o:o + k]
-                pos += k
-                continue
-        uvm_fault(space, pva, access)
+            parts, pos = _resident(space, pos, end, PROT_READ)
+            out.append(b"".join(parts))
+        if pos < min(end, lo + COPY_SPAN):  # a miss, not the span's end
+            uvm_fault(space, vm.trunc_page(pos), PROT_READ)
+    return out[0] if len(out) == 1 else b"".join(out)
+
+
+def uvm_store(space: Vmspace, va: int, data: memoryview) -> None:
+    """Store *data* at *va*, faulting as needed; a store within one TLB run
+    (see uvm_load) is one lookup and one copy."""
+    vm = space.vm
+    pos, end = va, va + len(data)
+    with vm.pmap_lock:
+        run = space.pmap.pm_wtlb.get(va & space.pmap.pm_mask)
+        if run is not None and end <= run[1]:
+            run[2][va - run[0]:end - run[0]] = data
+            return
+    while pos < end:
+        lo = at = pos
+        with vm.pmap_lock:
+            parts, pos = _resident(space, pos, end, PROT_WRITE)
+            for part in parts:
+                part[:] = data[at - va:at - va + len(part)]
+                at += len(part)
+        if pos < min(end, lo + COPY_SPAN):  # a miss, not the span's end
+            uvm_fault(space, vm.trunc_page(pos), PROT_WRITE)
 
 
 def uvm_copyin(space: Vmspace, va: int, buf: memoryview) -> None:
     """Load ``len(buf)`` bytes at *va* into *buf*, faulting as needed."""
-    _copy(space, va, buf, write=False)
+    buf[:] = uvm_load(space, va, len(buf))
 
 
 def uvm_copyout(space: Vmspace, buf: memoryview, va: int) -> None:
     """Store *buf* at *va*, faulting as needed."""
-    _copy(space, va, buf, write=True)
+    uvm_store(space, va, buf)
