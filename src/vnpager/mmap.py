@@ -19,15 +19,18 @@ Differences from CPython's mmap, each on purpose or forced:
   SIGBUS; a page that cannot be read raises OSError with the backend's
   errno; touching a PROT_NONE mapping raises ``SegvError`` instead of
   SIGSEGV.  The process lives and the mapping stays usable.
-* **Truncation from outside is noticed by an fstat per operation.**  The
-  pager's idea of the file size would go stale when someone else truncates
-  the file, so every operation that touches the mapped bytes first
-  compares the file's size with the pager's (one ``fstat``, through
-  :func:`~vnpager.uvm.uvm_vnode.uvm_vnp_revalidate`) and shrinks or grows
-  the pager with ``uvm_vnp_setsize`` (which tosses the pages past a new
-  end).  Checking only on a fault would be cheaper but would keep serving
-  resident pages of a truncated file; an fstat costs about a microsecond,
-  far less than the copy through the pager.  ``len``, ``tell`` and
+* **Truncation from outside is noticed by a size check per operation.**
+  The pager's idea of the file size would go stale when someone else
+  truncates the file, so every operation that touches the mapped bytes
+  first compares the file's size with the pager's and, if they differ,
+  shrinks or grows the pager through
+  :func:`~vnpager.uvm.uvm_vnode.uvm_vnp_revalidate` (which tosses the
+  pages past a new end).  Checking only on a fault would be cheaper but
+  would keep serving resident pages of a truncated file.  The size comes
+  from ``lseek(SEEK_END)`` on the map's own descriptor (a description of
+  its own: the file reopened through /proc), a quarter of an ``fstat``'s
+  cost, which was a quarter of a warm 4 KiB read; a map without one
+  (trackfd=False, or no /proc) pays the fstat.  ``len``, ``tell`` and
   ``seek`` do not check.
 * **Coherence with other I/O on the file is close-to-open, as NFS gives.**
   CPython's mappings share the kernel's page cache with ``read``/``write``;
@@ -83,7 +86,7 @@ from typing import Any, NoReturn, SupportsIndex
 
 from vnpager.kern.lock import kernel_lock
 from vnpager.uvm.uvm import VM
-from vnpager.uvm.uvm_fault import uvm_copyin, uvm_copyout
+from vnpager.uvm.uvm_fault import uvm_copyin, uvm_copyout, uvm_load, uvm_store
 from vnpager.uvm.uvm_map import (
     MADV_DONTNEED,
     MADV_NORMAL,
@@ -229,16 +232,17 @@ class mmap:  # noqa: N801 - the stdlib's name
     """
 
     __slots__ = ("__weakref__", "_access", "_anon", "_closed", "_errseq", "_fd", "_flags", "_offset",
-                 "_pos", "_prot", "_size", "_space", "_uobj", "_va", "_vm", "_vp")
+                 "_pos", "_probe", "_prot", "_size", "_space", "_uobj", "_va", "_vm", "_vp")
 
     _access: int
     _anon: bool  # fileno=-1: a memfs object nobody else can map
     _closed: bool
     _errseq: int  # the write-back errors reported so far (uvn_errseq_check)
-    _fd: int  # our duplicate of the descriptor (trackfd), else -1
+    _fd: int  # our descriptor of the file (trackfd), else -1
     _flags: int  # MAP_SHARED or MAP_PRIVATE, as mapped
     _offset: int
     _pos: int
+    _probe: bool  # _fd is a file description of our own: lseek it for the size
     _prot: int
     _size: int
     _space: Vmspace
@@ -307,7 +311,7 @@ class mmap:  # noqa: N801 - the stdlib's name
         self._vm, self._space = vm, vm.vmspace
         self._size, self._pos, self._offset = size, 0, off
         self._access, self._flags, self._prot = access, sharing, prot
-        self._anon, self._fd = anon, -1
+        self._anon, self._fd, self._probe = anon, -1, False
         if anon:
             self._uobj = uvm_anon_object(vm, size)
             self._flags = MAP_SHARED  # private to this object anyway
@@ -318,7 +322,7 @@ class mmap:  # noqa: N801 - the stdlib's name
         self._errseq = uvn_errseq_sample(self._uobj)
         try:
             if not anon and trackfd:
-                self._fd = os.dup(fd)
+                self._fd, self._probe = _own_descriptor(fd)
             self._va = uvm_map(self._space, size, self._uobj, off, prot, maxprot, self._flags)
         except BaseException:
             if self._fd != -1:
@@ -344,6 +348,12 @@ class mmap:  # noqa: N801 - the stdlib's name
 
     def _revalidate(self) -> None:
         """Follow the file's size before touching the pages (see module doc)."""
+        if self._probe:
+            try:
+                if os.lseek(self._fd, 0, os.SEEK_END) == self._uobj.u_size:
+                    return
+            except OSError:
+                pass  # the fstat below reports it
         if not self._anon:
             err = uvm_vnp_revalidate(self._vp, drop_stale=False)
             if err:
@@ -351,16 +361,11 @@ class mmap:  # noqa: N801 - the stdlib's name
 
     def _read(self, pos: int, n: int) -> bytes:
         """*n* bytes from *pos*, copied through the pager.  => revalidated."""
-        buf = bytearray(n)
-        view = memoryview(buf)
-        for i in range(0, n, CHUNK):
-            uvm_copyin(self._space, self._va + pos + i, view[i:i + CHUNK])
-        return bytes(buf)
+        return uvm_load(self._space, self._va + pos, n)
 
     def _write(self, pos: int, data: memoryview) -> None:
         """Store *data* at *pos* through the pager.  => revalidated."""
-        for i in range(0, len(data), CHUNK):
-            uvm_copyout(self._space, data[i:i + CHUNK], self._va + pos + i)
+        uvm_store(self._space, self._va + pos, data)
 
     def _extended(self, start: int, step: int, count: int) -> Iterator[tuple[int, int]]:
         """Cover the *count* positions start, start+step, ... (step > 0) with
@@ -672,6 +677,12 @@ class mmap:  # noqa: N801 - the stdlib's name
         return self._size
 
     def __getitem__(self, item: SupportsIndex | slice) -> Any:
+        if type(item) is slice and not self._closed:
+            # m[lo:hi] with ints in range, the common case: no conversions
+            lo, hi = item.start, item.stop
+            if type(lo) is int and type(hi) is int and item.step is None and 0 <= lo < hi <= self._size:
+                self._revalidate()
+                return uvm_load(self._space, self._va + lo, hi - lo)
         self._check_valid()
         if isinstance(item, slice):
             start, stop, step = item.indices(self._size)
@@ -703,6 +714,15 @@ class mmap:  # noqa: N801 - the stdlib's name
         return i
 
     def __setitem__(self, item: SupportsIndex | slice, value: Any) -> None:
+        if type(item) is slice and not self._closed and self._access != ACCESS_READ:
+            # m[lo:hi] = data with ints in range and a length that fits: no conversions
+            lo, hi = item.start, item.stop
+            if type(lo) is int and type(hi) is int and item.step is None and 0 <= lo < hi <= self._size:
+                view = _buffer(value)
+                if len(view) == hi - lo:
+                    self._revalidate()
+                    uvm_store(self._space, self._va + lo, view)
+                    return
         self._check_valid()
         self._check_writable()
         if isinstance(item, slice):
@@ -775,6 +795,19 @@ class mmap:  # noqa: N801 - the stdlib's name
     def _maxprot(self) -> int:
         """=> only for remapping: the first mapping checked the descriptor."""
         return self._prot | PROT_READ
+
+
+def _own_descriptor(fd: int) -> tuple[int, bool]:
+    """A descriptor of the file open on *fd* for the map to keep, and
+    whether its file description is ours alone: the file reopened through
+    /proc with the same access mode, whose offset nobody else uses, so that
+    the size check may lseek it.  Else (no /proc, or no permission any
+    more) a duplicate, whose offset is the caller's."""
+    mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    try:
+        return os.open(f"/proc/self/fd/{fd}", mode | os.O_CLOEXEC), True
+    except OSError:
+        return os.dup(fd), False
 
 
 def _file_object(vm: VM, fd: int, prot: int) -> UvmVnode:
