@@ -51,7 +51,7 @@ from vnpager.uvm.uvm_pager import (
     PageSlot,
 )
 from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
-from vnpager.uvm.uvm_readahead import RA_WINSIZE_MAX, uvm_ra_window
+from vnpager.uvm.uvm_readahead import RA_WINSIZE_MAX, uvm_ra_reserve, uvm_ra_window
 
 if TYPE_CHECKING:
     from vnpager.uvm.uvm_object import UvmObject
@@ -150,6 +150,8 @@ def _getpage(space: Vmspace, entry: VmMapEntry, uobj: UvmObject, off: int, va: i
     window = 1
     if ahead:
         window = min(uvm_ra_window(entry.ra, entry.advice, off, ps), (entry.end - va) // ps)
+        if window > 1:
+            uvm_ra_reserve(vm, window, uobj.vmobjlock)
     slots = _ahead_slots(space, entry, va, window, 0)
     result, _ = uobj.pgops.pgo_get(uobj, off, slots, window, 0, access_type, entry.advice, 0)
     if result == VM_PAGER_AGAIN:

@@ -67,10 +67,11 @@ def uvmpd_targets(vm: VM) -> tuple[int, int]:
     return freetarg, inactarg
 
 
-def uvmpd_scan_inactive(vm: VM, shortage: int) -> int:
+def uvmpd_scan_inactive(vm: VM, shortage: int, clean_only: bool = False) -> int:
     """Free up to *shortage* pages from the inactive queue; return how many.
 
-    => caller holds no lock.
+    With *clean_only* (read-ahead making room, uvm_ra_reserve) dirty pages
+    are left as they are, unwritten.  => caller holds no lock.
     """
     with vm.pageqlock:
         candidates = list(vm.page_inactive)
@@ -78,11 +79,11 @@ def uvmpd_scan_inactive(vm: VM, shortage: int) -> int:
     for pg in candidates:
         if freed >= shortage:
             break
-        freed += _reclaim(vm, pg)
+        freed += _reclaim(vm, pg, clean_only)
     return freed
 
 
-def _reclaim(vm: VM, pg: VmPage) -> int:
+def _reclaim(vm: VM, pg: VmPage, clean_only: bool) -> int:
     """Try to free one inactive page; return the pages freed (0 or 1)."""
     uobj = pg.uobject
     if uobj is None or not uobj.vmobjlock.rw_enter(RW_WRITE | RW_NOSLEEP):
@@ -98,6 +99,8 @@ def _reclaim(vm: VM, pg: VmPage) -> int:
         if pg.pg_flags & PG_CLEAN and pmap_is_modified(pg):
             pg.pg_flags &= ~PG_CLEAN
         if not pg.pg_flags & PG_CLEAN:
+            if clean_only:
+                return 0  # unmapped, still dirty: the next access refaults it, no I/O
             pg.pg_flags |= PG_BUSY
             UVM_PAGE_OWN(pg, "pdaemon")
             pmap_page_protect(pg, PROT_READ)
@@ -155,6 +158,22 @@ def uvmpd_scan_active(vm: VM, want: int) -> None:
             if pg.pg_flags & PQ_ACTIVE:
                 uvm_pagedeactivate(pg)
                 moved += 1
+
+
+def uvmpd_reserve(vm: VM, want: int) -> int:
+    """Free *want* pages for read-ahead, in the reader's thread, as a pass
+    of the daemon would with its free target raised by them: clean
+    inactive pages first, and if they are too few, the oldest active pages
+    unreferenced since the last pass are deactivated to refill the
+    inactive queue (a referenced page gets its second chance, as always).
+    Dirty pages are left to the daemon: a reader does not write.  Returns
+    the pages freed.  => caller holds no lock.
+    """
+    freed = uvmpd_scan_inactive(vm, want, clean_only=True)
+    if freed < want:
+        uvmpd_scan_active(vm, want - freed)
+        freed += uvmpd_scan_inactive(vm, want - freed, clean_only=True)
+    return freed
 
 
 def uvmpd_scan(vm: VM) -> None:

@@ -32,8 +32,10 @@ from vnpager.kern.lock import RW_WRITE
 from vnpager.uvm.uvm_page import VmPage, uvm_page_unbusy, uvm_pagedeactivate, uvm_pagelookup
 from vnpager.uvm.uvm_pager import PGO_NOSLEEPALLOC, VM_PAGER_OK, PageSlot
 from vnpager.uvm.uvm_param import MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, PROT_READ
+from vnpager.uvm.uvm_pdaemon import uvmpd_reserve
 
 if TYPE_CHECKING:
+    from vnpager.kern.lock import RWLock
     from vnpager.uvm.uvm import VM
     from vnpager.uvm.uvm_object import UvmObject
 
@@ -63,6 +65,32 @@ def uvm_ra_window(ra: UvmRactx, advice: int, off: int, page_size: int) -> int:
     else:
         ra.ra_winsize = 0  # random: read what faulted, start again small
     return max(ra.ra_winsize, 1)
+
+
+def uvm_ra_reserve(vm: VM, npages: int, lock: RWLock) -> None:
+    """Make room for a read-ahead window of *npages* above vm.freemin (where
+    uvn_get may take pages for it): the free target is raised by the
+    window, and met now, in the reader's thread (uvmpd_reserve), with the
+    object *lock* dropped meanwhile.
+
+    The page daemon, woken when a window is cut short (uvm_pagewant_ra),
+    runs only when the reader lets go of the GIL, and by then the reader
+    has cut its next window short too: a scan of a file bigger than memory
+    read 6 to 16 pages per call.  Only what the daemon would free is freed
+    (clean pages unreferenced since its last pass), never a page in active
+    use, so read-ahead still backs off when memory is short of such pages.
+    A VM without a page daemon reclaims nothing on its own, and nothing
+    here either.
+
+    => caller holds *lock* (write), the lock of the object read, and no
+       busy page: it is dropped and taken again.
+    """
+    short = vm.freemin + npages - len(vm.page_free)
+    if short <= 0 or vm.pagedaemon is None:
+        return
+    lock.rw_exit()
+    uvmpd_reserve(vm, short)
+    lock.rw_enter(RW_WRITE)
 
 
 class RaDaemon:
