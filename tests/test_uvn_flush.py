@@ -165,13 +165,26 @@ def test_uvn_flush_deactivate_and_free_does_not_leave_page_released(vm: VM) -> N
 def test_uvn_flush_cleanit_skips_busy_page_without_syncio(vm: VM) -> None:
     data, uvn, pgs = dirty_file(vm, 2, dirty=(0, 1))
     with uvn.vmobjlock:
-        pgs[0].pg_flags |= PG_BUSY  # someone else's I/O
+        pgs[0].pg_flags |= PG_BUSY  # held by someone else (a fault, say)
         assert uvn_flush(uvn, 0, 0, PGO_ALLPAGES | PGO_CLEANIT)
         assert data.pread(0, 4) == b"\x01" * 4 and data.pread(PS, 4) == b"new1"
-        # with SYNCIO it would wait for the object's I/O: there is none
-        assert uvn_flush(uvn, 0, 0, PGO_ALLPAGES | PGO_CLEANIT | PGO_SYNCIO)
         uvm_page_unbusy([pgs[0]])
     assert modified(pgs[0])
+
+
+def test_uvn_flush_syncio_waits_for_a_busy_dirty_page_without_io(vm: VM) -> None:
+    # the seed waits only for u_nio to drain, which here is 0 at once, and
+    # would return with page 0 still dirty: we wait for the page itself
+    data, uvn, pgs = dirty_file(vm, 2, dirty=(0,))
+    with uvn.vmobjlock:
+        pgs[0].pg_flags |= PG_BUSY  # a fault between its two pgo_get passes
+    syncer = start(lambda: flush(uvn, 0, 0, PGO_ALLPAGES | PGO_CLEANIT | PGO_SYNCIO), "msync")
+    wait_sleeping("uvn_flsh")
+    assert data.pread(0, 4) == b"\x01" * 4
+    with uvn.vmobjlock:
+        uvm_page_unbusy([pgs[0]])
+    assert syncer.join_ok() is True
+    assert data.pread(0, 4) == b"new0" and not modified(pgs[0])
 
 
 def test_uvn_flush_deactivates_busy_page_without_cleanit(vm: VM) -> None:

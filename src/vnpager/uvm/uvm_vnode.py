@@ -490,8 +490,10 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
     PGO_CLEANIT writes dirty pages (clustered, through uvm_pager_put) and
     may sleep; without it we never sleep but to wait for a busy page that
     PGO_FREE must free.  PGO_ALLPAGES means the whole object.  A page busy
-    with someone else's I/O is skipped, and with PGO_CLEANIT|PGO_SYNCIO we
-    wait at the end for all of the object's I/O to finish.
+    in someone else's hands is skipped; with PGO_CLEANIT|PGO_SYNCIO we then
+    wait for all of the object's I/O to finish (IOSYNC), as the seed does,
+    and go over the range again, waiting for each page still busy, so that
+    every page dirty when we were called is written when we return True.
 
     Returns False if a write failed: those pages stay dirty and resident
     (even with PGO_FREE) and the error is kept on the object.
@@ -504,7 +506,6 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
     KASSERT(uobj.vmobjlock.rw_write_held(), "uvn_flush: object not locked")
     page_size = vm.page_size
     dead: list[VmPage] = []
-    need_iosync = False
     retval = True
     if flags & PGO_ALLPAGES:
         start, stop = 0, vm.round_page(uvn.u_size)
@@ -517,109 +518,125 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
         for pg in uobj.pages_in(start, stop):
             pg.pg_flags &= ~PG_CLEANCHK
 
-    curoff = start
-    while True:
-        pp = _next_page(uobj, curoff, stop)
-        if pp is None:
-            break
-        curoff = pp.offset + page_size
-        if not flags & PGO_CLEANIT or pp.pg_flags & PG_BUSY:
-            needs_clean = False
-            if pp.pg_flags & PG_BUSY and flags & (PGO_CLEANIT | PGO_SYNCIO) == PGO_CLEANIT | PGO_SYNCIO:
-                need_iosync = True
-        else:
-            # freeing: unmap first, so that PG_CLEAN cannot go stale after
-            if pp.pg_flags & PG_CLEAN and flags & PGO_FREE and pp.pg_flags & PQ_ACTIVE:
-                pmap_page_protect(pp, PROT_NONE)
-            if pp.pg_flags & PG_CLEAN and pmap_is_modified(pp):
-                pp.pg_flags &= ~PG_CLEAN
-            pp.pg_flags |= PG_CLEANCHK
-            needs_clean = not pp.pg_flags & PG_CLEAN
+    # a second pass waits for each page that was busy in the first: the seed
+    # waits only for the I/O in flight (u_nio), which misses a dirty page a
+    # fault holds busy between its pgo_get passes, and would report it written
+    was_busy: set[int] = set()
+    for wait_busy in (False, True):
+        need_iosync = False
+        curoff = start
+        while True:
+            pp = _next_page(uobj, curoff, stop)
+            if pp is None:
+                break
+            curoff = pp.offset + page_size
+            if wait_busy and pp.offset not in was_busy:
+                continue  # done in the first pass
+            if not flags & PGO_CLEANIT or pp.pg_flags & PG_BUSY:
+                needs_clean = False
+                if pp.pg_flags & PG_BUSY and flags & (PGO_CLEANIT | PGO_SYNCIO) == PGO_CLEANIT | PGO_SYNCIO:
+                    if wait_busy:
+                        curoff -= page_size  # as below: this offset, not pp.offset
+                        uvm_pagewait(pp, uobj.vmobjlock, "uvn_flsh")
+                        uobj.vmobjlock.rw_enter(RW_WRITE)
+                        continue
+                    need_iosync = True
+                    was_busy.add(pp.offset)
+            else:
+                # freeing: unmap first, so that PG_CLEAN cannot go stale after
+                if pp.pg_flags & PG_CLEAN and flags & PGO_FREE and pp.pg_flags & PQ_ACTIVE:
+                    pmap_page_protect(pp, PROT_NONE)
+                if pp.pg_flags & PG_CLEAN and pmap_is_modified(pp):
+                    pp.pg_flags &= ~PG_CLEAN
+                pp.pg_flags |= PG_CLEANCHK
+                needs_clean = not pp.pg_flags & PG_CLEAN
 
-        if not needs_clean:
-            if flags & PGO_DEACTIVATE:
-                if pp.wire_count == 0:
+            if not needs_clean:
+                if flags & PGO_DEACTIVATE:
+                    if pp.wire_count == 0:
+                        pmap_page_protect(pp, PROT_NONE)
+                        with vm.pageqlock:
+                            uvm_pagedeactivate(pp)
+                elif flags & PGO_FREE:
+                    if pp.pg_flags & PG_BUSY:
+                        # look at this offset again: not at pp.offset, for pp may
+                        # be freed and reused elsewhere while we sleep
+                        curoff -= page_size
+                        uvm_pagewait(pp, uobj.vmobjlock, "uvn_flsh")
+                        uobj.vmobjlock.rw_enter(RW_WRITE)
+                        continue
                     pmap_page_protect(pp, PROT_NONE)
                     with vm.pageqlock:
-                        uvm_pagedeactivate(pp)
-            elif flags & PGO_FREE:
-                if pp.pg_flags & PG_BUSY:
-                    # look at this offset again: not at pp.offset, for pp may
-                    # be freed and reused elsewhere while we sleep
-                    curoff -= page_size
-                    uvm_pagewait(pp, uobj.vmobjlock, "uvn_flsh")
-                    uobj.vmobjlock.rw_enter(RW_WRITE)
-                    continue
-                pmap_page_protect(pp, PROT_NONE)
-                with vm.pageqlock:
-                    uvm_pageclean(pp)
-                dead.append(pp)
-            continue
+                        uvm_pageclean(pp)
+                    dead.append(pp)
+                continue
 
-        # a dirty page we may clean: write it out with its neighbours
-        pp.pg_flags |= PG_BUSY
-        UVM_PAGE_OWN(pp, "uvn_flush")
-        pmap_page_protect(pp, PROT_READ)
-        # PGO_DEACTIVATE wins over PGO_FREE (as in the seed's disposal below):
-        # a page that will not be freed must not be left PG_RELEASED
-        if flags & (PGO_FREE | PGO_SYNCIO | PGO_DEACTIVATE) == PGO_FREE:
-            pp.pg_flags |= PG_RELEASED
-        while True:
-            result, ppsp = uvm_pager_put(uobj, pp, MAXBSIZE // page_size,
-                                         flags | PGO_DOACTCLUST, start, stop)
-            if result != VM_PAGER_AGAIN:
-                break
-            # no pager map for an async write: do it synchronously instead
-            KASSERT(not flags & PGO_SYNCIO, "uvn_flush: PGO_SYNCIO returned AGAIN")
-            flags |= PGO_SYNCIO
-            pp.pg_flags &= ~PG_RELEASED
+            # a dirty page we may clean: write it out with its neighbours
+            pp.pg_flags |= PG_BUSY
+            UVM_PAGE_OWN(pp, "uvn_flush")
+            pmap_page_protect(pp, PROT_READ)
+            # PGO_DEACTIVATE wins over PGO_FREE (as in the seed's disposal below):
+            # a page that will not be freed must not be left PG_RELEASED
+            if flags & (PGO_FREE | PGO_SYNCIO | PGO_DEACTIVATE) == PGO_FREE:
+                pp.pg_flags |= PG_RELEASED
+            while True:
+                result, ppsp = uvm_pager_put(uobj, pp, MAXBSIZE // page_size,
+                                             flags | PGO_DOACTCLUST, start, stop)
+                if result != VM_PAGER_AGAIN:
+                    break
+                # no pager map for an async write: do it synchronously instead
+                KASSERT(not flags & PGO_SYNCIO, "uvn_flush: PGO_SYNCIO returned AGAIN")
+                flags |= PGO_SYNCIO
+                pp.pg_flags &= ~PG_RELEASED
 
-        # the cluster is dealt with: go on after its last page (a page of a
-        # pending write is busy, and one whose write failed must not be
-        # tried again by this same flush)
-        curoff = max(curoff, ppsp[-1].offset + page_size)
-        if result == VM_PAGER_PEND:
-            # uvn_aiodone finishes these pages and frees the released ones
-            # (aiodone needs the object lock we hold: none is done yet)
+            # the cluster is dealt with: go on after its last page (a page of a
+            # pending write is busy, and one whose write failed must not be
+            # tried again by this same flush)
+            curoff = max(curoff, ppsp[-1].offset + page_size)
+            if result == VM_PAGER_PEND:
+                # uvn_aiodone finishes these pages and frees the released ones
+                # (aiodone needs the object lock we hold: none is done yet)
+                for ptmp in ppsp:
+                    if flags & PGO_DEACTIVATE:  # allowed for busy pages
+                        if ptmp.wire_count == 0:
+                            pmap_page_protect(ptmp, PROT_NONE)
+                            with vm.pageqlock:
+                                uvm_pagedeactivate(ptmp)
+                    elif flags & PGO_FREE:
+                        ptmp.pg_flags |= PG_RELEASED
+                continue
+            if result != VM_PAGER_OK:
+                # the seed marks pp clean and may free it: we keep it dirty (uvn_io
+                # has recorded the error on the object)
+                retval = False
+                pp.pg_flags &= ~PG_RELEASED
             for ptmp in ppsp:
-                if flags & PGO_DEACTIVATE:  # allowed for busy pages
+                if ptmp.pg_flags & PG_WANTED:
+                    wakeup(ptmp)
+                ptmp.pg_flags &= ~(PG_WANTED | PG_BUSY)
+                UVM_PAGE_OWN(ptmp, None)
+                if result == VM_PAGER_OK:
+                    ptmp.pg_flags |= PG_CLEAN | PG_CLEANCHK
+                    if not flags & PGO_FREE or flags & PGO_DEACTIVATE:  # it stays: clean
+                        pmap_clear_modify(ptmp)
+                if flags & PGO_DEACTIVATE:
                     if ptmp.wire_count == 0:
                         pmap_page_protect(ptmp, PROT_NONE)
                         with vm.pageqlock:
                             uvm_pagedeactivate(ptmp)
-                elif flags & PGO_FREE:
-                    ptmp.pg_flags |= PG_RELEASED
-            continue
-        if result != VM_PAGER_OK:
-            # the seed marks pp clean and may free it: we keep it dirty (uvn_io
-            # has recorded the error on the object)
-            retval = False
-            pp.pg_flags &= ~PG_RELEASED
-        for ptmp in ppsp:
-            if ptmp.pg_flags & PG_WANTED:
-                wakeup(ptmp)
-            ptmp.pg_flags &= ~(PG_WANTED | PG_BUSY)
-            UVM_PAGE_OWN(ptmp, None)
-            if result == VM_PAGER_OK:
-                ptmp.pg_flags |= PG_CLEAN | PG_CLEANCHK
-                if not flags & PGO_FREE or flags & PGO_DEACTIVATE:  # it stays: clean
-                    pmap_clear_modify(ptmp)
-            if flags & PGO_DEACTIVATE:
-                if ptmp.wire_count == 0:
+                elif flags & PGO_FREE and result == VM_PAGER_OK:
                     pmap_page_protect(ptmp, PROT_NONE)
                     with vm.pageqlock:
-                        uvm_pagedeactivate(ptmp)
-            elif flags & PGO_FREE and result == VM_PAGER_OK:
-                pmap_page_protect(ptmp, PROT_NONE)
-                with vm.pageqlock:
-                    uvm_pageclean(ptmp)
-                dead.append(ptmp)
+                        uvm_pageclean(ptmp)
+                    dead.append(ptmp)
 
-    if need_iosync:
-        while uvn.u_nio != 0:
-            uvn.u_flags |= UVM_VNODE_IOSYNC
-            rwsleep((uvn, "u_nio"), uobj.vmobjlock, "uvn_flush")
-        _iosync_done(uvn)
+        if need_iosync:
+            while uvn.u_nio != 0:
+                uvn.u_flags |= UVM_VNODE_IOSYNC
+                rwsleep((uvn, "u_nio"), uobj.vmobjlock, "uvn_flush")
+            _iosync_done(uvn)
+        if not need_iosync:
+            break
 
     uvm_pglistfree(dead)
     return retval
