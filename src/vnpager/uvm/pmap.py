@@ -111,9 +111,17 @@ def _tlb_shootdown(pg: VmPage, loads: bool) -> None:
             _tlb_drop(pmap.pm_rtlb, va, ps)
 
 
-def pmap_enter(pmap: Pmap, va: int, pg: VmPage, prot: int, access_type: int = PROT_NONE) -> None:
-    """Map *pg* at *va* with *prot*; *access_type* sets ref/mod at once."""
+def pmap_enter(pmap: Pmap, va: int, pg: VmPage, prot: int, access_type: int = PROT_NONE, *,
+               replace: bool = True) -> bool:
+    """Map *pg* at *va* with *prot*; *access_type* sets ref/mod at once.
+
+    With ``replace=False`` a translation already at *va* is left alone (and
+    False returned): fault-ahead must not undo what a concurrent fault on
+    that address mapped, such as a copy-on-write page.
+    """
     with pg.vm.pmap_lock:
+        if not replace and va in pmap.pm_pte:
+            return False
         _tlb_invalidate(pmap, va)
         old = pmap.pm_pte.get(va)
         if old is not None and old[0] is not pg:
@@ -124,6 +132,7 @@ def pmap_enter(pmap: Pmap, va: int, pg: VmPage, prot: int, access_type: int = PR
             pg.attrs |= PG_REF | PG_MOD
         elif access_type:
             pg.attrs |= PG_REF
+    return True
 
 
 def pmap_remove(pmap: Pmap, sva: int, eva: int) -> None:

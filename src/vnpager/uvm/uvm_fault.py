@@ -204,7 +204,9 @@ def _map_ahead(space: Vmspace, entry: VmMapEntry, lo: int, pps: list[PageSlot], 
             uvm_page_unbusy([pg])
             pps[i] = None
             continue
-        _enter(space, lo + i * ps, pg, prot, 0)
+        # another thread's fault may have mapped the address since the slots
+        # were chosen (in a private entry, perhaps its own copy): keep that
+        _enter(space, lo + i * ps, pg, prot, 0, replace=False)
         space.vm.uvmexp.faultahead += 1
 
 
@@ -234,12 +236,14 @@ def _has_anon(entry: VmMapEntry, va: int) -> bool:
     return entry.amap is not None and entry.amap_offset + (va - entry.start) in entry.amap.slots
 
 
-def _enter(space: Vmspace, va: int, pg: VmPage, prot: int, access_type: int) -> None:
-    """Map the busy page *pg* at *va*, activate and unbusy it.
+def _enter(space: Vmspace, va: int, pg: VmPage, prot: int, access_type: int,
+           replace: bool = True) -> None:
+    """Map the busy page *pg* at *va* (unless mapped already and not
+    *replace*), activate and unbusy it.
 
     => caller holds the page's object lock.
     """
-    pmap_enter(space.pmap, va, pg, prot, access_type)
+    pmap_enter(space.pmap, va, pg, prot, access_type, replace=replace)
     with space.vm.pageqlock:
         uvm_pageactivate(pg)
     uvm_page_unbusy([pg])
