@@ -85,7 +85,7 @@ from collections.abc import Iterator
 from typing import Any, NoReturn, SupportsIndex
 
 from vnpager.kern.lock import kernel_lock
-from vnpager.uvm.uvm import VM
+from vnpager.vm import VM
 from vnpager.uvm.uvm_fault import uvm_copyin, uvm_copyout, uvm_load, uvm_store
 from vnpager.uvm.uvm_map import (
     MADV_DONTNEED,
