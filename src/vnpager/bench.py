@@ -66,7 +66,28 @@ class Reader(Protocol):
     def close(self) -> None: ...
 
 
-class _Vnpager:
+class _Mmap:
+    """CPython's mmap.mmap of the whole file."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR)
+        self.m: Any = std_mmap.mmap(self.fd, 0)
+
+    def read(self, off: int, n: int) -> object:
+        return self.m[off:off + n]
+
+    def write(self, off: int, data: bytes) -> None:
+        self.m[off:off + len(data)] = data
+
+    def flush(self) -> None:
+        self.m.flush()
+
+    def close(self) -> None:
+        self.m.close()
+        os.close(self.fd)
+
+
+class _Vnpager(_Mmap):
     """vnpager.mmap of the whole file, in a fresh VM of *physmem* bytes."""
 
     def __init__(self, path: str, physmem: int) -> None:
@@ -76,40 +97,9 @@ class _Vnpager:
         self.fd = os.open(path, os.O_RDWR)
         self.m = mmap(self.fd, 0, vm=self.vm)
 
-    def read(self, off: int, n: int) -> object:
-        return self.m[off:off + n]
-
-    def write(self, off: int, data: bytes) -> None:
-        self.m[off:off + len(data)] = data
-
-    def flush(self) -> None:
-        self.m.flush()
-
     def close(self) -> None:
-        self.m.close()
+        super().close()
         self.vm.close()
-        os.close(self.fd)
-
-
-class _Mmap:
-    """CPython's mmap.mmap of the whole file."""
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDWR)
-        self.m = std_mmap.mmap(self.fd, 0)
-
-    def read(self, off: int, n: int) -> object:
-        return self.m[off:off + n]
-
-    def write(self, off: int, data: bytes) -> None:
-        self.m[off:off + len(data)] = data
-
-    def flush(self) -> None:
-        self.m.flush()
-
-    def close(self) -> None:
-        self.m.close()
-        os.close(self.fd)
 
 
 class _Preadv:
@@ -470,6 +460,13 @@ def run_bench(args: argparse.Namespace) -> int:
     cfg = QUICK if args.quick else FULL
     with console.status("measuring") as status:
         report = run(cfg, lambda case: status.update(f"measuring: {case}"))
+    emit(args, console, report, markdown, table)
+    return 0
+
+
+def emit(args: argparse.Namespace, console: Console, report: Any,
+         markdown: Callable[[Any], Iterable[str]], table: Callable[[Any], Table]) -> None:
+    """Print *report* as --json, --markdown or a rich table asks."""
     if args.json:
         print(json.dumps({"machine": report.machine, "config": report.config,
                           "rows": [asdict(r) for r in report.rows]}, indent=2))
@@ -477,7 +474,6 @@ def run_bench(args: argparse.Namespace) -> int:
         print("\n".join(markdown(report)))
     else:
         console.print(table(report))
-    return 0
 
 
 def add_subcommands(subparsers: Any) -> None:

@@ -85,7 +85,6 @@ from collections.abc import Iterator
 from typing import Any, NoReturn, SupportsIndex
 
 from vnpager.kern.lock import kernel_lock
-from vnpager.vm import VM
 from vnpager.uvm.uvm_fault import uvm_copyin, uvm_copyout, uvm_load, uvm_store
 from vnpager.uvm.uvm_map import (
     MADV_DONTNEED,
@@ -117,6 +116,7 @@ from vnpager.uvm.uvm_vnode import (
 )
 from vnpager.vfs.hostfs import hostfs_vget_fd
 from vnpager.vfs.vnode import Vnode
+from vnpager.vm import VM
 
 __all__ = [
     "ACCESS_COPY", "ACCESS_DEFAULT", "ACCESS_READ", "ACCESS_WRITE", "ALLOCATIONGRANULARITY",

@@ -36,7 +36,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from vnpager.bench import machine, make_file
+from vnpager.bench import emit, machine, make_file
 from vnpager.cli import human
 from vnpager.fuse.mount import mount_source
 
@@ -220,11 +220,5 @@ def run_mount_bench(args: argparse.Namespace, console: Console) -> int:
         return 1
     with console.status("measuring") as status:
         report = run(QUICK if args.quick else FULL, lambda what: status.update(f"measuring: {what}"))
-    if args.json:
-        print(json.dumps({"machine": report.machine, "config": report.config,
-                          "rows": [asdict(r) for r in report.rows]}, indent=2))
-    elif args.markdown:
-        print("\n".join(markdown(report)))
-    else:
-        console.print(table(report))
+    emit(args, console, report, markdown, table)
     return 0
