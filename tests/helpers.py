@@ -161,6 +161,19 @@ def store(pmap: Pmap, pg: VmPage, data: bytes, at: int = 0) -> None:
     pg.data[at:at + len(data)] = data
 
 
+def dirty_progfs(vm: VM, npages: int, pages: tuple[int, ...], data: bytes = b"new%d"
+                 ) -> tuple[ProgFS, Vnode, UvmVnode, list[VmPage]]:
+    """A progfs file of *npages* resident pages, the pages at *pages* stored
+    to (``data % i`` at the start of page i)."""
+    fs, mp = progfs(vm)
+    vp, uvn = mkfile(vm, pattern(npages), mp=mp)
+    pgs = getpages(uvn, 0, npages)
+    pm = Pmap(vm)
+    for i in pages:
+        store(pm, pgs[i], data % i if b"%" in data else data)
+    return fs, vp, uvn, pgs
+
+
 def flush(uvn: UvmVnode, start: int, stop: int, flags: int) -> bool:
     """uvn_flush, then wait for the asynchronous writes it started (without
     PGO_SYNCIO), so that the test sees their outcome."""

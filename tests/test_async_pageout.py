@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import errno
 
-from helpers import PS, Gate, flush, getpages, machine, mkfile, pattern, progfs, start, store, wait_sleeping
-from vnpager import VM
-from vnpager.uvm.pmap import Pmap, pmap_is_modified
+from helpers import PS, Gate, dirty_progfs, flush, getpages, machine, mkfile, pattern, start, wait_sleeping
+from vnpager.uvm.pmap import pmap_is_modified
 from vnpager.uvm.uvm_page import PG_BUSY, PG_CLEAN, PQ_FREE, PQ_INACTIVE
 from vnpager.uvm.uvm_pager import (
     PGO_ALLPAGES,
@@ -22,19 +21,9 @@ from vnpager.uvm.uvm_pdaemon import uvmpd_scan
 from vnpager.uvm.uvm_vnode import uvn_detach, uvn_flush, uvn_put, uvn_record_error
 
 
-def dirty(vm: VM, npages: int, pages: tuple[int, ...]):  # type: ignore[no-untyped-def]
-    fs, mp = progfs(vm)
-    vp, uvn = mkfile(vm, pattern(npages), mp=mp)
-    pgs = getpages(uvn, 0, npages)
-    pm = Pmap(vm)
-    for i in pages:
-        store(pm, pgs[i], b"new%d" % i)
-    return fs, vp, uvn, pgs
-
-
 def test_uvn_put_without_syncio_is_pending_until_aiodone() -> None:
     vm = machine()
-    fs, vp, uvn, pgs = dirty(vm, 2, (0,))
+    fs, vp, uvn, pgs = dirty_progfs(vm, 2, (0,))
     gate = Gate("write")
     fs.hooks.append(gate)
     pg = pgs[0]
@@ -55,7 +44,7 @@ def test_uvn_put_without_syncio_is_pending_until_aiodone() -> None:
 
 def test_uvn_aiodone_wakes_a_thread_waiting_for_the_page() -> None:
     vm = machine()
-    fs, vp, uvn, pgs = dirty(vm, 2, (1,))
+    fs, vp, uvn, pgs = dirty_progfs(vm, 2, (1,))
     gate = Gate("write")
     fs.hooks.append(gate)
     with uvn.vmobjlock:
@@ -72,7 +61,7 @@ def test_uvn_aiodone_wakes_a_thread_waiting_for_the_page() -> None:
 
 def test_uvn_aiodone_frees_released_pages() -> None:
     vm = machine()
-    _, vp, uvn, pgs = dirty(vm, 3, (0, 1, 2))
+    _, vp, uvn, pgs = dirty_progfs(vm, 3, (0, 1, 2))
     with uvn.vmobjlock:
         assert uvn_flush(uvn, 0, 0, PGO_CLEANIT | PGO_FREE | PGO_ALLPAGES)
     vm.aiodaemon.drain()
@@ -83,7 +72,7 @@ def test_uvn_aiodone_frees_released_pages() -> None:
 
 def test_uvn_aiodone_keeps_pages_dirty_and_records_the_error() -> None:
     vm = machine()
-    fs, vp, uvn, pgs = dirty(vm, 2, (0, 1))
+    fs, vp, uvn, pgs = dirty_progfs(vm, 2, (0, 1))
     fs.fail["write"] = errno.ENOSPC
     with uvn.vmobjlock:
         assert uvn_flush(uvn, 0, 0, PGO_CLEANIT | PGO_FREE | PGO_ALLPAGES)
@@ -98,7 +87,7 @@ def test_uvn_aiodone_keeps_pages_dirty_and_records_the_error() -> None:
 
 def test_page_daemon_returns_while_its_write_is_in_flight() -> None:
     vm = machine(pages=16)
-    fs, _, uvn, pgs = dirty(vm, 8, tuple(range(8)))
+    fs, _, uvn, pgs = dirty_progfs(vm, 8, tuple(range(8)))
     flush(uvn, 0, 0, PGO_DEACTIVATE | PGO_ALLPAGES)  # inactive and dirty
     with vm.pageqlock:
         free = len(vm.page_free)
@@ -121,7 +110,7 @@ def test_page_daemon_returns_while_its_write_is_in_flight() -> None:
 
 def test_uvn_detach_drains_the_asynchronous_writes_of_a_dying_object() -> None:
     vm = machine()
-    fs, vp, uvn, _pgs = dirty(vm, 4, (0, 3))
+    fs, vp, uvn, _pgs = dirty_progfs(vm, 4, (0, 3))
     with uvn.vmobjlock:
         uvn.u_flags &= ~0x002  # not CANPERSIST: the last detach kills it
     gate = Gate("write")
@@ -148,7 +137,7 @@ def test_uvn_record_error_counts_each_failure() -> None:
 
 def test_synchronous_vm_has_no_aio_daemon() -> None:
     vm = machine(async_pageout=False)
-    _, _, uvn, pgs = dirty(vm, 1, (0,))
+    _, _, uvn, pgs = dirty_progfs(vm, 1, (0,))
     assert vm.aiodaemon is None
     with uvn.vmobjlock:
         pgs[0].pg_flags |= PG_BUSY

@@ -13,6 +13,7 @@ from helpers import (
     PS,
     Gate,
     contents,
+    dirty_progfs,
     flush,
     get_busy,
     getpages,
@@ -116,12 +117,7 @@ def test_uvn_flush_allpages_ignores_range(vm: VM) -> None:
 
 
 def test_uvn_flush_clusters_contiguous_dirty_pages_into_one_write(vm: VM) -> None:
-    fs, mp = progfs(vm)
-    _vp, uvn = mkfile(vm, pattern(8), mp=mp)
-    pgs = getpages(uvn, 0, 8)
-    pm = Pmap(vm)
-    for pg in pgs[2:6]:
-        store(pm, pg, b"c")
+    fs, _, uvn, pgs = dirty_progfs(vm, 8, (2, 3, 4, 5), b"c")
     assert flush(uvn, 0, 0, PGO_CLEANIT | PGO_SYNCIO | PGO_ALLPAGES)
     assert [c for c in fs.calls if c[0] == "write"] == [("write", 2 * PS, 4 * PS)]
     assert vm.uvmexp.write_ios == 1 and vm.uvmexp.pageouts == 4
@@ -243,12 +239,7 @@ def test_uvn_flush_again_falls_back_to_syncio(vm: VM) -> None:
 @pytest.mark.parametrize("error", [errno.EIO, errno.ENOSPC])
 @pytest.mark.parametrize("extra", [0, PGO_FREE, PGO_DEACTIVATE, PGO_SYNCIO])
 def test_uvn_flush_write_error_keeps_page_dirty_and_records_it(vm: VM, error: int, extra: int) -> None:
-    fs, mp = progfs(vm)
-    vp, uvn = mkfile(vm, pattern(4), mp=mp)
-    pgs = getpages(uvn, 0, 4)
-    pm = Pmap(vm)
-    for pg in pgs[1:3]:
-        store(pm, pg, b"keep")
+    fs, vp, uvn, pgs = dirty_progfs(vm, 4, (1, 2), b"keep")
     fs.fail["write"] = error
     # a synchronous flush returns the failure; an asynchronous one has only
     # started the write, whose failure is recorded on the object when it ends
