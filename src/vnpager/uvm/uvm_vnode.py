@@ -28,6 +28,11 @@ Where we differ from the seed, on purpose:
   fills the caller's read-ahead slots from free memory only.
 * every flag change happens under the object lock: the seed leans on the
   kernel lock for uvn_attach and the writeable list, which we lock instead.
+* a PGO_CLEANIT|PGO_SYNCIO flush waits for every page it found busy, not
+  only for the object's I/O, and after any wait for a page looks at that
+  offset again, not at the page's (which may have been reused).
+* IOSYNC is cleared after detach and terminate wait for I/O: the seed
+  leaves it set on an object that outlives a forced unmount.
 
 Pageout without PGO_SYNCIO is asynchronous, as the seed's long comment
 above uvn_flush designs it: uvn_io starts the write on the VM's aio daemon
