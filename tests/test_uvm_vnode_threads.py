@@ -75,6 +75,16 @@ def gated(vm: VM, npages: int, op: str, offset: int | None = None,
     return fs, vp, uvn, gate, pgs
 
 
+def dying_in_write(vm: VM, data: bytes) -> tuple[Vnode, UvmVnode, Gate, Runner]:
+    """An uncached object whose last detach is held in writing *data* (page 1)."""
+    _, vp, uvn, gate, pgs = gated(vm, 2, "write")
+    store(Pmap(vm), pgs[1], data)
+    uvm_vnp_uncache(vp)
+    dying = start(lambda: uvn_detach(uvn), "detach")
+    gate.wait_entered()
+    return vp, uvn, gate, dying
+
+
 def test_uvn_attach_waits_while_another_attach_holds_alock(vm: VM) -> None:
     fs, mp = progfs(vm)
     vp = memfs_create(vm.vfs, mp, pattern(1))
@@ -107,11 +117,7 @@ def test_uvn_attach_getattr_failure_wakes_waiters(vm: VM) -> None:
 
 
 def test_uvn_attach_waits_for_dying_object(vm: VM) -> None:
-    _, vp, uvn, gate, pgs = gated(vm, 2, "write")
-    store(Pmap(vm), pgs[1], b"last")
-    uvm_vnp_uncache(vp)
-    dying = start(lambda: uvn_detach(uvn), "detach")
-    gate.wait_entered()
+    vp, uvn, gate, dying = dying_in_write(vm, b"last")
     assert uvn.u_flags & UVM_VNODE_DYING
     attacher = start(lambda: uvn_attach(vp, PROT_READ), "attach")
     wait_sleeping("uvn_attach")
@@ -225,11 +231,7 @@ def test_uvm_vnp_sync_one_syncer_at_a_time(vm: VM) -> None:
 
 
 def test_uvm_vnp_sync_skips_dying_object(vm: VM) -> None:
-    _, vp, uvn, gate, pgs = gated(vm, 2, "write")
-    store(Pmap(vm), pgs[1], b"dies")
-    uvm_vnp_uncache(vp)
-    dying = start(lambda: uvn_detach(uvn), "detach")
-    gate.wait_entered()
+    vp, uvn, gate, dying = dying_in_write(vm, b"dies")
     syncer = start(lambda: uvm_vnp_sync(vm), "sync")
     syncer.join_ok()  # does not wait for the dying object, nor touch it
     assert uvn.uo_refs == 0 and uvn.u_flags & UVM_VNODE_DYING
