@@ -247,6 +247,18 @@ def uvm_mk_pcluster(uobj: UvmObject, center: VmPage, maxpages: int, flags: int,
     return [*before, center, *after]
 
 
+def pager_unbusy(pg: VmPage) -> None:
+    """Unbusy a page the caller owns after its I/O, waking its waiters.  A
+    PG_RELEASED page stays released: the caller frees it.
+
+    => caller holds the page's object lock.
+    """
+    if pg.pg_flags & PG_WANTED:
+        wakeup(pg)
+    pg.pg_flags &= ~(PG_BUSY | PG_WANTED)
+    UVM_PAGE_OWN(pg, None)
+
+
 def uvm_pager_dropcluster(uobj: UvmObject, pg: VmPage | None, ppsp: list[VmPage], flags: int) -> None:
     """Give back the pages of a cluster other than *pg*.
 
@@ -260,10 +272,7 @@ def uvm_pager_dropcluster(uobj: UvmObject, pg: VmPage | None, ppsp: list[VmPage]
     for p in ppsp:
         if p is pg:
             continue
-        if p.pg_flags & PG_WANTED:
-            wakeup(p)
-        p.pg_flags &= ~(PG_BUSY | PG_WANTED)
-        UVM_PAGE_OWN(p, None)
+        pager_unbusy(p)
         if p.pg_flags & PG_RELEASED:
             p.pg_flags &= ~PG_RELEASED
             with vm.pageqlock:
@@ -282,7 +291,11 @@ def uvm_pager_put(uobj: UvmObject, pg: VmPage, maxpages: int, flags: int,
     Returns ``(result, cluster)``.  On VM_PAGER_OK or VM_PAGER_PEND the
     cluster comes back busy to the caller (with PGO_PDFREECLUST, the pages
     other than *pg* are already unbusied and clean).  On any other result
-    the cluster has been dropped and only *pg*, still busy, is returned.
+    the pages other than *pg* have been dropped (unbusied and still dirty;
+    released ones freed) and *pg* is still busy; the cluster comes back all
+    the same, so that the caller knows which pages the failed write
+    covered.  (The seed returns *pg* alone, and its flush then wrote each
+    later page of the cluster again, as the centre of a new one.)
 
     => caller holds the object lock; *pg* is busy and owned by the caller.
     => the lock is held again on return (the pager may drop it for I/O).
@@ -297,4 +310,4 @@ def uvm_pager_put(uobj: UvmObject, pg: VmPage, maxpages: int, flags: int,
         return result, ppsp
     if len(ppsp) > 1:
         uvm_pager_dropcluster(uobj, pg, ppsp, 0)
-    return result, [pg]
+    return result, ppsp

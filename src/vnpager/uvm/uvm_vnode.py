@@ -46,7 +46,10 @@ from __future__ import annotations
 
 import errno
 import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
+
+from sortedcontainers import SortedList
 
 from vnpager.kern.debug import DEBUG, KASSERT, panic
 from vnpager.kern.lock import (
@@ -68,7 +71,6 @@ from vnpager.uvm.uvm_page import (
     PG_CLEANCHK,
     PG_FAKE,
     PG_RELEASED,
-    PG_WANTED,
     PQ_ACTIVE,
     UVM_PAGE_OWN,
     UVM_PGA_NORESERVE,
@@ -107,6 +109,7 @@ from vnpager.uvm.uvm_pager import (
     PageSlot,
     UvmAioDesc,
     UvmPagerOps,
+    pager_unbusy,
     uvm_mk_pcluster,
     uvm_pager_put,
     uvm_pagermapin,
@@ -501,7 +504,14 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
     every page dirty when we were called is written when we return True.
 
     Returns False if a write failed: those pages stay dirty and resident
-    (even with PGO_FREE) and the error is kept on the object.
+    (even with PGO_FREE), the error is kept on the object, and this call
+    does not write them again (one failed cluster costs one write).
+
+    The steps are the seed's: the CLEANCHK pass (:func:`_flush_clearchk`),
+    the main loop (:func:`_flush_pass`, the seed's "pp" loop, with the
+    disposal of a page that needs no cleaning in :func:`_flush_page` and of
+    a cluster after its put in :func:`_flush_cluster_done`), and the IOSYNC
+    wait (:func:`_flush_iosync`); then our second pass over the busy pages.
 
     => caller holds the object lock (write); it may be dropped and retaken.
     => caller must not hold the page queue lock.
@@ -509,142 +519,210 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
     uvn = _uvn(uobj)
     vm = uobj.vm
     KASSERT(uobj.vmobjlock.rw_write_held(), "uvn_flush: object not locked")
-    page_size = vm.page_size
-    dead: list[VmPage] = []
-    retval = True
     if flags & PGO_ALLPAGES:
         start, stop = 0, vm.round_page(uvn.u_size)
     else:
         start = vm.trunc_page(start)
         stop = min(vm.round_page(stop), vm.round_page(uvn.u_size))
-
+    fl = _Flush(uvn, flags, start, stop)
     if flags & PGO_CLEANIT:
-        # uvm_mk_pcluster trusts PG_CLEAN only where CLEANCHK says it is synced
-        for pg in uobj.pages_in(start, stop):
-            pg.pg_flags &= ~PG_CLEANCHK
+        _flush_clearchk(fl)
+    _flush_pass(fl, wait_busy=False)
+    if fl.need_iosync:
+        _flush_iosync(uvn)
+        # the seed stops here, and misses a dirty page that a fault held busy
+        # between its pgo_get passes (no I/O to wait for): it would report
+        # that page written.  Wait for each page found busy, and clean it.
+        _flush_pass(fl, wait_busy=True)
+    uvm_pglistfree(fl.dead)
+    return fl.retval
 
-    # a second pass waits for each page that was busy in the first: the seed
-    # waits only for the I/O in flight (u_nio), which misses a dirty page a
-    # fault holds busy between its pgo_get passes, and would report it written
-    was_busy: set[int] = set()
-    for wait_busy in (False, True):
-        need_iosync = False
-        curoff = start
-        while True:
-            pp = _next_page(uobj, curoff, stop)
-            if pp is None:
-                break
-            curoff = pp.offset + page_size
-            if wait_busy and pp.offset not in was_busy:
-                continue  # done in the first pass
-            if not flags & PGO_CLEANIT or pp.pg_flags & PG_BUSY:
-                needs_clean = False
-                if pp.pg_flags & PG_BUSY and flags & (PGO_CLEANIT | PGO_SYNCIO) == PGO_CLEANIT | PGO_SYNCIO:
-                    if wait_busy:
-                        curoff -= page_size  # as below: this offset, not pp.offset
-                        uvm_pagewait(pp, uobj.vmobjlock, "uvn_flsh")
-                        uobj.vmobjlock.rw_enter(RW_WRITE)
-                        continue
-                    need_iosync = True
-                    was_busy.add(pp.offset)
-            else:
-                # freeing: unmap first, so that PG_CLEAN cannot go stale after
-                if pp.pg_flags & PG_CLEAN and flags & PGO_FREE and pp.pg_flags & PQ_ACTIVE:
-                    pmap_page_protect(pp, PROT_NONE)
-                if pp.pg_flags & PG_CLEAN and pmap_is_modified(pp):
-                    pp.pg_flags &= ~PG_CLEAN
-                pp.pg_flags |= PG_CLEANCHK
-                needs_clean = not pp.pg_flags & PG_CLEAN
 
-            if not needs_clean:
-                if flags & PGO_DEACTIVATE:
-                    if pp.wire_count == 0:
-                        pmap_page_protect(pp, PROT_NONE)
-                        with vm.pageqlock:
-                            uvm_pagedeactivate(pp)
-                elif flags & PGO_FREE:
-                    if pp.pg_flags & PG_BUSY:
-                        # look at this offset again: not at pp.offset, for pp may
-                        # be freed and reused elsewhere while we sleep
-                        curoff -= page_size
-                        uvm_pagewait(pp, uobj.vmobjlock, "uvn_flsh")
-                        uobj.vmobjlock.rw_enter(RW_WRITE)
-                        continue
-                    pmap_page_protect(pp, PROT_NONE)
-                    with vm.pageqlock:
-                        uvm_pageclean(pp)
-                    dead.append(pp)
-                continue
+@dataclass
+class _Flush:
+    """What the steps of one uvn_flush share.  => the object lock guards it
+    (only the flushing thread touches it)."""
 
-            # a dirty page we may clean: write it out with its neighbours
-            pp.pg_flags |= PG_BUSY
-            UVM_PAGE_OWN(pp, "uvn_flush")
-            pmap_page_protect(pp, PROT_READ)
-            # PGO_DEACTIVATE wins over PGO_FREE (as in the seed's disposal below):
-            # a page that will not be freed must not be left PG_RELEASED
-            if flags & (PGO_FREE | PGO_SYNCIO | PGO_DEACTIVATE) == PGO_FREE:
-                pp.pg_flags |= PG_RELEASED
-            while True:
-                result, ppsp = uvm_pager_put(uobj, pp, MAXBSIZE // page_size,
-                                             flags | PGO_DOACTCLUST, start, stop)
-                if result != VM_PAGER_AGAIN:
-                    break
-                # no pager map for an async write: do it synchronously instead
-                KASSERT(not flags & PGO_SYNCIO, "uvn_flush: PGO_SYNCIO returned AGAIN")
-                flags |= PGO_SYNCIO
-                pp.pg_flags &= ~PG_RELEASED
+    uvn: UvmVnode
+    flags: int  # PGO_SYNCIO is added if an asynchronous put finds no pager map
+    start: int
+    stop: int
+    retval: bool = True  # no write failed
+    need_iosync: bool = False  # the first pass met a busy page under CLEANIT|SYNCIO
+    was_busy: set[int] = field(default_factory=set)  # offsets of those pages
+    failed: SortedList = field(default_factory=SortedList)  # offsets whose write failed here
+    dead: list[VmPage] = field(default_factory=list)  # taken apart, freed at the end
 
-            # the cluster is dealt with: go on after its last page (a page of a
-            # pending write is busy, and one whose write failed must not be
-            # tried again by this same flush)
-            curoff = max(curoff, ppsp[-1].offset + page_size)
-            if result == VM_PAGER_PEND:
-                # uvn_aiodone finishes these pages and frees the released ones
-                # (aiodone needs the object lock we hold: none is done yet)
-                for ptmp in ppsp:
-                    if flags & PGO_DEACTIVATE:  # allowed for busy pages
-                        if ptmp.wire_count == 0:
-                            pmap_page_protect(ptmp, PROT_NONE)
-                            with vm.pageqlock:
-                                uvm_pagedeactivate(ptmp)
-                    elif flags & PGO_FREE:
-                        ptmp.pg_flags |= PG_RELEASED
-                continue
-            if result != VM_PAGER_OK:
-                # the seed marks pp clean and may free it: we keep it dirty (uvn_io
-                # has recorded the error on the object)
-                retval = False
-                pp.pg_flags &= ~PG_RELEASED
-            for ptmp in ppsp:
-                if ptmp.pg_flags & PG_WANTED:
-                    wakeup(ptmp)
-                ptmp.pg_flags &= ~(PG_WANTED | PG_BUSY)
-                UVM_PAGE_OWN(ptmp, None)
-                if result == VM_PAGER_OK:
-                    ptmp.pg_flags |= PG_CLEAN | PG_CLEANCHK
-                    if not flags & PGO_FREE or flags & PGO_DEACTIVATE:  # it stays: clean
-                        pmap_clear_modify(ptmp)
-                if flags & PGO_DEACTIVATE:
-                    if ptmp.wire_count == 0:
-                        pmap_page_protect(ptmp, PROT_NONE)
-                        with vm.pageqlock:
-                            uvm_pagedeactivate(ptmp)
-                elif flags & PGO_FREE and result == VM_PAGER_OK:
-                    pmap_page_protect(ptmp, PROT_NONE)
-                    with vm.pageqlock:
-                        uvm_pageclean(ptmp)
-                    dead.append(ptmp)
 
-        if need_iosync:
-            while uvn.u_nio != 0:
-                uvn.u_flags |= UVM_VNODE_IOSYNC
-                rwsleep((uvn, "u_nio"), uobj.vmobjlock, "uvn_flush")
-            _iosync_done(uvn)
-        if not need_iosync:
-            break
+def _flush_clearchk(fl: _Flush) -> None:
+    """The seed's CLEANCHK pass: uvm_mk_pcluster trusts the PG_CLEAN of an
+    active page only where PG_CLEANCHK says it was synced from the pmap."""
+    for pg in fl.uvn.pages_in(fl.start, fl.stop):
+        pg.pg_flags &= ~PG_CLEANCHK
 
-    uvm_pglistfree(dead)
-    return retval
+
+def _flush_pass(fl: _Flush, wait_busy: bool) -> None:
+    """The seed's main loop over the resident pages of the range, in offset
+    order.  With *wait_busy* (the second pass) only the pages the first pass
+    found busy are looked at, and a page still busy is waited for.  A page
+    whose write failed in this call is not tried again.
+    """
+    curoff = fl.start
+    while (pp := _next_page(fl.uvn, curoff, fl.stop)) is not None:
+        curoff = pp.offset + fl.uvn.vm.page_size
+        if (wait_busy and pp.offset not in fl.was_busy) or pp.offset in fl.failed:
+            continue
+        curoff = _flush_page(fl, pp, wait_busy)
+
+
+def _flush_page(fl: _Flush, pp: VmPage, wait_busy: bool) -> int:
+    """Deal with one page: dispose of it, wait for it, or write it with its
+    cluster.  Returns the offset the loop looks at next.
+
+    => caller holds the object lock; it may be dropped and retaken.
+    """
+    flags = fl.flags
+    if not flags & PGO_CLEANIT or pp.pg_flags & PG_BUSY:
+        if pp.pg_flags & PG_BUSY and flags & (PGO_CLEANIT | PGO_SYNCIO) == PGO_CLEANIT | PGO_SYNCIO:
+            if wait_busy:
+                return _flush_wait(fl, pp)
+            fl.need_iosync = True
+            fl.was_busy.add(pp.offset)
+        needs_clean = False
+    else:
+        needs_clean = _flush_sync_clean(pp, flags)
+
+    if not needs_clean:
+        if flags & (PGO_FREE | PGO_DEACTIVATE) == PGO_FREE and pp.pg_flags & PG_BUSY:
+            return _flush_wait(fl, pp)
+        _flush_dispose(fl, pp, free=True)
+        return pp.offset + fl.uvn.vm.page_size
+
+    result, ppsp = _flush_put(fl, pp)
+    # go on after the cluster's last page: a page of a pending write is
+    # busy, and one whose write failed is not tried again by this call
+    nextoff = ppsp[-1].offset + fl.uvn.vm.page_size
+    _flush_cluster_done(fl, pp, result, ppsp)
+    return nextoff
+
+
+def _flush_sync_clean(pp: VmPage, flags: int) -> bool:
+    """Sync the PG_CLEAN of an unbusy page from the pmap; True if it is dirty.
+
+    => caller holds the object lock.
+    """
+    # freeing: unmap first, so that PG_CLEAN cannot go stale after
+    if pp.pg_flags & PG_CLEAN and flags & PGO_FREE and pp.pg_flags & PQ_ACTIVE:
+        pmap_page_protect(pp, PROT_NONE)
+    if pp.pg_flags & PG_CLEAN and pmap_is_modified(pp):
+        pp.pg_flags &= ~PG_CLEAN
+    pp.pg_flags |= PG_CLEANCHK
+    return not pp.pg_flags & PG_CLEAN
+
+
+def _flush_wait(fl: _Flush, pp: VmPage) -> int:
+    """Wait for a busy page; return its offset, for the loop to look at that
+    offset again: not at pp.offset, for pp may be freed and reused elsewhere
+    while we sleep.  => caller holds the object lock; dropped and retaken."""
+    off = pp.offset
+    uvm_pagewait(pp, fl.uvn.vmobjlock, "uvn_flsh")
+    fl.uvn.vmobjlock.rw_enter(RW_WRITE)
+    return off
+
+
+def _flush_dispose(fl: _Flush, pg: VmPage, free: bool) -> None:
+    """The seed's disposal of a page the flush is done with: PGO_DEACTIVATE
+    deactivates it (busy or not: the seed allows it), else PGO_FREE with
+    *free* frees it (onto ``fl.dead``; the page must not be busy).
+
+    => caller holds the object lock, not the page queue lock.
+    """
+    vm = fl.uvn.vm
+    if fl.flags & PGO_DEACTIVATE:
+        if pg.wire_count == 0:
+            pmap_page_protect(pg, PROT_NONE)
+            with vm.pageqlock:
+                uvm_pagedeactivate(pg)
+    elif fl.flags & PGO_FREE and free:
+        pmap_page_protect(pg, PROT_NONE)
+        with vm.pageqlock:
+            uvm_pageclean(pg)
+        fl.dead.append(pg)
+
+
+def _flush_put(fl: _Flush, pp: VmPage) -> tuple[int, list[VmPage]]:
+    """Write the dirty page *pp* with its neighbours (uvm_pager_put), as
+    the seed's ReTry loop does: an asynchronous put that finds no pager map
+    is done synchronously, and so is the rest of the flush.
+
+    The cluster stays inside the range and never takes a page whose write
+    failed in this call.  => caller holds the object lock; *pp* is unbusy.
+    """
+    ps = fl.uvn.vm.page_size
+    pp.pg_flags |= PG_BUSY
+    UVM_PAGE_OWN(pp, "uvn_flush")
+    pmap_page_protect(pp, PROT_READ)
+    # PGO_DEACTIVATE wins over PGO_FREE (as in the disposal): a page that
+    # will not be freed must not be left PG_RELEASED
+    if fl.flags & (PGO_FREE | PGO_SYNCIO | PGO_DEACTIVATE) == PGO_FREE:
+        pp.pg_flags |= PG_RELEASED
+    below = next(fl.failed.irange(maximum=pp.offset, reverse=True), None)
+    above = next(fl.failed.irange(minimum=pp.offset), None)
+    lo = fl.start if below is None else below + ps
+    hi = fl.stop if above is None else above
+    while True:
+        # [lo, hi) bounds the cluster: PGO_ALLPAGES would lift the bounds
+        result, ppsp = uvm_pager_put(fl.uvn, pp, MAXBSIZE // ps,
+                                     (fl.flags | PGO_DOACTCLUST) & ~PGO_ALLPAGES, lo, hi)
+        if result != VM_PAGER_AGAIN:
+            return result, ppsp
+        KASSERT(not fl.flags & PGO_SYNCIO, "uvn_flush: PGO_SYNCIO returned AGAIN")
+        fl.flags |= PGO_SYNCIO
+        pp.pg_flags &= ~PG_RELEASED
+
+
+def _flush_cluster_done(fl: _Flush, pp: VmPage, result: int, ppsp: list[VmPage]) -> None:
+    """The seed's disposal of a cluster after its put.
+
+    Pending: uvn_aiodone finishes the pages and frees the released ones (it
+    needs the object lock we hold: none is done yet).  Written: the pages
+    are unbusied and clean, then disposed of.  Failed: the seed marks *pp*
+    clean and may free it; we keep it and the cluster dirty and resident
+    (uvn_io recorded the error on the object) and remember their offsets,
+    so that this call does not write them again; the put has dropped the
+    pages but *pp*.
+
+    => caller holds the object lock.
+    """
+    if result == VM_PAGER_PEND:
+        for ptmp in ppsp:
+            _flush_dispose(fl, ptmp, free=False)
+            if fl.flags & (PGO_FREE | PGO_DEACTIVATE) == PGO_FREE:
+                ptmp.pg_flags |= PG_RELEASED
+        return
+    ok = result == VM_PAGER_OK
+    if not ok:
+        fl.retval = False
+        fl.failed.update(ptmp.offset for ptmp in ppsp)
+        pp.pg_flags &= ~PG_RELEASED
+    for ptmp in ppsp:
+        if ptmp is pp or ok:
+            pager_unbusy(ptmp)
+        if ok:
+            ptmp.pg_flags |= PG_CLEAN | PG_CLEANCHK
+            if fl.flags & (PGO_FREE | PGO_DEACTIVATE) != PGO_FREE:  # it stays: clean
+                pmap_clear_modify(ptmp)
+        if ptmp.uobject is fl.uvn:  # a dropped page that was released is gone
+            _flush_dispose(fl, ptmp, free=ok)
+
+
+def _flush_iosync(uvn: UvmVnode) -> None:
+    """The seed's IOSYNC wait: sleep until none of the object's I/O is in
+    flight.  => caller holds the object lock; dropped while we sleep."""
+    while uvn.u_nio != 0:
+        uvn.u_flags |= UVM_VNODE_IOSYNC
+        rwsleep((uvn, "u_nio"), uvn.vmobjlock, "uvn_flush")
+    _iosync_done(uvn)
 
 
 def _next_page(uobj: UvmObject, curoff: int, stop: int) -> VmPage | None:
@@ -769,10 +847,7 @@ def uvn_get(uobj: UvmObject, offset: int, pps: list[PageSlot], npages: int,
         result = uvn_io(uvn, run, len(run), PGO_SYNCIO | PGO_NOWAIT, UIO_READ)
         if result != VM_PAGER_OK:
             for pg in run:
-                if pg.pg_flags & PG_WANTED:
-                    wakeup(pg)
-                pg.pg_flags &= ~(PG_WANTED | PG_BUSY)
-                UVM_PAGE_OWN(pg, None)
+                pager_unbusy(pg)
             with uobj.vm.pageqlock:
                 for pg in run:
                     uvm_pagefree(pg)
@@ -968,10 +1043,7 @@ def uvn_aiodone(desc: UvmAioDesc) -> None:
         if desc.error:
             uvn_record_error(uvn, desc.error)
         for pg in desc.pps:
-            if pg.pg_flags & PG_WANTED:
-                wakeup(pg)
-            pg.pg_flags &= ~(PG_BUSY | PG_WANTED)
-            UVM_PAGE_OWN(pg, None)
+            pager_unbusy(pg)
             if desc.error:
                 pg.pg_flags &= ~PG_RELEASED
                 continue
