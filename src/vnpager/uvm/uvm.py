@@ -216,5 +216,7 @@ class VM:
                     assert pg.uobject is not None
                     if pg.uobject.memt.get(pg.offset) is not pg:
                         panic(f"page {pg!r}: not in its object's tree")
+                    if (pg in pg.uobject.uo_active) != (q == PQ_ACTIVE):
+                        panic(f"page {pg!r}: its object's uo_active and PQ_ACTIVE disagree")
                 if q == PQ_FREE and (tabled or pg.pv or pg.pg_flags & PG_BUSY):
                     panic(f"page {pg!r}: free but in use")

@@ -30,6 +30,7 @@ class UvmObject:
         self.pgops = pgops
         self.vmobjlock = RWLock("vmobjlock")
         self.memt: SortedDict[int, VmPage] = SortedDict()
+        self.uo_active: dict[VmPage, None] = {}
         self.uo_refs = refs
 
     @property

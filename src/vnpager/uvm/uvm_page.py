@@ -97,6 +97,7 @@ def uvm_pagelookup(uobj: UvmObject, off: int) -> VmPage | None:
 
 def uvm_pageinsert(pg: VmPage, uobj: UvmObject, off: int) -> None:
     KASSERT((pg.pg_flags & PG_TABLED) == 0, "uvm_pageinsert: already tabled")
+    KASSERT(not pg.pg_flags & PQ_ACTIVE, "uvm_pageinsert: active page")  # uo_active would miss it
     if off in uobj.memt:
         panic(f"uvm_pageinsert: page already at offset {off:#x}")
     pg.uobject = uobj
@@ -108,6 +109,7 @@ def uvm_pageinsert(pg: VmPage, uobj: UvmObject, off: int) -> None:
 def uvm_pageremove(pg: VmPage) -> None:
     uobj = pg.uobject
     KASSERT(pg.pg_flags & PG_TABLED and uobj is not None, "uvm_pageremove: not tabled")
+    KASSERT(not pg.pg_flags & PQ_ACTIVE, "uvm_pageremove: active page")  # dequeue it first
     assert uobj is not None
     del uobj.memt[pg.offset]
     pg.pg_flags &= ~PG_TABLED
@@ -158,9 +160,17 @@ def uvm_pagewant_ra(vm: VM, npages: int) -> None:
     wakeup(vm.pagedaemon_chan)
 
 
+def _active_remove(vm: VM, pg: VmPage) -> None:
+    """Take *pg* off the active queue, and its object's ``uo_active``."""
+    del vm.page_active[pg]
+    if pg.uobject is not None:
+        del pg.uobject.uo_active[pg]
+    pg.pg_flags &= ~PQ_ACTIVE
+
+
 def _pagedequeue(vm: VM, pg: VmPage) -> None:
     if pg.pg_flags & PQ_ACTIVE:
-        del vm.page_active[pg]
+        _active_remove(vm, pg)
     elif pg.pg_flags & PQ_INACTIVE:
         del vm.page_inactive[pg]
     pg.pg_flags &= ~(PQ_ACTIVE | PQ_INACTIVE)
@@ -173,9 +183,9 @@ def uvm_pageclean(pg: VmPage) -> None:
     """
     KASSERT(pg.vm.pageqlock.held(), "uvm_pageclean: pageq not locked")
     KASSERT(not pg.pv, "uvm_pageclean: page still mapped")
+    _pagedequeue(pg.vm, pg)  # while pg.uobject still names the object (uo_active)
     if pg.pg_flags & PG_TABLED:
         uvm_pageremove(pg)
-    _pagedequeue(pg.vm, pg)
     pg.wire_count = 0
     pg.uanon = None
 
@@ -241,8 +251,7 @@ def uvm_pagedeactivate(pg: VmPage) -> None:
     if pg.pg_flags & PQ_INACTIVE or pg.wire_count:
         return
     if pg.pg_flags & PQ_ACTIVE:
-        del vm.page_active[pg]
-        pg.pg_flags &= ~PQ_ACTIVE
+        _active_remove(vm, pg)
     if pg.pg_flags & PG_CLEAN and pmap_is_modified(pg):
         pg.pg_flags &= ~PG_CLEAN
     pmap_clear_reference(pg)
@@ -261,6 +270,8 @@ def uvm_pageactivate(pg: VmPage) -> None:
         return
     _pagedequeue(vm, pg)
     vm.page_active[pg] = None
+    if pg.uobject is not None:
+        pg.uobject.uo_active[pg] = None
     pg.pg_flags |= PQ_ACTIVE
 
 

@@ -351,7 +351,7 @@ def uvn_detach(uobj: UvmObject) -> None:
     vp.v_flag &= ~VTEXT  # no mapping is left to protect
 
     if uvn.u_flags & UVM_VNODE_CANPERSIST:
-        uvn_flush(uobj, 0, 0, PGO_DEACTIVATE | PGO_ALLPAGES)
+        _uvn_deactivate_active(uvn)  # the seed: uvn_flush(PGO_DEACTIVATE|PGO_ALLPAGES)
         lock.rw_exit()
         vrele(vp)
         return
@@ -391,6 +391,25 @@ def uvn_detach(uobj: UvmObject) -> None:
         wakeup(uvn)
     lock.rw_exit()
     vrele(vp)
+
+
+def _uvn_deactivate_active(uvn: UvmVnode) -> None:
+    """What the seed's PGO_DEACTIVATE|PGO_ALLPAGES flush does at the last
+    detach, at the cost of the object's active pages (``uo_active``: those
+    used since the last detach) rather than of every resident page: unmap
+    them and move them to the inactive queue.  The flush would change
+    nothing for the other pages: they are inactive already (or wired, and
+    stay so), and unmapped, since the last map entry took its mappings with
+    it.  => caller holds the object lock, not the page queue lock.
+    """
+    vm = uvn.vm
+    with vm.pageqlock:
+        active = list(uvn.uo_active)
+    for pg in active:
+        pmap_page_protect(pg, PROT_NONE)
+    with vm.pageqlock:
+        for pg in active:
+            uvm_pagedeactivate(pg)
 
 
 def _iosync_done(uvn: UvmVnode) -> None:
