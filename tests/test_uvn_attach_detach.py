@@ -92,8 +92,9 @@ def test_uvn_attach_block_device_takes_size_from_partition(vm: VM) -> None:
 
 def test_uvn_attach_block_device_must_be_a_disk(vm: VM) -> None:
     vp = bdevvp(vm.vfs, vm.specfs, BlockDevice("st0", 512, 8, d_type=D_TAPE))
+    curproc().p_errno = errno.ESTALE  # an earlier call's: not this one's
     assert uvn_attach(vp, PROT_READ) is None
-    assert vp.v_uvm.u_flags == 0 and vp.v_usecount == 1
+    assert vp.v_uvm.u_flags == 0 and vp.v_usecount == 1 and curproc().p_errno == 0
 
 
 def test_uvn_attach_block_device_partition_ioctl_failure(vm: VM) -> None:

@@ -314,3 +314,34 @@ def test_uvn_io_multi_page_read_zero_fills_after_eof(vm: VM) -> None:
         with vm.pageqlock:
             for pg in pgs:
                 uvm_pagefree(pg)  # type: ignore[arg-type]
+
+
+def test_uvn_io_npages_other_than_the_pages_given_panics(vm: VM) -> None:
+    # the read would zero-fill every frame of pps after the npages it read
+    _, uvn = mkfile(vm, b"short")
+    with uvn.vmobjlock:
+        pgs = [uvm_pagealloc(vm, uvn, off) for off in (0, PS)]
+        assert all(pgs)
+        for pg in pgs:
+            pg.data[:] = b"\xff" * PS  # type: ignore[union-attr]
+        try:
+            with pytest.raises(Panic, match="uvn_io: npages"):
+                uvn_io(uvn, pgs, 1, PGO_SYNCIO, UIO_READ)  # type: ignore[arg-type]
+            untouched = [bytes(pg.data) == b"\xff" * PS for pg in pgs]  # type: ignore[union-attr]
+        finally:
+            with vm.pageqlock:
+                for pg in pgs:
+                    uvm_pagefree(pg)  # type: ignore[arg-type]
+    assert untouched == [True, True]
+
+
+def test_uvn_get_clears_the_errno_of_an_earlier_call(vm: VM) -> None:
+    fs, mp = progfs(vm)
+    _, uvn = mkfile(vm, pattern(2), mp=mp)
+    fs.fail["read"] = errno.EIO
+    assert get_busy(uvn, 0, 1)[0] == VM_PAGER_ERROR and curproc().p_errno == errno.EIO
+    del fs.fail["read"]
+    result, pps = get_busy(uvn, 0, 1)
+    error = curproc().p_errno
+    unbusy(uvn, pps)  # type: ignore[arg-type]
+    assert result == VM_PAGER_OK and error == 0

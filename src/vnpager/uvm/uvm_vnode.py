@@ -248,12 +248,14 @@ def uvn_attach(vp: Vnode, accessprot: int) -> UvmVnode | None:
     """Attach *vp* to its VM object, making it VALID if need be.
 
     Returns the object with one more reference, or None if *vp* cannot be
-    mapped (a block device that is not a disk, or the size is unknowable).
+    mapped (a block device that is not a disk, or the size is unknowable:
+    then ``curproc().p_errno`` is the errno that made it so, or 0).
     A persisting object is found with its pages, and regains its vnode
     reference.  *accessprot* with PROT_WRITE puts it on the writeable list.
 
     => caller holds no lock: we may sleep on another attach or a death.
     """
+    curproc().p_errno = 0  # a failure reports its own errno, or none
     uvn: UvmVnode = vp.v_uvm
     lock = uvn.vmobjlock
     lock.rw_enter(RW_WRITE)
@@ -773,6 +775,7 @@ def uvn_put(uobj: UvmObject, pps: list[VmPage], npages: int, flags: int) -> int:
        (uvn_aiodone does it for a pending write).
     """
     KASSERT(uobj.vmobjlock.rw_write_held(), "uvn_put: object not locked")
+    curproc().p_errno = 0
     return uvn_io(_uvn(uobj), pps, npages, flags, UIO_WRITE)
 
 
@@ -808,6 +811,7 @@ def uvn_get(uobj: UvmObject, offset: int, pps: list[PageSlot], npages: int,
     is released on return, whatever the result.
     """
     KASSERT(not flags & PGO_LOCKED or uobj.vmobjlock.rw_lock_held(), "uvn_get: not locked")
+    curproc().p_errno = 0
     page_size = uobj.vm.page_size
 
     if flags & PGO_LOCKED:
@@ -917,11 +921,14 @@ def uvn_io(uvn: UvmVnode, pps: list[VmPage], npages: int, flags: int, rw: int) -
     ``curproc().p_errno`` (and, for a write, recorded on the object).  A
     short read is zero-filled; a read of nothing, or a write that leaves
     bytes unwritten (the seed would mark them clean), is EIO.  A vnode the
-    caller already holds locked gives EDEADLK.
+    caller already holds locked gives EDEADLK.  *npages* is the seed's
+    argument, kept: it must be ``len(pps)`` (anything else panics).
 
     => caller holds the object lock; it is dropped during the I/O and held
        again on return.  The pages are busy and owned by the caller.
     """
+    if npages != len(pps):  # a read would zero-fill frames the caller did not ask for
+        panic(f"uvn_io: npages {npages} for {len(pps)} pages")
     uobj = uvn
     vm = uvn.vm
     lock = uobj.vmobjlock
@@ -947,7 +954,7 @@ def uvn_io(uvn: UvmVnode, pps: list[VmPage], npages: int, flags: int, rw: int) -
     if (rw == UIO_WRITE and not waitok and vm.aiodaemon is not None
             and not uvn.u_flags & UVM_VNODE_VNISLOCKED):
         assert kva is not None
-        return _uvn_io_start(uvn, pps[:npages], kva)
+        return _uvn_io_start(uvn, pps, kva)
 
     uvn.u_nio += 1
     lock.rw_exit()
