@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Final
 
 from sortedcontainers import SortedList
 
-from vnpager.kern.debug import DEBUG, KASSERT, panic
+from vnpager.kern.debug import DEBUG, KASSERT, Panic, panic
 from vnpager.kern.lock import (
     LK_EXCLUSIVE,
     LK_NOWAIT,
@@ -153,6 +153,89 @@ UVM_VNODE_IOSYNC: Final = 0x080  # someone waits for u_nio to reach 0
 UVM_VNODE_IOSYNCWANTED: Final = 0x100  # someone waits for IOSYNC to clear
 UVM_VNODE_WRITEABLE: Final = 0x200  # on the writeable list
 UVM_VNODE_BLOCKED: Final = UVM_VNODE_ALOCK | UVM_VNODE_DYING | UVM_VNODE_RELKILL
+_IOSYNC_BITS: Final = UVM_VNODE_IOSYNC | UVM_VNODE_IOSYNCWANTED
+
+
+# The life of a vnode object as data (uvn_set_flags checks every change of
+# u_flags against it under VNPAGER_DEBUG).  Each state names the flags it
+# must have and those it may have; any other combination is a bug.
+@dataclass(frozen=True)
+class UvnState:
+    """One state of ``u_flags``: *required* all set, nothing beyond *optional*."""
+
+    name: str
+    required: int
+    optional: int
+
+    def holds(self, flags: int) -> bool:
+        return flags & self.required == self.required and not flags & ~(self.required | self.optional)
+
+
+UVN_STATES: Final = (
+    # no vnode attached: never attached, or dead; the next attach starts afresh
+    UvnState("free", 0, 0),
+    # uvn_attach reads the size; later attachers wait (WANTED)
+    UvnState("attaching", UVM_VNODE_ALOCK, UVM_VNODE_WANTED),
+    # attached, with references or persisting; IOSYNC while a flush waits for I/O
+    UvnState("valid", UVM_VNODE_VALID,
+             UVM_VNODE_CANPERSIST | UVM_VNODE_WRITEABLE | _IOSYNC_BITS),
+    # the last detach of an uncached object: flushing, then (RELKILL) draining I/O
+    UvnState("dying", UVM_VNODE_VALID | UVM_VNODE_DYING,
+             UVM_VNODE_RELKILL | UVM_VNODE_WANTED | UVM_VNODE_WRITEABLE | _IOSYNC_BITS),
+    # uvm_vnp_terminate, its caller holding the vnode lock; it may have taken
+    # the object over from a dying detach (and cleared RELKILL)
+    UvnState("terminating", UVM_VNODE_VALID | UVM_VNODE_DYING | UVM_VNODE_VNISLOCKED,
+             UVM_VNODE_CANPERSIST | UVM_VNODE_WANTED | UVM_VNODE_WRITEABLE | _IOSYNC_BITS),
+)
+
+# the moves between states, each with the flags that must be clear when it
+# is made: an object that lives on after dying keeps no IOSYNC (the seed left
+# it set after a forced unmount, and the object's next I/O waited forever)
+UVN_TRANSITIONS: Final[dict[str, dict[str, int]]] = {
+    "free": {"free": 0, "attaching": 0},
+    "attaching": {"attaching": 0, "free": 0, "valid": 0},
+    "valid": {"valid": 0, "dying": 0, "terminating": 0},
+    "dying": {"dying": 0, "terminating": 0, "valid": _IOSYNC_BITS, "free": 0},
+    "terminating": {"terminating": 0, "valid": _IOSYNC_BITS, "free": 0},
+}
+
+
+def uvn_state(flags: int) -> UvnState:
+    """The state *flags* are in; panic if none."""
+    for state in UVN_STATES:
+        if state.holds(flags):
+            return state
+    raise Panic(f"u_flags {flags:#x}: not a state of a vnode object")
+
+
+def uvn_check_flags(uvn: UvmVnode, new: int) -> None:
+    """Panic unless u_flags may go from their value to *new*: both states
+    legal, the move in UVN_TRANSITIONS, IOSYNCWANTED only with IOSYNC, and
+    IOSYNC set only while I/O is in flight (someone will wake its waiter).
+    """
+    old, name = uvn.u_flags, uvn.trace_name()
+    KASSERT(uvn.vmobjlock.rw_write_held(), f"{name}: u_flags changed without the object lock")
+    src, dst = uvn_state(old).name, uvn_state(new).name
+    must_clear = UVN_TRANSITIONS[src].get(dst)
+    if must_clear is None:
+        panic(f"{name}: u_flags {old:#x} -> {new:#x}: no move from {src} to {dst}")
+    elif new & must_clear:
+        panic(f"{name}: u_flags {old:#x} -> {new:#x}: {src} -> {dst} keeps {new & must_clear:#x}")
+    if new & UVM_VNODE_IOSYNCWANTED and not new & UVM_VNODE_IOSYNC:
+        panic(f"{name}: u_flags {new:#x}: IOSYNCWANTED without IOSYNC")
+    if new & ~old & UVM_VNODE_IOSYNC and uvn.u_nio == 0:
+        panic(f"{name}: IOSYNC set with no I/O in flight: nothing would wake its waiter")
+
+
+def uvn_set_flags(uvn: UvmVnode, new: int) -> None:
+    """Set u_flags to *new*.  Every change of u_flags goes through here, so
+    that VNPAGER_DEBUG checks each move (uvn_check_flags).
+
+    => caller holds the object lock (write).
+    """
+    if DEBUG:
+        uvn_check_flags(uvn, new)
+    uvn.u_flags = new
 
 
 class UvmVnode(UvmObject):
@@ -186,14 +269,14 @@ def _wlist_insert(uvn: UvmVnode) -> None:
     """=> caller holds the object lock."""
     with uvn.vm.uvn_wlist_lock:
         uvn.vm.uvn_wlist[uvn] = None
-    uvn.u_flags |= UVM_VNODE_WRITEABLE
+    uvn_set_flags(uvn, uvn.u_flags | UVM_VNODE_WRITEABLE)
 
 
 def _wlist_remove(uvn: UvmVnode) -> None:
     """=> caller holds the object lock."""
     with uvn.vm.uvn_wlist_lock:
         del uvn.vm.uvn_wlist[uvn]
-    uvn.u_flags &= ~UVM_VNODE_WRITEABLE
+    uvn_set_flags(uvn, uvn.u_flags & ~UVM_VNODE_WRITEABLE)
 
 
 def uvn_record_error(uvn: UvmVnode, error: int) -> None:
@@ -260,7 +343,7 @@ def uvn_attach(vp: Vnode, accessprot: int) -> UvmVnode | None:
     lock = uvn.vmobjlock
     lock.rw_enter(RW_WRITE)
     while uvn.u_flags & UVM_VNODE_BLOCKED:
-        uvn.u_flags |= UVM_VNODE_WANTED
+        uvn_set_flags(uvn, uvn.u_flags | UVM_VNODE_WANTED)
         rwsleep(uvn, lock, "uvn_attach")
 
     if vp.v_type == VBLK and (vp.v_rdev is None or vp.v_rdev.d_type != D_DISK):
@@ -277,7 +360,7 @@ def uvn_attach(vp: Vnode, accessprot: int) -> UvmVnode | None:
         return uvn
 
     # the attributes may take I/O: keep other attachers out meanwhile
-    uvn.u_flags = UVM_VNODE_ALOCK
+    uvn_set_flags(uvn, UVM_VNODE_ALOCK)
     lock.rw_exit()
 
     vattr = Vattr()
@@ -294,7 +377,7 @@ def uvn_attach(vp: Vnode, accessprot: int) -> UvmVnode | None:
     if result != 0:
         if uvn.u_flags & UVM_VNODE_WANTED:
             wakeup(uvn)
-        uvn.u_flags = 0
+        uvn_set_flags(uvn, 0)
         lock.rw_exit()
         curproc().p_errno = result
         return None
@@ -302,7 +385,7 @@ def uvn_attach(vp: Vnode, accessprot: int) -> UvmVnode | None:
     KASSERT(uvn.uo_refs == 0, "uvn_attach: new object has references")
     uvn.uo_refs += 1
     oldflags = uvn.u_flags
-    uvn.u_flags = UVM_VNODE_VALID | UVM_VNODE_CANPERSIST
+    uvn_set_flags(uvn, UVM_VNODE_VALID | UVM_VNODE_CANPERSIST)
     uvn.u_nio = 0
     uvn.u_size = used_vnode_size
     uvn.u_mtime_ns = vattr.va_mtime_ns
@@ -354,45 +437,50 @@ def uvn_detach(uobj: UvmObject) -> None:
 
     if uvn.u_flags & UVM_VNODE_CANPERSIST:
         _uvn_deactivate_active(uvn)  # the seed: uvn_flush(PGO_DEACTIVATE|PGO_ALLPAGES)
-        lock.rw_exit()
-        vrele(vp)
-        return
+    else:
+        _uvn_kill(uvn)
+    lock.rw_exit()
+    vrele(vp)  # the seed leaks it when terminate took the object over
 
-    uvn.u_flags |= UVM_VNODE_DYING
+
+def _uvn_kill(uvn: UvmVnode) -> None:
+    """The last detach of an object that may not persist: write its dirty
+    pages, free them all, drain the I/O in flight, and make the object free.
+    Pages that cannot be written are kept, with the error, and the object
+    with them (VALID again).  If terminate takes the object over while we
+    sleep, it does the rest.
+
+    => caller holds the object lock; it is dropped and retaken.
+    """
+    uobj = uvn
+    lock = uvn.vmobjlock
+    uvn_set_flags(uvn, uvn.u_flags | UVM_VNODE_DYING)
     # no one can attach until DYING clears, and no pgo_get can be running
     # (no references): the only busy pages are in pageout by others
     uvn_flush(uobj, 0, 0, PGO_CLEANIT | PGO_FREE | PGO_ALLPAGES)
-
-    uvn.u_flags |= UVM_VNODE_RELKILL
+    if not _terminate_has(uvn):  # the seed sets RELKILL over terminate's VNISLOCKED
+        uvn_set_flags(uvn, uvn.u_flags | UVM_VNODE_RELKILL)
     while uobj.uo_npages and uvn.u_flags & UVM_VNODE_RELKILL:
         if not any(pg.pg_flags & PG_BUSY for pg in uobj.memt.values()):
             # no write is in flight, so what is left could not be written
             # (now or asynchronously): keep it, with its error
             _iosync_done(uvn)
-            uvn.u_flags &= ~(UVM_VNODE_DYING | UVM_VNODE_RELKILL)
-            _wake_wanted(uvn)
-            lock.rw_exit()
-            vrele(vp)
+            if uvn.u_flags & UVM_VNODE_WANTED:
+                wakeup(uvn)
+            uvn_set_flags(uvn, uvn.u_flags & ~(UVM_VNODE_DYING | UVM_VNODE_RELKILL | UVM_VNODE_WANTED))
             return
-        uvn.u_flags |= UVM_VNODE_IOSYNC
+        uvn_set_flags(uvn, uvn.u_flags | UVM_VNODE_IOSYNC)
         rwsleep((uvn, "u_nio"), lock, "uvn_term")
 
-    if not uvn.u_flags & UVM_VNODE_RELKILL:
-        # terminate took the object over while we slept; it does the rest
-        # but for the vnode reference we hold (the seed leaks it here)
-        lock.rw_exit()
-        vrele(vp)
-        return
-
+    if _terminate_has(uvn):
+        return  # terminate took the object over while we slept
     if uvn.u_flags & UVM_VNODE_WRITEABLE:
         _wlist_remove(uvn)
     KASSERT(not uobj.memt, "uvn_detach: pages left on a dead object")
     oldflags = uvn.u_flags
-    uvn.u_flags = 0
+    uvn_set_flags(uvn, 0)
     if oldflags & UVM_VNODE_WANTED:
         wakeup(uvn)
-    lock.rw_exit()
-    vrele(vp)
 
 
 def _uvn_deactivate_active(uvn: UvmVnode) -> None:
@@ -414,6 +502,12 @@ def _uvn_deactivate_active(uvn: UvmVnode) -> None:
             uvm_pagedeactivate(pg)
 
 
+def _terminate_has(uvn: UvmVnode) -> bool:
+    """Whether terminate took a dying object over from its last detach (or
+    is done with it already).  => caller holds the object lock."""
+    return uvn.u_flags & (UVM_VNODE_DYING | UVM_VNODE_VNISLOCKED) != UVM_VNODE_DYING
+
+
 def _iosync_done(uvn: UvmVnode) -> None:
     """Clear IOSYNC after a wait for u_nio, letting held-back I/O start.
 
@@ -421,13 +515,7 @@ def _iosync_done(uvn: UvmVnode) -> None:
     """
     if uvn.u_flags & UVM_VNODE_IOSYNCWANTED:
         wakeup((uvn, "u_flags"))
-    uvn.u_flags &= ~(UVM_VNODE_IOSYNC | UVM_VNODE_IOSYNCWANTED)
-
-
-def _wake_wanted(uvn: UvmVnode) -> None:
-    if uvn.u_flags & UVM_VNODE_WANTED:
-        uvn.u_flags &= ~UVM_VNODE_WANTED
-        wakeup(uvn)
+    uvn_set_flags(uvn, uvn.u_flags & ~_IOSYNC_BITS)
 
 
 @traced
@@ -457,8 +545,7 @@ def uvm_vnp_terminate(vp: Vnode) -> None:
         log.debug("uvm_vnp_terminate(%r): terminating active vnode", uvn)
 
     # a detach waiting for its last I/O: take the object over from it
-    uvn.u_flags &= ~UVM_VNODE_RELKILL
-    uvn.u_flags |= UVM_VNODE_DYING | UVM_VNODE_VNISLOCKED
+    uvn_set_flags(uvn, uvn.u_flags & ~UVM_VNODE_RELKILL | UVM_VNODE_DYING | UVM_VNODE_VNISLOCKED)
 
     # synchronous (the seed's flush is not): we wait for the writes anyway,
     # and a fault meanwhile then fails at once rather than behind IOSYNC
@@ -469,9 +556,7 @@ def uvm_vnp_terminate(vp: Vnode) -> None:
         _free_unwritten(uvn)
         if not uobj.uo_npages:
             break
-        if DEBUG and uvn.u_nio == 0:
-            panic("uvm_vnp_terminate: no I/O to wait for?")
-        uvn.u_flags |= UVM_VNODE_IOSYNC
+        uvn_set_flags(uvn, uvn.u_flags | UVM_VNODE_IOSYNC)  # checks that I/O is in flight
         rwsleep((uvn, "u_nio"), lock, "uvn_term")
 
     oldflags = uvn.u_flags
@@ -479,14 +564,14 @@ def uvm_vnp_terminate(vp: Vnode) -> None:
         # lives on with a dead vnode until its last reference goes; the seed
         # leaves IOSYNC set here, and the object's next I/O waits forever
         _iosync_done(uvn)
-        uvn.u_flags &= ~(UVM_VNODE_DYING | UVM_VNODE_VNISLOCKED | UVM_VNODE_WANTED
-                         | UVM_VNODE_CANPERSIST)
+        uvn_set_flags(uvn, uvn.u_flags & ~(UVM_VNODE_DYING | UVM_VNODE_VNISLOCKED
+                                           | UVM_VNODE_WANTED | UVM_VNODE_CANPERSIST))
     else:
         if uvn.u_flags & UVM_VNODE_IOSYNCWANTED:
             panic("uvm_vnp_terminate: io sync wanted bit set")
         if uvn.u_flags & UVM_VNODE_WRITEABLE:
             _wlist_remove(uvn)
-        uvn.u_flags = 0
+        uvn_set_flags(uvn, 0)
         # the vnode may next hold another file: its errors are not that file's
         uvn.u_error, uvn.u_errseq, uvn.u_errseen = 0, 0, False
     if oldflags & UVM_VNODE_WANTED:
@@ -741,7 +826,7 @@ def _flush_iosync(uvn: UvmVnode) -> None:
     """The seed's IOSYNC wait: sleep until none of the object's I/O is in
     flight.  => caller holds the object lock; dropped while we sleep."""
     while uvn.u_nio != 0:
-        uvn.u_flags |= UVM_VNODE_IOSYNC
+        uvn_set_flags(uvn, uvn.u_flags | UVM_VNODE_IOSYNC)
         rwsleep((uvn, "u_nio"), uvn.vmobjlock, "uvn_flush")
     _iosync_done(uvn)
 
@@ -940,7 +1025,7 @@ def uvn_io(uvn: UvmVnode, pps: list[VmPage], npages: int, flags: int, rw: int) -
     while uvn.u_flags & UVM_VNODE_IOSYNC:
         if not waitok:
             return VM_PAGER_AGAIN
-        uvn.u_flags |= UVM_VNODE_IOSYNCWANTED
+        uvn_set_flags(uvn, uvn.u_flags | UVM_VNODE_IOSYNCWANTED)
         rwsleep((uvn, "u_flags"), lock, "uvn_iosync")
 
     if file_offset >= uvn.u_size:
@@ -1105,7 +1190,7 @@ def uvm_vnp_uncache(vp: Vnode) -> bool:
         lock.rw_exit()
         return True
 
-    uvn.u_flags &= ~UVM_VNODE_CANPERSIST
+    uvn_set_flags(uvn, uvn.u_flags & ~UVM_VNODE_CANPERSIST)
     if uvn.uo_refs:
         lock.rw_exit()
         return False
