@@ -3,6 +3,44 @@
 A :class:`VM` owns its physical memory, page queues, writeable-object list,
 sync lock, pager map and vnode state, so several VMs live in one process
 without sharing anything but the scheduler.
+
+The locks, and the order in which they are taken (written once, here; each
+field says which of them guards it, at its class):
+
+1. ``vm.uvn_sync_lock`` (rwlock): one uvm_vnp_sync at a time; taken before
+   any object lock.
+2. the vnode lock (``vp.v_lock``, vn_lock): before the object lock, never
+   under it.  uvn_io drops the object lock before it locks the vnode;
+   terminate and uncache are called with the vnode locked and then take the
+   object lock.
+3. the object lock (``uobj.vmobjlock``, rwlock): one object's pages, its
+   flags and counters.  Never two at once but for a fault's copy-on-write,
+   which takes the amap's object lock under the file's.  The page daemon
+   only tries object locks (RW_NOSLEEP), as it takes them in page order.
+4. ``vm.pageqlock`` (mutex): the page queues (``page_free``,
+   ``page_active``, ``page_inactive``, an object's ``uo_active``), the PQ_*
+   bits of ``pg_flags`` and ``vm.ra_wanted``; under the object lock, never
+   the other way round.
+5. ``vm.pmap_lock``: every pmap, a page's ``pv`` and ref/mod attributes,
+   and a copy through a translation; under the object lock or the page
+   queue lock, and nothing is taken under it.
+
+Leaves, under which nothing else is taken: ``vm.uvn_wlist_lock`` (the
+writeable list; taken under the object lock), the pager map's lock (taken
+under the object lock for a non-waiting mapin, alone for a waiting one),
+the aio daemon's condition and the wait channels' own locks.  The kernel
+lock (``kernel_lock``, a big lock that sleeping on another lock drops) is
+held around vnode I/O and by uvm_vnp_setsize's caller, above the object
+lock.
+
+Where the code leans on the GIL: a single attribute read or store is
+atomic, and some fields are read unlocked for a check that is repeated
+under the lock (the page daemon's ``pg.uobject``, a flag test before
+locking).  A read-modify-write such as ``pg.pg_flags |= PG_BUSY`` is NOT
+atomic: its writers must share a lock.  All writers of ``pg_flags`` hold
+the page's object lock but one, the page daemon's active scan
+(uvmpd_scan_active), which moves pages under the page queue lock alone and
+can lose a concurrent PG_* update (see VmPage).
 """
 
 from __future__ import annotations

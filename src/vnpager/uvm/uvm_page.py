@@ -49,7 +49,31 @@ UVM_PGA_NORESERVE = 0x2  # uvm_pagealloc: fail rather than go below vm.freemin (
 
 
 class VmPage:
-    """One physical page (``struct vm_page``)."""
+    """One physical page (``struct vm_page``).
+
+    Which lock guards each field (the order of the locks is in uvm/uvm.py):
+
+    * ``vm``, ``frame``, ``data`` (the memoryview itself): fixed when the VM
+      is made.  The bytes of ``data``: whoever has the page busy (PG_BUSY)
+      for I/O or a copy, and ``vm.pmap_lock`` for loads and stores through
+      a mapping.
+    * ``pg_flags``: the PG_* bits under the object lock of the page's
+      object (PG_BUSY makes the holder its owner until it unbusies it); the
+      PQ_* bits under ``vm.pageqlock``.  One word for both, as in OpenBSD,
+      which changes it with atomic operations.  Here ``|=`` and ``&=`` are
+      a read-modify-write that the GIL does not make atomic, so all writers
+      must share a lock: every writer holds the object lock (or the page is
+      free and owned by the allocator, under the page queue lock), except
+      the page daemon's active scan, which deactivates under the page queue
+      lock alone and can race a PG_* change by the object's lock holder.
+    * ``offset``, ``uobject``, ``uanon``, ``wire_count``: the object lock
+      (insert and remove also need the page, busy or free, to be the
+      caller's).  The page daemon reads ``uobject`` unlocked and checks it
+      again under that object's lock.
+    * ``owner``: the UVM_PAGE_OWN tag, written by the page's owner; debug only.
+    * ``pv``, ``attrs``: ``vm.pmap_lock``; pmap_is_modified and
+      pmap_is_referenced read ``attrs`` unlocked (one load: atomic).
+    """
 
     __slots__ = (
         "attrs",

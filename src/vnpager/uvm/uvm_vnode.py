@@ -239,7 +239,24 @@ def uvn_set_flags(uvn: UvmVnode, new: int) -> None:
 
 
 class UvmVnode(UvmObject):
-    """``struct uvm_vnode``: the VM object of a vnode."""
+    """``struct uvm_vnode``: the VM object of a vnode.
+
+    Every field is guarded by the object lock (``vmobjlock``, write), except
+    ``u_vnode``, fixed when the vnode is made:
+
+    * ``u_flags``: the state (UVN_STATES), changed only by uvn_set_flags.
+    * ``u_nio``: the I/Os in flight; IOSYNC waiters sleep on (uvn, "u_nio").
+    * ``u_size``: the size the pager believes in; uvm_vnp_setsize's caller
+      also holds the kernel lock.
+    * ``u_error``, ``u_errseq``, ``u_errseen``: the last write-back error,
+      how many there were, and whether a mapping was told (errseq).
+    * ``u_mtime_ns``: the file's mtime as of our last look (close-to-open);
+      uvm_vnp_revalidate reads it and ``u_size`` unlocked to decide whether
+      to look closer, and takes the lock to act.
+
+    Membership of ``vm.uvn_wlist`` is guarded by ``vm.uvn_wlist_lock`` and
+    follows UVM_VNODE_WRITEABLE (both change together, under both locks).
+    """
 
     def __init__(self, vm: VM, vp: Vnode) -> None:
         super().__init__(vm, uvm_vnodeops)
