@@ -9,8 +9,9 @@ with the seed's flags and return codes; read the two side by side.  A
                                        -> terminate (recycling) frees them
     a vnode without CANPERSIST (uncached) dies on its last detach instead.
 
-Where we differ from the seed, on purpose:
+Where we differ from the seed, on purpose (the README keeps the same list):
 
+Errors
 * a page whose write-back fails is never freed or marked clean: it stays
   dirty and resident, and the errno is kept on the object (``u_error``,
   counted by ``u_errseq``) until the front ends report it, once to each
@@ -18,21 +19,60 @@ Where we differ from the seed, on purpose:
   An object whose last detach cannot write its pages persists (with its
   error) rather than dying; only terminate, which must make the vnode
   reusable, gives such pages up, and counts them in ``uvmexp.lostpages``.
+* uvn_flush returns False whenever a write it waited for failed (the seed:
+  only when it freed the page anyway); a write it only started reports its
+  failure through errseq.  A failed cluster is not written again by the
+  same flush: uvm_pager_put returns the dropped cluster, not its centre
+  alone, so one failure costs one write and one errseq step (the seed
+  wrote each later page again as the centre of a new cluster).
+* a write that returns 0 with bytes left unwritten is EIO (the seed marked
+  the pages clean).
+* the errno of a failed pager call is left in ``curproc().p_errno`` (the
+  seed has no way to report it); uvn_attach, uvn_get and uvn_put clear it
+  on entry, so a failure's reader sees that call's errno, or 0.
+* uvn_io panics if *npages* is not ``len(pps)``: a short read zero-fills
+  every frame it was given.
+* uvm_vnp_sync takes an object off the writeable list only if its flush
+  wrote everything (the seed: whatever the outcome, so a failed object was
+  never synced again); it flushes with PGO_SYNCIO, so a returned sync has
+  written.
+
+Cost
 * flush, sync and the CLEANCHK pass visit the resident pages of the range in
   offset order, so their cost follows the pages resident, not the range.
-* shrinking a file keeps the bytes before the new end in its last, partial
-  page and zeroes the rest of that page (the seed frees the whole page).
-* uvn_get drops the object lock while it waits for memory, so that the page
-  daemon can clean this object's own pages.
+* the last detach of a persisting object deactivates its active pages
+  (``uo_active``), not every resident page with a PGO_DEACTIVATE flush: the
+  others are inactive already and, the last map entry gone, unmapped, so
+  the seed's flush changed nothing for them, and a ``vm.pread`` (attach,
+  copy, detach) cost in proportion to the pages cached.
 * uvn_get reads a run of missing pages in one read, not page by page, and
   fills the caller's read-ahead slots from free memory only.
+
+Life and locks
+* the legal ``u_flags`` states and moves are data (UVN_STATES,
+  UVN_TRANSITIONS), and every change goes through uvn_set_flags, which
+  checks it under VNPAGER_DEBUG.
 * every flag change happens under the object lock: the seed leans on the
   kernel lock for uvn_attach and the writeable list, which we lock instead.
+* IOSYNC is cleared after detach and terminate wait for I/O: the seed
+  leaves it set on an object that outlives a forced unmount.
+* a last detach whose flush slept while terminate took the object over
+  leaves it to terminate (the seed sets RELKILL over terminate's state, or
+  on the dead object), and drops its vnode reference either way (the seed
+  leaks it when terminate took over).
+* terminate's flush is synchronous (PGO_SYNCIO): it waits for the writes
+  anyway, and a fault meanwhile then fails at once rather than behind
+  IOSYNC.
+* while terminate runs (VNISLOCKED), I/O from any thread but terminate's
+  fails with EIO at once (the seed lets it skip the vnode lock and race
+  the reclaim; locking it would wait on terminate, which waits for it).
+* uvn_get drops the object lock while it waits for memory, so that the page
+  daemon can clean this object's own pages.
 * a PGO_CLEANIT|PGO_SYNCIO flush waits for every page it found busy, not
   only for the object's I/O, and after any wait for a page looks at that
   offset again, not at the page's (which may have been reused).
-* IOSYNC is cleared after detach and terminate wait for I/O: the seed
-  leaves it set on an object that outlives a forced unmount.
+* shrinking a file keeps the bytes before the new end in its last, partial
+  page and zeroes the rest of that page (the seed frees the whole page).
 
 Pageout without PGO_SYNCIO is asynchronous, as the seed's long comment
 above uvn_flush designs it: uvn_io starts the write on the VM's aio daemon
