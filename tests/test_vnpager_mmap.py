@@ -23,6 +23,8 @@ import pytest
 import vnpager
 from vnpager import VM, BusError
 from vnpager.mmap import parse_size
+from vnpager.uvm.uvm_pager import PGO_ALLPAGES, PGO_CLEANIT
+from vnpager.uvm.uvm_vnode import uvn_flush
 from vnpager.vfs.faultfs import FaultFS, FaultPlan
 
 PS = 4096
@@ -286,6 +288,32 @@ def test_truncated_from_outside_raises_bus_error(vm: VM, datafile: Path, rw: Any
     os.truncate(datafile, 8 * PS)  # grown again: the pages come back, as zeros
     assert m[7 * PS:7 * PS + 2] == b"\0\0"
     m.close()
+    vm.check_invariants()
+
+
+def test_resize_frees_the_pages_before_the_file_shrinks(vm: VM, datafile: Path, rw: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pageout while resize shrinks the file writes nothing back past the
+    new end: the pages there are gone before the file shrinks (one order
+    for every front end, ubc_setsize's)."""
+    before = datafile.read_bytes()
+    m = vnpager.mmap(rw.fileno(), 0, vm=vm)
+    m[7 * PS:7 * PS + 4] = b"gone"  # a dirty page past the new end
+    uvn = m._uobj
+    ftruncate = os.ftruncate
+
+    def ftruncate_then_pageout(fd: int, length: int) -> None:
+        ftruncate(fd, length)
+        with uvn.vmobjlock:  # the page daemon cleans the object now, asynchronously
+            uvn_flush(uvn, 0, 0, PGO_CLEANIT | PGO_ALLPAGES)
+        vm.aiodaemon.drain()
+
+    monkeypatch.setattr(os, "ftruncate", ftruncate_then_pageout)
+    m.resize(2 * PS)
+    monkeypatch.undo()
+    assert datafile.stat().st_size == 2 * PS
+    m.close()
+    assert datafile.read_bytes() == before[:2 * PS]
     vm.check_invariants()
 
 
