@@ -32,7 +32,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
 
-SUBCOMMAND_MODULES = ("vnpager.bench", "vnpager.fuse.cli", "vnpager.torture")
+SUBCOMMAND_MODULES = ("vnpager.bench", "vnpager.fuse.cli", "vnpager.tools.torture")
 
 # what each counter of vm.stats() means, in the order the table shows them
 STATS_HELP = {
