@@ -23,15 +23,16 @@ Differences from CPython's mmap, each on purpose or forced:
   The pager's idea of the file size would go stale when someone else
   truncates the file, so every operation that touches the mapped bytes
   first compares the file's size with the pager's and, if they differ,
-  shrinks or grows the pager through
-  :func:`~vnpager.uvm.uvm_vnode.uvm_vnp_revalidate` (which tosses the
-  pages past a new end).  Checking only on a fault would be cheaper but
-  would keep serving resident pages of a truncated file.  The size comes
-  from ``lseek(SEEK_END)`` on the map's own descriptor (a description of
-  its own: the file reopened through /proc), about a third of an
-  ``fstat``'s cost (0.2 against 0.6 µs); a map without one
-  (trackfd=False, or no /proc) pays the fstat.  ``len``, ``tell`` and
-  ``seek`` do not check.
+  shrinks or grows the pager through the mapping core
+  (:meth:`vnpager.vnmap.FileObject.follow_size`: ``uvm_vnp_revalidate``
+  under the object's size lock, which tosses the pages past a new end).
+  Checking only on a fault would be cheaper but would keep serving
+  resident pages of a truncated file.  The size comes from
+  ``lseek(SEEK_END)`` on the map's own descriptor (a description of its
+  own: the file reopened through /proc), about a third of an ``fstat``'s
+  cost (0.2 against 0.6 µs); a map without one (trackfd=False, no /proc,
+  or a map of a vnode) pays the fstat (VOP_GETATTR).  ``len``, ``tell``
+  and ``seek`` do not check.
 * **Coherence with other I/O on the file is close-to-open, as NFS gives.**
   CPython's mappings share the kernel's page cache with ``read``/``write``;
   ours are a cache of their own.  Writes reach the file at ``flush()``, at
@@ -40,15 +41,22 @@ Differences from CPython's mmap, each on purpose or forced:
   when the VM closes (the default VM closes at exit).  Changes made to the
   file by other means are seen by mappings made after them: a file mapped
   again finds its persisting pages without I/O unless its size or mtime
-  changed, in which case those pages are dropped first.  All mappings of
-  one file in one VM share one object, so they see each other's writes at
-  once.
+  changed, in which case those pages are dropped first (the same attach
+  as ``vm.pread`` and ``vm.open``'s: :mod:`vnpager.vnmap`).  All mappings
+  of one file in one VM share one object, so they see each other's writes
+  at once.
 * ``flush()`` and ``close()`` raise the write-back error (OSError with the
   backend's errno); the pages stay dirty, so a later flush can write them.
   A write-back that failed elsewhere (another map of the file, the page
   daemon, sync) is reported too, once to each map open when it happened,
   as Linux's fsync does with errseq.  CPython's ``close`` never reports
   write-back errors.
+* ``fileno`` may also be a vnode of the VM (``vm.map(vp)`` says it
+  shorter; ``vm.map(path)`` opens a host path for the map): such a map
+  has no descriptor, and ``size()`` is the vnode's.
+* ``resize()`` shrinks the object before the file and grows the file
+  before the object, under the object's size lock, as every front end
+  does (``ubc_setsize``), so no pageout writes pages back past a new end.
 * ``resize()`` of an anonymous map grows its memory (CPython's grows the
   mapping but not the shared memory behind it, so touching the new pages
   is SIGBUS).  ``resize()`` of a MAP_PRIVATE map copies the mapped range
