@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ from vnpager import mmap as vn_mmap
 from vnpager.uvm.uvm_bio import ubc_read, ubc_setsize, ubc_write
 from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
 from vnpager.uvm.uvm_vnode import uvm_vnp_sync
+from vnpager.vfs.faultfs import FaultFS, FaultPlan
+from vnpager.vfs.hostfs import HostFS, hostfs_vget_path
 from vnpager.vfs.memfs import memfs_create
 from vnpager.vnmap import FileObject
 
@@ -212,5 +215,30 @@ def test_open_and_map_a_vnode(vm: VM, tmp_path: Path) -> None:
         assert vm.pread(vp, 3, 2 * PS - 2) == b"\0z"
         with pytest.raises(FileExistsError):
             vm.open(vp, "xb")
+    finally:
+        vm.vfs.vrele(vp)
+
+
+def test_each_open_file_is_told_of_a_write_back_error_once(vm: VM, tmp_path: Path) -> None:
+    """errseq for vm.open as for vnpager.mmap: sync and close raise a failed
+    write-back once to each file open when it failed, whoever wrote."""
+    path = tmp_path / "f"
+    path.write_bytes(bytes(2 * PS))
+    plan = FaultPlan(seed=1)
+    vp = hostfs_vget_path(vm.vfs, vm.vfs.mount(FaultFS(HostFS(), plan), "faulty"), str(path))
+    try:
+        a, b = vm.open(vp, "r+b"), vm.open(vp, "rb")
+        a.write(b"hello")
+        plan.fail("write", errno.ENOSPC, times=1)
+        with pytest.raises(OSError) as exc:
+            a.sync()
+        assert exc.value.errno == errno.ENOSPC
+        assert path.read_bytes()[:5] == bytes(5)  # kept dirty, not lost
+        a.sync()  # told once; written now
+        assert path.read_bytes()[:5] == b"hello"
+        with pytest.raises(OSError):
+            b.sync()  # open when it failed: told too, once
+        b.close()
+        a.close()
     finally:
         vm.vfs.vrele(vp)

@@ -239,6 +239,16 @@ def test_private_resize_keeps_private_pages(vm: VM, datafile: Path) -> None:
 
 # ------------------------------------------------------------ sharing and caching
 
+def test_vm_map_of_a_path(vm: VM, datafile: Path) -> None:
+    with vm.map(datafile) as m:
+        m[:3] = b"abc"
+        assert m[PS] == 66 and m.size() == len(m) == datafile.stat().st_size
+    assert datafile.read_bytes()[:4] == b"abcA"
+    datafile.chmod(0o444)
+    with vm.map(datafile, access=vnpager.ACCESS_READ) as m:
+        assert m[:4] == b"abcA"
+
+
 def test_two_maps_of_a_file_share_pages(vm: VM, rw: Any) -> None:
     with vnpager.mmap(rw.fileno(), 0, vm=vm) as a, vnpager.mmap(rw.fileno(), PS, offset=PS, vm=vm) as b:
         a[PS:PS + 3] = b"xyz"
