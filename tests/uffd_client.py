@@ -1,0 +1,81 @@
+"""A client of the hardware MMU's lowest layer, driven by test_arch_uffd.
+
+Run as ``python uffd_client.py FD``: FD is a SOCK_SEQPACKET socket to the
+test, which plays the pager server.  The first message brings a memfd; the
+client maps it MAP_SHARED, registers the mapping with a userfaultfd of its
+own (MISSING | MINOR | WP) and sends the uffd back with its pid and the
+mapping's address.  Then it obeys one JSON command per message, touching
+the mapping as a user's code would (each touch may fault, and blocks until
+the server resolves it), and answers each.  It runs in its own process
+because a thread that faults holds the GIL until the fault is served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+
+import numpy as np
+
+from vnpager.arch.uffd import Uffd, fdpass, uapi
+from vnpager.arch.uffd.shm import SharedMapping
+
+MODES = {
+    "missing": uapi.UFFDIO_REGISTER_MODE_MISSING,
+    "minor": uapi.UFFDIO_REGISTER_MODE_MINOR,
+    "wp": uapi.UFFDIO_REGISTER_MODE_WP,
+}
+
+
+def touch(m: SharedMapping, cmd: dict[str, object]) -> object:
+    """Do what *cmd* says to the mapping; the answer."""
+    op, off, n = cmd["op"], int(cmd.get("off", 0)), int(cmd.get("n", 0))  # type: ignore[call-overload]
+    view = memoryview(m.mmap)
+    if op == "read":
+        return hashlib.sha256(view[off : off + n]).hexdigest()
+    if op == "numpy_sum":
+        return int(np.frombuffer(m.mmap, dtype=np.uint8, count=n, offset=off).sum(dtype=np.uint64))
+    if op == "write":
+        data = bytes.fromhex(str(cmd["data"]))
+        view[off : off + len(data)] = data
+        return len(data)
+    if op == "os_write":
+        # The kernel reads the page on our behalf (copy_from_user): a fault
+        # raised inside the kernel, not by a user-mode load.
+        r, w = os.pipe()
+        try:
+            os.write(w, view[off : off + n])
+            return hashlib.sha256(os.read(r, n)).hexdigest()
+        finally:
+            os.close(r)
+            os.close(w)
+    raise ValueError(f"unknown op {op!r}")
+
+
+def main() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    payload, fds = fdpass.recv(sock, 4096, 1)
+    setup = json.loads(payload)
+    m = SharedMapping(fds[0], int(setup["length"]))
+    uffd = Uffd.open()
+    mode = 0
+    for name in setup["modes"]:
+        mode |= MODES[name]
+    uffd.register(m.address, m.length, mode)
+    reply = {"pid": os.getpid(), "address": m.address, "features": uffd.features}
+    fdpass.send(sock, json.dumps(reply).encode(), [uffd.fd])
+    while True:
+        payload, _ = fdpass.recv(sock, 1 << 20, 0)
+        if not payload:
+            return
+        cmd = json.loads(payload)
+        if cmd["op"] == "exit":
+            return
+        sock.send(json.dumps({"ok": touch(m, cmd)}).encode())
+
+
+if __name__ == "__main__":
+    main()
