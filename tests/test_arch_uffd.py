@@ -10,6 +10,7 @@ are waited for with timeouts and killed at the end.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -57,7 +58,8 @@ class Server:
     and counts them.  ``on_fault`` is the policy; the default fills the
     fault's cluster if it is missing and maps it write-protected."""
 
-    def __init__(self, content: bytes, memfile: MemFile, modes: tuple[str, ...] = ALL_MODES) -> None:
+    def __init__(self, content: bytes, memfile: MemFile, modes: tuple[str, ...] = ALL_MODES, *,
+                 anon: bool = False, features: int = 0) -> None:
         self.content = content
         self.memfile = memfile
         self.faults: list[UffdMsg] = []
@@ -67,7 +69,8 @@ class Server:
                                      pass_fds=[child.fileno()])
         child.close()
         self.sock.settimeout(DEADLINE)
-        fdpass.send(self.sock, json.dumps({"length": len(content), "modes": modes}).encode(), [memfile.fd])
+        setup = {"length": len(content), "modes": modes, "anon": anon, "features": features}
+        fdpass.send(self.sock, json.dumps(setup).encode(), [memfile.fd])
         payload, fds = fdpass.recv(self.sock, 4096, 1)
         hello = json.loads(payload)
         self.uffd = Uffd(fds[0], hello["features"])
@@ -239,6 +242,39 @@ def test_poison_gives_sigbus_to_the_faulting_client(server: Server) -> None:
     with pytest.raises(ClientGone):
         server.request(op="read", off=CLUSTER, n=PAGE_SIZE)
     assert server.proc.wait(timeout=DEADLINE) == -signal.SIGBUS
+
+
+def test_uffd_copy_fills_anonymous_memory(content: bytes, memfile: MemFile) -> None:
+    srv = Server(content, memfile, ("missing",), anon=True)
+    src = ctypes.create_string_buffer(content, len(content))  # the server's own copy
+
+    def copy(msg: UffdMsg) -> None:
+        off = (msg.address - srv.base) // CLUSTER * CLUSTER
+        assert srv.uffd.copy(srv.base + off, ctypes.addressof(src) + off, CLUSTER) == CLUSTER
+
+    srv.on_fault = copy
+    try:
+        off = CLUSTER + 5  # two clusters, two faults
+        assert srv.request(op="read", off=off, n=CLUSTER) == sha(content[off : off + CLUSTER])
+        assert len(srv.faults) == 2
+        assert srv.request(op="read", off=0, n=CLUSTER) == sha(content[:CLUSTER])
+        assert memfile.read(0, 16) == b"\0" * 16  # private memory: the memfd was never involved
+    finally:
+        srv.close()
+
+
+def test_uffd_sigbus_feature_faults_without_a_server(content: bytes, memfile: MemFile) -> None:
+    # What a client's watchdog registers a range with once its server is
+    # gone: every fault is SIGBUS at once, no event waits for anyone.
+    srv = Server(content, memfile, ("missing", "minor"), features=uapi.UFFD_FEATURE_SIGBUS)
+    try:
+        assert srv.uffd.has(uapi.UFFD_FEATURE_SIGBUS)
+        with pytest.raises(ClientGone):
+            srv.request(op="read", off=0, n=PAGE_SIZE)
+        assert srv.proc.wait(timeout=DEADLINE) == -signal.SIGBUS
+        assert srv.faults == []
+    finally:
+        srv.close()
 
 
 def test_client_death_is_seen_by_the_server(server: Server) -> None:

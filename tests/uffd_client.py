@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import socket
 import sys
 
 import numpy as np
 
-from vnpager.arch.uffd import Uffd, fdpass, uapi
-from vnpager.arch.uffd.shm import SharedMapping
+from vnpager.arch.uffd import SERVER_FEATURES, Uffd, fdpass, uapi
+from vnpager.arch.uffd.shm import SharedMapping, buffer_address
 
 MODES = {
     "missing": uapi.UFFDIO_REGISTER_MODE_MISSING,
@@ -30,7 +31,17 @@ MODES = {
 }
 
 
-def touch(m: SharedMapping, cmd: dict[str, object]) -> object:
+class AnonMapping:
+    """A MAP_PRIVATE anonymous mapping and its address, shaped like
+    SharedMapping for touch()."""
+
+    def __init__(self, length: int) -> None:
+        self.mmap = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.length = length
+        self.address = buffer_address(self.mmap)
+
+
+def touch(m: SharedMapping | AnonMapping, cmd: dict[str, object]) -> object:
     """Do what *cmd* says to the mapping; the answer."""
     op, off, n = cmd["op"], int(cmd.get("off", 0)), int(cmd.get("n", 0))  # type: ignore[call-overload]
     view = memoryview(m.mmap)
@@ -59,8 +70,10 @@ def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     payload, fds = fdpass.recv(sock, 4096, 1)
     setup = json.loads(payload)
-    m = SharedMapping(fds[0], int(setup["length"]))
-    uffd = Uffd.open()
+    length = int(setup["length"])
+    # Private anonymous memory has no memfd: the server fills it by UFFDIO_COPY.
+    m = AnonMapping(length) if setup["anon"] else SharedMapping(fds[0], length)
+    uffd = Uffd.open(features=SERVER_FEATURES | int(setup["features"]))
     mode = 0
     for name in setup["modes"]:
         mode |= MODES[name]

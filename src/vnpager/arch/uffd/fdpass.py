@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 
 
-def send(sock: socket.socket, payload: bytes, fds: list[int] = []) -> None:  # noqa: B006 (never mutated)
+def send(sock: socket.socket, payload: bytes, fds: Sequence[int] = ()) -> None:
     """Send *payload* (non-empty: an empty datagram would read as EOF) with
     *fds*, in one message."""
     if not payload:
