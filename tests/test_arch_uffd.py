@@ -154,6 +154,7 @@ def test_uffd_missing_fault_served_by_continue(server: Server, content: bytes) -
     assert server.request(op="read", off=off, n=PAGE_SIZE) == sha(content[off : off + PAGE_SIZE])
     [msg] = server.faults
     assert msg.address == server.base + off and not msg.is_minor and not msg.is_write
+    assert msg.ptid == server.pid  # UFFD_FEATURE_THREAD_ID: the client's main thread
     # The whole cluster was mapped: the rest of it reads with no fault.
     assert server.request(op="read", off=CLUSTER, n=CLUSTER) == sha(content[CLUSTER : 2 * CLUSTER])
     assert len(server.faults) == 1
@@ -275,6 +276,17 @@ def test_uffd_sigbus_feature_faults_without_a_server(content: bytes, memfile: Me
         assert srv.faults == []
     finally:
         srv.close()
+
+
+def test_uffd_watchdog_takeover_keeps_mapped_pages_and_sigbus_the_rest(server: Server,
+                                                                        content: bytes) -> None:
+    server.request(op="read", off=0, n=PAGE_SIZE)
+    assert server.request(op="take_over") & uapi.UFFD_FEATURE_SIGBUS
+    assert server.request(op="read", off=0, n=CLUSTER) == sha(content[:CLUSTER])  # mapped: still served
+    with pytest.raises(ClientGone):
+        server.request(op="read", off=CLUSTER, n=PAGE_SIZE)
+    assert server.proc.wait(timeout=DEADLINE) == -signal.SIGBUS
+    assert len(server.faults) == 1  # the server saw none after the take-over
 
 
 def test_client_death_is_seen_by_the_server(server: Server) -> None:

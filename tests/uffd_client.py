@@ -66,6 +66,16 @@ def touch(m: SharedMapping | AnonMapping, cmd: dict[str, object]) -> object:
     raise ValueError(f"unknown op {op!r}")
 
 
+def take_over(m: SharedMapping | AnonMapping, uffd: Uffd) -> Uffd:
+    """What a client's watchdog does when its server is gone: move the
+    range to a uffd with UFFD_FEATURE_SIGBUS, so that the pages mapped
+    keep working and every other touch is SIGBUS instead of a hang."""
+    sigbus = Uffd.open(features=uapi.UFFD_FEATURE_SIGBUS, optional=0)
+    uffd.unregister(m.address, m.length)
+    sigbus.register(m.address, m.length, MODES["missing"] | MODES["minor"])
+    return sigbus
+
+
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     payload, fds = fdpass.recv(sock, 4096, 1)
@@ -87,6 +97,10 @@ def main() -> None:
         cmd = json.loads(payload)
         if cmd["op"] == "exit":
             return
+        if cmd["op"] == "take_over":
+            uffd = take_over(m, uffd)
+            sock.send(json.dumps({"ok": uffd.features}).encode())
+            continue
         sock.send(json.dumps({"ok": touch(m, cmd)}).encode())
 
 

@@ -21,7 +21,6 @@ import errno
 import fcntl
 import mmap
 import os
-import select
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -348,9 +347,3 @@ class Uffd:
         except BlockingIOError:
             return []
         return [UffdMsg.decode(data, off) for off in range(0, len(data), uapi.UFFD_MSG_SIZE)]
-
-    def wait(self, timeout: float | None) -> bool:
-        """True when an event is ready, False after *timeout* seconds."""
-        p = select.poll()
-        p.register(self.fd, select.POLLIN)
-        return bool(p.poll(None if timeout is None else int(timeout * 1000)))
