@@ -20,34 +20,24 @@ import os
 import struct
 
 from . import uapi
+from .fdobject import FdObject
 
 _REGION_SIZE = struct.calcsize(uapi.PAGE_REGION_FMT)
 
 
-class Pagemap:
+class Pagemap(FdObject):
     """An open ``/proc/<pid>/pagemap`` (owns the fd) and a region buffer.
 
     Not thread-safe: one scan at a time uses the buffer.
     """
 
-    __slots__ = ("_vec", "fd", "nregions", "pid")
+    __slots__ = ("_vec", "nregions", "pid")
 
     def __init__(self, pid: int | str = "self", nregions: int = 256) -> None:
         self.pid = pid
-        self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        super().__init__(os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC))
         self.nregions = nregions
         self._vec = (ctypes.c_char * (_REGION_SIZE * nregions))()
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> Pagemap:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def scan(
         self, start: int, end: int, *, category_mask: int, return_mask: int, flags: int = 0,

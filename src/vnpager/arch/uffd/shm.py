@@ -18,6 +18,7 @@ import mmap
 import os
 
 from . import uapi
+from .fdobject import FdObject
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -71,7 +72,7 @@ class SharedMapping:
         self.close()
 
 
-class MemFile:
+class MemFile(FdObject):
     """The frames of one file: a memfd, offset for offset.
 
     Owns ``fd``.  The size is the memfd's (ftruncate); pages are allocated
@@ -79,10 +80,7 @@ class MemFile:
     serialise changes to one range (the pager holds the pages busy).
     """
 
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    __slots__ = ()
 
     @classmethod
     def create(cls, name: str, size: int) -> MemFile:
@@ -120,13 +118,3 @@ class MemFile:
     def map(self, length: int | None = None, offset: int = 0) -> SharedMapping:
         return SharedMapping(self.fd, self.size - offset if length is None else length, offset)
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> MemFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

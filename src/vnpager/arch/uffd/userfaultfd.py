@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from . import uapi
 from .errors import DEVICE, missing_features, not_permitted
+from .fdobject import FdObject
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -172,7 +173,7 @@ class UffdMsg:
         return bool(self.arg0 & uapi.UFFD_PAGEFAULT_FLAG_MINOR)
 
 
-class Uffd:
+class Uffd(FdObject):
     """A userfaultfd after its handshake, and the features it enabled.
 
     ``fd`` is owned: :meth:`close` (or the with-block) closes it.  The
@@ -180,10 +181,10 @@ class Uffd:
     no state beyond the fd and its features.
     """
 
-    __slots__ = ("fd", "features", "ioctls")
+    __slots__ = ("features", "ioctls")
 
     def __init__(self, fd: int, features: int, ioctls: int = 0) -> None:
-        self.fd = fd
+        super().__init__(fd)
         self.features = features
         self.ioctls = ioctls
 
@@ -213,20 +214,6 @@ class Uffd:
             os.close(fd)
             raise
         return cls(fd, want, ioctls)
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> Uffd:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def has(self, feature: int) -> bool:
         return self.features & feature == feature
