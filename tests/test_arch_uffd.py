@@ -26,7 +26,17 @@ from pathlib import Path
 
 import pytest
 
-from vnpager.arch.uffd import PAGE_SIZE, MemFile, Pagemap, Uffd, UffdMsg, UffdUnavailable, fdpass, uapi
+from vnpager.arch.uffd import (
+    PAGE_SIZE,
+    MemFile,
+    Pagemap,
+    Process,
+    Uffd,
+    UffdMsg,
+    UffdUnavailable,
+    fdpass,
+    uapi,
+)
 from vnpager.arch.uffd.userfaultfd import open_fd, supported_features
 
 CLIENT = Path(__file__).with_name("uffd_client.py")
@@ -289,10 +299,33 @@ def test_uffd_watchdog_takeover_keeps_mapped_pages_and_sigbus_the_rest(server: S
     assert len(server.faults) == 1  # the server saw none after the take-over
 
 
+def test_pageout_clears_references_and_the_next_touch_is_minor(server: Server, content: bytes) -> None:
+    start, end = server.base, server.base + CLUSTER
+    server.request(op="read", off=0, n=CLUSTER)
+    server.request(op="write", off=PAGE_SIZE, data=b"w".hex())
+    with Process(server.pid) as proc, Pagemap(server.pid) as pm:
+        proc.pageout(start, CLUSTER)
+        assert pm.scan(start, end, category_mask=uapi.PAGE_IS_PRESENT, return_mask=uapi.PAGE_IS_PRESENT) == []
+        # The clean pages keep their write-protect markers; the written one
+        # lost its PTE and counts as written.
+        assert pm.written(start, end, reprotect=False) == [(start + PAGE_SIZE, start + 2 * PAGE_SIZE)]
+        # The re-reference is a MINOR fault: the frames stayed in the memfd.
+        expect = content[:PAGE_SIZE] + b"w" + content[PAGE_SIZE + 1 : CLUSTER]
+        assert server.request(op="read", off=0, n=CLUSTER) == sha(expect)
+        assert [(m.is_minor, m.address) for m in server.faults[1:]] == [(True, start)]
+        # Mapped again write-protected, the page reads clean: a pmap must
+        # harvest the written bits (PAGEMAP_SCAN) before it pages out.
+        assert pm.written(start, end, reprotect=False) == []
+
+
 def test_client_death_is_seen_by_the_server(server: Server) -> None:
     server.on_fault = lambda msg: server.proc.kill()  # never served: the client dies waiting
-    with pytest.raises(ClientGone):
-        server.request(op="read", off=0, n=PAGE_SIZE)
+    with Process(server.pid) as pidfd:
+        with pytest.raises(ClientGone):
+            server.request(op="read", off=0, n=PAGE_SIZE)
+        poller = select.poll()
+        poller.register(pidfd.fd, select.POLLIN)
+        assert poller.poll(int(DEADLINE * 1000))  # the pidfd says so too
     assert server.proc.wait(timeout=DEADLINE) == -signal.SIGKILL
     # Its address space is gone: resolving for it says so.
     server.memfile.fill(0, b"\0" * PAGE_SIZE)

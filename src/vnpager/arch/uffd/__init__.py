@@ -8,6 +8,8 @@
   known address, punched out to evict;
 * :mod:`.pagemap` -- PAGEMAP_SCAN: the written pages of a range, and
   write-protecting them again (dirty bits for pmap_is_modified);
+* :mod:`.remote` -- a client's pidfd and process_madvise(MADV_PAGEOUT):
+  clearing referenced bits, so that a re-reference is a MINOR fault;
 * :mod:`.fdpass` -- fds over a Unix socket (SCM_RIGHTS);
 * :mod:`.errors` -- UffdUnavailable, naming the fix.
 
@@ -17,6 +19,7 @@ features the server needs.  Nothing here imports the rest of vnpager.
 
 from .errors import UffdUnavailable
 from .pagemap import Pagemap
+from .remote import Process
 from .shm import PAGE_SIZE, MemFile, SharedMapping
 from .userfaultfd import OPTIONAL_FEATURES, SERVER_FEATURES, Uffd, UffdMsg
 
@@ -26,6 +29,7 @@ __all__ = [
     "SERVER_FEATURES",
     "MemFile",
     "Pagemap",
+    "Process",
     "SharedMapping",
     "Uffd",
     "UffdMsg",
