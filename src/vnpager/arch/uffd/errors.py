@@ -30,21 +30,18 @@ def not_permitted(err_syscall: int, err_device: int | None) -> UffdUnavailable:
             "the hardware MMU needs Linux 6.7 or later built with it; use mmu='software'",
         )
     uid = os.geteuid()
-    fixes = [
-        f"run as root, or allow unprivileged userfaultfd with `sysctl -w {SYSCTL}=1`",
-        f"or let uid {uid} open {DEVICE} (e.g. `chgrp kvm {DEVICE} && chmod 0660 {DEVICE}` and add the "
-        "user to that group)"
-        if err_device is not None
-        else f"({DEVICE} does not exist: it needs Linux 6.1)",
-        "or use mmu='software'",
-    ]
+    said = f"userfaultfd(2): {os.strerror(err_syscall)}"
+    if err_device is None:
+        device = f"or use Linux 6.1 or later, whose {DEVICE} can be opened to a group"
+    else:
+        said += f"; {DEVICE}: {os.strerror(err_device)}"
+        device = (f"or let uid {uid} open {DEVICE} (e.g. `chgrp uffd {DEVICE} && chmod 0660 {DEVICE}`, "
+                  "the user in group uffd, and a udev rule to keep it)")
     return UffdUnavailable(
         err_syscall if err_device is None else err_device,
-        f"userfaultfd is not permitted for uid {uid} "
-        f"(userfaultfd(2): {os.strerror(err_syscall)}"
-        + ("" if err_device is None else f"; {DEVICE}: {os.strerror(err_device)}")
-        + "): "
-        + ", ".join(fixes),
+        f"userfaultfd is not permitted for uid {uid} ({said}): run as root, "
+        f"or allow it to every user with `sysctl -w {SYSCTL}=1` (in /etc/sysctl.d to keep it), "
+        f"{device}, or use mmu='software'",
     )
 
 
