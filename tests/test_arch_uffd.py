@@ -69,21 +69,22 @@ class Server:
     fault's cluster if it is missing and maps it write-protected."""
 
     def __init__(self, content: bytes, memfile: MemFile, modes: tuple[str, ...] = ALL_MODES, *,
-                 anon: bool = False, features: int = 0) -> None:
+                 anon: bool = False, features: int = 0, drop: int = 0) -> None:
         self.content = content
         self.memfile = memfile
         self.faults: list[UffdMsg] = []
-        self.on_fault: Callable[[UffdMsg], None] = self.fill_and_map
+        self.on_fault: Callable[[Uffd, UffdMsg], None] = self.fill_and_map
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.proc = subprocess.Popen([sys.executable, str(CLIENT), str(child.fileno())],
                                      pass_fds=[child.fileno()])
         child.close()
         self.sock.settimeout(DEADLINE)
-        setup = {"length": len(content), "modes": modes, "anon": anon, "features": features}
+        setup = {"length": len(content), "modes": modes, "anon": anon, "features": features, "drop": drop}
         fdpass.send(self.sock, json.dumps(setup).encode(), [memfile.fd])
         payload, fds = fdpass.recv(self.sock, 4096, 1)
         hello = json.loads(payload)
         self.uffd = Uffd(fds[0], hello["features"])
+        self.uffds = [self.uffd]  # and those of the client's forked children
         self.pid: int = hello["pid"]
         self.base: int = hello["address"]
         if "wp" in modes:
@@ -91,32 +92,39 @@ class Server:
             # written: protect the whole range once so that they read clean.
             self.uffd.writeprotect(self.base, len(content))
 
-    def fill_and_map(self, msg: UffdMsg) -> None:
+    def fill_and_map(self, uffd: Uffd, msg: UffdMsg) -> None:
         off = (msg.address - self.base) // CLUSTER * CLUSTER
         end = min(off + CLUSTER, len(self.content))
         if not msg.is_minor:
             self.memfile.fill(off, self.content[off:end])
-        self.uffd.resolve(self.base + off, end - off, wp=True)
+        uffd.resolve(self.base + off, end - off, wp=True)
 
     def request(self, **cmd: object) -> object:
         """Send *cmd* to the client and serve its faults until it answers."""
         self.sock.send(json.dumps(cmd).encode())
         deadline = time.monotonic() + DEADLINE
-        poller = select.poll()
-        poller.register(self.uffd.fd, select.POLLIN)
-        poller.register(self.sock.fileno(), select.POLLIN)
         while (left := deadline - time.monotonic()) > 0:
+            poller = select.poll()
+            for fd in [u.fd for u in self.uffds] + [self.sock.fileno()]:
+                poller.register(fd, select.POLLIN)
             ready = {fd for fd, _ in poller.poll(int(left * 1000) + 1)}
-            for msg in self.uffd.read_events() if self.uffd.fd in ready else []:
-                assert msg.is_pagefault, msg
-                self.faults.append(msg)
-                self.on_fault(msg)
+            for uffd in [u for u in self.uffds if u.fd in ready]:
+                for msg in uffd.read_events():
+                    self.event(uffd, msg)
             if self.sock.fileno() in ready:
                 reply = self.sock.recv(1 << 16)
                 if not reply:
                     raise ClientGone
                 return json.loads(reply)["ok"]
         raise TimeoutError(f"no answer to {cmd} in {DEADLINE} s")
+
+    def event(self, uffd: Uffd, msg: UffdMsg) -> None:
+        if msg.event == uapi.UFFD_EVENT_FORK:
+            self.uffds.append(Uffd(msg.ufd, uffd.features))
+            return
+        assert msg.is_pagefault, msg
+        self.faults.append(msg)
+        self.on_fault(uffd, msg)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -127,7 +135,8 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(timeout=DEADLINE)
         self.sock.close()
-        self.uffd.close()
+        for uffd in self.uffds:
+            uffd.close()
 
 
 @pytest.fixture
@@ -245,9 +254,9 @@ def test_punch_hole_makes_the_next_touch_fault_again(server: Server, content: by
 
 
 def test_poison_gives_sigbus_to_the_faulting_client(server: Server) -> None:
-    def poison(msg: UffdMsg) -> None:
-        server.uffd.writeprotect(msg.address, PAGE_SIZE, False, wake=False)  # the marker would be EEXIST
-        server.uffd.poison(msg.address, PAGE_SIZE)
+    def poison(uffd: Uffd, msg: UffdMsg) -> None:
+        uffd.writeprotect(msg.address, PAGE_SIZE, False, wake=False)  # the marker would be EEXIST
+        uffd.poison(msg.address, PAGE_SIZE)
 
     server.on_fault = poison
     with pytest.raises(ClientGone):
@@ -259,9 +268,9 @@ def test_uffd_copy_fills_anonymous_memory(content: bytes, memfile: MemFile) -> N
     srv = Server(content, memfile, ("missing",), anon=True)
     src = ctypes.create_string_buffer(content, len(content))  # the server's own copy
 
-    def copy(msg: UffdMsg) -> None:
+    def copy(uffd: Uffd, msg: UffdMsg) -> None:
         off = (msg.address - srv.base) // CLUSTER * CLUSTER
-        assert srv.uffd.copy(srv.base + off, ctypes.addressof(src) + off, CLUSTER) == CLUSTER
+        assert uffd.copy(srv.base + off, ctypes.addressof(src) + off, CLUSTER) == CLUSTER
 
     srv.on_fault = copy
     try:
@@ -318,8 +327,38 @@ def test_pageout_clears_references_and_the_next_touch_is_minor(server: Server, c
         assert pm.written(start, end, reprotect=False) == []
 
 
+def test_uffd_threads_fault_the_same_and_different_pages_at_once(server: Server, content: bytes) -> None:
+    # hashlib drops the GIL over a page, so the threads fault concurrently;
+    # a second event for a page already mapped is stepped over by resolve.
+    offs = [0, 0, PAGE_SIZE, CLUSTER, CLUSTER, 3 * CLUSTER + 5 * PAGE_SIZE, 2 * CLUSTER] * 2
+    digests = server.request(op="threads_read", offs=offs, n=PAGE_SIZE)
+    assert digests == [sha(content[o : o + PAGE_SIZE]) for o in offs]
+    assert {(m.address - server.base) // CLUSTER for m in server.faults} == {0, 1, 2, 3}
+
+
+def test_uffd_fork_child_faults_on_its_own_uffd(server: Server, content: bytes, memfile: MemFile) -> None:
+    off = 2 * CLUSTER
+    digest, status = server.request(op="fork_read", off=off, n=PAGE_SIZE)
+    assert (digest, status) == (sha(content[off : off + PAGE_SIZE]), 0)
+    assert len(server.uffds) == 2  # the fork event brought the child's uffd
+    [msg] = server.faults
+    assert msg.address == server.base + off
+
+
+def test_uffd_fork_without_fork_events_fills_the_memfd_with_zeros(content: bytes, memfile: MemFile) -> None:
+    # Why SERVER_FEATURES has EVENT_FORK: the child's mapping is not
+    # registered, and its touch allocates a page of zeros in the memfd.
+    srv = Server(content, memfile, drop=uapi.UFFD_FEATURE_EVENT_FORK)
+    try:
+        digest, status = srv.request(op="fork_read", off=0, n=PAGE_SIZE)
+        assert (digest, status) == (sha(b"\0" * PAGE_SIZE), 0)
+        assert srv.faults == [] and memfile.read(0, PAGE_SIZE) == b"\0" * PAGE_SIZE
+    finally:
+        srv.close()
+
+
 def test_client_death_is_seen_by_the_server(server: Server) -> None:
-    server.on_fault = lambda msg: server.proc.kill()  # never served: the client dies waiting
+    server.on_fault = lambda uffd, msg: server.proc.kill()  # never served: the client dies waiting
     with Process(server.pid) as pidfd:
         with pytest.raises(ClientGone):
             server.request(op="read", off=0, n=PAGE_SIZE)

@@ -18,6 +18,7 @@ import mmap
 import os
 import socket
 import sys
+import threading
 
 import numpy as np
 
@@ -63,6 +64,31 @@ def touch(m: SharedMapping | AnonMapping, cmd: dict[str, object]) -> object:
         finally:
             os.close(r)
             os.close(w)
+    if op == "threads_read":
+        offs = [int(o) for o in cmd["offs"]]  # type: ignore[attr-defined]
+        out: list[str] = [""] * len(offs)
+
+        def read(i: int) -> None:
+            out[i] = hashlib.sha256(view[offs[i] : offs[i] + n]).hexdigest()
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(len(offs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+    if op == "fork_read":
+        # The child reads through the mapping it inherited.
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            os.write(w, hashlib.sha256(view[off : off + n]).hexdigest().encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            digest = f.read().decode()
+        return [digest, os.waitpid(pid, 0)[1]]
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -83,7 +109,7 @@ def main() -> None:
     length = int(setup["length"])
     # Private anonymous memory has no memfd: the server fills it by UFFDIO_COPY.
     m = AnonMapping(length) if setup["anon"] else SharedMapping(fds[0], length)
-    uffd = Uffd.open(features=SERVER_FEATURES | int(setup["features"]))
+    uffd = Uffd.open(features=(SERVER_FEATURES | int(setup["features"])) & ~int(setup["drop"]))
     mode = 0
     for name in setup["modes"]:
         mode |= MODES[name]

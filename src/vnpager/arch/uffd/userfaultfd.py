@@ -33,9 +33,15 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 #: What the pager server needs: shmem minor faults (the server fills the
 #: memfd, CONTINUE maps it), missing faults on shmem, write-protect of
-#: shmem that resolves itself and is read back by PAGEMAP_SCAN.
+#: shmem that resolves itself and is read back by PAGEMAP_SCAN, and fork
+#: events: without them a forked child's mapping is not registered, and
+#: its touch of a missing page silently allocates a page of zeros in the
+#: shared memfd, for every client to see.  With them, the child's fork
+#: waits until the server has read the event, which brings the child's
+#: own uffd (:attr:`UffdMsg.ufd`).
 SERVER_FEATURES = (
-    uapi.UFFD_FEATURE_MISSING_SHMEM
+    uapi.UFFD_FEATURE_EVENT_FORK
+    | uapi.UFFD_FEATURE_MISSING_SHMEM
     | uapi.UFFD_FEATURE_MINOR_SHMEM
     | uapi.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
     | uapi.UFFD_FEATURE_WP_ASYNC
@@ -159,6 +165,12 @@ class UffdMsg:
     def ptid(self) -> int:
         """The faulting thread (with UFFD_FEATURE_THREAD_ID), else 0."""
         return self.arg2 & 0xFFFFFFFF
+
+    @property
+    def ufd(self) -> int:
+        """UFFD_EVENT_FORK: the child's new uffd, an fd installed in the
+        reader's own table (the reader owns it)."""
+        return self.arg0 & 0xFFFFFFFF
 
     @property
     def is_write(self) -> bool:
