@@ -18,8 +18,7 @@ import os
 from collections.abc import Sequence
 
 from .fdobject import FdObject
-
-_libc = ctypes.CDLL(None, use_errno=True)
+from .libc import syscall
 
 NR_process_madvise = 440  # x86_64
 MADV_COLD = 20
@@ -43,11 +42,8 @@ class Process(FdObject):
         """process_madvise(2) *advice* over the (start, length) *ranges* of
         the client's space, in one call; bytes advised."""
         iov = (_Iovec * len(ranges))(*[_Iovec(start, length) for start, length in ranges])
-        n = int(_libc.syscall(NR_process_madvise, self.fd, iov, len(ranges), advice, 0))
-        if n < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"process_madvise({advice}) pid {self.pid}: {os.strerror(err)}")
-        return n
+        return syscall(NR_process_madvise, self.fd, iov, len(ranges), advice, 0,
+                       what=f"process_madvise({advice}) pid {self.pid}")
 
     def pageout(self, start: int, length: int) -> int:
         """Unmap the client's PTEs of a range, keeping the frames: what the

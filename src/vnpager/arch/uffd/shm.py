@@ -19,19 +19,14 @@ import os
 
 from . import uapi
 from .fdobject import FdObject
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fallocate.restype = ctypes.c_int
+from .libc import checked, libc
 
 PAGE_SIZE = mmap.PAGESIZE
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with its *mode* flags (os.posix_fallocate has none)."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"fallocate mode {mode:#x} [{offset:#x}, +{length:#x}): {os.strerror(err)}")
+    checked(libc.fallocate(fd, mode, offset, length), f"fallocate mode {mode:#x} [{offset:#x}, +{length:#x})")
 
 
 def buffer_address(buf: mmap.mmap) -> int:

@@ -16,7 +16,6 @@ process: a thread blocked in a fault usually holds the GIL.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import mmap
@@ -28,8 +27,7 @@ from dataclasses import dataclass
 from . import uapi
 from .errors import DEVICE, missing_features, not_permitted
 from .fdobject import FdObject
-
-_libc = ctypes.CDLL(None, use_errno=True)
+from .libc import syscall
 
 #: What the pager server needs: shmem minor faults (the server fills the
 #: memfd, CONTINUE maps it), missing faults on shmem, write-protect of
@@ -57,11 +55,7 @@ FEATURE_NAMES = {
 
 def _sys_userfaultfd(flags: int) -> int:
     """userfaultfd(2) itself: a new fd, or OSError."""
-    fd = int(_libc.syscall(uapi.NR_userfaultfd, flags))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"userfaultfd: {os.strerror(err)}")
-    return fd
+    return syscall(uapi.NR_userfaultfd, flags, what="userfaultfd")
 
 
 def _dev_userfaultfd(flags: int, device: str) -> int:
