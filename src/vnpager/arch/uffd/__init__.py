@@ -11,7 +11,9 @@
 * :mod:`.remote` -- a client's pidfd and process_madvise(MADV_PAGEOUT):
   clearing referenced bits, so that a re-reference is a MINOR fault;
 * :mod:`.fdpass` -- fds over a Unix socket (SCM_RIGHTS);
-* :mod:`.errors` -- UffdUnavailable, naming the fix.
+* :mod:`.errors` -- UffdUnavailable, naming the fix;
+* :mod:`.libc`, :mod:`.fdobject` -- ctypes calls with their errno, and
+  the owner of an fd.
 
 Linux only, x86_64 (the syscall number), Linux 6.7 or later for the
 features the server needs.  Nothing here imports the rest of vnpager.

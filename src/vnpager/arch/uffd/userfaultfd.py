@@ -24,10 +24,9 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import uapi
+from . import libc, uapi
 from .errors import DEVICE, missing_features, not_permitted
 from .fdobject import FdObject
-from .libc import syscall
 
 #: What the pager server needs: shmem minor faults (the server fills the
 #: memfd, CONTINUE maps it), missing faults on shmem, write-protect of
@@ -55,7 +54,7 @@ FEATURE_NAMES = {
 
 def _sys_userfaultfd(flags: int) -> int:
     """userfaultfd(2) itself: a new fd, or OSError."""
-    return syscall(uapi.NR_userfaultfd, flags, what="userfaultfd")
+    return libc.syscall(uapi.NR_userfaultfd, flags, what="userfaultfd")
 
 
 def _dev_userfaultfd(flags: int, device: str) -> int:
