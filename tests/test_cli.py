@@ -11,13 +11,15 @@ import sys
 
 import pytest
 
-from vnpager.cli import build_parser, parse_size, stats_table
+from vnpager.tools.cli import build_parser, size_arg
+from vnpager.tools.show import stats_table
+from vnpager.uvm.uvm import VmStats
 
 
 def vnpager(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, COLUMNS="200")  # no wrapped lines to match across
     env.pop("VNPAGER_TRACE", None)
-    return subprocess.run([sys.executable, "-m", "vnpager.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "vnpager", *args], env=env, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -75,18 +77,33 @@ def test_subcommands_set_their_function() -> None:
 
 @pytest.mark.parametrize(("text", "size"), [("4096", 4096), ("256K", 256 << 10), ("4M", 4 << 20),
                                             ("4MiB", 4 << 20), ("1g", 1 << 30)])
-def test_parse_size(text: str, size: int) -> None:
-    assert parse_size(text) == size
+def test_size_arg(text: str, size: int) -> None:
+    assert size_arg(text) == size
 
 
-def test_parse_size_rejects_nonsense() -> None:
-    with pytest.raises(argparse.ArgumentTypeError):
-        parse_size("four megs")
+def test_size_arg_rejects_nonsense() -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="not a size: 'four megs'"):
+        size_arg("four megs")
 
 
-def test_stats_table_explains_known_counters_first() -> None:
-    table = stats_table({"zeta": 1, "faults": 12345, "resident": 3})
+def test_stats_table_explains_every_counter() -> None:
+    table = stats_table(VmStats(faults=12345, resident=3))
     names = list(table.columns[0].cells)
-    assert names == ["faults", "resident", "zeta"]
-    assert list(table.columns[1].cells) == ["12,345", "3", "1"]
-    assert list(table.columns[2].cells)[2] == ""
+    assert names[:2] == ["faults", "faultahead"] and names[-5:] == ["resident", "free", "active",
+                                                                     "inactive", "persisting"]
+    values = dict(zip(names, table.columns[1].cells, strict=True))
+    assert values["faults"] == "12,345" and values["resident"] == "3"
+    assert all(table.columns[2].cells)  # a meaning for each
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["bench"], ["mount"], ["umount"], ["torture"]])
+def test_help_is_plain_text(command: list[str]) -> None:
+    proc = vnpager(*command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: vnpager" in proc.stdout
+    assert not re.search(r"``|:[a-z]+:`", proc.stdout), proc.stdout  # no reST roles or literals
+
+
+def test_version() -> None:
+    proc = vnpager("--version")
+    assert proc.returncode == 0 and re.fullmatch(r"vnpager \S+\n", proc.stdout), proc.stdout

@@ -77,7 +77,6 @@ import errno
 import fcntl
 import operator
 import os
-import re
 import stat
 import sys
 import threading
@@ -145,30 +144,18 @@ _INT_MAX = 2**31 - 1
 
 # ---------------------------------------------------------------- the default VM
 
-DEFAULT_PHYSMEM = 256 << 20
-_SIZE_RE = re.compile(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
 _default_vm: VM | None = None
 _default_vm_lock = threading.Lock()
 
 
-def parse_size(text: str) -> int:
-    """Bytes in *text*: a number with an optional K/M/G/T suffix (powers of
-    1024; "64M", "64MiB", "1g").  Raises ValueError."""
-    m = _SIZE_RE.fullmatch(text)
-    if m is None:
-        raise ValueError(f"not a size: {text!r}")
-    return int(m.group(1)) << (10 * " kmgt".index(m.group(2).lower() or " "))
-
-
 def default_vm() -> VM:
-    """The VM that mappings use unless given one: made on first use with
-    ``VNPAGER_PHYSMEM`` bytes (256 MiB when unset), and closed at exit so
-    that dirty pages reach their files."""
+    """The VM that mappings use unless given one: made on first use as
+    ``VM()`` makes it (``VNPAGER_PHYSMEM`` bytes, 256 MiB when unset), and
+    closed at exit so that dirty pages reach their files."""
     global _default_vm
     with _default_vm_lock:
         if _default_vm is None or _default_vm.closed:
-            env = os.environ.get("VNPAGER_PHYSMEM")
-            _default_vm = VM(physmem=parse_size(env) if env else DEFAULT_PHYSMEM)
+            _default_vm = VM()
             atexit.register(_default_vm.close)
         return _default_vm
 

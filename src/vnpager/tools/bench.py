@@ -22,6 +22,7 @@ calls each thread happens to make.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import mmap as std_mmap
 import os
@@ -39,7 +40,7 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.table import Table
 
-from vnpager.cli import human
+from vnpager.tools.show import human
 
 KiB, MiB = 1 << 10, 1 << 20
 PAGE = 4096
@@ -305,9 +306,9 @@ def bench_readers(report: Report, path: str, cfg: Config, log: Callable[[str], N
 @contextmanager
 def counted(vm: Any, into: dict[str, int]) -> Iterator[None]:
     """Store in *into* how much each counter of ``vm.stats()`` grew in the block."""
-    before = dict(vm.stats())
+    before = dataclasses.asdict(vm.stats())
     yield
-    into.update({k: v - before[k] for k, v in vm.stats().items() if isinstance(v, int)})
+    into.update({k: v - before[k] for k, v in dataclasses.asdict(vm.stats()).items()})
 
 
 def bench_targets(report: Report, path: str, tmp: str, cfg: Config, log: Callable[[str], None]) -> None:
@@ -449,9 +450,9 @@ def markdown(report: Report) -> Iterable[str]:
 def run_bench(args: argparse.Namespace) -> int:
     # a wide table: do not squeeze it into 80 columns when piped
     console = Console(stderr=args.json, highlight=False, width=None if sys.stdout.isatty() else 160)
-    if args.mount:  # fio on FUSE mounts: vnpager.fuse.bench
+    if args.mount:  # fio on FUSE mounts: vnpager.tools.bench_mount
         try:
-            from vnpager.fuse.bench import run_mount_bench
+            from vnpager.tools.bench_mount import run_mount_bench
         except ImportError as e:
             print(f"vnpager bench --mount needs the fuse extra (pip install -e '.[fuse]'): {e}",
                   file=sys.stderr)

@@ -1,6 +1,6 @@
 """``vnpager mount SRC MNT`` and ``vnpager umount MNT``.
 
-Registered by :mod:`vnpager.cli` through :func:`add_subcommands`.  Without
+Registered by vnpager.tools.cli through :func:`add_subcommands`.  Without
 ``--foreground``, mount starts the server as a detached process, waits
 until the mount is there, and returns.
 """
@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from vnpager.cli import parse_size
+from vnpager.tools.cli import size_arg
 
 MOUNT_WAIT = 30.0  # seconds to wait for a detached server to mount
 
@@ -23,7 +23,7 @@ def add_subcommands(subparsers: Any) -> None:
     p = subparsers.add_parser("mount", help="mount SRC at MNT, file data through the pager (FUSE)")
     p.add_argument("src", metavar="SRC", help="the directory tree to pass through")
     p.add_argument("mnt", metavar="MNT", help="the mount point (an existing directory)")
-    p.add_argument("--physmem", type=parse_size, default=parse_size("64M"), metavar="SIZE",
+    p.add_argument("--physmem", type=size_arg, default="64M", metavar="SIZE",
                    help="memory of the pager's VM (default 64M)")
     p.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
     p.add_argument("--direct-io", action="store_true",
@@ -42,7 +42,7 @@ def run_mount(args: argparse.Namespace) -> int:
     if args.foreground:
         serve(args.src, args.mnt, args.physmem, direct_io=args.direct_io)
         return 0
-    argv = [sys.executable, "-m", "vnpager.cli", "mount", args.src, args.mnt, "--foreground",
+    argv = [sys.executable, "-m", "vnpager", "mount", args.src, args.mnt, "--foreground",
             "--physmem", str(args.physmem)] + (["--direct-io"] if args.direct_io else [])
     server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               start_new_session=True)

@@ -36,9 +36,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from vnpager.bench import emit, machine, make_file
-from vnpager.cli import human
 from vnpager.fuse.mount import mount_source
+from vnpager.tools.bench import emit, machine, make_file
+from vnpager.tools.show import human
 
 MiB = 1 << 20
 MOUNT_WAIT = 30.0  # seconds for a server to mount
@@ -147,7 +147,7 @@ def mounted(target: str, tmp: str, src: str, cfg: MountConfig) -> Iterator[str]:
     mnt = os.path.join(tmp, target)
     os.mkdir(mnt)
     if target == "vnpager":
-        argv = [sys.executable, "-m", "vnpager.cli", "mount", src, mnt, "--foreground",
+        argv = [sys.executable, "-m", "vnpager", "mount", src, mnt, "--foreground",
                 "--physmem", str(cfg.physmem)]
     else:
         config = os.path.join(tmp, "rclone.conf")
