@@ -166,3 +166,17 @@ def test_bench_shows_each_target_met_or_missed() -> None:
     assert lines[3].endswith("| ratio >= 0.8; MB/s >= fsspec BlockCache's "
                              "| ratio 0.90: met; 1.12 x fsspec BlockCache: met |")
     assert "issue" not in "\n".join(lines)
+
+
+def test_quiesce_waits_for_the_pages_read_ahead_asked_for() -> None:
+    """The demo's persist step quiesces the VM so that no page daemon pass
+    frees the pages it is about to find resident: a pass that read-ahead
+    asked for (ra_wanted, served when the daemon next runs) counts as work
+    to wait for, as a shortage does."""
+    from vnpager import VM
+
+    with VM(physmem="256K") as vm:
+        vm.quiesce()
+        vm.ra_wanted = 2  # asked for, the daemon not woken yet (it would be, by uvm_pagewant_ra)
+        vm.quiesce()
+        assert vm.ra_wanted == 0  # the daemon's pass ran before quiesce returned

@@ -171,6 +171,9 @@ def _demo_steps(console: Console, story: _Story, fd: int, path: str, model: byte
     # persist: pages survive the mapping; close, map again, find them resident
     window = min(16, vm.npages // 4) * ps
     assert m[:window] == model[:window]  # make the first pages recently used
+    # touching them may have taken free pages and woken the page daemon: let it finish now,
+    # while they are mapped and referenced, not after the close, when nothing holds them
+    vm.quiesce()
     story.changed("faults")
     with tracing(True):
         m.close()

@@ -174,8 +174,9 @@ class VM:
             self.aiodaemon.drain()
 
     def quiesce(self, timeout: float = 10.0) -> None:
-        """Wait until the page daemon is not scanning and no asynchronous
-        write is in flight, so that counters read next change only by what
+        """Wait until the page daemon has nothing to do (not scanning, memory
+        not low, no pages asked for by read-ahead) and no asynchronous write
+        is in flight, so that counters read next change only by what
         the caller does (the demo and benchmarks measure steps this way).
         Raises TimeoutError if the VM stays busy for *timeout* seconds.
         """
@@ -185,7 +186,7 @@ class VM:
                 self.aiodaemon.drain()
             with self.pageqlock:
                 daemon_busy = self.pagedaemon is not None and (
-                    self.pagedaemon.scanning or self.npages_free_low())
+                    self.pagedaemon.scanning or self.npages_free_low() or self.ra_wanted > 0)
             if not daemon_busy and (self.aiodaemon is None or not self.aiodaemon.pending):
                 return
             if time.monotonic() > deadline:
