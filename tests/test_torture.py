@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from vnpager.tools.cli import main
-from vnpager.torture import Config, torture
+from vnpager.tools.torture import Config, torture
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -55,6 +55,7 @@ from vnpager.kern.lock import (
     LK_RECURSEFAIL,
     LK_RETRY,
     RW_WRITE,
+    Mutex,
     kernel_lock,
 )
 from vnpager.kern.proc import curproc
@@ -113,6 +114,7 @@ from vnpager.uvm.uvm_pager import (
     uvm_pagermapout,
 )
 from vnpager.uvm.uvm_param import MAXBSIZE, PROT_NONE, PROT_READ, PROT_WRITE
+from vnpager.uvm.uvm_readahead import UvmRactx
 from vnpager.vfs.mount import vref, vrele
 from vnpager.vfs.specfs import D_DISK
 from vnpager.vfs.vnode import (
@@ -165,6 +167,10 @@ class UvmVnode(UvmObject):
         self.u_errseq = 0  # how many write-backs have failed
         self.u_errseen = False  # a mapping was told of the last error (errseq)
         self.u_mtime_ns = 0  # the file's mtime when attached
+        # serialises size changes (ubc_setsize, growth, revalidation); taken
+        # before the vnode lock and the object lock, never under them
+        self.u_sizelock = Mutex("uvn_size")
+        self.u_ubc_ra = UvmRactx()  # read-ahead of file I/O (uvm_bio) (object lock)
 
     def trace_name(self) -> str:
         return f"uvn<{self.u_vnode.v_key}>"
