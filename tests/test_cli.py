@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,26 @@ def test_quiesce_waits_for_the_pages_read_ahead_asked_for() -> None:
         vm.ra_wanted = 2  # asked for, the daemon not woken yet (it would be, by uvm_pagewant_ra)
         vm.quiesce()
         assert vm.ra_wanted == 0  # the daemon's pass ran before quiesce returned
+
+
+def test_no_library_module_imports_the_tools() -> None:
+    """Every module of the library imports, and none of them pulls in
+    vnpager.tools (the CLI, demo, bench, torture sit above the library)."""
+    code = textwrap.dedent("""
+        import importlib, pkgutil, sys
+        import vnpager
+        names = []
+        def walk(package):
+            for m in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+                if m.name not in ("vnpager.tools", "vnpager.__main__"):
+                    names.append(m.name)
+                    module = importlib.import_module(m.name)
+                    if m.ispkg:
+                        walk(module)
+        walk(vnpager)
+        print(len(names), sorted(n for n in sys.modules if n.startswith("vnpager.tools")))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    count, loaded = proc.stdout.split(" ", 1)
+    assert int(count) > 30 and loaded.strip() == "[]"
