@@ -465,8 +465,10 @@ class mmap:  # noqa: N801 - the stdlib's name
         pos, size = self._pos, self._size
         if pos >= size:
             return b""
-        # the usual case, without the windows' generator: the line ends in the first window
-        first = self._read(pos, min(_FIRST_WINDOW, size - pos))
+        # the usual case, with no generator and no call between us and the load (as
+        # __getitem__'s fast path): the line ends in the first window
+        n = size - pos
+        first = uvm_load(self._space, self._va + pos, n if n < _FIRST_WINDOW else _FIRST_WINDOW)
         nl = first.find(b"\n")
         if nl >= 0:
             self._pos = pos + nl + 1
