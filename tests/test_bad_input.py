@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 import vnpager
+from rel_helpers import Mapping
 from vnpager import VM, SegvError
-from vnpager.torture import Mapping
 from vnpager.uvm.uvm_map import MAP_SHARED, uvm_map
 from vnpager.uvm.uvm_param import MAXBSIZE, PROT_READ, PROT_WRITE
 from vnpager.uvm.uvm_vnode import uvn_attach

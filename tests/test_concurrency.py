@@ -10,7 +10,7 @@ import errno
 import pytest
 
 from vnpager.kern.debug import DEBUG
-from vnpager.torture import Config, Torture, torture
+from vnpager.tools.torture import Config, Torture, torture
 
 
 def test_mixed_operations_across_threads() -> None:
@@ -20,7 +20,7 @@ def test_mixed_operations_across_threads() -> None:
     assert not hung and not fig.problems and fig.mismatches == 0
     assert not injected and fig.errors == 0  # no faults: no errors either
     # every kind of operation ran, on shared and private mappings
-    assert set(fig.by_op) == {"write", "read", "sync", "private", "remap", "advise", "syncall"}
+    assert set(fig.by_op) == {"write", "read", "sync", "private", "file", "remap", "advise", "syncall"}
     assert fig.bytes_verified > 0
 
 

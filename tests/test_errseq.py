@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 
 import vnpager
-from rel_helpers import PS, faulty_mount, map_host
+from rel_helpers import PS, Mapping, faulty_mount, map_host
 from vnpager import VM
 from vnpager.kern.errors import BusError
-from vnpager.torture import Mapping
 from vnpager.uvm.uvm_map import uvm_unmap
 from vnpager.uvm.uvm_vnode import uvm_vnp_sync
 from vnpager.vfs.faultfs import FaultPlan

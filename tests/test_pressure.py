@@ -1,6 +1,6 @@
-"""Memory pressure (issue 4, point 4): a VM of 8 pages, several mappings and
-a working set of ten thousand pages; several threads make progress, with no
-deadlock among the page daemon, uvm_wait and busy pages."""
+"""Memory pressure (issue 4, point 4): a VM of 8 pages, several vnpager.mmap
+maps and a working set of ten thousand pages; several threads make progress,
+with no deadlock among the page daemon, uvm_wait and busy pages."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import struct
 import threading
 
 from helpers import start
-from vnpager import VM
-from vnpager.torture import Mapping
+from vnpager import MAP_PRIVATE, MAP_SHARED, VM
 from vnpager.vfs.memfs import memfs_create
 
 PS = 8192  # 8 pages of 8 KiB hold one 64 KiB cluster: the smallest VM there is
@@ -34,7 +33,8 @@ def test_ten_thousand_pages_through_eight() -> None:
     with VM(physmem=8 * PS, page_size=PS) as vm:
         vps = [memfs_create(vm.vfs, vm.memfs, _file_data(f)) for f in range(NFILES)]
         size = FILE_PAGES * PS
-        maps = [Mapping(vm, vp, size, private=f == NFILES - 1) for f, vp in enumerate(vps)]
+        maps = [vm.map(vp, size, flags=MAP_PRIVATE if f == NFILES - 1 else MAP_SHARED)
+                for f, vp in enumerate(vps)]
 
         def work(t: int) -> int:
             """Touch my quarter of every page once, in random order: check its
@@ -42,9 +42,9 @@ def test_ten_thousand_pages_through_eight() -> None:
             pages = _my_pages(t)
             for n, (f, p) in enumerate(pages):
                 off = p * PS
-                assert STAMP.unpack(maps[f].read(off, STAMP.size)) == (f, p)
+                assert STAMP.unpack(maps[f][off:off + STAMP.size]) == (f, p)
                 if n % 3 == 0:
-                    maps[f].write(off + 64 + 8 * t, struct.pack("<Q", n))
+                    maps[f][off + 64 + 8 * t:off + 72 + 8 * t] = struct.pack("<Q", n)
             return len(pages)
 
         done = threading.Event()
@@ -54,7 +54,7 @@ def test_ten_thousand_pages_through_eight() -> None:
             rounds = 0
             while not done.is_set():
                 for m in maps[:-1]:
-                    assert m.sync() == 0
+                    m.flush()
                 rounds += 1
             return rounds
 
@@ -70,10 +70,10 @@ def test_ten_thousand_pages_through_eight() -> None:
         for t in range(NTHREADS):
             for n, (f, p) in enumerate(_my_pages(t)[:300]):
                 if n % 3 == 0:
-                    got = maps[f].read(p * PS + 64 + 8 * t, 8)
+                    got = maps[f][p * PS + 64 + 8 * t:p * PS + 72 + 8 * t]
                     assert struct.unpack("<Q", got)[0] == n
         for m in maps:
-            assert m.close() == 0
+            m.close()
         for vp in vps:
             vm.vfs.vrele(vp)
         vm.check_invariants()

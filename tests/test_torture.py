@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from vnpager.cli import main
-from vnpager.torture import Config, torture
+from vnpager.tools.cli import main
+from vnpager.tools.torture import Config, torture
 
 
 @pytest.mark.parametrize("seed", [1, 2])

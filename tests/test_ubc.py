@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from collections.abc import Iterator
@@ -11,10 +12,13 @@ import pytest
 
 from vnpager import VM
 from vnpager import mmap as vn_mmap
-from vnpager.ubc import ubc_attach
 from vnpager.uvm.uvm_bio import ubc_read, ubc_setsize, ubc_write
 from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
-from vnpager.uvm.uvm_vnode import uvm_vnp_sync, uvn_detach
+from vnpager.uvm.uvm_vnode import uvm_vnp_sync
+from vnpager.vfs.faultfs import FaultFS, FaultPlan
+from vnpager.vfs.hostfs import HostFS, hostfs_vget_path
+from vnpager.vfs.memfs import memfs_create
+from vnpager.vnmap import FileObject
 
 PS = 4096
 
@@ -125,7 +129,8 @@ def test_concurrent_writers_and_readers(vm: VM, tmp_path: Path) -> None:
 
     path = tmp_path / "f"
     path.write_bytes(b"")
-    uvn = ubc_attach(vm, path, PROT_READ | PROT_WRITE)
+    f = FileObject.open(vm, path, PROT_READ | PROT_WRITE)
+    uvn = f.uvn
     nthreads, stripe = 4, 3 * PS + 7
     rounds = 8
 
@@ -144,7 +149,7 @@ def test_concurrent_writers_and_readers(vm: VM, tmp_path: Path) -> None:
     assert ubc_read(uvn, len(expected) + 10, 0) == expected
     ubc_setsize(uvn, 10)
     assert ubc_read(uvn, 100, 0) == b"\x01" * 10
-    uvn_detach(uvn)
+    f.close()
 
 
 def test_coherent_with_vnpager_mmap(vm: VM, tmp_path: Path) -> None:
@@ -160,3 +165,80 @@ def test_coherent_with_vnpager_mmap(vm: VM, tmp_path: Path) -> None:
         finally:
             m.close()
     assert vm.pread(path, 8, PS + 3) == b"from ubc"
+
+
+def _written_from_outside(path: Path, data: bytes, at: int = 0) -> None:
+    """Another program writes *data* into *path*; its mtime moves on by a
+    second, as it would on a filesystem with a coarse clock."""
+    st = path.stat()
+    with open(path, "r+b") as other:
+        other.seek(at)
+        other.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def test_pread_and_open_see_what_another_program_wrote(vm: VM, tmp_path: Path) -> None:
+    """Close-to-open for vm.pread and vm.open, as for vnpager.mmap: each call
+    or open of a file changed since (mtime or size) reads it again."""
+    path = tmp_path / "f"
+    path.write_bytes(b"old." * PS)
+    assert vm.pread(path, 4, 0) == b"old."  # the object persists with the page
+    _written_from_outside(path, b"new.")
+    assert vm.pread(path, 4, 0) == b"new."
+    with vm.open(path, "rb") as f:
+        assert f.read(4) == b"new."
+    _written_from_outside(path, b"more", 4 * PS)  # a new size too
+    with vm.open(path, "rb") as f:
+        assert f.read(4) == b"new." and f.seek(0, os.SEEK_END) == 4 * PS + 4
+    assert vm.pread(path, 8, 4 * PS - 4) == b"old.more"
+
+
+def test_close_of_a_file_open_for_writing_writes_back(vm: VM, tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(bytes(2 * PS))
+    with vm.open(path, "r+b") as f:
+        f.seek(PS)
+        f.write(b"closed")
+    assert path.read_bytes()[PS:PS + 6] == b"closed"  # close-to-open, the other way
+
+
+def test_open_and_map_a_vnode(vm: VM, tmp_path: Path) -> None:
+    """vm.open and vm.map take the VM's own vnodes too (no host descriptor)."""
+    vp = memfs_create(vm.vfs, vm.memfs, b"a" * PS)
+    try:
+        with vm.open(vp, "r+b") as f:
+            f.write(b"bb")
+        with vm.map(vp) as m:
+            assert m[:3] == b"bba" and len(m) == m.size() == PS
+            m.resize(2 * PS)
+            m[-1:] = b"z"
+        assert vm.pread(vp, 3, 2 * PS - 2) == b"\0z"
+        with pytest.raises(FileExistsError):
+            vm.open(vp, "xb")
+    finally:
+        vm.vfs.vrele(vp)
+
+
+def test_each_open_file_is_told_of_a_write_back_error_once(vm: VM, tmp_path: Path) -> None:
+    """errseq for vm.open as for vnpager.mmap: sync and close raise a failed
+    write-back once to each file open when it failed, whoever wrote."""
+    path = tmp_path / "f"
+    path.write_bytes(bytes(2 * PS))
+    plan = FaultPlan(seed=1)
+    vp = hostfs_vget_path(vm.vfs, vm.vfs.mount(FaultFS(HostFS(), plan), "faulty"), str(path))
+    try:
+        a, b = vm.open(vp, "r+b"), vm.open(vp, "rb")
+        a.write(b"hello")
+        plan.fail("write", errno.ENOSPC, times=1)
+        with pytest.raises(OSError) as exc:
+            a.sync()
+        assert exc.value.errno == errno.ENOSPC
+        assert path.read_bytes()[:5] == bytes(5)  # kept dirty, not lost
+        a.sync()  # told once; written now
+        assert path.read_bytes()[:5] == b"hello"
+        with pytest.raises(OSError):
+            b.sync()  # open when it failed: told too, once
+        b.close()
+        a.close()
+    finally:
+        vm.vfs.vrele(vp)

@@ -22,7 +22,9 @@ import pytest
 
 import vnpager
 from vnpager import VM, BusError
-from vnpager.mmap import parse_size
+from vnpager.uvm.uvm_pager import PGO_ALLPAGES, PGO_CLEANIT
+from vnpager.uvm.uvm_param import parse_size
+from vnpager.uvm.uvm_vnode import uvn_flush
 from vnpager.vfs.faultfs import FaultFS, FaultPlan
 
 PS = 4096
@@ -237,6 +239,16 @@ def test_private_resize_keeps_private_pages(vm: VM, datafile: Path) -> None:
 
 # ------------------------------------------------------------ sharing and caching
 
+def test_vm_map_of_a_path(vm: VM, datafile: Path) -> None:
+    with vm.map(datafile) as m:
+        m[:3] = b"abc"
+        assert m[PS] == 66 and m.size() == len(m) == datafile.stat().st_size
+    assert datafile.read_bytes()[:4] == b"abcA"
+    datafile.chmod(0o444)
+    with vm.map(datafile, access=vnpager.ACCESS_READ) as m:
+        assert m[:4] == b"abcA"
+
+
 def test_two_maps_of_a_file_share_pages(vm: VM, rw: Any) -> None:
     with vnpager.mmap(rw.fileno(), 0, vm=vm) as a, vnpager.mmap(rw.fileno(), PS, offset=PS, vm=vm) as b:
         a[PS:PS + 3] = b"xyz"
@@ -286,6 +298,32 @@ def test_truncated_from_outside_raises_bus_error(vm: VM, datafile: Path, rw: Any
     os.truncate(datafile, 8 * PS)  # grown again: the pages come back, as zeros
     assert m[7 * PS:7 * PS + 2] == b"\0\0"
     m.close()
+    vm.check_invariants()
+
+
+def test_resize_frees_the_pages_before_the_file_shrinks(vm: VM, datafile: Path, rw: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pageout while resize shrinks the file writes nothing back past the
+    new end: the pages there are gone before the file shrinks (one order
+    for every front end, ubc_setsize's)."""
+    before = datafile.read_bytes()
+    m = vnpager.mmap(rw.fileno(), 0, vm=vm)
+    m[7 * PS:7 * PS + 4] = b"gone"  # a dirty page past the new end
+    uvn = m._uobj
+    ftruncate = os.ftruncate
+
+    def ftruncate_then_pageout(fd: int, length: int) -> None:
+        ftruncate(fd, length)
+        with uvn.vmobjlock:  # the page daemon cleans the object now, asynchronously
+            uvn_flush(uvn, 0, 0, PGO_CLEANIT | PGO_ALLPAGES)
+        vm.aiodaemon.drain()
+
+    monkeypatch.setattr(os, "ftruncate", ftruncate_then_pageout)
+    m.resize(2 * PS)
+    monkeypatch.undo()
+    assert datafile.stat().st_size == 2 * PS
+    m.close()
+    assert datafile.read_bytes() == before[:2 * PS]
     vm.check_invariants()
 
 
@@ -341,16 +379,32 @@ def test_stats_keys(vm: VM) -> None:
     stats = vm.stats()
     for key in ("faults", "faultahead", "pageins", "pageouts", "read_ios", "write_ios", "resident",
                 "free", "active", "inactive", "persisting"):
-        assert isinstance(stats[key], int), key
-    assert stats["free"] + stats["resident"] == vm.npages
-    assert stats["faults"] >= 1
+        assert isinstance(getattr(stats, key), int) and stats[key] == getattr(stats, key), key
+    assert stats.free + stats.resident == vm.npages
+    assert stats.faults >= 1
+    with pytest.raises(KeyError):
+        stats["nonsense"]
 
 
 def test_parse_size() -> None:
-    assert [parse_size(s) for s in ("4096", "64M", "1G", "2k", "3MiB", "1gb")] == \
-        [4096, 64 << 20, 1 << 30, 2048, 3 << 20, 1 << 30]
-    with pytest.raises(ValueError):
-        parse_size("lots")
+    assert [parse_size(s) for s in ("4096", "64M", "1G", "2k", "3MiB", "1gb", " 8 K ", "512B")] == \
+        [4096, 64 << 20, 1 << 30, 2048, 3 << 20, 1 << 30, 8192, 512]
+    for bad in ("lots", "4X", "-1M", "1.5M", "", "4MiBB"):
+        with pytest.raises(ValueError, match="not a size"):
+            parse_size(bad)
+
+
+def test_vm_takes_sizes_as_the_cli_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    with VM(physmem="1M") as vm:
+        assert vm.physmem == 1 << 20
+    with pytest.raises(ValueError, match="not a size"):
+        VM(physmem="a lot")
+    monkeypatch.setenv("VNPAGER_PHYSMEM", "2MiB")  # a VM made without physmem, as the default VM
+    with VM() as vm:
+        assert vm.physmem == 2 << 20
+    monkeypatch.setenv("VNPAGER_PHYSMEM", "plenty")
+    with pytest.raises(ValueError, match="VNPAGER_PHYSMEM: not a size"):
+        VM()
 
 
 def _run(code: str, env: dict[str, str] | None = None) -> Any:

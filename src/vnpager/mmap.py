@@ -9,10 +9,16 @@ access goes through the VM's address space and fault handler.
 Differences from CPython's mmap, each on purpose or forced:
 
 * **No buffer protocol.**  The mapped pages are not contiguous memory, so
-  ``memoryview(m)``, ``bytes(m)``, ``re.search(pattern, m)``,
-  ``hashlib.sha256(m)``, ``f.write(m)`` and ``m.readinto``-style consumers
-  raise TypeError.  Use ``m[a:b]`` or ``m.read(n)`` (bytes copies), and
-  ``m.find``/``m.rfind`` (which search without copying the whole map).
+  ``memoryview(m)``, ``re.search(pattern, m)``, ``hashlib.sha256(m)``,
+  ``f.write(m)`` and ``m.readinto``-style consumers raise TypeError.  Use
+  ``m[a:b]`` or ``m.read(n)`` (bytes copies), ``bytes(m)`` (a copy of the
+  whole map), ``numpy.asarray(m)`` (a uint8 copy; ``copy=False`` is
+  ValueError), and ``m.find``/``m.rfind``/``m.readline`` (which read small
+  windows first, then larger ones, never the whole map at once).
+  ``bytearray(m)`` cannot work without the buffer protocol on 3.11 (it
+  iterates, and wants ints where iteration gives one-byte bytes): it raises
+  a TypeError that says to use ``bytearray(m[:])``.  ``b in m`` gives the
+  stdlib's one-byte membership answer, by a search instead of iterating.
   Slice assignment, ``write`` and ``find`` accept any bytes-like object.
 * **Errors instead of signals.**  Touching a page past the file's current
   end raises :class:`BusError` (an OSError, errno EFAULT) instead of
@@ -23,15 +29,16 @@ Differences from CPython's mmap, each on purpose or forced:
   The pager's idea of the file size would go stale when someone else
   truncates the file, so every operation that touches the mapped bytes
   first compares the file's size with the pager's and, if they differ,
-  shrinks or grows the pager through
-  :func:`~vnpager.uvm.uvm_vnode.uvm_vnp_revalidate` (which tosses the
-  pages past a new end).  Checking only on a fault would be cheaper but
-  would keep serving resident pages of a truncated file.  The size comes
-  from ``lseek(SEEK_END)`` on the map's own descriptor (a description of
-  its own: the file reopened through /proc), about a third of an
-  ``fstat``'s cost (0.2 against 0.6 µs); a map without one
-  (trackfd=False, or no /proc) pays the fstat.  ``len``, ``tell`` and
-  ``seek`` do not check.
+  shrinks or grows the pager through the mapping core
+  (:meth:`vnpager.vnmap.FileObject.follow_size`: ``uvm_vnp_revalidate``
+  under the object's size lock, which tosses the pages past a new end).
+  Checking only on a fault would be cheaper but would keep serving
+  resident pages of a truncated file.  The size comes from
+  ``lseek(SEEK_END)`` on the map's own descriptor (a description of its
+  own: the file reopened through /proc), about a third of an ``fstat``'s
+  cost (0.2 against 0.6 µs); a map without one (trackfd=False, no /proc,
+  or a map of a vnode) pays the fstat (VOP_GETATTR).  ``len``, ``tell``
+  and ``seek`` do not check.
 * **Coherence with other I/O on the file is close-to-open, as NFS gives.**
   CPython's mappings share the kernel's page cache with ``read``/``write``;
   ours are a cache of their own.  Writes reach the file at ``flush()``, at
@@ -40,15 +47,22 @@ Differences from CPython's mmap, each on purpose or forced:
   when the VM closes (the default VM closes at exit).  Changes made to the
   file by other means are seen by mappings made after them: a file mapped
   again finds its persisting pages without I/O unless its size or mtime
-  changed, in which case those pages are dropped first.  All mappings of
-  one file in one VM share one object, so they see each other's writes at
-  once.
+  changed, in which case those pages are dropped first (the same attach
+  as ``vm.pread`` and ``vm.open``'s: :mod:`vnpager.vnmap`).  All mappings
+  of one file in one VM share one object, so they see each other's writes
+  at once.
 * ``flush()`` and ``close()`` raise the write-back error (OSError with the
   backend's errno); the pages stay dirty, so a later flush can write them.
   A write-back that failed elsewhere (another map of the file, the page
   daemon, sync) is reported too, once to each map open when it happened,
   as Linux's fsync does with errseq.  CPython's ``close`` never reports
   write-back errors.
+* ``fileno`` may also be a vnode of the VM (``vm.map(vp)`` says it
+  shorter; ``vm.map(path)`` opens a host path for the map): such a map
+  has no descriptor, and ``size()`` is the vnode's.
+* ``resize()`` shrinks the object before the file and grows the file
+  before the object, under the object's size lock, as every front end
+  does (``ubc_setsize``), so no pageout writes pages back past a new end.
 * ``resize()`` of an anonymous map grows its memory (CPython's grows the
   mapping but not the shared memory behind it, so touching the new pages
   is SIGBUS).  ``resize()`` of a MAP_PRIVATE map copies the mapped range
@@ -77,14 +91,12 @@ import errno
 import fcntl
 import operator
 import os
-import re
 import stat
 import sys
 import threading
 from collections.abc import Iterator
 from typing import Any, NoReturn, SupportsIndex
 
-from vnpager.kern.lock import kernel_lock
 from vnpager.uvm.uvm_fault import uvm_copyin, uvm_copyout, uvm_load, uvm_store
 from vnpager.uvm.uvm_map import (
     MADV_DONTNEED,
@@ -94,29 +106,16 @@ from vnpager.uvm.uvm_map import (
     MADV_WILLNEED,
     MAP_PRIVATE,
     MAP_SHARED,
-    MS_SYNC,
     Vmspace,
     uvm_anon_discard,
     uvm_anon_object,
-    uvm_map,
     uvm_map_advice,
-    uvm_msync,
-    uvm_unmap,
 )
 from vnpager.uvm.uvm_param import PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE
-from vnpager.uvm.uvm_vnode import (
-    UVM_VNODE_VALID,
-    UvmVnode,
-    uvm_vnp_revalidate,
-    uvm_vnp_setsize,
-    uvm_vnp_wrote,
-    uvn_attach,
-    uvn_errseq_check,
-    uvn_errseq_sample,
-)
-from vnpager.vfs.hostfs import hostfs_vget_fd
-from vnpager.vfs.vnode import Vnode
+from vnpager.uvm.uvm_vnode import UvmVnode
+from vnpager.vfs.vnode import VOP_GETATTR, VREG, Vattr, Vnode
 from vnpager.vm import VM
+from vnpager.vnmap import FileObject
 
 __all__ = [
     "ACCESS_COPY", "ACCESS_DEFAULT", "ACCESS_READ", "ACCESS_WRITE", "ALLOCATIONGRANULARITY",
@@ -139,36 +138,26 @@ ALLOCATIONGRANULARITY = PAGE_SIZE
 error = OSError
 
 CHUNK = 1 << 20  # bytes per copy through the pager: bounds the memory of big reads
-_LINE_CHUNK = 8192
+# the first window of a search (find, readline, in): most end near their start, and a
+# copy costs little more than the call under a few KiB; each next window is 4 times larger
+_FIRST_WINDOW = 256
 _SSIZE_MAX = sys.maxsize
 _INT_MAX = 2**31 - 1
 
 # ---------------------------------------------------------------- the default VM
 
-DEFAULT_PHYSMEM = 256 << 20
-_SIZE_RE = re.compile(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
 _default_vm: VM | None = None
 _default_vm_lock = threading.Lock()
 
 
-def parse_size(text: str) -> int:
-    """Bytes in *text*: a number with an optional K/M/G/T suffix (powers of
-    1024; "64M", "64MiB", "1g").  Raises ValueError."""
-    m = _SIZE_RE.fullmatch(text)
-    if m is None:
-        raise ValueError(f"not a size: {text!r}")
-    return int(m.group(1)) << (10 * " kmgt".index(m.group(2).lower() or " "))
-
-
 def default_vm() -> VM:
-    """The VM that mappings use unless given one: made on first use with
-    ``VNPAGER_PHYSMEM`` bytes (256 MiB when unset), and closed at exit so
-    that dirty pages reach their files."""
+    """The VM that mappings use unless given one: made on first use as
+    ``VM()`` makes it (``VNPAGER_PHYSMEM`` bytes, 256 MiB when unset), and
+    closed at exit so that dirty pages reach their files."""
     global _default_vm
     with _default_vm_lock:
         if _default_vm is None or _default_vm.closed:
-            env = os.environ.get("VNPAGER_PHYSMEM")
-            _default_vm = VM(physmem=parse_size(env) if env else DEFAULT_PHYSMEM)
+            _default_vm = VM()
             atexit.register(_default_vm.close)
         return _default_vm
 
@@ -231,14 +220,14 @@ class mmap:  # noqa: N801 - the stdlib's name
     access=ACCESS_DEFAULT, offset=0, *, trackfd=True, vm=None)``
     """
 
-    __slots__ = ("__weakref__", "_access", "_anon", "_closed", "_errseq", "_fd", "_flags", "_offset",
-                 "_pos", "_probe", "_prot", "_size", "_space", "_uobj", "_va", "_vm", "_vp")
+    __slots__ = ("__weakref__", "_access", "_anon", "_closed", "_fd", "_file", "_flags", "_offset",
+                 "_pos", "_probe", "_prot", "_size", "_space", "_trackfd", "_uobj", "_va", "_vm", "_vp")
 
     _access: int
     _anon: bool  # fileno=-1: a memfs object nobody else can map
     _closed: bool
-    _errseq: int  # the write-back errors reported so far (uvn_errseq_check)
     _fd: int  # our descriptor of the file (trackfd), else -1
+    _file: FileObject  # our hold on the object: attach, errseq, sync, size, map (vnpager.vnmap)
     _flags: int  # MAP_SHARED or MAP_PRIVATE, as mapped
     _offset: int
     _pos: int
@@ -246,16 +235,17 @@ class mmap:  # noqa: N801 - the stdlib's name
     _prot: int
     _size: int
     _space: Vmspace
+    _trackfd: bool  # False: the map may not resize (trackfd=False, as CPython's)
     _uobj: UvmVnode
     _va: int
     _vm: VM
     _vp: Vnode
 
-    def __new__(cls, fileno: SupportsIndex, length: SupportsIndex, flags: SupportsIndex = MAP_SHARED,
+    def __new__(cls, fileno: SupportsIndex | Vnode, length: SupportsIndex, flags: SupportsIndex = MAP_SHARED,
                 prot: SupportsIndex = PROT_WRITE | PROT_READ, access: SupportsIndex = ACCESS_DEFAULT,
                 offset: SupportsIndex = 0, *, trackfd: bool = True, vm: VM | None = None) -> mmap:
-        fd, size, flags, prot, access = (_cint(fileno), _ssize(length), _cint(flags), _cint(prot),
-                                         _cint(access))
+        vnode, fd = (fileno, -1) if isinstance(fileno, Vnode) else (None, _cint(fileno))
+        size, flags, prot, access = _ssize(length), _cint(flags), _cint(prot), _cint(access)
         off = operator.index(offset)
         if size < 0:
             raise OverflowError("memory mapped length must be positive")
@@ -275,16 +265,10 @@ class mmap:  # noqa: N801 - the stdlib's name
         else:
             raise ValueError("mmap invalid access parameter.")
 
-        st = os.fstat(fd) if fd != -1 else None  # EBADF for a bad descriptor, as CPython's
-        if st is not None and stat.S_ISREG(st.st_mode):
-            if size == 0:
-                if st.st_size == 0:
-                    raise ValueError("cannot mmap an empty file")
-                if off >= st.st_size:
-                    raise ValueError("mmap offset is greater than file size")
-                size = st.st_size - off
-            elif off > st.st_size or st.st_size - off < size:
-                raise ValueError("mmap length is greater than file size")
+        # EBADF for a bad descriptor, as CPython's
+        file_size, regular = _vnode_size(vnode) if vnode is not None else _fd_size(fd)
+        if regular:
+            size = _fit(size, off, file_size)
 
         vm = vm if vm is not None else default_vm()
         # what the kernel's mmap(2) checks, in its order; it ignores the
@@ -292,42 +276,36 @@ class mmap:  # noqa: N801 - the stdlib's name
         sharing = flags & (MAP_SHARED | MAP_PRIVATE)
         if size == 0 or off % vm.page_size or sharing not in (MAP_SHARED, MAP_PRIVATE):
             raise _oserror(errno.EINVAL)
-        anon = st is None or bool(flags & MAP_ANONYMOUS)
-        if not anon:
-            assert st is not None
-            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-            if mode == os.O_WRONLY or (sharing == MAP_SHARED and prot & PROT_WRITE
-                                       and mode != os.O_RDWR):
-                raise _oserror(errno.EACCES)
-            if not stat.S_ISREG(st.st_mode):
-                raise _oserror(errno.ENODEV)
-            maxprot = PROT_READ | PROT_EXEC | (
-                PROT_WRITE if sharing == MAP_PRIVATE or mode == os.O_RDWR else 0)
-        else:
-            maxprot = PROT_READ | PROT_WRITE | PROT_EXEC
+        anon = file_size < 0 or bool(flags & MAP_ANONYMOUS)
+        maxprot = PROT_READ | PROT_WRITE | PROT_EXEC  # anonymous memory, or the VM's own vnode
+        if not anon and vnode is None:
+            maxprot = _fd_maxprot(fd, sharing, prot)
+        if not anon and not regular:
+            raise _oserror(errno.ENODEV)
 
         self = object.__new__(cls)
         self._closed = True  # until mapped: __del__ and close() have nothing to undo
         self._vm, self._space = vm, vm.vmspace
         self._size, self._pos, self._offset = size, 0, off
         self._access, self._flags, self._prot = access, sharing, prot
-        self._anon, self._fd, self._probe = anon, -1, False
+        self._anon, self._fd, self._probe, self._trackfd = anon, -1, False, trackfd
         if anon:
-            self._uobj = uvm_anon_object(vm, size)
+            self._file = FileObject(uvm_anon_object(vm, size))
             self._flags = MAP_SHARED  # private to this object anyway
             off = 0
-        else:
-            self._uobj = _file_object(vm, fd, prot)
+        else:  # a private map never writes to the object
+            self._file = FileObject.open(vm, vnode if vnode is not None else fd,
+                                         prot if sharing == MAP_SHARED else PROT_READ)
+        self._uobj = self._file.uvn
         self._vp = self._uobj.u_vnode
-        self._errseq = uvn_errseq_sample(self._uobj)
         try:
-            if not anon and trackfd:
+            if not anon and trackfd and vnode is None:
                 self._fd, self._probe = _own_descriptor(fd)
-            self._va = uvm_map(self._space, size, self._uobj, off, prot, maxprot, self._flags)
+            self._va = self._file.map(self._space, size, off, prot, maxprot, self._flags)
         except BaseException:
             if self._fd != -1:
                 os.close(self._fd)
-            self._uobj.pgops.pgo_detach(self._uobj)
+            self._file.close()
             raise
         self._closed = False
         return self
@@ -355,9 +333,7 @@ class mmap:  # noqa: N801 - the stdlib's name
             except OSError:
                 pass  # the fstat below reports it
         if not self._anon:
-            err = uvm_vnp_revalidate(self._vp, drop_stale=False)
-            if err:
-                raise _oserror(err)
+            self._file.follow_size()
 
     def _read(self, pos: int, n: int) -> bytes:
         """*n* bytes from *pos*, copied through the pager.  => revalidated."""
@@ -390,27 +366,22 @@ class mmap:  # noqa: N801 - the stdlib's name
         if self._closed:
             return
         self._closed = True
-        err = 0
-        if self._anon:
-            uvm_anon_discard(self._uobj)  # nobody can map it again: free it unwritten
-        elif self._flags == MAP_SHARED and self._prot & PROT_WRITE:
-            err = self._msync(0, self._size)
-        uvm_unmap(self._space, self._va, self._va + self._vm.round_page(self._size))
-        if self._fd != -1:
-            os.close(self._fd)
-            self._fd = -1
-        if err:
-            raise _oserror(err)
+        try:
+            if self._anon:
+                uvm_anon_discard(self._uobj)  # nobody can map it again: free it unwritten
+            elif self._flags == MAP_SHARED and self._prot & PROT_WRITE:
+                self._sync(0, self._size)
+        finally:
+            self._file.close()  # unmaps
+            if self._fd != -1:
+                os.close(self._fd)
+                self._fd = -1
 
-    def _msync(self, offset: int, size: int) -> int:
-        """Write back [offset, offset+size); the errno of this write-back, or
-        else of one that failed since this map last reported (whoever wrote:
-        another map, the page daemon, sync), each reported once per map."""
-        err = uvm_msync(self._space, self._va + offset, self._va + offset + size, MS_SYNC)
-        if not err:
-            uvm_vnp_wrote(self._vp)
-        seen, self._errseq = uvn_errseq_check(self._uobj, self._errseq)
-        return err or seen
+    def _sync(self, offset: int, size: int) -> None:
+        """Write back [offset, offset+size) of the map; raise the errno of this
+        write-back, or else of one that failed since this map last reported
+        (whoever wrote: another map, the page daemon, sync), once per map."""
+        self._file.sync(self._offset + offset, self._offset + offset + size)
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
@@ -463,6 +434,9 @@ class mmap:  # noqa: N801 - the stdlib's name
         """The size of the file (not of the map); OSError EBADF for anonymous
         memory or trackfd=False, as CPython."""
         self._check_valid()
+        if self._fd == -1 and self._trackfd and not self._anon:  # a map of a vnode
+            self._file.follow_size()
+            return self._uobj.u_size
         return os.fstat(self._fd).st_size
 
     def read(self, n: SupportsIndex | None = None) -> bytes:
@@ -488,17 +462,26 @@ class mmap:  # noqa: N801 - the stdlib's name
     def readline(self) -> bytes:
         self._check_valid()
         self._revalidate()
-        parts, pos = [], self._pos
-        while pos < self._size:
-            chunk = self._read(pos, min(_LINE_CHUNK, self._size - pos))
+        pos, size = self._pos, self._size
+        if pos >= size:
+            return b""
+        # the usual case, with no generator and no call between us and the load (as
+        # __getitem__'s fast path): the line ends in the first window
+        n = size - pos
+        first = uvm_load(self._space, self._va + pos, n if n < _FIRST_WINDOW else _FIRST_WINDOW)
+        nl = first.find(b"\n")
+        if nl >= 0:
+            self._pos = pos + nl + 1
+            return first[:nl + 1]
+        parts = [first]
+        for at, chunk in self._windows(pos + len(first), size, 0, span=4 * _FIRST_WINDOW):
             nl = chunk.find(b"\n")
             if nl >= 0:
                 parts.append(chunk[:nl + 1])
-                pos += nl + 1
-                break
+                self._pos = at + nl + 1
+                return b"".join(parts)
             parts.append(chunk)
-            pos += len(chunk)
-        self._pos = pos
+        self._pos = size
         return b"".join(parts)
 
     def write(self, data: Any) -> int:
@@ -538,8 +521,8 @@ class mmap:  # noqa: N801 - the stdlib's name
 
     def _find(self, sub: Any, start_arg: SupportsIndex | None, end_arg: SupportsIndex | None,
               reverse: bool) -> int:
-        """Search [start, end) window by window, each overlapping the next by
-        len(sub) - 1 bytes, so that only the windows searched are read."""
+        """Search [start, end) window by window (see _windows): only the
+        windows searched are read."""
         needle = _buffer(sub).tobytes()
         self._check_valid()
         start = self._clamp(_ssize(start_arg) if start_arg is not None else self._pos)
@@ -551,26 +534,34 @@ class mmap:  # noqa: N801 - the stdlib's name
         if n == 0:
             return end if reverse else start
         self._revalidate()
-        span = max(CHUNK, 2 * n)
-        if not reverse:
-            lo = start
-            while True:
-                hi = min(end, lo + span)
-                i = self._read(lo, hi - lo).find(needle)
-                if i >= 0:
-                    return lo + i
-                if hi == end:
-                    return -1
-                lo = hi - n + 1
-        hi = end
-        while True:
-            lo = max(start, hi - span)
-            i = self._read(lo, hi - lo).rfind(needle)
+        for pos, window in self._windows(start, end, n - 1, reverse):
+            i = window.rfind(needle) if reverse else window.find(needle)
             if i >= 0:
-                return lo + i
-            if lo == start:
-                return -1
-            hi = lo + n - 1
+                return pos + i
+        return -1
+
+    def _windows(self, lo: int, hi: int, overlap: int, reverse: bool = False,
+                 span: int = _FIRST_WINDOW) -> Iterator[tuple[int, bytes]]:
+        """(offset, bytes) of [lo, hi), window by window from lo up (from hi
+        down if *reverse*), each overlapping the next by *overlap* bytes so
+        that a needle of overlap + 1 bytes across a boundary is in one of
+        them.  The first window is small (*span*, or twice the needle) and
+        each next one 4 times larger, up to CHUNK: a search that ends near
+        its start copies little, one that goes far copies in big windows.
+        => revalidated.
+        """
+        span = max(span, 2 * (overlap + 1))
+        most = max(CHUNK, span)
+        while lo < hi:
+            a, b = (max(lo, hi - span), hi) if reverse else (lo, min(hi, lo + span))
+            yield a, self._read(a, b - a)
+            if (a == lo) if reverse else (b == hi):
+                return
+            if reverse:
+                hi = a + overlap
+            else:
+                lo = b - overlap
+            span = min(4 * span, most)
 
     def _clamp(self, i: int) -> int:
         if i < 0:
@@ -611,9 +602,7 @@ class mmap:  # noqa: N801 - the stdlib's name
         if self._anon or self._flags != MAP_SHARED:
             return  # nothing behind it to write to
         self._revalidate()
-        err = self._msync(off, n)
-        if err:
-            raise _oserror(err)
+        self._sync(off, n)
 
     def madvise(self, option: SupportsIndex, start: SupportsIndex = 0,
                 length: SupportsIndex | None = None) -> None:
@@ -643,31 +632,25 @@ class mmap:  # noqa: N801 - the stdlib's name
         self._check_valid()
         if self._access not in (ACCESS_WRITE, ACCESS_DEFAULT):
             raise TypeError("mmap can't resize a readonly or copy-on-write memory map.")
-        if not self._anon and self._fd == -1:
+        if not self._anon and not self._trackfd:
             raise ValueError("mmap can't resize with trackfd=False.")
         if new < 0 or _SSIZE_MAX - new < self._offset:
             raise ValueError("new size out of range")
-        if self._anon:
-            err = self._vp.v_op.setsize(self._vp, new)
-            if err:
-                raise _oserror(err)
-        else:
-            os.ftruncate(self._fd, self._offset + new)
-        with kernel_lock:
-            uvm_vnp_setsize(self._vp, self._offset + new if not self._anon else new)
+        if self._fd != -1 and fcntl.fcntl(self._fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise _oserror(errno.EINVAL)  # as ftruncate(2) of our descriptor
+        # the file and the object together, in the one order (vnpager.vnmap)
+        self._file.setsize(self._offset + new if not self._anon else new)
         if new == 0:
             raise _oserror(errno.EINVAL)
-        uobj = self._uobj
-        uobj.pgops.pgo_reference(uobj)  # for the new entry
-        va = uvm_map(self._space, new, uobj, 0 if self._anon else self._offset, self._prot,
-                     self._maxprot(), self._flags)
+        va = self._file.map(self._space, new, 0 if self._anon else self._offset, self._prot,
+                            self._maxprot(), self._flags)
         if self._flags == MAP_PRIVATE:  # carry the private pages over
             for i in range(0, min(new, self._size), CHUNK):
                 buf = memoryview(bytearray(min(CHUNK, new - i, self._size - i)))
                 uvm_copyin(self._space, self._va + i, buf)
                 uvm_copyout(self._space, buf, va + i)
         old_va, self._va = self._va, va
-        uvm_unmap(self._space, old_va, old_va + self._vm.round_page(self._size))
+        self._file.unmap(self._space, old_va)
         self._size = new
 
     # -------------------------------------------------------- sequence
@@ -772,14 +755,18 @@ class mmap:  # noqa: N801 - the stdlib's name
 
     def __iter__(self) -> Iterator[bytes]:
         """Bytes objects of length 1, as CPython's (its iteration goes through
-        the sequence protocol, which returns bytes where indexing gives ints)."""
+        the sequence protocol, which returns bytes where indexing gives ints),
+        each read when it is reached.  They are of a bytes subclass whose
+        ``__index__`` raises a TypeError that says what to do instead: so
+        ``bytearray(m)`` (which, without the buffer protocol, iterates and
+        wants ints) fails with a message naming ``bytearray(m[:])``."""
         i = 0
         while True:
             self._check_valid()
             if i >= self._size:
                 return
             self._revalidate()
-            yield self._read(i, 1)
+            yield _Byte(self._read(i, 1))
             i += 1
 
     def __reversed__(self) -> Iterator[bytes]:
@@ -789,12 +776,71 @@ class mmap:  # noqa: N801 - the stdlib's name
             self._check_valid()
             if i < self._size:
                 self._revalidate()
-                yield self._read(i, 1)
+                yield _Byte(self._read(i, 1))
             i -= 1
+
+    def __contains__(self, item: object) -> bool:
+        """The stdlib's answer to ``item in m``: its mmap has no
+        ``__contains__``, so ``in`` iterates one-byte bytes objects and
+        compares each with *item*.  It is a one-byte membership test:
+        ``b"a" in m`` looks for the byte 97, ``b"ab" in m`` and ``97 in m``
+        are False.  Instead of iterating, *item* is compared with the 256
+        one-byte values once and the map searched for those that are equal
+        (the same answer for any *item* whose == does not change its mind).
+        """
+        self._check_valid()
+        if type(item) is bytes or type(item) is bytearray:  # the usual case: no == calls
+            wanted = bytes(item) if len(item) == 1 else b""
+        else:
+            wanted = bytes(v for v in range(256) if bytes((v,)) == item)
+        if not wanted or not self._size:
+            return False
+        self._revalidate()
+        others = bytes(v for v in range(256) if v not in wanted)
+        for _, window in self._windows(0, self._size, 0):
+            if window.find(wanted) >= 0 if len(wanted) == 1 else window.translate(None, others):
+                return True
+        return False
+
+    def __bytes__(self) -> bytes:
+        """``bytes(m)``: a copy of the whole map (there is no buffer protocol,
+        see the module docstring)."""
+        self._check_valid()
+        self._revalidate()
+        return self._read(0, self._size)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> Any:
+        """``numpy.asarray(m)``: a copy of the map as a writable uint8 array
+        (CPython's mmap gives a view; ours has no contiguous memory to view,
+        so ``copy=False`` raises ValueError, as numpy asks)."""
+        import numpy  # a test-only dependency: only users of numpy get here
+
+        if copy is False:
+            raise ValueError("a vnpager.mmap cannot be viewed without a copy: its pages are not "
+                             "contiguous memory")
+        self._check_valid()
+        self._revalidate()
+        array = numpy.empty(self._size, dtype=numpy.uint8)
+        view: memoryview = array.data
+        for i in range(0, self._size, CHUNK):
+            uvm_copyin(self._space, self._va + i, view[i:i + CHUNK])
+        return array if dtype is None else array.astype(dtype, copy=False)
 
     def _maxprot(self) -> int:
         """=> only for remapping: the first mapping checked the descriptor."""
         return self._prot | PROT_READ
+
+
+class _Byte(bytes):
+    """One byte of a map, as its iteration yields it: a bytes of length 1
+    (as the stdlib's), which refuses to be an int with advice (see
+    mmap.__iter__)."""
+
+    __slots__ = ()
+
+    def __index__(self) -> int:
+        raise TypeError("the items of a vnpager.mmap are bytes of length 1, not ints; to copy the "
+                        "map use bytearray(m[:]) or bytes(m) (it has no buffer protocol)")
 
 
 def _own_descriptor(fd: int) -> tuple[int, bool]:
@@ -810,22 +856,42 @@ def _own_descriptor(fd: int) -> tuple[int, bool]:
         return os.dup(fd), False
 
 
-def _file_object(vm: VM, fd: int, prot: int) -> UvmVnode:
-    """The object of the file open on *fd*, referenced once; if it was
-    persisting, its pages are revalidated first (close-to-open)."""
-    vp = hostfs_vget_fd(vm.vfs, vm.hostfs, fd)
-    try:
-        uvn: UvmVnode = vp.v_uvm
-        with uvn.vmobjlock:
-            persisting = uvn.u_flags & UVM_VNODE_VALID and uvn.uo_refs == 0
-        uobj = uvn_attach(vp, prot)
-    finally:
-        vm.vfs.vrele(vp)  # the object holds its own reference
-    if uobj is None:
-        raise _oserror(errno.ENODEV)
-    if persisting:
-        err = uvm_vnp_revalidate(vp, drop_stale=True)
-        if err:
-            uobj.pgops.pgo_detach(uobj)
-            raise _oserror(err)
-    return uobj
+def _fd_size(fd: int) -> tuple[int, bool]:
+    """(size, is a regular file) of the file open on *fd*; (-1, False) for
+    -1, anonymous memory.  Raises OSError (EBADF), as CPython's fstat."""
+    if fd == -1:
+        return -1, False
+    st = os.fstat(fd)
+    return st.st_size, stat.S_ISREG(st.st_mode)
+
+
+def _vnode_size(vp: Vnode) -> tuple[int, bool]:
+    """(size, is a regular file) of the file of *vp*.  Raises OSError."""
+    vattr = Vattr()
+    err = VOP_GETATTR(vp, vattr)
+    if err:
+        raise _oserror(err)
+    return vattr.va_size, vp.v_type == VREG
+
+
+def _fit(size: int, off: int, file_size: int) -> int:
+    """The length of a map of *size* bytes (0: to the end) at *off* of a
+    regular file of *file_size* bytes; ValueError as CPython's."""
+    if size == 0:
+        if file_size == 0:
+            raise ValueError("cannot mmap an empty file")
+        if off >= file_size:
+            raise ValueError("mmap offset is greater than file size")
+        return file_size - off
+    if off > file_size or file_size - off < size:
+        raise ValueError("mmap length is greater than file size")
+    return size
+
+
+def _fd_maxprot(fd: int, sharing: int, prot: int) -> int:
+    """The most a map of *fd* may be given, as the kernel's mmap(2) checks
+    the descriptor's access mode: EACCES if *prot* is more."""
+    mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    if mode == os.O_WRONLY or (sharing == MAP_SHARED and prot & PROT_WRITE and mode != os.O_RDWR):
+        raise _oserror(errno.EACCES)
+    return PROT_READ | PROT_EXEC | (PROT_WRITE if sharing == MAP_PRIVATE or mode == os.O_RDWR else 0)

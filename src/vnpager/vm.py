@@ -2,30 +2,58 @@
 
 The kernel's state lives in :class:`vnpager.uvm.uvm.VM`; this subclass adds
 the front ends that a user of the library calls on a machine, so that the
-UVM layer never imports what sits above it.
+UVM layer never imports what sits above it.  Each takes a *target*: a host
+path, a descriptor of an open host file, or a vnode of this VM (see
+:mod:`vnpager.vnmap`).
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from vnpager import ubc
 from vnpager.uvm import uvm
+from vnpager.uvm.uvm_map import MAP_SHARED
+from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
+from vnpager.vfs.vnode import Vnode
+from vnpager.vnmap import Target
+
+if TYPE_CHECKING:
+    from vnpager.mmap import mmap
 
 
 class VM(uvm.VM):
     """A machine with *physmem* bytes of page frames (see uvm.VM), and file
-    I/O through its pages: ``pread``, ``pwrite`` and ``open`` see the same
-    pages as the ``vnpager.mmap`` mappings of this VM."""
+    I/O through its pages: ``map``, ``pread``, ``pwrite`` and ``open`` see
+    the same pages."""
 
-    def pread(self, target: ubc.Target, n: int, off: int) -> bytes:
-        """Up to *n* bytes at *off* of a host path or vnode, through the pages."""
+    def map(self, target: Target, length: int = 0, flags: int = MAP_SHARED,
+            prot: int = PROT_READ | PROT_WRITE, access: int = 0, offset: int = 0) -> mmap:
+        """A ``vnpager.mmap`` of *target* in this VM, with the arguments of
+        ``mmap.mmap`` after the descriptor.  A path is opened read-write
+        where the host allows, else read-only, for the map only."""
+        from vnpager.mmap import mmap  # vnpager.mmap imports this module
+
+        if isinstance(target, Vnode | int):
+            return mmap(target, length, flags, prot, access, offset, vm=self)
+        try:
+            fd = os.open(target, os.O_RDWR | os.O_CLOEXEC)
+        except PermissionError:
+            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return mmap(fd, length, flags, prot, access, offset, vm=self)
+        finally:
+            os.close(fd)
+
+    def pread(self, target: Target, n: int, off: int) -> bytes:
+        """Up to *n* bytes at *off* of *target*, through the pages."""
         return ubc.vm_pread(self, target, n, off)
 
-    def pwrite(self, target: ubc.Target, data: bytes | bytearray | memoryview, off: int) -> int:
-        """Write *data* at *off* of a host path or vnode into its pages (dirty)."""
+    def pwrite(self, target: Target, data: bytes | bytearray | memoryview, off: int) -> int:
+        """Write *data* at *off* of *target* into its pages (dirty)."""
         return ubc.vm_pwrite(self, target, data, off)
 
-    def open(self, path: str | os.PathLike[str], mode: str = "r") -> ubc.UbcFile:
+    def open(self, target: Target, mode: str = "r") -> ubc.UbcFile:
         """A raw file object whose I/O goes through the pages (see UbcFile)."""
-        return ubc.UbcFile(self, path, mode)
+        return ubc.UbcFile(self, target, mode)

@@ -35,7 +35,7 @@ import trio
 from vnpager.fuse import pager
 from vnpager.fuse.inodes import InodeTable
 from vnpager.uvm.uvm_bio import ubc_read, ubc_write
-from vnpager.uvm.uvm_vnode import UvmVnode, uvn_detach
+from vnpager.vnmap import FileObject
 
 if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
@@ -63,7 +63,7 @@ def _host(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 @dataclass
 class OpenFile:
     ino: int
-    uvn: UvmVnode
+    file: FileObject
 
 
 class VnpagerFS(pyfuse3.Operations):
@@ -123,7 +123,7 @@ class VnpagerFS(pyfuse3.Operations):
         path = self.inodes.path(inode)
         if fields.update_size:
             of = self.files.get(fh) if fh is not None else None
-            await _pager(pager.truncate, self.vm, path, attr.st_size, of.uvn if of else None)
+            await _pager(pager.truncate, self.vm, path, attr.st_size, of.file if of else None)
         if fields.update_mode and not stat.S_ISLNK(_host(os.lstat, path).st_mode):
             _host(os.chmod, path, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
@@ -228,22 +228,22 @@ class VnpagerFS(pyfuse3.Operations):
         del self.dirs[fh]
 
     # files
-    def _file_info(self, ino: int, uvn: UvmVnode) -> pyfuse3.FileInfo:
+    def _file_info(self, ino: int, f: FileObject) -> pyfuse3.FileInfo:
         fh = next(self._fh)
-        self.files[fh] = OpenFile(ino, uvn)
+        self.files[fh] = OpenFile(ino, f)
         self.opens[ino] += 1
         return pyfuse3.FileInfo(fh=fh, direct_io=self.direct_io, keep_cache=False)
 
     async def _open(self, ino: int, path: str, flags: int) -> pyfuse3.FileInfo:
         write = flags & os.O_ACCMODE != os.O_RDONLY
-        uvn = await _pager(pager.open_object, self.vm, path, write)
+        f = await _pager(pager.open_object, self.vm, path, write)
         if flags & os.O_TRUNC:
             try:
-                await _pager(pager.truncate, self.vm, path, 0, uvn)
+                await _pager(pager.truncate, self.vm, path, 0, f)
             except pyfuse3.FUSEError:
-                await _pager(uvn_detach, uvn)
+                await _pager(f.close)
                 raise
-        return self._file_info(ino, uvn)
+        return self._file_info(ino, f)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         return await self._open(inode, self.inodes.path(inode), flags)
@@ -259,17 +259,17 @@ class VnpagerFS(pyfuse3.Operations):
         return await self._open(entry.st_ino, path, flags & ~os.O_CREAT), entry
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await _pager(ubc_read, self.files[fh].uvn, size, off)
+        return await _pager(ubc_read, self.files[fh].file.uvn, size, off)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await _pager(ubc_write, self.files[fh].uvn, buf, off)
+        return await _pager(ubc_write, self.files[fh].file.uvn, buf, off)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await _pager(pager.fsync, self.files[fh].uvn)
+        await _pager(pager.fsync, self.files[fh].file)
 
     async def release(self, fh: int) -> None:
         of = self.files.pop(fh)
-        await _pager(uvn_detach, of.uvn)
+        await _pager(of.file.close)
         self.opens[of.ino] -= 1
         if not self.opens[of.ino]:
             del self.opens[of.ino]
@@ -277,9 +277,9 @@ class VnpagerFS(pyfuse3.Operations):
                 # the last close: the pager's pages are the cache from now on
                 await trio.to_thread.run_sync(_drop_kernel_cache, of.ino)
 
-    def open_objects(self) -> list[UvmVnode]:
+    def open_objects(self) -> list[FileObject]:
         """Take over the objects of the files still open (unmount time)."""
-        objects = [of.uvn for of in self.files.values()]
+        objects = [of.file for of in self.files.values()]
         self.files.clear()
         return objects
 

@@ -7,52 +7,42 @@ Files are named by host path or by hostfs vnode key ``(st_dev, st_ino)``.
 
 from __future__ import annotations
 
-import errno
 from typing import TYPE_CHECKING
 
 from vnpager.kern.lock import LK_EXCLUSIVE
-from vnpager.ubc import ubc_attach, ubc_sync
-from vnpager.uvm.uvm_bio import ubc_setsize
 from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
 from vnpager.uvm.uvm_vnode import (
     UVM_VNODE_VALID,
-    UvmVnode,
     uvm_vnp_sync,
     uvm_vnp_uncache,
-    uvn_detach,
 )
 from vnpager.vfs.mount import MNT_FORCE
 from vnpager.vfs.vnode import VOP_FSYNC, VOP_UNLOCK, Vnode, vn_lock
+from vnpager.vnmap import FileObject
 
 if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
 
 
-def open_object(vm: VM, path: str, write: bool) -> UvmVnode:
-    """Attach the object of *path* for an open (PROT_WRITE if *write*)."""
-    uvn = ubc_attach(vm, path, PROT_READ | (PROT_WRITE if write else 0))
-    if write and not uvn.u_vnode.v_data.writable:  # hostfs could only open it read-only
-        uvn_detach(uvn)
-        raise OSError(errno.EACCES, "the backing file is read-only")
-    return uvn
+def open_object(vm: VM, path: str, write: bool) -> FileObject:
+    """Attach the object of *path* for an open (PROT_WRITE if *write*;
+    EACCES if the backing file is read-only)."""
+    return FileObject.open(vm, path, PROT_READ | (PROT_WRITE if write else 0))
 
 
-def truncate(vm: VM, path: str, size: int, uvn: UvmVnode | None) -> None:
-    """Set the size of *path* (whose open object *uvn* may be given)."""
-    if uvn is not None:
-        ubc_setsize(uvn, size)
+def truncate(vm: VM, path: str, size: int, f: FileObject | None) -> None:
+    """Set the size of *path* (whose open object *f* may be given)."""
+    if f is not None:
+        f.setsize(size)
         return
-    uvn = open_object(vm, path, write=True)
-    try:
-        ubc_setsize(uvn, size)
-    finally:
-        uvn_detach(uvn)
+    with open_object(vm, path, write=True) as f:
+        f.setsize(size)
 
 
-def fsync(uvn: UvmVnode) -> None:
+def fsync(f: FileObject) -> None:
     """Write the object's dirty pages (uvn_flush, SYNCIO), then fsync the host file."""
-    ubc_sync(uvn)
-    error = VOP_FSYNC(uvn.u_vnode)
+    f.sync()
+    error = VOP_FSYNC(f.uvn.u_vnode)
     if error:
         raise OSError(error, "fsync of the backing file failed")
 
@@ -72,11 +62,7 @@ def flush_cached(vm: VM, key: tuple[int, int]) -> None:
         return
     try:
         if vp.v_uvm.u_flags & UVM_VNODE_VALID:
-            uvn = ubc_attach(vm, vp, PROT_READ)
-            try:
-                ubc_sync(uvn)
-            finally:
-                uvn_detach(uvn)
+            FileObject.attach(vp, PROT_READ).close(sync=True)
     finally:
         vm.vfs.vrele(vp)
 
@@ -107,11 +93,11 @@ def cached_size(vm: VM, key: tuple[int, int]) -> int:
     return size
 
 
-def shutdown(vm: VM, objects: list[UvmVnode]) -> None:
+def shutdown(vm: VM, objects: list[FileObject]) -> None:
     """Unmount time: detach what is still open, write every dirty page
     (uvm_vnp_sync), terminate every object (forced unmount), stop the VM."""
-    for uvn in objects:
-        uvn_detach(uvn)
+    for f in objects:
+        f.close()
     uvm_vnp_sync(vm)
     vm.vfs.dounmount(vm.hostfs, MNT_FORCE)
     vm.close()

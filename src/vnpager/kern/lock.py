@@ -11,6 +11,7 @@ import errno
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from vnpager.kern.debug import panic
 
@@ -89,6 +90,11 @@ class RWLock:
     def __exit__(self, *exc: object) -> None:
         self.rw_exit()
 
+    def statistics(self) -> LockStatistics:
+        """Who holds the lock and who waits for it, read without taking it."""
+        return LockStatistics(self.name, self._writer is not None or self._readers > 0,
+                              _thread_name(self._writer), self._readers, _cv_waiters(self._cv))
+
 
 class Mutex:
     """A non-recursive mutex that knows its owner (``struct mutex``)."""
@@ -120,6 +126,10 @@ class Mutex:
 
     def __exit__(self, *exc: object) -> None:
         self.exit()
+
+    def statistics(self) -> LockStatistics:
+        """Who holds the mutex (its threading.Lock counts no waiters: None)."""
+        return LockStatistics(self.name, self._lock.locked(), _thread_name(self._owner), 0, None)
 
 
 class KernelLock:
@@ -174,6 +184,11 @@ class KernelLock:
 
     def __exit__(self, *exc: object) -> None:
         self.exit()
+
+    def statistics(self) -> LockStatistics:
+        """Who holds the big lock, and how deep (no waiter count: None)."""
+        return LockStatistics("kernel_lock", self._lock.locked(), _thread_name(self._owner), 0, None,
+                              self._depth)
 
 
 kernel_lock = KernelLock()
@@ -232,3 +247,32 @@ class LockMgr:
 
     def locked(self) -> bool:
         return self._owner is not None
+
+    def statistics(self) -> LockStatistics:
+        """Who holds the vnode lock and who waits for it, read without taking it."""
+        return LockStatistics(self.name, self._owner is not None, _thread_name(self._owner), 0,
+                              _cv_waiters(self._cv))
+
+
+@dataclass(frozen=True)
+class LockStatistics:
+    """A lock's state, as its ``statistics()`` saw it (without taking the
+    lock: a snapshot that may be stale as soon as it is returned)."""
+
+    name: str
+    locked: bool  # held, by a writer or owner, or by readers
+    owner: str | None  # the holding thread's name (None: free, or held by readers only)
+    readers: int = 0  # RWLock: threads holding it for reading
+    waiters: int | None = None  # threads waiting for it (None: the lock keeps no such count)
+    depth: int = 0  # KernelLock: how many times its owner holds it
+
+
+def _thread_name(ident: int | None) -> str | None:
+    if ident is None:
+        return None
+    return next((t.name for t in threading.enumerate() if t.ident == ident), f"thread {ident:#x}")
+
+
+def _cv_waiters(cv: threading.Condition) -> int:
+    """Threads waiting on *cv*: CPython's Condition keeps them in _waiters."""
+    return len(getattr(cv, "_waiters", ()))

@@ -114,3 +114,9 @@ def sleepers() -> dict[int, str]:
     """Thread id -> wait message of every sleeping thread (for hang reports)."""
     with _sched:
         return dict(_wmesg)
+
+
+def nsleepers(chan: Hashable) -> int:
+    """How many threads sleep on *chan* now (for statistics)."""
+    with _sched:
+        return len(_sleepq.get(chan, ()))

@@ -8,7 +8,9 @@ The locks, and the order in which they are taken (written once, here; each
 field says which of them guards it, at its class):
 
 1. ``vm.uvn_sync_lock`` (rwlock): one uvm_vnp_sync at a time; taken before
-   any object lock.
+   any object lock.  A vnode object's size lock (``u_sizelock``: size
+   changes, uvm_bio) is at the same level: before the vnode lock and the
+   object lock, never under them.
 2. the vnode lock (``vp.v_lock``, vn_lock): before the object lock, never
    under it.  uvn_io drops the object lock before it locks the vnode;
    terminate and uncache are called with the vnode locked and then take the
@@ -46,9 +48,11 @@ can lose a concurrent PG_* update (see VmPage).
 from __future__ import annotations
 
 import mmap as _mmap
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass
+from typing import Annotated
 
 from vnpager.kern.debug import panic
 from vnpager.kern.lock import Mutex, RWLock
@@ -56,7 +60,7 @@ from vnpager.kern.synch import WaitChannel, tsleep
 from vnpager.uvm.uvm_map import Vmspace
 from vnpager.uvm.uvm_page import PG_BUSY, PG_TABLED, PQ_ACTIVE, PQ_FREE, PQ_INACTIVE, VmPage
 from vnpager.uvm.uvm_pager import AioDaemon, PagerMap
-from vnpager.uvm.uvm_param import MAXBSIZE, PAGE_SIZE, round_page, trunc_page
+from vnpager.uvm.uvm_param import MAXBSIZE, PAGE_SIZE, parse_size, round_page, trunc_page
 from vnpager.uvm.uvm_pdaemon import PageDaemon
 from vnpager.uvm.uvm_readahead import RaDaemon
 from vnpager.uvm.uvm_vnode import (
@@ -72,39 +76,79 @@ from vnpager.vfs.mount import Mount, Vfs
 from vnpager.vfs.specfs import SpecFS
 from vnpager.vfs.vnode import Vnode
 
-DEFAULT_PHYSMEM = 256 << 20
+DEFAULT_PHYSMEM = 256 << 20  # of a VM made without physmem, unless VNPAGER_PHYSMEM says otherwise
+
+
+def physmem_bytes(physmem: int | str | None) -> int:
+    """The bytes a VM is asked for: *physmem* as given (an int, or a size
+    string such as "4M"), else ``VNPAGER_PHYSMEM``, else DEFAULT_PHYSMEM."""
+    if physmem is None:
+        env = os.environ.get("VNPAGER_PHYSMEM")
+        if not env:
+            return DEFAULT_PHYSMEM
+        try:
+            return parse_size(env)
+        except ValueError as e:
+            raise ValueError(f"VNPAGER_PHYSMEM: {e}") from None
+    return parse_size(physmem) if isinstance(physmem, str) else physmem
 
 
 @dataclass
 class Uvmexp:
-    """Counters (``struct uvmexp``)."""
+    """Counters (``struct uvmexp``), each with its meaning: ``vnpager demo``
+    prints them (``Annotated`` keeps the text where the CLI can read it).
+    Bumped without a lock: two threads bumping one field at once may lose
+    a count (``+=`` is a load and a store, even under the GIL), which
+    statistics can afford and no invariant relies on."""
 
-    faults: int = 0
-    faultahead: int = 0
-    pageins: int = 0  # pages read
-    pageouts: int = 0  # pages written
-    read_ios: int = 0  # calls to the backend
-    write_ios: int = 0
-    allocfail: int = 0  # uvm_pagealloc found no free page
-    waits: int = 0  # uvm_wait slept
-    frees: int = 0
-    write_errors: int = 0
-    lostpages: int = 0  # dirty pages given up by terminate after a write error
-    pdwoke: int = 0
-    pdfreed: int = 0
-    pdpageouts: int = 0
+    faults: Annotated[int, "page faults taken (uvm_fault calls that found no usable mapping)"] = 0
+    faultahead: Annotated[int, "resident neighbours mapped by fault-ahead, saving a fault each"] = 0
+    pageins: Annotated[int, "pages read from the backend (uvn_io reads, failed ones included)"] = 0
+    pageouts: Annotated[int, "pages written to the backend (uvn_io writes, failed ones included)"] = 0
+    read_ios: Annotated[int, "read calls to the backend (one per cluster)"] = 0
+    write_ios: Annotated[int, "write calls to the backend (one per cluster, async ones included)"] = 0
+    allocfail: Annotated[int, "page allocations that found no free frame"] = 0
+    waits: Annotated[int, "sleeps in uvm_wait for free memory"] = 0
+    frees: Annotated[int, "pages returned to the free list"] = 0
+    write_errors: Annotated[int, "failed write-backs: errors recorded on an object (pages kept dirty)"] = 0
+    lostpages: Annotated[int, "dirty pages given up by terminate after a write error (vnode recycled)"] = 0
+    pdwoke: Annotated[int, "page daemon wakeups that scanned"] = 0
+    pdfreed: Annotated[int, "pages freed by the page daemon"] = 0
+    pdpageouts: Annotated[int, "pageouts started by the page daemon (clusters)"] = 0
+
+
+@dataclass
+class VmStats(Uvmexp):
+    """``vm.stats()``: a copy of the counters and the state of memory, in
+    pages, taken without stopping the machine (the numbers need not add up
+    exactly while it runs)."""
+
+    resident: Annotated[int, "pages holding data now (all but the free ones)"] = 0
+    free: Annotated[int, "free page frames"] = 0
+    active: Annotated[int, "pages on the active queue"] = 0
+    inactive: Annotated[int, "pages on the inactive queue"] = 0
+    persisting: Annotated[int, "objects without references kept with their pages for the next attach"] = 0
+
+    def __getitem__(self, name: str) -> int:
+        """``stats["faults"]``, as when stats() returned a dict."""
+        if name not in self.__dataclass_fields__:
+            raise KeyError(name)
+        value: int = getattr(self, name)
+        return value
 
 
 class VM:
-    """A machine with *physmem* bytes of page frames of *page_size* bytes."""
+    """A machine with *physmem* bytes of page frames of *page_size* bytes
+    (*physmem* as :func:`physmem_bytes` reads it: bytes, "4M", or None)."""
 
-    def __init__(self, physmem: int = DEFAULT_PHYSMEM, page_size: int = PAGE_SIZE, *,
+    def __init__(self, physmem: int | str | None = None, page_size: int = PAGE_SIZE, *,
                  desiredvnodes: int = 4096, pager_map_slots: int = 16,
                  pagedaemon: bool = True, async_pageout: bool = True) -> None:
         if page_size < 512 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 512, not {page_size}")
         if MAXBSIZE % page_size:
             raise ValueError(f"page_size must divide MAXBSIZE ({MAXBSIZE})")
+        physmem = physmem_bytes(physmem)
         npages = physmem // page_size
         if npages < MAXBSIZE // page_size:
             raise ValueError(f"physmem of {physmem} bytes cannot hold one cluster "
@@ -170,8 +214,9 @@ class VM:
             self.aiodaemon.drain()
 
     def quiesce(self, timeout: float = 10.0) -> None:
-        """Wait until the page daemon is not scanning and no asynchronous
-        write is in flight, so that counters read next change only by what
+        """Wait until the page daemon has nothing to do (not scanning, memory
+        not low, no pages asked for by read-ahead) and no asynchronous write
+        is in flight, so that counters read next change only by what
         the caller does (the demo and benchmarks measure steps this way).
         Raises TimeoutError if the VM stays busy for *timeout* seconds.
         """
@@ -181,7 +226,7 @@ class VM:
                 self.aiodaemon.drain()
             with self.pageqlock:
                 daemon_busy = self.pagedaemon is not None and (
-                    self.pagedaemon.scanning or self.npages_free_low())
+                    self.pagedaemon.scanning or self.npages_free_low() or self.ra_wanted > 0)
             if not daemon_busy and (self.aiodaemon is None or not self.aiodaemon.pending):
                 return
             if time.monotonic() > deadline:
@@ -210,23 +255,17 @@ class VM:
     def counters(self) -> dict[str, int]:
         return asdict(self.uvmexp)
 
-    def stats(self) -> dict[str, int]:
-        """The counters of ``uvmexp`` and the state of memory, in pages.
-
-        ``resident`` pages hold data (all but the free ones); ``persisting``
-        counts the objects with no references that are kept with their
-        pages for the next attach.  A snapshot taken without stopping the
-        machine: the numbers need not add up exactly while it runs.
-        """
+    def stats(self) -> VmStats:
+        """The counters of ``uvmexp`` and the state of memory (see VmStats)."""
         with self.vfs.lock:
             vnodes = [vp for mp in self.vfs.mountlist for vp in mp.mnt_vnodes.values()]
         persisting = sum(1 for vp in vnodes
                          if isinstance(vp.v_uvm, UvmVnode) and vp.v_uvm.u_flags & UVM_VNODE_VALID
                          and vp.v_uvm.uo_refs == 0)
         free = len(self.page_free)
-        return {**self.counters(), "resident": self.npages - free, "free": free,
-                "active": len(self.page_active), "inactive": len(self.page_inactive),
-                "persisting": persisting}
+        return VmStats(**self.counters(), resident=self.npages - free, free=free,
+                       active=len(self.page_active), inactive=len(self.page_inactive),
+                       persisting=persisting)
 
     def check_invariants(self) -> None:
         """Panic unless the page accounting of this VM is consistent.

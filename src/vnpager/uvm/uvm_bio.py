@@ -21,11 +21,9 @@ then the pager's size (``uvm_vnp_setsize``); a read stops at the pager's end.
 from __future__ import annotations
 
 import errno
-import threading
-import weakref
 from collections.abc import Callable
 
-from vnpager.kern.lock import LK_EXCLUSIVE, LK_RETRY, RW_WRITE, Mutex, kernel_lock
+from vnpager.kern.lock import LK_EXCLUSIVE, LK_RETRY, RW_WRITE, kernel_lock
 from vnpager.kern.proc import curproc
 from vnpager.uvm.uvm_page import (
     PG_CLEAN,
@@ -48,39 +46,14 @@ from vnpager.uvm.uvm_pager import (
     PageSlot,
 )
 from vnpager.uvm.uvm_param import MADV_NORMAL, PROT_READ
-from vnpager.uvm.uvm_readahead import RA_WINSIZE_MAX, UvmRactx, uvm_ra_window
-from vnpager.uvm.uvm_vnode import UvmVnode, uvm_vnp_setsize, uvn_get
+from vnpager.uvm.uvm_readahead import RA_WINSIZE_MAX, uvm_ra_window
+from vnpager.uvm.uvm_vnode import UvmVnode, uvm_vnp_revalidate, uvm_vnp_setsize, uvn_get
 from vnpager.vfs.vnode import VOP_UNLOCK, vn_lock
 
 # how ubc_page() gets a page that is not resident
 FETCH = 0  # read it from the vnode
 FRESH = 1  # allocate it: the caller overwrites every byte of it
 ZEROED = 2  # allocate it zero-filled: the caller overwrites part of it
-
-# one lock per object serialises size changes (grow on write, truncate), so
-# that the backing file and the pager never disagree for long; it is not
-# the vnode lock, which the page daemon's writes need while we free pages
-_size_locks: weakref.WeakKeyDictionary[UvmVnode, threading.Lock] = weakref.WeakKeyDictionary()
-# the read-ahead of each object's UBC reads (under the same guard)
-_ractxs: weakref.WeakKeyDictionary[UvmVnode, UvmRactx] = weakref.WeakKeyDictionary()
-_size_locks_guard = Mutex("ubc_size_locks")
-
-
-def _size_lock(uvn: UvmVnode) -> threading.Lock:
-    with _size_locks_guard:
-        lk = _size_locks.get(uvn)
-        if lk is None:
-            lk = _size_locks[uvn] = threading.Lock()
-        return lk
-
-
-def _ractx(uvn: UvmVnode) -> UvmRactx:
-    with _size_locks_guard:
-        ra = _ractxs.get(uvn)
-        if ra is None:
-            ra = _ractxs[uvn] = UvmRactx()
-        return ra
-
 
 def ubc_page(uvn: UvmVnode, pgoff: int, how: int, ahead: int = 0) -> VmPage | None:
     """The page at *pgoff*, busy and owned by the caller.
@@ -104,10 +77,10 @@ def ubc_page(uvn: UvmVnode, pgoff: int, how: int, ahead: int = 0) -> VmPage | No
         result, _ = uvn_get(uvn, pgoff, slot, 1, 0, PROT_READ, 0, PGO_LOCKED)
         if result == VM_PAGER_OK:
             if how == FETCH:
-                _ractx(uvn).ra_next = pgoff + ps
+                uvn.u_ubc_ra.ra_next = pgoff + ps
             return slot[0]  # type: ignore[return-value]
         if how == FETCH:
-            ra = _ractx(uvn)
+            ra = uvn.u_ubc_ra
             n = max(uvm_ra_window(ra, MADV_NORMAL, pgoff, ps), min(1 + ahead, RA_WINSIZE_MAX // ps))
             pps: list[PageSlot] = [None] * n
             # releases the object lock whatever the result
@@ -244,34 +217,54 @@ def _backing_setsize(uvn: UvmVnode, size: int) -> None:
         raise OSError(error, "cannot resize the backing file")
 
 
+def _setsize_locked(uvn: UvmVnode, size: int) -> None:
+    """Set the size of the pager and the backing file, in the one order
+    every front end uses.  Shrinking, the pager first: it frees the pages
+    past the new end (dirty or not, waiting for those in pageout) before
+    the backing file shrinks, so that no pageout writes them back beyond
+    it.  Growing, the backing file first: a page-in past its end would fail.
+
+    => caller holds u_sizelock.
+    """
+    if size < uvn.u_size:
+        with kernel_lock:
+            uvm_vnp_setsize(uvn.u_vnode, size)
+        _backing_setsize(uvn, size)
+    else:
+        _backing_setsize(uvn, size)
+        with kernel_lock:
+            uvm_vnp_setsize(uvn.u_vnode, size)
+
+
 def _grow(uvn: UvmVnode, end: int) -> int:
     """Make the object at least *end* bytes long; return the size before."""
     size = uvn.u_size
     if end <= size:
         return size
-    with _size_lock(uvn):
+    with uvn.u_sizelock:
         size = uvn.u_size
         if end > size:
-            # the backing file first: a page-in past its end would fail
-            _backing_setsize(uvn, end)
-            with kernel_lock:
-                uvm_vnp_setsize(uvn.u_vnode, end)
+            _setsize_locked(uvn, end)
     return size
 
 
 def ubc_setsize(uvn: UvmVnode, size: int) -> None:
-    """Truncate or extend the object and its backing file to *size*.
+    """Truncate or extend the object and its backing file to *size*
+    (see _setsize_locked for the order).  Raises OSError if the backing
+    file cannot change size.
 
-    Shrinking frees the pages past the new end (dirty or not) before the
-    backing file shrinks, so that no pageout can write them back beyond it.
+    => caller holds no VM lock.
     """
-    with _size_lock(uvn):
-        if size < uvn.u_size:
-            with kernel_lock:
-                uvm_vnp_setsize(uvn.u_vnode, size)
-            _backing_setsize(uvn, size)
-        else:
-            _backing_setsize(uvn, size)
-            with kernel_lock:
-                uvm_vnp_setsize(uvn.u_vnode, size)
+    with uvn.u_sizelock:
+        _setsize_locked(uvn, size)
 
+
+def ubc_revalidate(uvn: UvmVnode, drop_stale: bool) -> int:
+    """uvm_vnp_revalidate under the size lock, so that a size read from the
+    file while ubc_setsize is between its two steps is not taken for a
+    change from outside.  Returns 0 or the errno of VOP_GETATTR.
+
+    => caller holds no VM lock.
+    """
+    with uvn.u_sizelock:
+        return uvm_vnp_revalidate(uvn.u_vnode, drop_stale)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Final
 
 from vnpager.kern.debug import KASSERT
 from vnpager.kern.lock import Mutex
-from vnpager.kern.synch import rwsleep, wakeup
+from vnpager.kern.synch import nsleepers, rwsleep, wakeup
 from vnpager.uvm.pmap import (
     pmap_clear_modify,
     pmap_clear_reference,
@@ -171,6 +171,10 @@ class AioDaemon:
                 self.pending -= 1
                 self._cv.notify_all()
 
+    def statistics(self) -> AioStatistics:
+        """The daemon's threads and work, read without its lock."""
+        return AioStatistics(self._threads, self.nworkers, self.pending, self._q.qsize(), len(self.failures))
+
 
 class PagerMap:
     """The pager map: at most *nslots* I/Os may have pages mapped in."""
@@ -182,6 +186,10 @@ class PagerMap:
 
     def trace_name(self) -> str:
         return "pager_map"
+
+    def statistics(self) -> PagerMapStatistics:
+        """Slots in use, and the threads asleep until one is free."""
+        return PagerMapStatistics(self.nslots, self.inuse, nsleepers(self))
 
 
 def uvm_pagermapin(pager_map: PagerMap, pps: list[VmPage], flags: int) -> list[memoryview] | None:
@@ -311,3 +319,23 @@ def uvm_pager_put(uobj: UvmObject, pg: VmPage, maxpages: int, flags: int,
     if len(ppsp) > 1:
         uvm_pager_dropcluster(uobj, pg, ppsp, 0)
     return result, ppsp
+
+
+@dataclass(frozen=True)
+class AioStatistics:
+    """``AioDaemon.statistics()``: a snapshot."""
+
+    workers: int  # threads running now (started on demand, gone when idle)
+    max_workers: int
+    pending: int  # asynchronous I/Os started and not yet done (aiodone not yet run)
+    queued: int  # of those, not yet taken by a worker
+    failures: int  # aiodone hooks that raised (a bug: drain() raises the first)
+
+
+@dataclass(frozen=True)
+class PagerMapStatistics:
+    """``PagerMap.statistics()``: a snapshot."""
+
+    slots: int
+    inuse: int  # I/Os with their pages mapped in now
+    waiters: int  # threads asleep in uvm_pagermapin until a slot is free

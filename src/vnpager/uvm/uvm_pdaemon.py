@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vnpager.kern.lock import RW_NOSLEEP, RW_WRITE
@@ -237,3 +238,24 @@ class PageDaemon:
             del vm
             rwsleep(chan, lock, "pgdaemon", BACKOFF if backoff else IDLE_TIMEOUT, relock=False)
             backoff = False
+
+    def statistics(self) -> PageDaemonStatistics:
+        """The daemon's state and its counters (from uvmexp), read without a lock."""
+        vm = self._vm()
+        if vm is None:  # collected: the thread is gone, or about to go
+            return PageDaemonStatistics(self.thread.is_alive(), False, 0, 0, 0, 0)
+        exp = vm.uvmexp
+        return PageDaemonStatistics(self.thread.is_alive(), self.scanning, vm.ra_wanted,
+                                    exp.pdwoke, exp.pdfreed, exp.pdpageouts)
+
+
+@dataclass(frozen=True)
+class PageDaemonStatistics:
+    """``PageDaemon.statistics()``: a snapshot (the counters are uvmexp's)."""
+
+    running: bool  # its thread exists (it stops with the VM, or when the VM is collected)
+    scanning: bool  # between a wakeup and the end of its pass
+    ra_wanted: int  # pages read-ahead asked it to free, not yet served
+    wakeups: int  # uvmexp.pdwoke
+    freed: int  # uvmexp.pdfreed
+    pageouts: int  # uvmexp.pdpageouts

@@ -98,6 +98,7 @@ from vnpager.kern.lock import (
     LK_RECURSEFAIL,
     LK_RETRY,
     RW_WRITE,
+    Mutex,
     kernel_lock,
 )
 from vnpager.kern.proc import curproc
@@ -156,6 +157,7 @@ from vnpager.uvm.uvm_pager import (
     uvm_pagermapout,
 )
 from vnpager.uvm.uvm_param import MAXBSIZE, PROT_NONE, PROT_READ, PROT_WRITE
+from vnpager.uvm.uvm_readahead import UvmRactx
 from vnpager.vfs.mount import vref, vrele
 from vnpager.vfs.specfs import D_DISK
 from vnpager.vfs.vnode import (
@@ -282,7 +284,8 @@ class UvmVnode(UvmObject):
     """``struct uvm_vnode``: the VM object of a vnode.
 
     Every field is guarded by the object lock (``vmobjlock``, write), except
-    ``u_vnode``, fixed when the vnode is made:
+    ``u_vnode``, fixed when the vnode is made, and ``u_sizelock``, a lock
+    itself (it serialises size changes, see uvm_bio):
 
     * ``u_flags``: the state (UVN_STATES), changed only by uvn_set_flags.
     * ``u_nio``: the I/Os in flight; IOSYNC waiters sleep on (uvn, "u_nio").
@@ -293,6 +296,7 @@ class UvmVnode(UvmObject):
     * ``u_mtime_ns``: the file's mtime as of our last look (close-to-open);
       uvm_vnp_revalidate reads it and ``u_size`` unlocked to decide whether
       to look closer, and takes the lock to act.
+    * ``u_ubc_ra``: the read-ahead state of file I/O (uvm_bio).
 
     Membership of ``vm.uvn_wlist`` is guarded by ``vm.uvn_wlist_lock`` and
     follows UVM_VNODE_WRITEABLE (both change together, under both locks).
@@ -308,6 +312,10 @@ class UvmVnode(UvmObject):
         self.u_errseq = 0  # how many write-backs have failed
         self.u_errseen = False  # a mapping was told of the last error (errseq)
         self.u_mtime_ns = 0  # the file's mtime when attached
+        # serialises size changes (ubc_setsize, growth, revalidation); taken
+        # before the vnode lock and the object lock, never under them
+        self.u_sizelock = Mutex("uvn_size")
+        self.u_ubc_ra = UvmRactx()  # read-ahead of file I/O (uvm_bio) (object lock)
 
     def trace_name(self) -> str:
         return f"uvn<{self.u_vnode.v_key}>"

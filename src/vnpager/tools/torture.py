@@ -1,21 +1,26 @@
 """``vnpager torture``: mixed work across threads and files under injected faults.
 
 Threads map files of a :class:`~vnpager.vfs.faultfs.FaultFS` over hostfs
-(shared and private mappings, at the map layer), write, read, flush, advise
-and remap at random, while the fault plan makes reads and writes fail (EIO,
-ENOSPC), come back short, or stall.  The VM is small, so the page daemon
-writes pages back all the time, and fails too.
+with ``vnpager.mmap`` (``vm.map`` of the files' vnodes: shared and private
+maps) and open them with ``vm.open``, write, read, flush, advise and remap
+at random, while the fault plan makes reads, writes and attribute lookups
+fail (EIO, ENOSPC), come back short, or stall.  The VM is small, so the
+page daemon writes pages back all the time, and fails too.  The figures so
+certify the classes users call, through the one mapping core
+(:mod:`vnpager.vnmap`) they share.
 
 Every byte has one owner: the file is cut into stripes dealt round-robin to
 the threads, so a page holds the stripes of several threads and is written
 by all of them, yet each thread knows exactly what its own bytes must be.
 That gives an exact model of acknowledged contents:
 
-* a read of one's own bytes through a shared mapping returns what one last
-  wrote there (a failed write-back keeps the page dirty: nothing is lost);
-* after a flush that returned no error (msync MS_SYNC, then the mapping's
-  errseq check, as fsync does on Linux), one's own bytes in its range are
-  in the file, read straight from the host;
+* a read of one's own bytes through a shared map or a file returns what
+  one last wrote there (a failed write-back keeps the page dirty: nothing
+  is lost);
+* after a ``flush()`` of a map, or a ``sync()`` or ``close()`` of a file
+  open for writing, that raised no error (a write-back, then the errseq
+  check, as fsync does on Linux), one's own bytes in its range are in the
+  file, read straight from the host;
 * private mappings see their own writes, and none of them reach the file;
 * at the end, with the faults cleared, every file is flushed and compared
   whole with the model.
@@ -43,83 +48,15 @@ from typing import Any
 
 from vnpager.kern.debug import DEBUG
 from vnpager.kern.errors import BusError, SegvError
-from vnpager.kern.proc import curproc
 from vnpager.kern.synch import sleepers
-from vnpager.uvm.uvm import VM
-from vnpager.uvm.uvm_fault import uvm_copyin, uvm_copyout
-from vnpager.uvm.uvm_map import (
-    MADV_DONTNEED,
-    MAP_PRIVATE,
-    MAP_SHARED,
-    MS_SYNC,
-    uvm_map,
-    uvm_map_advice,
-    uvm_msync,
-    uvm_unmap,
-)
-from vnpager.uvm.uvm_param import PAGE_SIZE, PROT_READ, PROT_WRITE
-from vnpager.uvm.uvm_vnode import (
-    uvm_vnp_sync,
-    uvn_attach,
-    uvn_errseq_check,
-    uvn_errseq_sample,
-)
+from vnpager.mmap import MADV_DONTNEED, MAP_PRIVATE, mmap
+from vnpager.uvm.uvm_param import PAGE_SIZE
+from vnpager.uvm.uvm_vnode import uvm_vnp_sync
 from vnpager.vfs.faultfs import FaultFS, FaultPlan
 from vnpager.vfs.hostfs import HostFS, hostfs_vget_path
 from vnpager.vfs.mount import Mount
 from vnpager.vfs.vnode import Vnode
-
-RW = PROT_READ | PROT_WRITE
-
-
-class Mapping:
-    """One mapping of a vnode at the map layer, with its errseq cursor.
-
-    It is to the pager what an open file description is to Linux's errseq:
-    :meth:`sync` reports a write-back error that happened while it was
-    mapped once, whoever did the write (this mapping's flush, another's,
-    sync or the page daemon).  Raises OSError (the attach's errno, or
-    ENODEV) if the vnode cannot be mapped.
-    """
-
-    def __init__(self, vm: VM, vp: Vnode, size: int, *, prot: int = RW, private: bool = False) -> None:
-        uobj = uvn_attach(vp, prot if not private else PROT_READ)
-        if uobj is None:
-            err = curproc().p_errno or errno.ENODEV
-            raise OSError(err, f"cannot map {vp!r}: {os.strerror(err)}")
-        self.vm, self.space, self.uobj, self.size = vm, vm.vmspace, uobj, size
-        self.shared = not private
-        self.cursor = uvn_errseq_sample(uobj)
-        try:
-            self.va = uvm_map(self.space, size, uobj, 0, prot, RW if private else prot,
-                              MAP_PRIVATE if private else MAP_SHARED)
-        except BaseException:
-            uobj.pgops.pgo_detach(uobj)
-            raise
-
-    def read(self, off: int, n: int) -> bytes:
-        buf = bytearray(n)
-        uvm_copyin(self.space, self.va + off, memoryview(buf))
-        return bytes(buf)
-
-    def write(self, off: int, data: bytes) -> None:
-        uvm_copyout(self.space, memoryview(data), self.va + off)
-
-    def sync(self, off: int = 0, n: int | None = None) -> int:
-        """Write [off, off+n) back and wait (msync MS_SYNC); return 0 if the
-        bytes are in the file, else the errno of a write-back error that
-        this mapping has not been told of yet (told once)."""
-        end = self.size if n is None else off + n
-        err = uvm_msync(self.space, self.va + off, self.va + end, MS_SYNC) if self.shared else 0
-        seen, self.cursor = uvn_errseq_check(self.uobj, self.cursor)
-        return err or seen
-
-    def close(self) -> int:
-        """Flush a shared mapping (see :meth:`sync`), then unmap whatever the result."""
-        err = self.sync() if self.shared else 0
-        uvm_unmap(self.space, self.va, self.va + self.vm.round_page(self.size))
-        return err
-
+from vnpager.vm import VM
 
 # ---------------------------------------------------------------- the run
 
@@ -139,7 +76,7 @@ class Config:
 @dataclass
 class Figures:
     ops: int = 0
-    errors: int = 0  # OSErrors surfaced to callers (reads, writes, flushes, maps)
+    errors: int = 0  # OSErrors surfaced to callers (reads, writes, flushes, maps, opens)
     bytes_verified: int = 0
     mismatches: int = 0
     by_op: Counter[str] = field(default_factory=Counter)
@@ -187,7 +124,7 @@ class _Worker(threading.Thread):
         self.tid = tid
         self.rng = random.Random(run.cfg.seed * 1000 + tid)
         self.fig = Figures()
-        self.maps: list[Mapping | None] = [None] * len(run.files)
+        self.maps: list[mmap | None] = [None] * len(run.files)
 
     # -- ownership
     def own_stripes(self, f: TortureFile, lo: int, hi: int) -> list[tuple[int, int]]:
@@ -198,12 +135,17 @@ class _Worker(threading.Thread):
         spans = ((max(o, lo), min(o + s, hi)) for o in range(first * s, hi, n * s))
         return [(a, b - a) for a, b in spans if a < b]
 
-    def mapping(self, i: int) -> Mapping:
+    def mapping(self, i: int) -> mmap:
         m = self.maps[i]
         if m is None:
             f = self.run_.files[i]
-            m = self.maps[i] = Mapping(self.run_.vm, f.vp, f.size)
+            m = self.maps[i] = self.run_.vm.map(f.vp, f.size)
         return m
+
+    def span(self, f: TortureFile) -> tuple[int, int]:
+        """A random range of up to three pages."""
+        lo = self.rng.randrange(f.size)
+        return lo, min(f.size, lo + self.rng.randint(1, 3 * self.run_.vm.page_size))
 
     # -- operations
     def op_write(self, i: int) -> None:
@@ -211,60 +153,69 @@ class _Worker(threading.Thread):
         lo = self.rng.randrange(f.size)
         for off, n in self.own_stripes(f, lo, min(f.size, lo + 3 * self.run_.vm.page_size)):
             data = self.rng.randbytes(n)
-            m.write(off, data)  # a stripe lies in one page: all of it or nothing
+            m[off:off + n] = data  # a stripe lies in one page: all of it or nothing
             f.model[off:off + n] = data
 
     def op_read(self, i: int) -> None:
         f, m = self.run_.files[i], self.mapping(i)
-        lo = self.rng.randrange(f.size)
-        hi = min(f.size, lo + self.rng.randint(1, 3 * self.run_.vm.page_size))
-        got = m.read(lo, hi - lo)
-        for off, n in self.own_stripes(f, lo, hi):
-            self.compare(f"read of {f.path}", off, got[off - lo:off - lo + n], f.model[off:off + n])
+        lo, hi = self.span(f)
+        self.compare_own(f"read of {f.path}", f, lo, hi, m[lo:hi])
 
     def op_sync(self, i: int) -> None:
         f, m = self.run_.files[i], self.mapping(i)
         ps = self.run_.vm.page_size
         lo = self.rng.randrange(f.size // ps) * ps
         hi = min(f.size, lo + self.rng.randint(1, 8) * ps) if self.rng.random() < 0.7 else f.size
-        err = m.sync(lo, hi - lo)
-        if err:
-            raise OSError(err, os.strerror(err))
+        m.flush(lo, hi - lo)
         self.verify_file(f, lo, hi)
 
     def op_private(self, i: int) -> None:
         f = self.run_.files[i]
-        m = Mapping(self.run_.vm, f.vp, f.size, private=True)
-        try:
+        with self.run_.vm.map(f.vp, f.size, flags=MAP_PRIVATE) as m:
             mine: dict[int, bytes] = {}
             for off, n in self.own_stripes(f, 0, f.size)[: self.rng.randint(1, 8)]:
                 data = self.rng.randbytes(n)
-                m.write(off, data)
+                m[off:off + n] = data
                 mine[off] = data
             for off, data in mine.items():
-                self.compare(f"private read of {f.path}", off, m.read(off, len(data)), data)
-        finally:
-            m.close()
+                self.compare(f"private read of {f.path}", off, m[off:off + len(data)], data)
+
+    def op_file(self, i: int) -> None:
+        """Through vm.open: write some of my stripes, read a range back, and
+        check the file after a sync or the close (both write back)."""
+        f = self.run_.files[i]
+        lo, hi = self.span(f)
+        with self.run_.vm.open(f.vp, "r+b") as fh:
+            for off, n in self.own_stripes(f, lo, hi):
+                data = self.rng.randbytes(n)
+                fh.seek(off)
+                fh.write(data)  # one page: all of it or nothing
+                f.model[off:off + n] = data
+            lo, hi = self.span(f)
+            fh.seek(lo)
+            self.compare_own(f"file read of {f.path}", f, lo, hi, fh.read(hi - lo))
+            if self.rng.random() < 0.5:
+                fh.sync()
+                self.verify_file(f, 0, f.size)
+        self.verify_file(f, 0, f.size)
 
     def op_remap(self, i: int) -> None:
         m, self.maps[i] = self.maps[i], None
         if m is not None:
-            err = m.close()
-            if err:
-                raise OSError(err, os.strerror(err))
+            m.close()
         self.mapping(i)
 
     def op_advise(self, i: int) -> None:
         m, ps = self.mapping(i), self.run_.vm.page_size
-        lo = self.rng.randrange(m.size // ps) * ps
-        uvm_map_advice(m.space, m.va + lo, m.va + lo + 4 * ps, MADV_DONTNEED)
+        lo = self.rng.randrange(len(m) // ps) * ps
+        m.madvise(MADV_DONTNEED, lo, 4 * ps)
 
     def op_syncall(self, i: int) -> None:
-        uvm_vnp_sync(self.run_.vm)  # errors come back through the mappings' errseq
+        uvm_vnp_sync(self.run_.vm)  # errors come back through the maps' and files' errseq
 
     OPS: tuple[tuple[str, float], ...] = (("write", 0.35), ("read", 0.27), ("sync", 0.15),
-                                          ("private", 0.06), ("remap", 0.06), ("advise", 0.07),
-                                          ("syncall", 0.04))
+                                          ("private", 0.06), ("file", 0.08), ("remap", 0.06),
+                                          ("advise", 0.07), ("syncall", 0.04))
 
     # -- checks
     def compare(self, what: str, off: int, got: bytes, want: bytes | bytearray) -> None:
@@ -274,13 +225,16 @@ class _Worker(threading.Thread):
             self.fig.problems.append(f"thread {self.tid}: {what} at {off:#x}: "
                                      f"{bytes(got[:16]).hex()} != {bytes(want[:16]).hex()}")
 
+    def compare_own(self, what: str, f: TortureFile, lo: int, hi: int, got: bytes) -> None:
+        """*got*, read from [lo, hi): my stripes there are the model's."""
+        for off, n in self.own_stripes(f, lo, hi):
+            self.compare(what, off, got[off - lo:off - lo + n], f.model[off:off + n])
+
     def verify_file(self, f: TortureFile, lo: int, hi: int) -> None:
         """After an acknowledged flush: my bytes of [lo, hi) are in the file."""
         with open(f.path, "rb", buffering=0) as fh:
             disk = os.pread(fh.fileno(), hi - lo, lo)
-        for off, n in self.own_stripes(f, lo, hi):
-            self.compare(f"acknowledged flush of {f.path}", off, disk[off - lo:off - lo + n],
-                         f.model[off:off + n])
+        self.compare_own(f"acknowledged flush of {f.path}", f, lo, hi, disk)
 
     def run(self) -> None:
         names, weights = zip(*self.OPS, strict=True)
@@ -355,13 +309,15 @@ class Torture:
             for i, m in enumerate(w.maps):
                 if m is None:
                     continue
-                err = m.close()
-                if err:  # an old error, told once; the pages were written now
+                f = self.files[i]
+                try:
+                    m.close()
+                except OSError:  # an old error, told once; the pages were written now
                     fig.errors += 1
-                    m = Mapping(self.vm, self.files[i].vp, self.files[i].size)
-                    err = m.close()
-                if err:
-                    fig.problems.append(f"final flush of {self.files[i].path}: {os.strerror(err)}")
+                    try:
+                        self.vm.map(f.vp, f.size).close()
+                    except OSError as e:
+                        fig.problems.append(f"final flush of {f.path}: {e}")
         uvm_vnp_sync(self.vm)
         for f in self.files:
             with open(f.path, "rb") as fh:
@@ -442,7 +398,7 @@ def add_subcommands(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vnpager.torture")
+    parser = argparse.ArgumentParser(prog="python -m vnpager.tools.torture")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["torture", *(sys.argv[1:] if argv is None else argv)])
     status: int = args.func(args)

@@ -1,0 +1,1 @@
+"""The vnpager command's tools, outside the library: demo, bench, torture."""
