@@ -240,21 +240,27 @@ def test_a_cold_scan_in_small_steps_costs_the_tlb_work_linear_in_its_pages(acces
     _, uvn = mkfile(vm, data)
     space = vm.vmspace
     va = uvm_map(space, npages * PS, uvn, 0, RW, RW, MAP_SHARED)
-    prot = PROT_READ if access == "load" else RW
+    load = access == "load"
     for i in range(npages):
-        uvm_fault(space, va + i * PS, prot)
+        uvm_fault(space, va + i * PS, PROT_READ if load else RW)
     tlb = CountingTlb()
-    if access == "load":
+    if load:
         space.pmap.pm_rtlb = tlb
     else:
         space.pmap.pm_wtlb = tlb
-    for off in range(0, npages * PS - 256, 200):
-        if access == "load":
-            assert uvm_load(space, va + off, 256) == data[off:off + 256]
+
+    def touch(off: int, n: int) -> None:
+        if load:
+            assert uvm_load(space, va + off, n) == data[off:off + n]
         else:
-            uvm_store(space, va + off, memoryview(b"s" * 256))
+            uvm_store(space, va + off, memoryview(data)[off:off + n])
+
+    for off in range(0, npages * PS - 256, 200):
+        touch(off, 256)
     frames = [page_at(space, va + i * PS).frame for i in range(npages)]
     assert frames == list(range(frames[0], frames[0] + npages))  # runs could span it all
     work = tlb.work
     assert work <= 4 * npages
+    touch(0, npages * PS)  # an access over them all still joins them in one run
+    assert len({id(tlb[va + i * PS]) for i in range(npages)}) == 1
     vm.close()
