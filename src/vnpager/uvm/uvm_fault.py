@@ -293,6 +293,7 @@ def _resident(space: Vmspace, pos: int, end: int, access_type: int) -> tuple[lis
     tlb = pmap.pm_wtlb if access_type & PROT_WRITE else pmap.pm_rtlb
     mask = pmap.pm_mask
     stop = min(end, pos + COPY_SPAN)
+    touched = ((stop + ~mask) & mask) - (pos & mask)  # the bytes of the pages the access touches
     parts, runs = [], []
     while pos < stop:
         pva = pos & mask
@@ -305,7 +306,7 @@ def _resident(space: Vmspace, pos: int, end: int, access_type: int) -> tuple[lis
         runs.append(run)
         pos = k
     if len(runs) > 1:
-        pmap_tlb_merge(pmap, runs, access_type)
+        pmap_tlb_merge(pmap, runs, access_type, touched)
     return parts, pos
 
 
