@@ -167,6 +167,9 @@ class AioDaemon:
             except BaseException as e:
                 log.exception("aiodone failed")
                 self.failures.append(e)
+            # an idle worker must not keep the last object, and so its VM,
+            # alive: a VM dropped without close() is garbage at once
+            del desc
             with self._cv:
                 self.pending -= 1
                 self._cv.notify_all()

@@ -160,6 +160,9 @@ class RaDaemon:
                 uvm_ra_fill(uobj, start, end)
             finally:
                 uobj.pgops.pgo_detach(uobj)
+                # else the idle wait above keeps the VM alive, and so never
+                # finds it gone
+                del uobj
 
 
 def uvm_ra_fill(uobj: UvmObject, start: int, end: int) -> int:
