@@ -8,6 +8,8 @@ without sharing anything but the scheduler.
 from __future__ import annotations
 
 import mmap as _mmap
+import os
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +34,7 @@ from vnpager.vfs.hostfs import HostFS
 from vnpager.vfs.memfs import MemFS
 from vnpager.vfs.mount import Mount, Vfs
 from vnpager.vfs.specfs import SpecFS
+from vnpager.vfs.swapfs import SwapFS
 from vnpager.vfs.vnode import Vnode
 
 DEFAULT_PHYSMEM = 256 << 20
@@ -58,11 +61,16 @@ class Uvmexp:
 
 
 class VM:
-    """A machine with *physmem* bytes of page frames of *page_size* bytes."""
+    """A machine with *physmem* bytes of page frames of *page_size* bytes.
+
+    Anonymous memory pages out to files in *swapdir* (``VNPAGER_SWAPDIR``,
+    else the system's temporary directory; see ``vfs/swapfs.py``).
+    """
 
     def __init__(self, physmem: int = DEFAULT_PHYSMEM, page_size: int = PAGE_SIZE, *,
                  desiredvnodes: int = 4096, pager_map_slots: int = 16,
-                 pagedaemon: bool = True, async_pageout: bool = True) -> None:
+                 pagedaemon: bool = True, async_pageout: bool = True,
+                 swapdir: str | None = None) -> None:
         if page_size < 512 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 512, not {page_size}")
         if MAXBSIZE % page_size:
@@ -103,6 +111,8 @@ class VM:
         self.hostfs: Mount = self.vfs.mount(HostFS(), "host")
         self.memfs: Mount = self.vfs.mount(MemFS(), "memfs")
         self.specfs: Mount = self.vfs.mount(SpecFS(), "specfs")
+        swapdir = swapdir or os.environ.get("VNPAGER_SWAPDIR") or tempfile.gettempdir()
+        self.swapfs: Mount = self.vfs.mount(SwapFS(swapdir), "swap")  # anonymous memory's
         self._vmspace: Vmspace | None = None
         self.pagedaemon = PageDaemon(self) if pagedaemon else None
         self.readahead = RaDaemon(self)  # MADV_WILLNEED's reader; a thread once used

@@ -7,9 +7,9 @@ protection and the advice it was given.
 
 A private (copy-on-write) entry has an :class:`Amap` on top of its object:
 pages written through the entry are copied into the amap's own anonymous
-object, and never reach the file.  The anonymous object is a memfs file
+object, and never reach the file.  The anonymous object is a swapfs file
 paged by the vnode pager, so the page daemon can push anonymous pages out
-exactly as it does file pages (memfs plays the part of swap).
+exactly as it does file pages (swapfs plays the part of swap, on disk).
 
 => ``space.lock`` (write) guards the entries; faults take it for read.
    ``space.timestamp`` changes with every change to the entries, so that a
@@ -40,7 +40,7 @@ from vnpager.uvm.uvm_param import (
 )
 from vnpager.uvm.uvm_readahead import UvmRactx
 from vnpager.uvm.uvm_vnode import UvmVnode, uvm_vnp_setsize, uvm_vnp_uncache, uvn_attach
-from vnpager.vfs.memfs import memfs_create
+from vnpager.vfs.swapfs import swapfs_create
 from vnpager.vfs.vnode import VOP_UNLOCK, vn_lock
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class Amap:
     """The anonymous layer of private entries: written pages by offset.
 
     ``slots`` are the amap offsets that hold a page of their own (resident
-    in ``obj`` or paged out to its memfs file).  Entries split from one
+    in ``obj`` or paged out to its swap file).  Entries split from one
     another share the amap, each holding a reference to ``obj``.
     """
 
@@ -178,13 +178,14 @@ def uvm_map(space: Vmspace, size: int, uobj: UvmObject | None, uoffset: int, pro
 
 
 def uvm_anon_object(vm: VM, size: int) -> UvmVnode:
-    """A fresh anonymous object of *size* bytes, zero-filled, on memfs,
+    """A fresh anonymous object of *size* bytes, zero-filled, paged out to
+    the VM's swap (swapfs: a file on disk, made at the first page-out),
     referenced once.
 
     Nobody can attach it again, so it does not persist: it dies with its
     last reference (see :func:`uvm_anon_discard` to spare it the writes).
     """
-    vp = memfs_create(vm.vfs, vm.memfs, size=size)
+    vp = swapfs_create(vm.vfs, vm.swapfs, size)
     uobj = uvn_attach(vp, PROT_READ | PROT_WRITE)
     vm.vfs.vrele(vp)
     assert uobj is not None
@@ -196,7 +197,7 @@ def uvm_anon_object(vm: VM, size: int) -> UvmVnode:
 
 def uvm_anon_discard(uobj: UvmVnode) -> None:
     """Throw away the contents of an anonymous object whose last user is
-    done with them: its pages are freed unwritten, its memfs file emptied.
+    done with them: its pages are freed unwritten, its swap given back.
 
     => caller holds a reference and no VM lock.
     """

@@ -71,7 +71,9 @@ def uvmpd_scan_inactive(vm: VM, shortage: int, clean_only: bool = False) -> int:
     """Free up to *shortage* pages from the inactive queue; return how many.
 
     With *clean_only* (read-ahead making room, uvm_ra_reserve) dirty pages
-    are left as they are, unwritten.  => caller holds no lock.
+    are left as they are, unwritten, and those already known dirty are not
+    even looked at: a queue of dirty anonymous pages would otherwise cost
+    every read-ahead a lock and an unmap per page.  => caller holds no lock.
     """
     with vm.pageqlock:
         candidates = list(vm.page_inactive)
@@ -79,6 +81,8 @@ def uvmpd_scan_inactive(vm: VM, shortage: int, clean_only: bool = False) -> int:
     for pg in candidates:
         if freed >= shortage:
             break
+        if clean_only and not pg.pg_flags & PG_CLEAN:  # read without the lock: a hint
+            continue
         freed += _reclaim(vm, pg, clean_only)
     return freed
 
