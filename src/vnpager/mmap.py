@@ -43,6 +43,14 @@ Differences from CPython's mmap, each on purpose or forced:
   changed, in which case those pages are dropped first.  All mappings of
   one file in one VM share one object, so they see each other's writes at
   once.
+* **fork.**  After ``os.fork()`` each process has a VM of its own: its own
+  frames (private memory, copied on write), swap and daemon threads.  Fork
+  first writes every dirty file page back, so each process then writes
+  back only what it dirtied itself.  The two caches are coherent
+  close-to-open, as two programs' are; an anonymous map, MAP_SHARED or not,
+  is not shared with the child (CPython's MAP_SHARED one is); a page that
+  both processes write ends up as the last write-back has it, whole.  See
+  the README.
 * ``flush()`` and ``close()`` raise the write-back error (OSError with the
   backend's errno); the pages stay dirty, so a later flush can write them.
   A write-back that failed elsewhere (another map of the file, the page

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from sortedcontainers import SortedDict
 
-from vnpager.kern.lock import LK_EXCLUSIVE, LK_RETRY, RW_READ, RW_WRITE, RWLock, kernel_lock
+from vnpager.kern.lock import LK_EXCLUSIVE, LK_RETRY, RW_READ, RW_WRITE, RWLock, gated, kernel_lock
 from vnpager.uvm.pmap import Pmap, pmap_is_modified, pmap_page_protect, pmap_protect, pmap_remove
 from vnpager.uvm.uvm_page import PG_BUSY, PG_CLEAN, uvm_pagedeactivate, uvm_pagefree
 from vnpager.uvm.uvm_pager import PGO_CLEANIT, PGO_FREE, PGO_SYNCIO
@@ -145,6 +145,7 @@ class Vmspace:
         return out
 
 
+@gated
 def uvm_map(space: Vmspace, size: int, uobj: UvmObject | None, uoffset: int, prot: int,
             maxprot: int, flags: int, advice: int = MADV_NORMAL) -> int:
     """Map *size* bytes of *uobj* from *uoffset*; return the address.
@@ -177,6 +178,7 @@ def uvm_map(space: Vmspace, size: int, uobj: UvmObject | None, uoffset: int, pro
     return va
 
 
+@gated
 def uvm_anon_object(vm: VM, size: int) -> UvmVnode:
     """A fresh anonymous object of *size* bytes, zero-filled, paged out to
     the VM's swap (swapfs: a file on disk, made at the first page-out),
@@ -195,6 +197,7 @@ def uvm_anon_object(vm: VM, size: int) -> UvmVnode:
     return uobj
 
 
+@gated
 def uvm_anon_discard(uobj: UvmVnode) -> None:
     """Throw away the contents of an anonymous object whose last user is
     done with them: its pages are freed unwritten, its swap given back.
@@ -207,6 +210,7 @@ def uvm_anon_discard(uobj: UvmVnode) -> None:
         uvm_vnp_setsize(vp, 0)
 
 
+@gated
 def uvm_unmap(space: Vmspace, start: int, end: int) -> None:
     """Remove the mappings of [start, end), dropping their references.
 
@@ -234,6 +238,7 @@ def uvm_unmap(space: Vmspace, start: int, end: int) -> None:
             aobj.pgops.pgo_detach(aobj)
 
 
+@gated
 def uvm_map_protect(space: Vmspace, start: int, end: int, prot: int) -> None:
     """Change the protection of [start, end); EACCES beyond the maximum."""
     space.lock.rw_enter(RW_WRITE)
@@ -249,6 +254,7 @@ def uvm_map_protect(space: Vmspace, start: int, end: int, prot: int) -> None:
         space.lock.rw_exit()
 
 
+@gated
 def uvm_map_advice(space: Vmspace, start: int, end: int, advice: int) -> None:
     """Record NORMAL/RANDOM/SEQUENTIAL advice, or act on WILLNEED/DONTNEED.
 
@@ -302,6 +308,7 @@ def _dontneed(uobj: UvmObject, lo: int, hi: int) -> None:
                     uvm_pagedeactivate(pg)
 
 
+@gated
 def uvm_msync(space: Vmspace, start: int, end: int, flags: int) -> int:
     """Write back the dirty pages of shared mappings in [start, end).
 

@@ -22,7 +22,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING
 
-from vnpager.kern.lock import RW_NOSLEEP, RW_WRITE
+from vnpager.kern.lock import RW_NOSLEEP, RW_WRITE, fork_gate
 from vnpager.kern.synch import rwsleep, wakeup
 from vnpager.uvm.pmap import (
     pmap_clear_modify,
@@ -203,12 +203,22 @@ class PageDaemon:
 
     It holds the VM only weakly while asleep, so a VM dropped without
     close() is still collected (the thread then exits on its next check).
+    Fork parks it between scans (:meth:`park`), and the child starts a
+    thread of its own (:meth:`after_fork_child`).
+
+    => ``_cv`` guards ``scanning`` and ``_parked``: the decision to scan
+       and the start of the scan are one step, so a park never misses one.
     """
 
     def __init__(self, vm: VM) -> None:
         self._vm = weakref.ref(vm)
         self._stop = False
+        self._cv = threading.Condition()
+        self._parked = False  # fork: no scan may start
         self.scanning = False  # between a wakeup and the end of its scan
+        self._start()
+
+    def _start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="pagedaemon", daemon=True)
         self.thread.start()
 
@@ -219,21 +229,51 @@ class PageDaemon:
             wakeup(vm.pagedaemon_chan)
         self.thread.join(timeout=10)
 
+    def park(self) -> None:
+        """Wait for the scan under way, if any, and start no other until
+        :meth:`unpark` (fork quiesces the VM with this)."""
+        with self._cv:
+            self._parked = True
+            self._cv.wait_for(lambda: not self.scanning)
+
+    def unpark(self) -> None:
+        with self._cv:
+            self._parked = False
+            self._cv.notify_all()
+
+    def after_fork_child(self) -> None:
+        """In a forked child: the parent's thread is not here; start ours."""
+        self._cv = threading.Condition()
+        self._parked = self.scanning = False
+        if not self._stop:
+            self._start()
+
     def _run(self) -> None:
+        with fork_gate.exempt():  # fork waits for threads that may need us
+            self._loop()
+
+    def _loop(self) -> None:
         backoff = False
         while not self._stop:
             vm = self._vm()
             if vm is None:
                 return
             chan, lock = vm.pagedaemon_chan, vm.pageqlock
-            lock.enter()
-            if (vm.npages_free_low() or vm.ra_wanted) and not backoff:
-                self.scanning = True
+            with self._cv:
+                if self._parked:
+                    del vm
+                    self._cv.wait(IDLE_TIMEOUT)
+                    continue
+                lock.enter()
+                self.scanning = (vm.npages_free_low() or bool(vm.ra_wanted)) and not backoff
+            if self.scanning:
                 lock.exit()
                 vm.uvmexp.pdwoke += 1
                 uvmpd_scan(vm)
                 wakeup(vm.free_chan)
-                self.scanning = False
+                with self._cv:
+                    self.scanning = False
+                    self._cv.notify_all()
                 # no progress: the pages left are busy or wired; let their
                 # owners run before we scan again
                 backoff = vm.npages_free_low()
