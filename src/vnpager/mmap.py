@@ -243,7 +243,7 @@ class mmap:  # noqa: N801 - the stdlib's name
                  "_pos", "_probe", "_prot", "_size", "_space", "_uobj", "_va", "_vm", "_vp")
 
     _access: int
-    _anon: bool  # fileno=-1: a memfs object nobody else can map
+    _anon: bool  # fileno=-1: an anonymous (swapfs) object nobody else can map
     _closed: bool
     _errseq: int  # the write-back errors reported so far (uvn_errseq_check)
     _fd: int  # our descriptor of the file (trackfd), else -1
