@@ -7,6 +7,7 @@ child is bounded; a child that hangs is killed and fails the test.
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import random
@@ -22,6 +23,9 @@ import pytest
 
 import vnpager
 from helpers import PS, WAIT, pattern
+from vnpager.uvm.uvm_vnode import uvm_vnp_sync
+from vnpager.vfs.faultfs import FaultFS, FaultPlan
+from vnpager.vfs.hostfs import HostFS, hostfs_vget_path
 
 
 def _fork(child: Callable[[], None]) -> int:
@@ -228,5 +232,94 @@ def test_fork_while_another_thread_faults_and_writes(tmp_path: Path) -> None:
     m.close()
     anon.close()
     f.close()
+    vm.check_invariants()
+    vm.close()
+
+
+def test_fork_child_never_writes_a_stale_copy_over_the_parent(file64: Path) -> None:
+    """Pages dirty at the fork, which the parent then writes and flushes
+    (acknowledged): the child's write-back of everything it has dirty
+    (closing its VM) must not put its own older copy of them over that."""
+    vm = vnpager.VM(physmem=128 * PS)
+    f = open(file64, "r+b")  # noqa: SIM115 - closed below, after the map
+    m = vnpager.mmap(f.fileno(), 0, vm=vm)
+    m[:] = b"P" * (64 * PS)
+    go_r, go_w = os.pipe()
+
+    def child() -> None:
+        os.close(go_w)
+        assert os.read(go_r, 1) == b"!"  # the parent's flush has returned
+        m[:32 * PS] = b"C" * (32 * PS)
+        m.close()
+        vm.close()
+
+    pid = _fork(child)
+    os.close(go_r)
+    m[32 * PS:] = b"Q" * (32 * PS)
+    m.flush()
+    os.write(go_w, b"!")
+    os.close(go_w)
+    assert _reap(pid) == 0
+    m.close()
+    f.close()
+    assert file64.read_bytes() == b"C" * (32 * PS) + b"Q" * (32 * PS)
+    vm.check_invariants()
+    vm.close()
+
+
+def test_fork_swap_is_not_shared(tmp_path: Path) -> None:
+    """An anonymous map four times the VM, paged out before and after the
+    fork by both processes at once: each reads back its own bytes."""
+    npages = 128
+    vm = vnpager.VM(physmem=32 * PS, swapdir=str(tmp_path))
+    m = vnpager.mmap(-1, npages * PS, vm=vm)
+    m[:] = b"a" * (npages * PS)
+
+    def fill(byte: bytes) -> None:
+        for _ in range(3):
+            assert all(m[i * PS:(i + 1) * PS] in (b"a" * PS, byte * PS) for i in range(npages))
+            m[:] = byte * (npages * PS)
+            assert m[:] == byte * (npages * PS)
+
+    pid = _fork(lambda: fill(b"b"))
+    fill(b"c")
+    assert _reap(pid) == 0
+    assert m[:] == b"c" * (npages * PS)
+    m.close()
+    vm.check_invariants()
+    vm.close()
+
+
+def test_fork_a_page_whose_write_back_failed_is_the_parents(tmp_path: Path) -> None:
+    """A page still dirty at the fork (its write-back failed, the fork's
+    too) is the parent's to retry: once the parent has written it anew and
+    synced, the child's sync (its backend healed too) must not write its
+    older copy over it."""
+    path = tmp_path / "f"
+    path.write_bytes(bytes(PS))
+    vm = vnpager.VM(physmem=64 * PS)
+    plan = FaultPlan(seed=1)
+    vp = hostfs_vget_path(vm.vfs, vm.vfs.mount(FaultFS(HostFS(), plan), "faulty"), str(path))
+    plan.fail("write", errno.EIO)
+    vm.pwrite(vp, b"P" * PS, 0)  # its write-back fails: dirty, kept with the error
+    go_r, go_w = os.pipe()
+
+    def child() -> None:
+        os.close(go_w)
+        assert os.read(go_r, 1) == b"!"  # the parent's sync has returned
+        plan.clear()
+        uvm_vnp_sync(vm)
+
+    pid = _fork(child)
+    os.close(go_r)
+    plan.clear()
+    vm.pwrite(vp, b"Q" * PS, 0)
+    uvm_vnp_sync(vm)
+    assert path.read_bytes() == b"Q" * PS
+    os.write(go_w, b"!")
+    os.close(go_w)
+    assert _reap(pid) == 0
+    assert path.read_bytes() == b"Q" * PS
+    vm.vfs.vrele(vp)
     vm.check_invariants()
     vm.close()
