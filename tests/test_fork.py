@@ -16,16 +16,18 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import vnpager
-from helpers import PS, WAIT, pattern
+from helpers import PS, WAIT, pattern, progfs
 from vnpager.uvm.uvm_vnode import uvm_vnp_sync
 from vnpager.vfs.faultfs import FaultFS, FaultPlan
 from vnpager.vfs.hostfs import HostFS, hostfs_vget_path
+from vnpager.vfs.memfs import memfs_create
 
 
 def _fork(child: Callable[[], None]) -> int:
@@ -323,3 +325,29 @@ def test_fork_a_page_whose_write_back_failed_is_the_parents(tmp_path: Path) -> N
     vm.vfs.vrele(vp)
     vm.check_invariants()
     vm.close()
+
+
+def test_fork_from_inside_a_vm_call_warns_and_does_not_hang(vm: vnpager.VM) -> None:
+    """A fork from a filesystem's hook, in the middle of a page-in, cannot
+    wait for that call: it warns and goes ahead, and the parent carries on."""
+    fs, mp = progfs(vm)
+    vp = memfs_create(vm.vfs, mp, b"r" * PS)
+    pids: list[int] = []
+
+    def fork_in_read(op: str, vp: object, uio: object) -> int:
+        if op == "read" and not pids:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                os._exit(0)
+            pids.append(pid)
+        return 0
+
+    fs.hooks.append(fork_in_read)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert vm.pread(vp, PS, 0) == b"r" * PS
+    assert pids and _reap(pids[0]) == 0
+    assert any(issubclass(w.category, RuntimeWarning) and "could not be made quiet" in str(w.message)
+               for w in caught)
+    assert vm.pread(vp, PS, 0) == b"r" * PS  # the gate is open again
+    vm.vfs.vrele(vp)

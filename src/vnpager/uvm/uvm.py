@@ -303,13 +303,16 @@ _forking: list[VM] = []  # the VMs a fork under way prepared, until its after ho
 
 
 def _fork_prepare() -> None:
-    if not fork_gate.close(FORK_QUIET_TIMEOUT):
-        warnings.warn("fork: the VM could not be made quiet (a fork from inside a VM call, or a "
-                      "call that did not finish); the child's VM may hang", RuntimeWarning, stacklevel=2)
+    quiet = fork_gate.close(FORK_QUIET_TIMEOUT)
     with _vms_lock:
         _forking[:] = list(_vms)
-    for vm in _forking:
-        vm._fork_quiesce()
+    if quiet:
+        for vm in _forking:
+            vm._fork_quiesce()
+    else:  # a thread inside may hold what quiescing needs: do without
+        warnings.warn("fork: the VM could not be made quiet (a fork from inside a VM call, or a "
+                      "call that did not finish); the child's VM may hang, and its swap is lost",
+                      RuntimeWarning, stacklevel=2)
     for vm in _forking:
         vm.pmap_lock.acquire()  # a warm store takes only this
     synch_fork_prepare()

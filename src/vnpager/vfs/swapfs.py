@@ -219,10 +219,10 @@ def swapfs_fork_prepare(mp: Mount) -> None:
         try:
             node.fork_copy = _tmpfile(fs.swapdir)
             _copy_data(node.fd, node.fork_copy, node.size)
-        except OSError:
+        except OSError:  # the child cannot have these bytes (swapfs_fork_child)
             if node.fork_copy >= 0:
                 os.close(node.fork_copy)
-            node.fork_copy = -2  # the child cannot have these bytes
+            node.fork_copy = -1
 
 
 def swapfs_fork_parent(mp: Mount) -> None:
@@ -234,12 +234,14 @@ def swapfs_fork_parent(mp: Mount) -> None:
 
 
 def swapfs_fork_child(mp: Mount) -> None:
-    """After fork, in the child: use the copies, let go of the parent's files."""
+    """After fork, in the child: use the copies, let go of the parent's
+    files.  A file without a copy (it failed, or the VM could not be made
+    quiet for one) is never shared: its bytes are lost to the child (EIO)."""
     for node in _nodes(mp):
         node.lock = threading.Lock()  # free at the fork (the VM was quiet), but made anew
         if node.fork_copy >= 0:
             node.set_fd(node.fork_copy)
-        elif node.fork_copy == -2:
+        elif node.fd >= 0:
             node.close()
             node.error = errno.EIO
         node.fork_copy = -1
