@@ -24,6 +24,7 @@ import pytest
 
 import vnpager
 from helpers import PS, WAIT, pattern, progfs
+from vnpager.kern.lock import Mutex, fork_gate, gated
 from vnpager.uvm.uvm_vnode import uvm_vnp_sync
 from vnpager.vfs.faultfs import FaultFS, FaultPlan
 from vnpager.vfs.hostfs import HostFS, hostfs_vget_path
@@ -351,3 +352,46 @@ def test_fork_from_inside_a_vm_call_warns_and_does_not_hang(vm: vnpager.VM) -> N
                for w in caught)
     assert vm.pread(vp, PS, 0) == b"r" * PS  # the gate is open again
     vm.vfs.vrele(vp)
+
+
+def test_fork_gate_waits_for_calls_inside_and_holds_new_ones() -> None:
+    """The gate fork closes: it waits for a thread inside an entry point,
+    and for one holding a lock outside any; while it is closed a new entry,
+    or a thread's first lock, waits for it to open."""
+    inside, release = threading.Event(), threading.Event()
+    mutex = Mutex("test")
+
+    @gated
+    def call() -> None:
+        inside.set()
+        release.wait(WAIT)
+
+    def holder() -> None:
+        with mutex:
+            inside.set()
+            release.wait(WAIT)
+
+    for busy in (call, holder):
+        inside.clear()
+        release.clear()
+        t = threading.Thread(target=busy)
+        t.start()
+        assert inside.wait(WAIT)
+        assert not fork_gate.close(0.05)  # still inside: it cannot close
+        release.set()
+        t.join(WAIT)
+        fork_gate.open()
+    assert fork_gate.close(WAIT)
+    order: list[str] = []
+    late = [threading.Thread(target=lambda: (call(), order.append("call"))),
+            threading.Thread(target=lambda: (mutex.enter(), mutex.exit(), order.append("lock")))]
+    inside.clear()
+    release.set()
+    for t in late:
+        t.start()
+    time.sleep(0.05)  # not a measure: a chance for them to get in, which they must not
+    order.append("open")
+    fork_gate.open()
+    for t in late:
+        t.join(WAIT)
+    assert order[0] == "open" and sorted(order[1:]) == ["call", "lock"]

@@ -14,7 +14,10 @@ shared by every thread inside a VM entry point (functions marked
 sync, size changes, UBC) and by every thread that holds one of these
 locks, and fork closes it: it waits until no thread is inside, while new
 entries wait at the gate.  A thread blocked at the gate holds nothing:
-the gate is met only at the outermost entry and at a thread's first lock.
+the gate is met only at the outermost entry and at a thread's first lock
+(which it takes, then gives back if the gate is closing: a lock checks
+the gate after taking it, and fork looks at the owners after closing it,
+so one of the two always sees the other).
 The VM's daemon threads (page daemon, aio, read-ahead) are exempt, so that
 the threads fork waits for can finish (they may need memory); fork parks
 them next (see ``vnpager.uvm.uvm``).  In the child every lock is made anew
@@ -50,8 +53,7 @@ class ForkGate:
     """The gate into the VM that fork() closes (see the module docstring).
 
     => ``_inside`` and ``closing`` change under ``_cv``; ``closing`` is also
-       read without it on every lock acquisition (a stale False only lets
-       in a thread that the close then waits for).
+       read without it by every lock just taken (see :meth:`admit`).
     """
 
     def __init__(self) -> None:
@@ -59,19 +61,20 @@ class ForkGate:
         self.closing = False  # a fork is quiescing the process
         self._forker: int | None = None
         self._inside = 0  # threads inside an entry point, outermost entries counted
-        self._local = threading.local()  # .depth: this thread's nesting; .exempt
+        self._local = threading.local()  # .depth: this thread's nesting of entry points
         self._exempt: set[int] = set()  # daemon threads: never wait, never counted
 
     def _depth(self) -> int:
         return getattr(self._local, "depth", 0)
 
-    def _passes(self) -> bool:
+    def _passes(self, taken: object = None) -> bool:
         """May this thread go on while the gate is closing?  Yes if it is
-        exempt, is the forker, is inside, or holds a lock already (it must
-        not wait holding it: the threads fork waits for might need it)."""
+        exempt, is the forker, is inside, or holds a lock other than
+        *taken* (it must not wait holding it: the threads fork waits for
+        might need it)."""
         me = threading.get_ident()
         return (me in self._exempt or me == self._forker or self._depth() > 0
-                or any(lk.owner_ident() == me for lk in _all_locks()))
+                or any(lk.owner_ident() == me and lk is not taken for lk in _all_locks()))
 
     def enter(self) -> None:
         """Enter a VM entry point (nested entries are free)."""
@@ -96,11 +99,13 @@ class ForkGate:
             if self.closing:
                 self._cv.notify_all()
 
-    def lock_wait(self) -> None:
-        """Called by a lock about to be taken while the gate is closing:
-        wait for it to open unless this thread may pass."""
-        if self._passes():
-            return
+    def admit(self, taken: object) -> bool:
+        """May this thread keep the lock *taken* it has just taken?  If not
+        (False), it must give the lock back and :meth:`wait_open`: it was
+        its first lock, and the gate is closing."""
+        return not self.closing or self._passes(taken)
+
+    def wait_open(self) -> None:
         with self._cv:
             self._cv.wait_for(lambda: not self.closing)
 
@@ -121,20 +126,28 @@ class ForkGate:
         close) or after *timeout* seconds; the gate is closed either way
         until :meth:`open`."""
         me = threading.get_ident()
+        deadline = time.monotonic() + timeout
         with self._cv:
             self._cv.wait_for(lambda: not self.closing)
             self.closing, self._forker = True, me
             if self._depth():
                 return False
-            if not self._cv.wait_for(lambda: self._inside == 0, timeout):
-                return False
-        deadline = time.monotonic() + timeout
-        while any(lk.owner_ident() not in (None, me) and lk.owner_ident() not in self._exempt
-                  for lk in _all_locks()):
+        while True:
+            with self._cv:
+                if not self._cv.wait_for(lambda: self._inside == 0, deadline - time.monotonic()):
+                    return False
+            if not self._held_by_others(me):
+                with self._cv:
+                    if self._inside == 0:  # nobody came in holding a lock meanwhile
+                        return True
+                continue
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.001)  # a short section outside any entry point: let it finish
-        return True
+
+    def _held_by_others(self, me: int) -> bool:
+        owners = {lk.owner_ident() for lk in _all_locks()}
+        return bool(owners - {None, me} - self._exempt)
 
     def open(self) -> None:
         with self._cv:
@@ -193,6 +206,19 @@ def locks_after_fork_child() -> None:
         lk.after_fork_child()
 
 
+def _take(lk: Mutex | KernelLock, me: int) -> None:
+    """Acquire *lk*'s primitive for *me*, and give it back while the fork
+    gate will not admit us (see ForkGate.admit)."""
+    lk._lock.acquire()
+    lk._owner = me
+    while not fork_gate.admit(lk):
+        lk._owner = None
+        lk._lock.release()
+        fork_gate.wait_open()
+        lk._lock.acquire()
+        lk._owner = me
+
+
 class RWLock:
     """A readers-writer lock (``struct rwlock``)."""
 
@@ -207,8 +233,15 @@ class RWLock:
 
     def rw_enter(self, flags: int = RW_WRITE) -> bool:
         """Take the lock; with RW_NOSLEEP return False instead of waiting."""
-        if fork_gate.closing:
-            fork_gate.lock_wait()
+        while True:
+            if not self._rw_enter(flags):
+                return False
+            if fork_gate.admit(self):
+                return True
+            self.rw_exit()
+            fork_gate.wait_open()
+
+    def _rw_enter(self, flags: int) -> bool:
         me = threading.get_ident()
         read = flags & RW_READ
         with self._cv:
@@ -283,13 +316,10 @@ class Mutex:
         _register(self)
 
     def enter(self) -> None:
-        if fork_gate.closing:
-            fork_gate.lock_wait()
         me = threading.get_ident()
         if self._owner == me:
             panic(f"mtx_enter: {self.name} locking against myself")
-        self._lock.acquire()
-        self._owner = me
+        _take(self, me)
 
     def exit(self) -> None:
         if self._owner != threading.get_ident():
@@ -331,10 +361,7 @@ class KernelLock:
     def enter(self) -> None:
         me = threading.get_ident()
         if self._owner != me:
-            if fork_gate.closing:
-                fork_gate.lock_wait()
-            self._lock.acquire()
-            self._owner = me
+            _take(self, me)
         self._depth += 1
 
     def exit(self) -> None:
@@ -405,8 +432,14 @@ class LockMgr:
         _register(self)
 
     def lock(self, flags: int = LK_EXCLUSIVE) -> int:
-        if fork_gate.closing:
-            fork_gate.lock_wait()
+        while True:
+            error = self._lock(flags)
+            if error or fork_gate.admit(self):
+                return error
+            self.unlock()
+            fork_gate.wait_open()
+
+    def _lock(self, flags: int) -> int:
         me = threading.get_ident()
         with self._cv:
             if self._owner == me:
