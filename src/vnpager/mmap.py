@@ -49,8 +49,9 @@ Differences from CPython's mmap, each on purpose or forced:
   back only what it dirtied itself.  The two caches are coherent
   close-to-open, as two programs' are; an anonymous map, MAP_SHARED or not,
   is not shared with the child (CPython's MAP_SHARED one is); a page that
-  both processes write ends up as the last write-back has it, whole.  See
-  the README.
+  both processes write ends up as the last write-back has it, whole; a
+  child leaving through ``os._exit`` (multiprocessing's workers do) writes
+  back nothing it did not flush.  See the README.
 * ``flush()`` and ``close()`` raise the write-back error (OSError with the
   backend's errno); the pages stay dirty, so a later flush can write them.
   A write-back that failed elsewhere (another map of the file, the page
