@@ -11,9 +11,11 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import vnpager
 from helpers import PS, WAIT
-from vnpager.vfs.swapfs import SwapNode
+from vnpager.vfs.swapfs import SwapNode, _copy_data, _tmpfile
 
 
 def _run(code: str, env: dict[str, str]) -> Any:
@@ -89,3 +91,29 @@ def test_swap_private_pages_page_out_too(tmp_path: Path) -> None:
     assert path.read_bytes() == bytes(128 * PS)
     vm.check_invariants()
     vm.close()
+
+
+@pytest.mark.parametrize("host", ["linux", "portable"])
+def test_swap_fork_copy_keeps_data_and_holes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             host: str) -> None:
+    """The child's copy of a swap file has the same bytes; where the host
+    can tell holes (SEEK_DATA), they stay holes.  "portable" is a host with
+    neither SEEK_DATA nor copy_file_range."""
+    if host == "portable":
+        monkeypatch.delattr(os, "SEEK_DATA")
+        monkeypatch.delattr(os, "copy_file_range")
+    size = 8 << 20
+    src = _tmpfile(str(tmp_path))
+    os.ftruncate(src, size)
+    os.pwrite(src, b"x" * PS, 0)
+    os.pwrite(src, b"y" * 3 * PS, 5 << 20)
+    dst = _tmpfile(str(tmp_path))
+    try:
+        _copy_data(src, dst, size)
+        assert os.fstat(dst).st_size == size
+        assert os.pread(dst, size, 0) == os.pread(src, size, 0)
+        if host == "linux":
+            assert os.fstat(dst).st_blocks * 512 < 1 << 20
+    finally:
+        os.close(src)
+        os.close(dst)

@@ -194,20 +194,36 @@ def _nodes(mp: Mount) -> list[SwapNode]:
 
 
 def _copy_data(src: int, dst: int, size: int) -> None:
-    """Copy the data extents of *src* into *dst* (holes stay holes)."""
+    """Copy the data extents of *src* into *dst* (holes stay holes, where
+    the host can tell them: SEEK_DATA)."""
     os.ftruncate(dst, size)
+    seek_data = getattr(os, "SEEK_DATA", None)
     off = 0
     while off < size:
-        try:
-            start = os.lseek(src, off, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # no data after off
-                return
-            raise
-        end = os.lseek(src, start, os.SEEK_HOLE)
-        while start < end:
-            start += os.copy_file_range(src, dst, end - start, start, start)
+        if seek_data is None:
+            start, end = off, size
+        else:
+            try:
+                start = os.lseek(src, off, seek_data)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after off
+                    return
+                raise
+            end = os.lseek(src, start, os.SEEK_HOLE)
+        _copy_range(src, dst, start, end)
         off = end
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+    copy_file_range = getattr(os, "copy_file_range", None)  # Linux
+    while start < end:
+        if copy_file_range is not None:
+            n = copy_file_range(src, dst, end - start, start, start)
+        else:
+            n = os.pwrite(dst, os.pread(src, min(end - start, 1 << 20), start), start)
+        if n == 0:
+            raise OSError(errno.EIO, "swap file shorter than its size")
+        start += n
 
 
 def swapfs_fork_prepare(mp: Mount) -> None:
