@@ -464,12 +464,6 @@ class LockMgr:
             self._owner = None
             self._cv.notify()
 
-    def held(self) -> bool:
-        return self._owner == threading.get_ident()
-
-    def locked(self) -> bool:
-        return self._owner is not None
-
     def owner_ident(self) -> int | None:
         return self._owner
 
@@ -477,3 +471,9 @@ class LockMgr:
         self._cv = threading.Condition(threading.Lock())
         if self._owner != threading.get_ident():
             self._owner = None
+
+    def held(self) -> bool:
+        return self._owner == threading.get_ident()
+
+    def locked(self) -> bool:
+        return self._owner is not None
