@@ -30,6 +30,9 @@ from vnpager.vfs.faultfs import FaultFS, FaultPlan
 from vnpager.vfs.hostfs import HostFS, hostfs_vget_path
 from vnpager.vfs.memfs import memfs_create
 
+# Python 3.12 warns about fork in a process with threads: that fork is what we test
+pytestmark = pytest.mark.filterwarnings("ignore:This process .*multi-threaded:DeprecationWarning")
+
 
 def _fork(child: Callable[[], None]) -> int:
     """Run *child* in a forked process; its exit status is 0 if it returned."""
