@@ -51,6 +51,15 @@ Differences from CPython's mmap, each on purpose or forced:
   as ``vm.pread`` and ``vm.open``'s: :mod:`vnpager.vnmap`).  All mappings
   of one file in one VM share one object, so they see each other's writes
   at once.
+* **fork.**  After ``os.fork()`` each process has a VM of its own: its own
+  frames (private memory, copied on write), swap and daemon threads.  Fork
+  first writes every dirty file page back, so each process then writes
+  back only what it dirtied itself.  The two caches are coherent
+  close-to-open, as two programs' are; an anonymous map, MAP_SHARED or not,
+  is not shared with the child (CPython's MAP_SHARED one is); a page that
+  both processes write ends up as the last write-back has it, whole; a
+  child leaving through ``os._exit`` (multiprocessing's workers do) writes
+  back nothing it did not flush.  See the README.
 * ``flush()`` and ``close()`` raise the write-back error (OSError with the
   backend's errno); the pages stay dirty, so a later flush can write them.
   A write-back that failed elsewhere (another map of the file, the page
@@ -224,7 +233,7 @@ class mmap:  # noqa: N801 - the stdlib's name
                  "_pos", "_probe", "_prot", "_size", "_space", "_trackfd", "_uobj", "_va", "_vm", "_vp")
 
     _access: int
-    _anon: bool  # fileno=-1: a memfs object nobody else can map
+    _anon: bool  # fileno=-1: an anonymous (swapfs) object nobody else can map
     _closed: bool
     _fd: int  # our descriptor of the file (trackfd), else -1
     _file: FileObject  # our hold on the object: attach, errseq, sync, size, map (vnpager.vnmap)

@@ -49,16 +49,26 @@ from __future__ import annotations
 
 import mmap as _mmap
 import os
+import tempfile
 import threading
 import time
+import warnings
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Annotated
 
 from vnpager.kern.debug import panic
-from vnpager.kern.lock import Mutex, RWLock
-from vnpager.kern.synch import WaitChannel, tsleep
+from vnpager.kern.lock import Mutex, RWLock, fork_gate, gated, locks_after_fork_child
+from vnpager.kern.synch import (
+    WaitChannel,
+    synch_fork_child,
+    synch_fork_parent,
+    synch_fork_prepare,
+    tsleep,
+)
+from vnpager.uvm.pmap import pmap_clear_modify, pmap_is_modified
 from vnpager.uvm.uvm_map import Vmspace
-from vnpager.uvm.uvm_page import PG_BUSY, PG_TABLED, PQ_ACTIVE, PQ_FREE, PQ_INACTIVE, VmPage
+from vnpager.uvm.uvm_page import PG_BUSY, PG_CLEAN, PG_TABLED, PQ_ACTIVE, PQ_FREE, PQ_INACTIVE, VmPage
 from vnpager.uvm.uvm_pager import AioDaemon, PagerMap
 from vnpager.uvm.uvm_param import MAXBSIZE, PAGE_SIZE, parse_size, round_page, trunc_page
 from vnpager.uvm.uvm_pdaemon import PageDaemon
@@ -74,6 +84,7 @@ from vnpager.vfs.hostfs import HostFS
 from vnpager.vfs.memfs import MemFS
 from vnpager.vfs.mount import Mount, Vfs
 from vnpager.vfs.specfs import SpecFS
+from vnpager.vfs.swapfs import SwapFS, swapfs_fork_child, swapfs_fork_parent, swapfs_fork_prepare
 from vnpager.vfs.vnode import Vnode
 
 DEFAULT_PHYSMEM = 256 << 20  # of a VM made without physmem, unless VNPAGER_PHYSMEM says otherwise
@@ -91,6 +102,7 @@ def physmem_bytes(physmem: int | str | None) -> int:
         except ValueError as e:
             raise ValueError(f"VNPAGER_PHYSMEM: {e}") from None
     return parse_size(physmem) if isinstance(physmem, str) else physmem
+FORK_QUIET_TIMEOUT = 60.0  # seconds fork waits for the VM calls under way to finish
 
 
 @dataclass
@@ -139,11 +151,18 @@ class VmStats(Uvmexp):
 
 class VM:
     """A machine with *physmem* bytes of page frames of *page_size* bytes
-    (*physmem* as :func:`physmem_bytes` reads it: bytes, "4M", or None)."""
+    (*physmem* as :func:`physmem_bytes` reads it: bytes, "4M", or None).
 
+    Anonymous memory pages out to files in *swapdir* (``VNPAGER_SWAPDIR``,
+    else the system's temporary directory; see ``vfs/swapfs.py``).  After a
+    fork, the child has a VM of its own (see :func:`_fork_prepare`).
+    """
+
+    @gated  # a VM half made when fork comes would have no daemons in the child
     def __init__(self, physmem: int | str | None = None, page_size: int = PAGE_SIZE, *,
                  desiredvnodes: int = 4096, pager_map_slots: int = 16,
-                 pagedaemon: bool = True, async_pageout: bool = True) -> None:
+                 pagedaemon: bool = True, async_pageout: bool = True,
+                 swapdir: str | None = None) -> None:
         if page_size < 512 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 512, not {page_size}")
         if MAXBSIZE % page_size:
@@ -157,8 +176,9 @@ class VM:
         self.npages = npages
         self.physmem = npages * page_size
         self.zero_page = bytes(page_size)
-        # page frames: anonymous memory the host commits only when touched
-        self._arena = _mmap.mmap(-1, self.physmem)
+        # page frames: anonymous memory the host commits only when touched,
+        # private so that a forked child gets frames of its own (copy on write)
+        self._arena = _mmap.mmap(-1, self.physmem, flags=_mmap.MAP_PRIVATE)
         frames = memoryview(self._arena)
         self.pages = [VmPage(self, i, frames[i * page_size:(i + 1) * page_size])
                       for i in range(npages)]
@@ -185,10 +205,14 @@ class VM:
         self.hostfs: Mount = self.vfs.mount(HostFS(), "host")
         self.memfs: Mount = self.vfs.mount(MemFS(), "memfs")
         self.specfs: Mount = self.vfs.mount(SpecFS(), "specfs")
+        swapdir = swapdir or os.environ.get("VNPAGER_SWAPDIR") or tempfile.gettempdir()
+        self.swapfs: Mount = self.vfs.mount(SwapFS(swapdir), "swap")  # anonymous memory's
         self._vmspace: Vmspace | None = None
         self.pagedaemon = PageDaemon(self) if pagedaemon else None
         self.readahead = RaDaemon(self)  # MADV_WILLNEED's reader; a thread once used
         self.closed = False
+        with _vms_lock:
+            _vms.add(self)
 
     @property
     def vmspace(self) -> Vmspace:
@@ -197,6 +221,7 @@ class VM:
             self._vmspace = Vmspace(self)
         return self._vmspace
 
+    @gated
     def close(self) -> None:
         """Write back every dirty page, then stop the page daemon.
 
@@ -238,6 +263,44 @@ class VM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # fork (see _fork_prepare)
+
+    def _fork_quiesce(self) -> None:
+        """Park the daemons, write the dirty file pages back and copy the
+        swap files for the child.  => fork_gate is closed: no VM call runs."""
+        if self.pagedaemon is not None:
+            self.pagedaemon.park()
+        self.readahead.drain()
+        if self.aiodaemon is not None:
+            self.aiodaemon.wait_idle()
+        for mp in list(self.vfs.mountlist):
+            if mp is not self.swapfs:  # anonymous memory is each process's own
+                uvm_vnp_sync(self, mp)
+        swapfs_fork_prepare(self.swapfs)
+
+    def _fork_parent(self) -> None:
+        swapfs_fork_parent(self.swapfs)
+        if self.pagedaemon is not None:
+            self.pagedaemon.unpark()
+
+    def _fork_child(self) -> None:
+        """The child's VM: its own swap, clean file pages, daemons of its own."""
+        swapfs_fork_child(self.swapfs)
+        for pg in self.pages:
+            uobj = pg.uobject
+            if (uobj is not None and (not pg.pg_flags & PG_CLEAN or pmap_is_modified(pg))
+                    and uobj.u_vnode.v_mount is not self.swapfs):  # type: ignore[attr-defined]
+                # a file page still dirty after the sync: its write-back
+                # failed, and the parent keeps it to retry; were we to write
+                # it too, we might put it over what the parent writes later
+                pg.pg_flags |= PG_CLEAN
+                pmap_clear_modify(pg)
+        if self.aiodaemon is not None:
+            self.aiodaemon.after_fork_child()
+        self.readahead.after_fork_child()
+        if self.pagedaemon is not None:
+            self.pagedaemon.after_fork_child()
 
     def _vnode_init(self, vp: Vnode) -> None:
         if vp.v_uvm is None:
@@ -297,3 +360,61 @@ class VM:
                         panic(f"page {pg!r}: its object's uo_active and PQ_ACTIVE disagree")
                 if q == PQ_FREE and (tabled or pg.pv or pg.pg_flags & PG_BUSY):
                     panic(f"page {pg!r}: free but in use")
+
+
+# ---------------------------------------------------------------- fork
+#
+# Fork is a sync point.  Before it, the process is made quiet (fork_gate:
+# every VM call under way finishes, new ones wait; then each VM's daemons
+# park and its asynchronous writes drain), every VM writes its dirty file
+# pages back and copies its swap files, and the locks that a warm store or
+# the sleep queue take without the gate are held across the fork.  After
+# it, each process has a VM of its own: its own frames (the arena is
+# private memory, copied on write), its own swap, and, in the child, its
+# own daemon threads and new locks.  Neither inherits a dirty file page,
+# so each writes back only what it dirtied itself, and never a stale copy
+# of a page the other wrote.
+
+_vms: weakref.WeakSet[VM] = weakref.WeakSet()  # every live VM (=> _vms_lock)
+_vms_lock = threading.Lock()
+_forking: list[VM] = []  # the VMs a fork under way prepared, until its after hooks
+
+
+def _fork_prepare() -> None:
+    quiet = fork_gate.close(FORK_QUIET_TIMEOUT)
+    with _vms_lock:
+        _forking[:] = list(_vms)
+    if quiet:
+        for vm in _forking:
+            vm._fork_quiesce()
+    else:  # a thread inside may hold what quiescing needs: do without
+        warnings.warn("fork: the VM could not be made quiet (a fork from inside a VM call, or a "
+                      "call that did not finish); the child's VM may hang, and its swap is lost",
+                      RuntimeWarning, stacklevel=2)
+    for vm in _forking:
+        vm.pmap_lock.acquire()  # a warm store takes only this
+    synch_fork_prepare()
+
+
+def _fork_parent() -> None:
+    synch_fork_parent()
+    for vm in _forking:
+        vm.pmap_lock.release()
+        vm._fork_parent()
+    _forking.clear()
+    fork_gate.open()
+
+
+def _fork_child() -> None:
+    global _vms_lock
+    synch_fork_child()
+    locks_after_fork_child()
+    fork_gate.after_fork_child()
+    _vms_lock = threading.Lock()
+    for vm in _forking:
+        vm.pmap_lock.release()
+        vm._fork_child()
+    _forking.clear()
+
+
+os.register_at_fork(before=_fork_prepare, after_in_parent=_fork_parent, after_in_child=_fork_child)

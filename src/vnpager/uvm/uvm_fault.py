@@ -25,7 +25,7 @@ import errno
 from typing import TYPE_CHECKING
 
 from vnpager.kern.errors import BusError, SegvError
-from vnpager.kern.lock import RW_READ, RW_WRITE
+from vnpager.kern.lock import RW_READ, RW_WRITE, gated
 from vnpager.kern.proc import curproc
 from vnpager.kern.synch import tsleep
 from vnpager.kern.trace import traced
@@ -66,6 +66,7 @@ class _Refault(Exception):
     """The fault must start over: memory was short or a page went away."""
 
 
+@gated
 @traced
 def uvm_fault(space: Vmspace, vaddr: int, access_type: int) -> None:
     """Resolve a fault at *vaddr* for *access_type* (PROT_READ/PROT_WRITE).

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from vnpager.kern.debug import KASSERT
-from vnpager.kern.lock import Mutex
+from vnpager.kern.lock import Mutex, fork_gate
 from vnpager.kern.synch import nsleepers, rwsleep, wakeup
 from vnpager.uvm.pmap import (
     pmap_clear_modify,
@@ -142,12 +142,28 @@ class AioDaemon:
 
     def drain(self) -> None:
         """Wait until every I/O started so far is done."""
+        self.wait_idle()
+        if self.failures:
+            raise self.failures[0]
+
+    def wait_idle(self) -> None:
+        """Wait until every I/O started so far is done (fork quiesces with
+        this: nothing else starts I/O then)."""
         with self._cv:
             self._cv.wait_for(lambda: self.pending == 0)
-            if self.failures:
-                raise self.failures[0]
+
+    def after_fork_child(self) -> None:
+        """In a forked child: the parent's workers are not here (and were
+        idle at the fork); start ours on demand, as at first."""
+        self._q = queue.SimpleQueue()
+        self._cv = threading.Condition()
+        self._threads = self.pending = 0
 
     def _run(self) -> None:
+        with fork_gate.exempt():  # fork waits for threads that may wait for us
+            self._work()
+
+    def _work(self) -> None:
         while True:
             try:
                 desc = self._q.get(timeout=self.idle)
@@ -167,6 +183,9 @@ class AioDaemon:
             except BaseException as e:
                 log.exception("aiodone failed")
                 self.failures.append(e)
+            # an idle worker must not keep the last object, and so its VM,
+            # alive: a VM dropped without close() is garbage at once
+            del desc
             with self._cv:
                 self.pending -= 1
                 self._cv.notify_all()

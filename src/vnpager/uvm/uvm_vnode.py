@@ -99,6 +99,7 @@ from vnpager.kern.lock import (
     LK_RETRY,
     RW_WRITE,
     Mutex,
+    gated,
     kernel_lock,
 )
 from vnpager.kern.proc import curproc
@@ -391,6 +392,7 @@ def uvn_init(vm: VM) -> None:
     vm.uvn_wlist.clear()
 
 
+@gated
 @traced
 def uvn_attach(vp: Vnode, accessprot: int) -> UvmVnode | None:
     """Attach *vp* to its VM object, making it VALID if need be.
@@ -477,6 +479,7 @@ def uvn_reference(uobj: UvmObject) -> None:
         uobj.uo_refs += 1
 
 
+@gated
 @traced
 def uvn_detach(uobj: UvmObject) -> None:
     """Drop a reference; at zero the object persists or dies.
@@ -583,6 +586,7 @@ def _iosync_done(uvn: UvmVnode) -> None:
     uvn_set_flags(uvn, uvn.u_flags & ~_IOSYNC_BITS)
 
 
+@gated
 @traced
 def uvm_vnp_terminate(vp: Vnode) -> None:
     """Clean a vnode's VM object out so that the vnode can be reused.
@@ -662,6 +666,7 @@ def _free_unwritten(uvn: UvmVnode) -> None:
         uvn.vm.uvmexp.lostpages += lost
 
 
+@gated
 @traced
 def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
     """Clean, deactivate and/or free the pages of [start, stop).
@@ -1239,6 +1244,7 @@ def uvn_aiodone(desc: UvmAioDesc) -> None:
         wakeup(vm.pagedaemon_chan)
 
 
+@gated
 @traced
 def uvm_vnp_uncache(vp: Vnode) -> bool:
     """Stop *vp*'s object from persisting; kill it now if it persists.
@@ -1271,6 +1277,7 @@ def uvm_vnp_uncache(vp: Vnode) -> bool:
     return True
 
 
+@gated
 @traced
 def uvm_vnp_setsize(vp: Vnode, newsize: int) -> None:
     """Tell the pager that *vp* is now *newsize* bytes long.
@@ -1315,6 +1322,7 @@ def _zero_tail(uvn: UvmVnode, newsize: int) -> None:
         pg.data[keep:] = bytes(vm.page_size - keep)
 
 
+@gated
 def uvm_vnp_revalidate(vp: Vnode, drop_stale: bool) -> int:
     """Bring the pager's idea of *vp*'s file up to date with the file itself.
 
@@ -1358,6 +1366,7 @@ def uvm_vnp_wrote(vp: Vnode) -> None:
             uvn.u_mtime_ns = vattr.va_mtime_ns
 
 
+@gated
 @traced
 def uvm_vnp_sync(vm: VM, mp: object = None) -> None:
     """Write every dirty page of the writeable objects back (sync(2)).
