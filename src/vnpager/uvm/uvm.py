@@ -7,6 +7,9 @@ without sharing anything but the scheduler.
 The locks, and the order in which they are taken (written once, here; each
 field says which of them guards it, at its class):
 
+0. the fork gate (``kern.lock.fork_gate``), held shared by every VM entry
+   point (``@gated``) and by the holder of any kern lock, and taken
+   exclusively by os.fork()'s hooks: before every lock below.
 1. ``vm.uvn_sync_lock`` (rwlock): one uvm_vnp_sync at a time; taken before
    any object lock.  A vnode object's size lock (``u_sizelock``: size
    changes, uvm_bio) is at the same level: before the vnode lock and the
@@ -39,10 +42,9 @@ Where the code leans on the GIL: a single attribute read or store is
 atomic, and some fields are read unlocked for a check that is repeated
 under the lock (the page daemon's ``pg.uobject``, a flag test before
 locking).  A read-modify-write such as ``pg.pg_flags |= PG_BUSY`` is NOT
-atomic: its writers must share a lock.  All writers of ``pg_flags`` hold
-the page's object lock but one, the page daemon's active scan
-(uvmpd_scan_active), which moves pages under the page queue lock alone and
-can lose a concurrent PG_* update (see VmPage).
+atomic: its writers must share a lock, and every writer of ``pg_flags``
+holds the page's object lock (the page daemon tries it before it moves a
+page between queues), or owns a free page under the page queue lock.
 """
 
 from __future__ import annotations

@@ -62,10 +62,9 @@ class VmPage:
       PQ_* bits under ``vm.pageqlock``.  One word for both, as in OpenBSD,
       which changes it with atomic operations.  Here ``|=`` and ``&=`` are
       a read-modify-write that the GIL does not make atomic, so all writers
-      must share a lock: every writer holds the object lock (or the page is
-      free and owned by the allocator, under the page queue lock), except
-      the page daemon's active scan, which deactivates under the page queue
-      lock alone and can race a PG_* change by the object's lock holder.
+      must share a lock: every writer holds the object lock (the page
+      daemon tries it before it moves a page), or the page is free and
+      owned by the allocator, under the page queue lock.
     * ``offset``, ``uobject``, ``uanon``, ``wire_count``: the object lock
       (insert and remove also need the page, busy or free, to be the
       caller's).  The page daemon reads ``uobject`` unlocked and checks it

@@ -145,24 +145,35 @@ def _unbusy(pg: VmPage) -> None:
 
 
 def uvmpd_scan_active(vm: VM, want: int) -> None:
-    """Move up to *want* of the oldest active pages to the inactive queue."""
+    """Move up to *want* of the oldest active pages to the inactive queue.
+
+    Each page's object lock is only tried, as in _reclaim: pg_flags holds
+    bits the object lock guards (PG_BUSY, PG_CLEAN) beside the queue bits,
+    and a read-modify-write of it under the page queue lock alone could
+    lose a concurrent change made under the object lock.
+    """
     with vm.pageqlock:
         candidates = list(vm.page_active)[: want * 2]
     moved = 0
     for pg in candidates:
         if moved >= want:
             break
-        with vm.pageqlock:
-            if not pg.pg_flags & PQ_ACTIVE or pg.pg_flags & PG_BUSY:
-                continue
-            if pmap_clear_reference(pg):
-                uvm_pageactivate(pg)  # used lately: to the tail
-                continue
-        pmap_page_protect(pg, PROT_NONE)
-        with vm.pageqlock:
-            if pg.pg_flags & PQ_ACTIVE:
+        uobj = pg.uobject
+        if uobj is None or not uobj.vmobjlock.rw_enter(RW_WRITE | RW_NOSLEEP):
+            continue
+        try:
+            if pg.uobject is not uobj or not pg.pg_flags & PQ_ACTIVE or pg.pg_flags & PG_BUSY:
+                continue  # changed hands or state since we listed it
+            with vm.pageqlock:
+                if pmap_clear_reference(pg):
+                    uvm_pageactivate(pg)  # used lately: to the tail
+                    continue
+            pmap_page_protect(pg, PROT_NONE)
+            with vm.pageqlock:
                 uvm_pagedeactivate(pg)
-                moved += 1
+            moved += 1
+        finally:
+            uobj.vmobjlock.rw_exit()
 
 
 def uvmpd_reserve(vm: VM, want: int) -> int:
