@@ -102,10 +102,10 @@ import operator
 import os
 import stat
 import sys
-import threading
 from collections.abc import Iterator
 from typing import Any, NoReturn, SupportsIndex
 
+from vnpager.kern.lock import Mutex
 from vnpager.uvm.uvm_fault import uvm_copyin, uvm_copyout, uvm_load, uvm_store
 from vnpager.uvm.uvm_map import (
     MADV_DONTNEED,
@@ -156,7 +156,7 @@ _INT_MAX = 2**31 - 1
 # ---------------------------------------------------------------- the default VM
 
 _default_vm: VM | None = None
-_default_vm_lock = threading.Lock()
+_default_vm_lock = Mutex("default_vm")  # a kern lock: remade in a forked child
 
 
 def default_vm() -> VM:
