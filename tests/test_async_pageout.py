@@ -4,8 +4,11 @@ the write and returns VM_PAGER_PEND; uvn_aiodone finishes the pages."""
 from __future__ import annotations
 
 import errno
+import os
+from pathlib import Path
 
 from helpers import PS, Gate, dirty_progfs, flush, getpages, machine, mkfile, pattern, start, wait_sleeping
+from vnpager import VM
 from vnpager.uvm.pmap import pmap_is_modified
 from vnpager.uvm.uvm_page import PG_BUSY, PG_CLEAN, PQ_FREE, PQ_INACTIVE
 from vnpager.uvm.uvm_pager import (
@@ -19,6 +22,7 @@ from vnpager.uvm.uvm_pager import (
 )
 from vnpager.uvm.uvm_pdaemon import uvmpd_scan
 from vnpager.uvm.uvm_vnode import uvn_detach, uvn_flush, uvn_put, uvn_record_error
+from vnpager.vnmap import vnode_of
 
 
 def test_uvn_put_without_syncio_is_pending_until_aiodone() -> None:
@@ -143,3 +147,26 @@ def test_synchronous_vm_has_no_aio_daemon() -> None:
         pgs[0].pg_flags |= PG_BUSY
         assert uvn_put(uvn, [pgs[0]], 1, 0) == VM_PAGER_OK
         pgs[0].pg_flags &= ~PG_BUSY
+
+
+
+def test_uvn_aiodone_records_our_mtime_so_the_next_attach_keeps_the_pages(tmp_path: Path) -> None:
+    """A write-back of ours (here an asynchronous one, as the page daemon's)
+    changes the file's mtime: it is recorded, so close-to-open does not take
+    it for another program's write and drop the persisting pages."""
+    path = tmp_path / "f"
+    path.write_bytes(pattern(4))
+    os.utime(path, ns=(0, 0))  # so that any write of ours gives it another mtime
+    vm = VM(physmem=64 * PS, pagedaemon=False)
+    try:
+        vm.pwrite(path, b"ours", 0)  # dirty; the object persists
+        vp = vnode_of(vm, path)
+        uvn = vp.v_uvm
+        vm.vfs.vrele(vp)
+        assert flush(uvn, 0, 0, PGO_CLEANIT | PGO_ALLPAGES)  # asynchronous, then drained
+        assert path.read_bytes()[:4] == b"ours" and os.stat(path).st_mtime_ns != 0
+        pageins = vm.stats()["pageins"]
+        assert vm.pread(path, PS, 0) == b"ours" + pattern(1)[4:]
+        assert vm.stats()["pageins"] == pageins  # the page was kept, not read again
+    finally:
+        vm.close()

@@ -14,7 +14,7 @@ open file description does for a kernel's callers:
   that each open is told once of each error that happened while it was
   open, whoever did the write (Linux's errseq for file descriptions);
 * **sync** (msync MS_SYNC, fsync): write back a range and wait, record the
-  mtime our write gave the file (``uvm_vnp_wrote``), raise the error;
+  mtime our write gave the file (each write-back records it), raise the error;
 * **size**: every size change (truncate, resize, a write past the end) and
   every look at a size changed from outside goes through
   :mod:`vnpager.uvm.uvm_bio`, in one order under the object's size lock;
@@ -40,7 +40,6 @@ from vnpager.uvm.uvm_param import PROT_WRITE
 from vnpager.uvm.uvm_vnode import (
     UVM_VNODE_VALID,
     UvmVnode,
-    uvm_vnp_wrote,
     uvn_attach,
     uvn_errseq_check,
     uvn_errseq_sample,
@@ -147,8 +146,6 @@ class FileObject:
         with uvn.vmobjlock:
             ok = uvn_flush(uvn, start, stop or 0, PGO_CLEANIT | PGO_SYNCIO | whole)
             err = 0 if ok else uvn.u_error or errno.EIO
-        if ok:
-            uvm_vnp_wrote(uvn.u_vnode)
         seen, self._cursor = uvn_errseq_check(uvn, self._cursor)
         if err or seen:
             raise _oserror(err or seen)

@@ -1157,11 +1157,14 @@ def uvn_io(uvn: UvmVnode, pps: list[VmPage], npages: int, flags: int, rw: int) -
         vm.uvmexp.pageouts += npages
 
     uvm_pagermapout(vm.pager_map)
+    mtime = _mtime_of(vn) if rw == UIO_WRITE and result == 0 else None
 
     lock.rw_enter(RW_WRITE)
     uvn.u_nio -= 1
     if uvn.u_flags & UVM_VNODE_IOSYNC and uvn.u_nio == 0:
         wakeup((uvn, "u_nio"))
+    if mtime is not None:
+        uvn.u_mtime_ns = mtime  # our write's, not another program's (uvm_vnp_wrote)
 
     if result == 0:
         return VM_PAGER_OK
@@ -1196,8 +1199,10 @@ def _uvn_io_start(uvn: UvmVnode, pps: list[VmPage], kva: list[memoryview]) -> in
     uio = Uio(list(kva), pps[0].offset, wanted, UIO_WRITE)
 
     def io() -> int:
-        error = VOP_STRATEGY(vn, uio)
-        return error or (errno.EIO if uio.resid else 0)
+        error = VOP_STRATEGY(vn, uio) or (errno.EIO if uio.resid else 0)
+        if not error:
+            uvm_vnp_wrote(vn)
+        return error
 
     uvn.vm.aiodaemon.start(UvmAioDesc(uvn, pps, io, uvn_aiodone))  # type: ignore[union-attr]
     return VM_PAGER_PEND
@@ -1352,18 +1357,26 @@ def uvm_vnp_revalidate(vp: Vnode, drop_stale: bool) -> int:
 
 
 def uvm_vnp_wrote(vp: Vnode) -> None:
-    """Record the file's mtime after a write-back of ours.
+    """Record the file's mtime after a write of ours.
 
     Our own writes change the mtime too; without this, the next attach of
     the persisting object would take them for someone else's and drop the
-    pages.  (A write by someone else in between goes unnoticed, as it does
-    with NFS.)  => caller holds a reference to the object and no VM lock.
+    pages.  Every write-back (uvn_io, and the asynchronous ones as they
+    finish) records it; a front end that writes the file by other means
+    calls this.  (A write by someone else in between goes unnoticed, as it
+    does with NFS.)  => caller holds a reference to the object and no VM lock.
     """
     uvn: UvmVnode = vp.v_uvm
-    vattr = Vattr()
-    if VOP_GETATTR(vp, vattr) == 0:
+    mtime = _mtime_of(vp)
+    if mtime is not None:
         with uvn.vmobjlock:
-            uvn.u_mtime_ns = vattr.va_mtime_ns
+            uvn.u_mtime_ns = mtime
+
+
+def _mtime_of(vp: Vnode) -> int | None:
+    """The file's mtime, or None if its attributes cannot be had."""
+    vattr = Vattr()
+    return vattr.va_mtime_ns if VOP_GETATTR(vp, vattr) == 0 else None
 
 
 @gated
