@@ -30,6 +30,7 @@ class Server:
 
     def __init__(self, src: Path, mnt: Path, *extra: str) -> None:
         self.src, self.mnt = src, mnt
+        self.output = ""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vnpager.cli", "mount", str(src), str(mnt), "--foreground",
              "--physmem", str(PHYSMEM), *extra],
@@ -40,7 +41,6 @@ class Server:
                 self.stop()
                 pytest.fail(f"the mount did not appear: {self.output}")
             time.sleep(0.05)
-        self.output = ""
 
     def stop(self, sig: int | None = None) -> int:
         """Unmount (by *sig* to the server, or fusermount3 -u), reap the
@@ -50,6 +50,7 @@ class Server:
                 self.proc.send_signal(sig)
             else:
                 subprocess.run(["fusermount3", "-u", str(self.mnt)], check=False)
+        if self.proc.stdout is not None and not self.proc.stdout.closed:
             try:
                 self.output, _ = self.proc.communicate(timeout=60)
             except subprocess.TimeoutExpired:

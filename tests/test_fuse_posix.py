@@ -17,6 +17,7 @@ asserted to be the documented one (see the README's Limits) instead.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import pickle
@@ -42,6 +43,8 @@ Case = Callable[[str], list[Any]]
 USER, OTHER, GROUP = 61000, 61001, 62000  # uids and a gid no test file has
 CHILD_WAIT = 30.0
 CASES: list[Case] = []
+LIBC = ctypes.CDLL(None, use_errno=True)  # fallocate and renameat2, which os lacks
+AT_FDCWD = -100
 
 
 def case(fn: Case) -> Case:
@@ -511,21 +514,96 @@ def permissions(d: str) -> list[Any]:
     return out
 
 
+TICK = 0.05  # longer than the kernel's coarse clock step, so that a change of time shows
+
+
+def _changed(path: str, step: Callable[[], Any], *, follow: bool = False) -> tuple[Any, bool, bool]:
+    """What *step* returns, and whether it changed *path*'s ctime and mtime."""
+    before = os.stat(path, follow_symlinks=follow)
+    time.sleep(TICK)
+    result = t(step)
+    after = os.stat(path, follow_symlinks=follow)
+    return result, after.st_ctime_ns > before.st_ctime_ns, after.st_mtime_ns > before.st_mtime_ns
+
+
 @case
 def times(d: str) -> list[Any]:
-    f = os.path.join(d, "f")
+    """Which calls change which times (pjdfstest checks each), and utime's own."""
+    def p(*n: str) -> str:
+        return os.path.join(d, *n)
+
+    f, g, sub, sym = p("f"), p("g"), p("sub"), p("sym")
     write_file(f, b"t")
+    os.mkdir(sub)
     os.utime(f, ns=(1_000_000_001, 2_000_000_002))
     s = os.stat(f)
-    fd = os.open(f, os.O_WRONLY)
-    os.write(fd, b"later")
-    os.close(fd)
-    return [s.st_atime_ns, s.st_mtime_ns, os.stat(f).st_mtime_ns > s.st_mtime_ns, os.stat(f).st_size]
+    out: list[Any] = [s.st_atime_ns, s.st_mtime_ns]
+    out += [_changed(f, lambda: write_file(f, b"later")), _changed(f, lambda: os.chmod(f, 0o600)),
+            _changed(f, lambda: os.chown(f, USER, -1)), _changed(f, lambda: os.truncate(f, 100)),
+            _changed(f, lambda: os.truncate(f, 100)), _changed(f, lambda: os.link(f, g)),
+            _changed(f, lambda: os.rename(g, p("sub", "g"))),
+            _changed(f, lambda: os.setxattr(f, "user.t", b"1")),
+            _changed(d, lambda: write_file(p("new"))), _changed(d, lambda: os.unlink(p("new"))),
+            _changed(d, lambda: os.rename(f, p("f2"))), _changed(sub, lambda: os.unlink(p("sub", "g"))),
+            _changed(d, lambda: os.mkdir(p("sub2"))), _changed(d, lambda: os.rmdir(p("sub2"))),
+            _changed(d, lambda: os.symlink("x", sym)),
+            _changed(sym, lambda: os.utime(sym, ns=(5, 6), follow_symlinks=False)),
+            os.lstat(sym).st_mtime_ns, _changed(d, lambda: os.mkfifo(p("fifo")))]
+    fd = os.open(os.path.join(d, "f2"), os.O_RDWR)
+    try:
+        out += [_changed(os.path.join(d, "f2"), lambda: os.pwrite(fd, b"x", 0)),
+                _changed(os.path.join(d, "f2"), lambda: os.pread(fd, 1, 0)),
+                _changed(os.path.join(d, "f2"), lambda: os.ftruncate(fd, 1))]
+    finally:
+        os.close(fd)
+    return out
+
+
+def _fallocate(path: str, mode: int, offset: int, length: int) -> Any:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if LIBC.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)):
+            raise OSError(ctypes.get_errno(), "fallocate")
+        return st(fd)
+    finally:
+        os.close(fd)
+
+
+@case
+def fallocate(d: str) -> list[Any]:
+    p = os.path.join(d, "f")
+    write_file(p, b"keep")
+    keep_size = 1  # FALLOC_FL_KEEP_SIZE
+    return [t(_fallocate, p, 0, 0, 100_000), t(_fallocate, p, keep_size, 0, 200_000), read_file(p)[:6]]
+
+
+def _renameat2(a: str, b: str, flags: int) -> None:
+    if LIBC.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), flags):
+        raise OSError(ctypes.get_errno(), "renameat2")
+
+
+@case
+def rename_exchange_and_noreplace(d: str) -> list[Any]:
+    noreplace, exchange = 1, 2  # RENAME_NOREPLACE, RENAME_EXCHANGE
+    a, b, c, sub = (os.path.join(d, n) for n in ("a", "b", "c", "sub"))
+    write_file(a, b"a")
+    write_file(b, b"bb")
+    os.mkdir(sub)
+    fd = os.open(a, os.O_RDONLY)
+    try:
+        out = [t(_renameat2, a, b, noreplace), t(_renameat2, a, c, noreplace), t(_renameat2, c, b, exchange),
+               read_file(b), read_file(c), t(_renameat2, b, sub, exchange), st(b), st(sub),
+               os.pread(fd, 10, 0),
+               t(_renameat2, b, os.path.join(d, "none"), exchange), t(_renameat2, a, b, 3)]
+    finally:
+        os.close(fd)
+    return [*out, sorted(os.listdir(d))]
 
 
 # the differences that FUSE, libfuse 3.14 or pyfuse3 3.5 impose: see the README's Limits
 KNOWN: dict[str, list[Any]] = {
     "o_tmpfile": [errno.errorcode[errno.EOPNOTSUPP]],  # libfuse 3.14 has no tmpfile operation
+    "fallocate": [errno.errorcode[errno.EOPNOTSUPP]] * 2 + [b"keep"],  # pyfuse3 has no fallocate handler
 }
 
 

@@ -20,6 +20,7 @@ kernel has (6.6+) and the libfuse we build against (3.14) cannot ask for.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import itertools
 import os
@@ -34,7 +35,7 @@ import trio
 
 from vnpager.fuse import pager
 from vnpager.fuse.inodes import InodeTable, proc_path
-from vnpager.uvm.uvm_bio import ubc_read, ubc_write
+from vnpager.uvm.uvm_bio import ubc_read
 from vnpager.vnmap import FileObject
 
 if TYPE_CHECKING:
@@ -42,6 +43,16 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 TIMEOUT = 1.0  # seconds the kernel may trust an entry or attributes
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _renameat2(old_fd: int, old: bytes, new_fd: int, new: bytes, flags: int) -> None:
+    """renameat2(2), which the os module lacks.  Raises OSError."""
+    if _libc.renameat2(old_fd, old, new_fd, new, flags):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 async def _pager(fn: Callable[..., T], *args: Any) -> T:
@@ -223,19 +234,18 @@ class VnpagerFS(pyfuse3.Operations):
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
-        if flags & ~pyfuse3.RENAME_NOREPLACE:
-            raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_EXCHANGE: not supported
+        """renameat2 with the caller's flags: RENAME_NOREPLACE and RENAME_EXCHANGE
+        are the host's, atomic.  A regular file renamed over loses a name."""
         old_fd, new_fd = self.inodes.fd(parent_inode_old), self.inodes.fd(parent_inode_new)
-        try:
-            target: os.stat_result | None = os.stat(name_new, dir_fd=new_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            target = None
-        if target is not None:
-            if flags & pyfuse3.RENAME_NOREPLACE:
-                raise pyfuse3.FUSEError(errno.EEXIST)
-            if stat.S_ISREG(target.st_mode):
-                await _pager(pager.uncache, self.vm, (target.st_dev, target.st_ino))
-        _host(os.rename, name_old, name_new, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+        if not flags & (pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE):
+            try:
+                target = os.stat(name_new, dir_fd=new_fd, follow_symlinks=False)
+            except OSError:
+                pass  # no target (or a rename that is about to fail)
+            else:
+                if stat.S_ISREG(target.st_mode):
+                    await _pager(pager.uncache, self.vm, (target.st_dev, target.st_ino))
+        _host(_renameat2, old_fd, name_old, new_fd, name_new, flags)
 
     # directories
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
@@ -310,7 +320,7 @@ class VnpagerFS(pyfuse3.Operations):
         return await _pager(ubc_read, self.files[fh].file.uvn, size, off)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await _pager(ubc_write, self.files[fh].file.uvn, buf, off)
+        return await _pager(pager.write, self.files[fh].file, buf, off)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         await _pager(pager.fsync, self.files[fh].file)
