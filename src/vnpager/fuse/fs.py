@@ -1,10 +1,12 @@
 """The FUSE file system: a passthrough of the tree SRC whose file data goes
 through the pager (UBC), on pyfuse3 and trio.
 
-Names, directories and attributes pass straight through to the host; file
-data never does: open attaches the file's VM object, read and write copy
-to and from its pages, release detaches (the object persists with its
-pages for the next open), fsync flushes it.  Pager calls may sleep, so they
+Names, directories and attributes pass straight through to the host, each
+request worked from the O_PATH descriptors of the inode table, never from a
+host path (see :mod:`vnpager.fuse.inodes`); file data never does: open
+attaches the file's VM object, read and write copy to and from its pages,
+release detaches (the object persists with its pages for the next open),
+fsync flushes it.  Pager calls may sleep, so they
 run in worker threads (:func:`_pager`); plain host calls are short and run
 on the event loop.
 
