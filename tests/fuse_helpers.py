@@ -32,7 +32,7 @@ class Server:
         self.src, self.mnt = src, mnt
         self.output = ""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vnpager.cli", "mount", str(src), str(mnt), "--foreground",
+            [sys.executable, "-m", "vnpager", "mount", str(src), str(mnt), "--foreground",
              "--physmem", str(PHYSMEM), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + MOUNT_WAIT

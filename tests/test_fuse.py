@@ -1,7 +1,7 @@
 """vnpager mount: real programs on a FUSE mount whose pager has far less
 memory than the data (cp, tar, sqlite3, Python's mmap).
 
-Each server runs in a subprocess (``python -m vnpager.cli mount ...
+Each server runs in a subprocess (``python -m vnpager mount ...
 --foreground``); the fixtures always unmount and reap it, even on failure.
 The coherence test of the mount with vnpager.mmap needs one VM for both,
 so it serves from a thread of the test process (``mounted``) instead.
@@ -132,7 +132,7 @@ def test_sqlite_then_sigterm_writes_every_page(fresh: Server) -> None:
 def test_umount_command_waits_for_write_back(fresh: Server) -> None:
     data = random.Random(9).randbytes(3 * PHYSMEM)
     (fresh.mnt / "f").write_bytes(data)
-    subprocess.run([sys.executable, "-m", "vnpager.cli", "umount", str(fresh.mnt)], check=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "vnpager", "umount", str(fresh.mnt)], check=True, timeout=60)
     assert (fresh.src / "f").read_bytes() == data
     assert fresh.proc.wait(timeout=10) == 0
 

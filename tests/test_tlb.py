@@ -16,6 +16,7 @@ from helpers import PS, RW, WAIT, contents, machine, mkfile, pattern
 from vnpager import VM
 from vnpager.kern.errors import SegvError
 from vnpager.uvm.pmap import (
+    Run,
     pmap_clear_modify,
     pmap_clear_reference,
     pmap_extract,
@@ -23,7 +24,7 @@ from vnpager.uvm.pmap import (
     pmap_is_referenced,
     pmap_page_protect,
 )
-from vnpager.uvm.uvm_fault import uvm_load, uvm_store
+from vnpager.uvm.uvm_fault import uvm_fault, uvm_load, uvm_store
 from vnpager.uvm.uvm_map import (
     MAP_PRIVATE,
     MAP_SHARED,
@@ -207,4 +208,59 @@ def test_a_map_without_its_own_descriptor_still_notices_truncation(tmp_path: Pat
         with pytest.raises(vnpager.BusError):
             m[3 * PS]
         m.close()
+    vm.close()
+
+
+class CountingTlb(dict[int, Run]):
+    """A TLB that counts the keys written and deleted: the work the TLB does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.work = 0
+
+    def __setitem__(self, va: int, run: Run) -> None:
+        self.work += 1
+        super().__setitem__(va, run)
+
+    def __delitem__(self, va: int) -> None:
+        self.work += 1
+        super().__delitem__(va)
+
+
+@pytest.mark.parametrize("access", ["load", "store"])
+def test_a_cold_scan_in_small_steps_costs_the_tlb_work_linear_in_its_pages(access: str) -> None:
+    """A readline loop's accesses, 256 bytes every 200 (one in twenty
+    crosses into the next page), over pages mapped ahead of it as
+    read-ahead maps them.  Each crossing used to merge the run behind it,
+    grown by a page each time, rewriting all its pages: about npages**2 / 2
+    keys over the scan; now it is a few per page."""
+    npages = 255  # as many as pattern() numbers
+    data = pattern(npages)
+    vm = machine(npages + 64)
+    _, uvn = mkfile(vm, data)
+    space = vm.vmspace
+    va = uvm_map(space, npages * PS, uvn, 0, RW, RW, MAP_SHARED)
+    load = access == "load"
+    for i in range(npages):
+        uvm_fault(space, va + i * PS, PROT_READ if load else RW)
+    tlb = CountingTlb()
+    if load:
+        space.pmap.pm_rtlb = tlb
+    else:
+        space.pmap.pm_wtlb = tlb
+
+    def touch(off: int, n: int) -> None:
+        if load:
+            assert uvm_load(space, va + off, n) == data[off:off + n]
+        else:
+            uvm_store(space, va + off, memoryview(data)[off:off + n])
+
+    for off in range(0, npages * PS - 256, 200):
+        touch(off, 256)
+    frames = [page_at(space, va + i * PS).frame for i in range(npages)]
+    assert frames == list(range(frames[0], frames[0] + npages))  # runs could span it all
+    work = tlb.work
+    assert work <= 4 * npages
+    touch(0, npages * PS)  # an access over them all still joins them in one run
+    assert len({id(tlb[va + i * PS]) for i in range(npages)}) == 1
     vm.close()

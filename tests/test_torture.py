@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vnpager.cli import main
+from vnpager.tools.cli import main
 from vnpager.tools.torture import Config, torture
 
 

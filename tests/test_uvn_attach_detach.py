@@ -12,6 +12,7 @@ from vnpager import VM
 from vnpager.kern.debug import Panic
 from vnpager.kern.lock import LK_EXCLUSIVE
 from vnpager.kern.proc import curproc
+from vnpager.uvm import uvm_vnode
 from vnpager.uvm.uvm_page import PQ_FREE, PQ_INACTIVE, VmPage
 from vnpager.uvm.uvm_pager import VM_PAGER_ERROR
 from vnpager.uvm.uvm_param import PROT_READ
@@ -91,8 +92,9 @@ def test_uvn_attach_block_device_takes_size_from_partition(vm: VM) -> None:
 
 def test_uvn_attach_block_device_must_be_a_disk(vm: VM) -> None:
     vp = bdevvp(vm.vfs, vm.specfs, BlockDevice("st0", 512, 8, d_type=D_TAPE))
+    curproc().p_errno = errno.ESTALE  # an earlier call's: not this one's
     assert uvn_attach(vp, PROT_READ) is None
-    assert vp.v_uvm.u_flags == 0 and vp.v_usecount == 1
+    assert vp.v_uvm.u_flags == 0 and vp.v_usecount == 1 and curproc().p_errno == 0
 
 
 def test_uvn_attach_block_device_partition_ioctl_failure(vm: VM) -> None:
@@ -147,6 +149,32 @@ def test_uvn_detach_last_with_canpersist_deactivates_and_persists(vm: VM) -> Non
     assert uvn.uo_npages == 2 and all(pg.pg_flags & PQ_INACTIVE and not pg.pv for pg in pgs)
     assert vm.uvmexp.write_ios == writes  # persisting writes nothing
     assert uvn in vm.uvn_wlist  # still dirty: sync must find it
+
+
+def test_uvn_detach_last_visits_only_the_pages_used_since(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the seed's detach deactivates every resident page: a vm.pread of one
+    # page of a persisting object then cost in proportion to the whole cache
+    vm = machine(256)
+    try:
+        vp, uvn = mkfile(vm, pattern(128), prot=PROT_READ)
+        pgs = getpages(uvn, 0, 128)
+        uvn_detach(uvn)  # persists with 128 inactive pages
+        assert all(pg.pg_flags & PQ_INACTIVE for pg in pgs)
+        deactivated: list[VmPage] = []
+        real = uvm_vnode.uvm_pagedeactivate
+
+        def counting(pg: VmPage) -> None:
+            deactivated.append(pg)
+            real(pg)
+
+        monkeypatch.setattr(uvm_vnode, "uvm_pagedeactivate", counting)
+        assert vm.pread(vp, 4, 77 * PS) == bytes([78]) * 4
+        assert deactivated == [pgs[77]]
+        assert uvn.uo_refs == 0 and uvn.uo_npages == 128
+        assert all(pg.pg_flags & PQ_INACTIVE for pg in pgs)
+        vm.check_invariants()
+    finally:
+        vm.close()
 
 
 def test_uvn_detach_last_without_canpersist_kills_object(vm: VM) -> None:

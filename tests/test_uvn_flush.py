@@ -12,6 +12,7 @@ import pytest
 from helpers import (
     PS,
     Gate,
+    ProgFS,
     contents,
     dirty_progfs,
     flush,
@@ -244,7 +245,9 @@ def test_uvn_flush_write_error_keeps_page_dirty_and_records_it(vm: VM, error: in
     # a synchronous flush returns the failure; an asynchronous one has only
     # started the write, whose failure is recorded on the object when it ends
     assert flush(uvn, 0, 0, PGO_CLEANIT | PGO_ALLPAGES | extra) is (extra != PGO_SYNCIO)
-    assert uvn.u_error == error and uvn.u_errseq >= 1 and vm.uvmexp.write_errors == uvn.u_errseq
+    # pages 1 and 2 are one cluster: one write, one error
+    assert uvn.u_error == error and uvn.u_errseq == 1 and vm.uvmexp.write_errors == 1
+    assert [c for c in fs.calls if c[0] == "write"] == [("write", PS, 2 * PS)]
     for pg in pgs[1:3]:
         assert pg.uobject is uvn and modified(pg)
         assert not pg.pg_flags & (PG_BUSY | PG_RELEASED)
@@ -253,6 +256,46 @@ def test_uvn_flush_write_error_keeps_page_dirty_and_records_it(vm: VM, error: in
     assert flush(uvn, 0, 0, PGO_CLEANIT | PGO_SYNCIO | PGO_ALLPAGES) is True
     assert contents(vp)[PS:PS + 4] == b"keep" and contents(vp)[2 * PS:2 * PS + 4] == b"keep"
     vm.check_invariants()
+
+
+def writes(fs: ProgFS) -> list[tuple[int, int]]:
+    """(offset, bytes) of each write the filesystem was asked for."""
+    return [(off, n) for op, off, n in fs.calls if op == "write"]
+
+
+def test_uvn_flush_failed_cluster_costs_one_write(vm: VM) -> None:
+    # uvm_pager_put gave back only the centre of a failed cluster, so each
+    # page after it started a cluster of its own: 16 writes, 136 pages
+    fs, _, uvn, pgs = dirty_progfs(vm, 16, tuple(range(16)))
+    fs.fail["write"] = errno.EIO
+    assert flush(uvn, 0, 0, PGO_CLEANIT | PGO_SYNCIO | PGO_ALLPAGES) is False
+    assert writes(fs) == [(0, 16 * PS)]
+    assert uvn.u_errseq == 1 and vm.uvmexp.write_errors == 1 and vm.uvmexp.pageouts == 16
+    assert all(modified(pg) and not pg.pg_flags & PG_BUSY for pg in pgs)
+    # the next flush tries them again, once
+    assert flush(uvn, 0, 0, PGO_CLEANIT | PGO_SYNCIO | PGO_ALLPAGES) is False
+    assert writes(fs) == [(0, 16 * PS)] * 2 and uvn.u_errseq == 2
+
+
+def test_uvn_flush_busy_page_that_fails_is_written_once(vm: VM) -> None:
+    # page 5 is busy when the flush passes it: the clusters before and after
+    # it fail; then the flush waits for page 5 and writes it alone, not
+    # again with the failed pages after it
+    fs, _, uvn, pgs = dirty_progfs(vm, 16, tuple(range(16)))
+    fs.fail["write"] = errno.EIO
+    with uvn.vmobjlock:
+        pgs[5].pg_flags |= PG_BUSY  # a fault between its two pgo_get passes
+    syncer = start(lambda: flush(uvn, 0, 0, PGO_CLEANIT | PGO_SYNCIO | PGO_ALLPAGES), "msync")
+    try:
+        wait_sleeping("uvn_flsh")
+        before_wait = writes(fs)
+    finally:
+        with uvn.vmobjlock:
+            uvm_page_unbusy([pgs[5]])
+    assert syncer.join_ok() is False
+    assert before_wait == [(0, 5 * PS), (6 * PS, 10 * PS)]
+    assert writes(fs) == [(0, 5 * PS), (6 * PS, 10 * PS), (5 * PS, PS)]
+    assert uvn.u_errseq == 3 and all(modified(pg) for pg in pgs)
 
 
 def test_uvn_flush_one_dirty_page_of_sparse_terabyte_file(vm: VM, tmp_path: Path) -> None:

@@ -292,12 +292,13 @@ def test_uvn_io_short_write_is_an_error_and_pages_stay_dirty(vm: VM) -> None:
         store(pm, pg, b"both")
     fs.write_limit = PS  # the backend stops after one page, with no error
     assert flush(uvn, 0, 0, PGO_CLEANIT | PGO_SYNCIO | PGO_ALLPAGES) is False
-    assert uvn.u_error == errno.EIO and not pgs[0].pg_flags & PG_CLEAN
-    # the cluster was dropped dirty; page 1 alone then fit in one short write
-    assert pgs[1].pg_flags & PG_CLEAN and contents(vp)[PS:PS + 4] == b"both"
+    # the cluster was dropped dirty, and this flush does not try it again
+    assert uvn.u_error == errno.EIO and uvn.u_errseq == 1
+    assert not pgs[0].pg_flags & PG_CLEAN and not pgs[1].pg_flags & PG_CLEAN
+    assert contents(vp)[PS:PS + 4] != b"both"
     fs.write_limit = None
     assert flush(uvn, 0, 0, PGO_CLEANIT | PGO_SYNCIO | PGO_ALLPAGES) is True
-    assert contents(vp)[:4] == b"both"
+    assert contents(vp)[:4] == b"both" and contents(vp)[PS:PS + 4] == b"both"
 
 
 def test_uvn_io_multi_page_read_zero_fills_after_eof(vm: VM) -> None:
@@ -313,3 +314,34 @@ def test_uvn_io_multi_page_read_zero_fills_after_eof(vm: VM) -> None:
         with vm.pageqlock:
             for pg in pgs:
                 uvm_pagefree(pg)  # type: ignore[arg-type]
+
+
+def test_uvn_io_npages_other_than_the_pages_given_panics(vm: VM) -> None:
+    # the read would zero-fill every frame of pps after the npages it read
+    _, uvn = mkfile(vm, b"short")
+    with uvn.vmobjlock:
+        pgs = [uvm_pagealloc(vm, uvn, off) for off in (0, PS)]
+        assert all(pgs)
+        for pg in pgs:
+            pg.data[:] = b"\xff" * PS  # type: ignore[union-attr]
+        try:
+            with pytest.raises(Panic, match="uvn_io: npages"):
+                uvn_io(uvn, pgs, 1, PGO_SYNCIO, UIO_READ)  # type: ignore[arg-type]
+            untouched = [bytes(pg.data) == b"\xff" * PS for pg in pgs]  # type: ignore[union-attr]
+        finally:
+            with vm.pageqlock:
+                for pg in pgs:
+                    uvm_pagefree(pg)  # type: ignore[arg-type]
+    assert untouched == [True, True]
+
+
+def test_uvn_get_clears_the_errno_of_an_earlier_call(vm: VM) -> None:
+    fs, mp = progfs(vm)
+    _, uvn = mkfile(vm, pattern(2), mp=mp)
+    fs.fail["read"] = errno.EIO
+    assert get_busy(uvn, 0, 1)[0] == VM_PAGER_ERROR and curproc().p_errno == errno.EIO
+    del fs.fail["read"]
+    result, pps = get_busy(uvn, 0, 1)
+    error = curproc().p_errno
+    unbusy(uvn, pps)  # type: ignore[arg-type]
+    assert result == VM_PAGER_OK and error == 0

@@ -22,8 +22,8 @@ import pytest
 
 import vnpager
 from vnpager import VM, BusError
-from vnpager.mmap import parse_size
 from vnpager.uvm.uvm_pager import PGO_ALLPAGES, PGO_CLEANIT
+from vnpager.uvm.uvm_param import parse_size
 from vnpager.uvm.uvm_vnode import uvn_flush
 from vnpager.vfs.faultfs import FaultFS, FaultPlan
 
@@ -379,16 +379,32 @@ def test_stats_keys(vm: VM) -> None:
     stats = vm.stats()
     for key in ("faults", "faultahead", "pageins", "pageouts", "read_ios", "write_ios", "resident",
                 "free", "active", "inactive", "persisting"):
-        assert isinstance(stats[key], int), key
-    assert stats["free"] + stats["resident"] == vm.npages
-    assert stats["faults"] >= 1
+        assert isinstance(getattr(stats, key), int) and stats[key] == getattr(stats, key), key
+    assert stats.free + stats.resident == vm.npages
+    assert stats.faults >= 1
+    with pytest.raises(KeyError):
+        stats["nonsense"]
 
 
 def test_parse_size() -> None:
-    assert [parse_size(s) for s in ("4096", "64M", "1G", "2k", "3MiB", "1gb")] == \
-        [4096, 64 << 20, 1 << 30, 2048, 3 << 20, 1 << 30]
-    with pytest.raises(ValueError):
-        parse_size("lots")
+    assert [parse_size(s) for s in ("4096", "64M", "1G", "2k", "3MiB", "1gb", " 8 K ", "512B")] == \
+        [4096, 64 << 20, 1 << 30, 2048, 3 << 20, 1 << 30, 8192, 512]
+    for bad in ("lots", "4X", "-1M", "1.5M", "", "4MiBB"):
+        with pytest.raises(ValueError, match="not a size"):
+            parse_size(bad)
+
+
+def test_vm_takes_sizes_as_the_cli_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    with VM(physmem="1M") as vm:
+        assert vm.physmem == 1 << 20
+    with pytest.raises(ValueError, match="not a size"):
+        VM(physmem="a lot")
+    monkeypatch.setenv("VNPAGER_PHYSMEM", "2MiB")  # a VM made without physmem, as the default VM
+    with VM() as vm:
+        assert vm.physmem == 2 << 20
+    monkeypatch.setenv("VNPAGER_PHYSMEM", "plenty")
+    with pytest.raises(ValueError, match="VNPAGER_PHYSMEM: not a size"):
+        VM()
 
 
 def _run(code: str, env: dict[str, str] | None = None) -> Any:

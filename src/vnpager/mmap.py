@@ -9,10 +9,16 @@ access goes through the VM's address space and fault handler.
 Differences from CPython's mmap, each on purpose or forced:
 
 * **No buffer protocol.**  The mapped pages are not contiguous memory, so
-  ``memoryview(m)``, ``bytes(m)``, ``re.search(pattern, m)``,
-  ``hashlib.sha256(m)``, ``f.write(m)`` and ``m.readinto``-style consumers
-  raise TypeError.  Use ``m[a:b]`` or ``m.read(n)`` (bytes copies), and
-  ``m.find``/``m.rfind`` (which search without copying the whole map).
+  ``memoryview(m)``, ``re.search(pattern, m)``, ``hashlib.sha256(m)``,
+  ``f.write(m)`` and ``m.readinto``-style consumers raise TypeError.  Use
+  ``m[a:b]`` or ``m.read(n)`` (bytes copies), ``bytes(m)`` (a copy of the
+  whole map), ``numpy.asarray(m)`` (a uint8 copy; ``copy=False`` is
+  ValueError), and ``m.find``/``m.rfind``/``m.readline`` (which read small
+  windows first, then larger ones, never the whole map at once).
+  ``bytearray(m)`` cannot work without the buffer protocol on 3.11 (it
+  iterates, and wants ints where iteration gives one-byte bytes): it raises
+  a TypeError that says to use ``bytearray(m[:])``.  ``b in m`` gives the
+  stdlib's one-byte membership answer, by a search instead of iterating.
   Slice assignment, ``write`` and ``find`` accept any bytes-like object.
 * **Errors instead of signals.**  Touching a page past the file's current
   end raises :class:`BusError` (an OSError, errno EFAULT) instead of
@@ -45,6 +51,15 @@ Differences from CPython's mmap, each on purpose or forced:
   as ``vm.pread`` and ``vm.open``'s: :mod:`vnpager.vnmap`).  All mappings
   of one file in one VM share one object, so they see each other's writes
   at once.
+* **fork.**  After ``os.fork()`` each process has a VM of its own: its own
+  frames (private memory, copied on write), swap and daemon threads.  Fork
+  first writes every dirty file page back, so each process then writes
+  back only what it dirtied itself.  The two caches are coherent
+  close-to-open, as two programs' are; an anonymous map, MAP_SHARED or not,
+  is not shared with the child (CPython's MAP_SHARED one is); a page that
+  both processes write ends up as the last write-back has it, whole; a
+  child leaving through ``os._exit`` (multiprocessing's workers do) writes
+  back nothing it did not flush.  See the README.
 * ``flush()`` and ``close()`` raise the write-back error (OSError with the
   backend's errno); the pages stay dirty, so a later flush can write them.
   A write-back that failed elsewhere (another map of the file, the page
@@ -85,7 +100,6 @@ import errno
 import fcntl
 import operator
 import os
-import re
 import stat
 import sys
 import threading
@@ -133,36 +147,26 @@ ALLOCATIONGRANULARITY = PAGE_SIZE
 error = OSError
 
 CHUNK = 1 << 20  # bytes per copy through the pager: bounds the memory of big reads
-_LINE_CHUNK = 8192
+# the first window of a search (find, readline, in): most end near their start, and a
+# copy costs little more than the call under a few KiB; each next window is 4 times larger
+_FIRST_WINDOW = 256
 _SSIZE_MAX = sys.maxsize
 _INT_MAX = 2**31 - 1
 
 # ---------------------------------------------------------------- the default VM
 
-DEFAULT_PHYSMEM = 256 << 20
-_SIZE_RE = re.compile(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
 _default_vm: VM | None = None
 _default_vm_lock = threading.Lock()
 
 
-def parse_size(text: str) -> int:
-    """Bytes in *text*: a number with an optional K/M/G/T suffix (powers of
-    1024; "64M", "64MiB", "1g").  Raises ValueError."""
-    m = _SIZE_RE.fullmatch(text)
-    if m is None:
-        raise ValueError(f"not a size: {text!r}")
-    return int(m.group(1)) << (10 * " kmgt".index(m.group(2).lower() or " "))
-
-
 def default_vm() -> VM:
-    """The VM that mappings use unless given one: made on first use with
-    ``VNPAGER_PHYSMEM`` bytes (256 MiB when unset), and closed at exit so
-    that dirty pages reach their files."""
+    """The VM that mappings use unless given one: made on first use as
+    ``VM()`` makes it (``VNPAGER_PHYSMEM`` bytes, 256 MiB when unset), and
+    closed at exit so that dirty pages reach their files."""
     global _default_vm
     with _default_vm_lock:
         if _default_vm is None or _default_vm.closed:
-            env = os.environ.get("VNPAGER_PHYSMEM")
-            _default_vm = VM(physmem=parse_size(env) if env else DEFAULT_PHYSMEM)
+            _default_vm = VM()
             atexit.register(_default_vm.close)
         return _default_vm
 
@@ -229,7 +233,7 @@ class mmap:  # noqa: N801 - the stdlib's name
                  "_pos", "_probe", "_prot", "_size", "_space", "_trackfd", "_uobj", "_va", "_vm", "_vp")
 
     _access: int
-    _anon: bool  # fileno=-1: a memfs object nobody else can map
+    _anon: bool  # fileno=-1: an anonymous (swapfs) object nobody else can map
     _closed: bool
     _fd: int  # our descriptor of the file (trackfd), else -1
     _file: FileObject  # our hold on the object: attach, errseq, sync, size, map (vnpager.vnmap)
@@ -467,17 +471,26 @@ class mmap:  # noqa: N801 - the stdlib's name
     def readline(self) -> bytes:
         self._check_valid()
         self._revalidate()
-        parts, pos = [], self._pos
-        while pos < self._size:
-            chunk = self._read(pos, min(_LINE_CHUNK, self._size - pos))
+        pos, size = self._pos, self._size
+        if pos >= size:
+            return b""
+        # the usual case, with no generator and no call between us and the load (as
+        # __getitem__'s fast path): the line ends in the first window
+        n = size - pos
+        first = uvm_load(self._space, self._va + pos, n if n < _FIRST_WINDOW else _FIRST_WINDOW)
+        nl = first.find(b"\n")
+        if nl >= 0:
+            self._pos = pos + nl + 1
+            return first[:nl + 1]
+        parts = [first]
+        for at, chunk in self._windows(pos + len(first), size, 0, span=4 * _FIRST_WINDOW):
             nl = chunk.find(b"\n")
             if nl >= 0:
                 parts.append(chunk[:nl + 1])
-                pos += nl + 1
-                break
+                self._pos = at + nl + 1
+                return b"".join(parts)
             parts.append(chunk)
-            pos += len(chunk)
-        self._pos = pos
+        self._pos = size
         return b"".join(parts)
 
     def write(self, data: Any) -> int:
@@ -517,8 +530,8 @@ class mmap:  # noqa: N801 - the stdlib's name
 
     def _find(self, sub: Any, start_arg: SupportsIndex | None, end_arg: SupportsIndex | None,
               reverse: bool) -> int:
-        """Search [start, end) window by window, each overlapping the next by
-        len(sub) - 1 bytes, so that only the windows searched are read."""
+        """Search [start, end) window by window (see _windows): only the
+        windows searched are read."""
         needle = _buffer(sub).tobytes()
         self._check_valid()
         start = self._clamp(_ssize(start_arg) if start_arg is not None else self._pos)
@@ -530,26 +543,34 @@ class mmap:  # noqa: N801 - the stdlib's name
         if n == 0:
             return end if reverse else start
         self._revalidate()
-        span = max(CHUNK, 2 * n)
-        if not reverse:
-            lo = start
-            while True:
-                hi = min(end, lo + span)
-                i = self._read(lo, hi - lo).find(needle)
-                if i >= 0:
-                    return lo + i
-                if hi == end:
-                    return -1
-                lo = hi - n + 1
-        hi = end
-        while True:
-            lo = max(start, hi - span)
-            i = self._read(lo, hi - lo).rfind(needle)
+        for pos, window in self._windows(start, end, n - 1, reverse):
+            i = window.rfind(needle) if reverse else window.find(needle)
             if i >= 0:
-                return lo + i
-            if lo == start:
-                return -1
-            hi = lo + n - 1
+                return pos + i
+        return -1
+
+    def _windows(self, lo: int, hi: int, overlap: int, reverse: bool = False,
+                 span: int = _FIRST_WINDOW) -> Iterator[tuple[int, bytes]]:
+        """(offset, bytes) of [lo, hi), window by window from lo up (from hi
+        down if *reverse*), each overlapping the next by *overlap* bytes so
+        that a needle of overlap + 1 bytes across a boundary is in one of
+        them.  The first window is small (*span*, or twice the needle) and
+        each next one 4 times larger, up to CHUNK: a search that ends near
+        its start copies little, one that goes far copies in big windows.
+        => revalidated.
+        """
+        span = max(span, 2 * (overlap + 1))
+        most = max(CHUNK, span)
+        while lo < hi:
+            a, b = (max(lo, hi - span), hi) if reverse else (lo, min(hi, lo + span))
+            yield a, self._read(a, b - a)
+            if (a == lo) if reverse else (b == hi):
+                return
+            if reverse:
+                hi = a + overlap
+            else:
+                lo = b - overlap
+            span = min(4 * span, most)
 
     def _clamp(self, i: int) -> int:
         if i < 0:
@@ -743,14 +764,18 @@ class mmap:  # noqa: N801 - the stdlib's name
 
     def __iter__(self) -> Iterator[bytes]:
         """Bytes objects of length 1, as CPython's (its iteration goes through
-        the sequence protocol, which returns bytes where indexing gives ints)."""
+        the sequence protocol, which returns bytes where indexing gives ints),
+        each read when it is reached.  They are of a bytes subclass whose
+        ``__index__`` raises a TypeError that says what to do instead: so
+        ``bytearray(m)`` (which, without the buffer protocol, iterates and
+        wants ints) fails with a message naming ``bytearray(m[:])``."""
         i = 0
         while True:
             self._check_valid()
             if i >= self._size:
                 return
             self._revalidate()
-            yield self._read(i, 1)
+            yield _Byte(self._read(i, 1))
             i += 1
 
     def __reversed__(self) -> Iterator[bytes]:
@@ -760,12 +785,71 @@ class mmap:  # noqa: N801 - the stdlib's name
             self._check_valid()
             if i < self._size:
                 self._revalidate()
-                yield self._read(i, 1)
+                yield _Byte(self._read(i, 1))
             i -= 1
+
+    def __contains__(self, item: object) -> bool:
+        """The stdlib's answer to ``item in m``: its mmap has no
+        ``__contains__``, so ``in`` iterates one-byte bytes objects and
+        compares each with *item*.  It is a one-byte membership test:
+        ``b"a" in m`` looks for the byte 97, ``b"ab" in m`` and ``97 in m``
+        are False.  Instead of iterating, *item* is compared with the 256
+        one-byte values once and the map searched for those that are equal
+        (the same answer for any *item* whose == does not change its mind).
+        """
+        self._check_valid()
+        if type(item) is bytes or type(item) is bytearray:  # the usual case: no == calls
+            wanted = bytes(item) if len(item) == 1 else b""
+        else:
+            wanted = bytes(v for v in range(256) if bytes((v,)) == item)
+        if not wanted or not self._size:
+            return False
+        self._revalidate()
+        others = bytes(v for v in range(256) if v not in wanted)
+        for _, window in self._windows(0, self._size, 0):
+            if window.find(wanted) >= 0 if len(wanted) == 1 else window.translate(None, others):
+                return True
+        return False
+
+    def __bytes__(self) -> bytes:
+        """``bytes(m)``: a copy of the whole map (there is no buffer protocol,
+        see the module docstring)."""
+        self._check_valid()
+        self._revalidate()
+        return self._read(0, self._size)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> Any:
+        """``numpy.asarray(m)``: a copy of the map as a writable uint8 array
+        (CPython's mmap gives a view; ours has no contiguous memory to view,
+        so ``copy=False`` raises ValueError, as numpy asks)."""
+        import numpy  # a test-only dependency: only users of numpy get here
+
+        if copy is False:
+            raise ValueError("a vnpager.mmap cannot be viewed without a copy: its pages are not "
+                             "contiguous memory")
+        self._check_valid()
+        self._revalidate()
+        array = numpy.empty(self._size, dtype=numpy.uint8)
+        view: memoryview = array.data
+        for i in range(0, self._size, CHUNK):
+            uvm_copyin(self._space, self._va + i, view[i:i + CHUNK])
+        return array if dtype is None else array.astype(dtype, copy=False)
 
     def _maxprot(self) -> int:
         """=> only for remapping: the first mapping checked the descriptor."""
         return self._prot | PROT_READ
+
+
+class _Byte(bytes):
+    """One byte of a map, as its iteration yields it: a bytes of length 1
+    (as the stdlib's), which refuses to be an int with advice (see
+    mmap.__iter__)."""
+
+    __slots__ = ()
+
+    def __index__(self) -> int:
+        raise TypeError("the items of a vnpager.mmap are bytes of length 1, not ints; to copy the "
+                        "map use bytearray(m[:]) or bytes(m) (it has no buffer protocol)")
 
 
 def _own_descriptor(fd: int) -> tuple[int, bool]:

@@ -11,6 +11,10 @@ that took the interlock after us can never be lost.  A sleeper wakes only by
 :func:`wakeup` or its timeout: there are no spurious wakeups, but callers loop
 on their condition anyway, as the kernel's do.  A sleeping thread lets go
 of the kernel lock, as mi_switch() does.
+
+Fork holds the scheduler lock across the fork (:func:`synch_fork_prepare`),
+so that the child's sleep queue is not caught half changed; the child
+empties it (its sleepers were other threads, which the child has not).
 """
 
 from __future__ import annotations
@@ -114,3 +118,25 @@ def sleepers() -> dict[int, str]:
     """Thread id -> wait message of every sleeping thread (for hang reports)."""
     with _sched:
         return dict(_wmesg)
+
+
+def nsleepers(chan: Hashable) -> int:
+    """How many threads sleep on *chan* now (for statistics)."""
+    with _sched:
+        return len(_sleepq.get(chan, ()))
+
+
+def synch_fork_prepare() -> None:
+    """Before fork: hold the scheduler lock.  => the VM is quiet (fork_gate)."""
+    _sched.acquire()
+
+
+def synch_fork_parent() -> None:
+    _sched.release()
+
+
+def synch_fork_child() -> None:
+    """In the child: nobody sleeps (only the forking thread exists)."""
+    _sleepq.clear()
+    _wmesg.clear()
+    _sched.release()

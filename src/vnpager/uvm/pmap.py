@@ -20,7 +20,13 @@ disjoint.  :func:`pmap_access` fills them (only over the pages of the
 access itself, so no bit is set for a page nobody touched), and
 :func:`pmap_tlb_merge` joins neighbouring runs an access went through;
 loads and stores through them take no other step, and in particular set no
-bit.  That is correct because of this invariant, kept under
+bit.  Their cost follows the pages accessed, not the runs' lengths: a
+load writes a key for each page it touches, the merges after an access
+write at most two keys per page it touched, and a drop deletes keys once
+written.
+(Merging without that bound, a scan in small steps rewrote the whole run
+behind it at each page it added: quadratic over a cold sequential pass.)
+That is correct because of this invariant, kept under
 ``vm.pmap_lock``:
 
 * a page of a ``pm_rtlb`` run is mapped at that address, readable, with
@@ -240,23 +246,29 @@ def pmap_access(pmap: Pmap, va: int, end: int, access_type: int) -> Run | None:
     return run
 
 
-def pmap_tlb_merge(pmap: Pmap, runs: list[Run], access_type: int) -> None:
+def pmap_tlb_merge(pmap: Pmap, runs: list[Run], access_type: int, touched: int) -> None:
     """Merge the runs of *runs* (consecutive in the address space) that are
     also consecutive in physical memory, so that the next access over them
     is one copy.  The merged run's pages satisfy the invariant already.
+
+    The access touched *touched* bytes of pages; the groups merged span at
+    most twice that in all, so that merging writes at most two keys per page
+    touched, whatever the length of the runs (see above).
 
     => caller holds ``vm.pmap_lock`` and found every run of *runs* in the
        TLB of *access_type* during this hold.
     """
     tlb = pmap.pm_wtlb if access_type & PROT_WRITE else pmap.pm_rtlb
     ps = pmap.vm.page_size
+    most = 2 * touched  # the bytes of runs left to merge
     i = 0
     while i < len(runs):
         j = i + 1
         while (j < len(runs) and runs[j][0] == runs[j - 1][1]
                and runs[j][3] == runs[j - 1][3] + (runs[j - 1][1] - runs[j - 1][0]) // ps):
             j += 1
-        if j - i > 1:
-            start, end, frame = runs[i][0], runs[j - 1][1], runs[i][3]
+        start, end, frame = runs[i][0], runs[j - 1][1], runs[i][3]
+        if j - i > 1 and end - start <= most:
             _tlb_load(tlb, (start, end, pmap.frames[frame * ps:frame * ps + (end - start)], frame), ps)
+            most -= end - start
         i = j

@@ -23,7 +23,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 
-from vnpager.kern.lock import LK_EXCLUSIVE, LK_RETRY, RW_WRITE, kernel_lock
+from vnpager.kern.lock import LK_EXCLUSIVE, LK_RETRY, RW_WRITE, gated, kernel_lock
 from vnpager.kern.proc import curproc
 from vnpager.uvm.uvm_page import (
     PG_CLEAN,
@@ -141,6 +141,7 @@ def _each_page(uvn: UvmVnode, off: int, end: int,
         pgoff += ps
 
 
+@gated
 def ubc_readinto(uvn: UvmVnode, buf: memoryview, off: int) -> int:
     """Read up to len(buf) bytes at *off* into *buf*; return how many.
 
@@ -165,6 +166,7 @@ def ubc_readinto(uvn: UvmVnode, buf: memoryview, off: int) -> int:
     return done
 
 
+@gated
 def ubc_read(uvn: UvmVnode, n: int, off: int) -> bytes:
     """Read up to *n* bytes at *off*; fewer at the end of the object."""
     buf = bytearray(max(0, min(n, uvn.u_size - off)))
@@ -172,6 +174,7 @@ def ubc_read(uvn: UvmVnode, n: int, off: int) -> bytes:
     return bytes(buf[:got]) if got < len(buf) else bytes(buf)
 
 
+@gated
 def ubc_write(uvn: UvmVnode, data: bytes | bytearray | memoryview, off: int) -> int:
     """Write *data* at *off*, growing the object if it ends past the end.
 
@@ -248,6 +251,7 @@ def _grow(uvn: UvmVnode, end: int) -> int:
     return size
 
 
+@gated
 def ubc_setsize(uvn: UvmVnode, size: int) -> None:
     """Truncate or extend the object and its backing file to *size*
     (see _setsize_locked for the order).  Raises OSError if the backing

@@ -25,7 +25,7 @@ import errno
 from typing import TYPE_CHECKING
 
 from vnpager.kern.errors import BusError, SegvError
-from vnpager.kern.lock import RW_READ, RW_WRITE
+from vnpager.kern.lock import RW_READ, RW_WRITE, gated
 from vnpager.kern.proc import curproc
 from vnpager.kern.synch import tsleep
 from vnpager.kern.trace import traced
@@ -66,6 +66,7 @@ class _Refault(Exception):
     """The fault must start over: memory was short or a page went away."""
 
 
+@gated
 @traced
 def uvm_fault(space: Vmspace, vaddr: int, access_type: int) -> None:
     """Resolve a fault at *vaddr* for *access_type* (PROT_READ/PROT_WRITE).
@@ -293,6 +294,7 @@ def _resident(space: Vmspace, pos: int, end: int, access_type: int) -> tuple[lis
     tlb = pmap.pm_wtlb if access_type & PROT_WRITE else pmap.pm_rtlb
     mask = pmap.pm_mask
     stop = min(end, pos + COPY_SPAN)
+    touched = ((stop + ~mask) & mask) - (pos & mask)  # the bytes of the pages the access touches
     parts, runs = [], []
     while pos < stop:
         pva = pos & mask
@@ -305,7 +307,7 @@ def _resident(space: Vmspace, pos: int, end: int, access_type: int) -> tuple[lis
         runs.append(run)
         pos = k
     if len(runs) > 1:
-        pmap_tlb_merge(pmap, runs, access_type)
+        pmap_tlb_merge(pmap, runs, access_type, touched)
     return parts, pos
 
 

@@ -7,9 +7,9 @@ protection and the advice it was given.
 
 A private (copy-on-write) entry has an :class:`Amap` on top of its object:
 pages written through the entry are copied into the amap's own anonymous
-object, and never reach the file.  The anonymous object is a memfs file
+object, and never reach the file.  The anonymous object is a swapfs file
 paged by the vnode pager, so the page daemon can push anonymous pages out
-exactly as it does file pages (memfs plays the part of swap).
+exactly as it does file pages (swapfs plays the part of swap, on disk).
 
 => ``space.lock`` (write) guards the entries; faults take it for read.
    ``space.timestamp`` changes with every change to the entries, so that a
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from sortedcontainers import SortedDict
 
-from vnpager.kern.lock import LK_EXCLUSIVE, LK_RETRY, RW_READ, RW_WRITE, RWLock, kernel_lock
+from vnpager.kern.lock import LK_EXCLUSIVE, LK_RETRY, RW_READ, RW_WRITE, RWLock, gated, kernel_lock
 from vnpager.uvm.pmap import Pmap, pmap_is_modified, pmap_page_protect, pmap_protect, pmap_remove
 from vnpager.uvm.uvm_page import PG_BUSY, PG_CLEAN, uvm_pagedeactivate, uvm_pagefree
 from vnpager.uvm.uvm_pager import PGO_CLEANIT, PGO_FREE, PGO_SYNCIO
@@ -40,7 +40,7 @@ from vnpager.uvm.uvm_param import (
 )
 from vnpager.uvm.uvm_readahead import UvmRactx
 from vnpager.uvm.uvm_vnode import UvmVnode, uvm_vnp_setsize, uvm_vnp_uncache, uvn_attach
-from vnpager.vfs.memfs import memfs_create
+from vnpager.vfs.swapfs import swapfs_create
 from vnpager.vfs.vnode import VOP_UNLOCK, vn_lock
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class Amap:
     """The anonymous layer of private entries: written pages by offset.
 
     ``slots`` are the amap offsets that hold a page of their own (resident
-    in ``obj`` or paged out to its memfs file).  Entries split from one
+    in ``obj`` or paged out to its swap file).  Entries split from one
     another share the amap, each holding a reference to ``obj``.
     """
 
@@ -145,6 +145,7 @@ class Vmspace:
         return out
 
 
+@gated
 def uvm_map(space: Vmspace, size: int, uobj: UvmObject | None, uoffset: int, prot: int,
             maxprot: int, flags: int, advice: int = MADV_NORMAL) -> int:
     """Map *size* bytes of *uobj* from *uoffset*; return the address.
@@ -177,14 +178,16 @@ def uvm_map(space: Vmspace, size: int, uobj: UvmObject | None, uoffset: int, pro
     return va
 
 
+@gated
 def uvm_anon_object(vm: VM, size: int) -> UvmVnode:
-    """A fresh anonymous object of *size* bytes, zero-filled, on memfs,
+    """A fresh anonymous object of *size* bytes, zero-filled, paged out to
+    the VM's swap (swapfs: a file on disk, made at the first page-out),
     referenced once.
 
     Nobody can attach it again, so it does not persist: it dies with its
     last reference (see :func:`uvm_anon_discard` to spare it the writes).
     """
-    vp = memfs_create(vm.vfs, vm.memfs, size=size)
+    vp = swapfs_create(vm.vfs, vm.swapfs, size)
     uobj = uvn_attach(vp, PROT_READ | PROT_WRITE)
     vm.vfs.vrele(vp)
     assert uobj is not None
@@ -194,9 +197,10 @@ def uvm_anon_object(vm: VM, size: int) -> UvmVnode:
     return uobj
 
 
+@gated
 def uvm_anon_discard(uobj: UvmVnode) -> None:
     """Throw away the contents of an anonymous object whose last user is
-    done with them: its pages are freed unwritten, its memfs file emptied.
+    done with them: its pages are freed unwritten, its swap given back.
 
     => caller holds a reference and no VM lock.
     """
@@ -206,6 +210,7 @@ def uvm_anon_discard(uobj: UvmVnode) -> None:
         uvm_vnp_setsize(vp, 0)
 
 
+@gated
 def uvm_unmap(space: Vmspace, start: int, end: int) -> None:
     """Remove the mappings of [start, end), dropping their references.
 
@@ -233,6 +238,7 @@ def uvm_unmap(space: Vmspace, start: int, end: int) -> None:
             aobj.pgops.pgo_detach(aobj)
 
 
+@gated
 def uvm_map_protect(space: Vmspace, start: int, end: int, prot: int) -> None:
     """Change the protection of [start, end); EACCES beyond the maximum."""
     space.lock.rw_enter(RW_WRITE)
@@ -248,6 +254,7 @@ def uvm_map_protect(space: Vmspace, start: int, end: int, prot: int) -> None:
         space.lock.rw_exit()
 
 
+@gated
 def uvm_map_advice(space: Vmspace, start: int, end: int, advice: int) -> None:
     """Record NORMAL/RANDOM/SEQUENTIAL advice, or act on WILLNEED/DONTNEED.
 
@@ -301,6 +308,7 @@ def _dontneed(uobj: UvmObject, lo: int, hi: int) -> None:
                     uvm_pagedeactivate(pg)
 
 
+@gated
 def uvm_msync(space: Vmspace, start: int, end: int, flags: int) -> int:
     """Write back the dirty pages of shared mappings in [start, end).
 

@@ -22,7 +22,13 @@ if TYPE_CHECKING:
 class UvmObject:
     """``struct uvm_object``.
 
-    => ``memt`` and ``uo_refs`` change only under ``vmobjlock`` (write).
+    * ``vm``, ``pgops``, ``vmobjlock``: fixed when the object is made.
+    * ``memt`` (the resident pages by offset) and ``uo_refs``: change only
+      under ``vmobjlock`` (write); read under it (read or write).
+    * ``uo_active``: the object's pages on the active queue, oldest first,
+      kept by the page queue functions under ``vm.pageqlock`` (a page is in
+      it exactly when it is tabled here and PQ_ACTIVE), so that the last
+      detach visits the pages used since the previous one, not every page.
     """
 
     def __init__(self, vm: VM, pgops: UvmPagerOps, refs: int = 0) -> None:
@@ -30,6 +36,7 @@ class UvmObject:
         self.pgops = pgops
         self.vmobjlock = RWLock("vmobjlock")
         self.memt: SortedDict[int, VmPage] = SortedDict()
+        self.uo_active: dict[VmPage, None] = {}
         self.uo_refs = refs
 
     @property

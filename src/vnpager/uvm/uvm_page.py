@@ -49,7 +49,31 @@ UVM_PGA_NORESERVE = 0x2  # uvm_pagealloc: fail rather than go below vm.freemin (
 
 
 class VmPage:
-    """One physical page (``struct vm_page``)."""
+    """One physical page (``struct vm_page``).
+
+    Which lock guards each field (the order of the locks is in uvm/uvm.py):
+
+    * ``vm``, ``frame``, ``data`` (the memoryview itself): fixed when the VM
+      is made.  The bytes of ``data``: whoever has the page busy (PG_BUSY)
+      for I/O or a copy, and ``vm.pmap_lock`` for loads and stores through
+      a mapping.
+    * ``pg_flags``: the PG_* bits under the object lock of the page's
+      object (PG_BUSY makes the holder its owner until it unbusies it); the
+      PQ_* bits under ``vm.pageqlock``.  One word for both, as in OpenBSD,
+      which changes it with atomic operations.  Here ``|=`` and ``&=`` are
+      a read-modify-write that the GIL does not make atomic, so all writers
+      must share a lock: every writer holds the object lock (or the page is
+      free and owned by the allocator, under the page queue lock), except
+      the page daemon's active scan, which deactivates under the page queue
+      lock alone and can race a PG_* change by the object's lock holder.
+    * ``offset``, ``uobject``, ``uanon``, ``wire_count``: the object lock
+      (insert and remove also need the page, busy or free, to be the
+      caller's).  The page daemon reads ``uobject`` unlocked and checks it
+      again under that object's lock.
+    * ``owner``: the UVM_PAGE_OWN tag, written by the page's owner; debug only.
+    * ``pv``, ``attrs``: ``vm.pmap_lock``; pmap_is_modified and
+      pmap_is_referenced read ``attrs`` unlocked (one load: atomic).
+    """
 
     __slots__ = (
         "attrs",
@@ -97,6 +121,7 @@ def uvm_pagelookup(uobj: UvmObject, off: int) -> VmPage | None:
 
 def uvm_pageinsert(pg: VmPage, uobj: UvmObject, off: int) -> None:
     KASSERT((pg.pg_flags & PG_TABLED) == 0, "uvm_pageinsert: already tabled")
+    KASSERT(not pg.pg_flags & PQ_ACTIVE, "uvm_pageinsert: active page")  # uo_active would miss it
     if off in uobj.memt:
         panic(f"uvm_pageinsert: page already at offset {off:#x}")
     pg.uobject = uobj
@@ -108,6 +133,7 @@ def uvm_pageinsert(pg: VmPage, uobj: UvmObject, off: int) -> None:
 def uvm_pageremove(pg: VmPage) -> None:
     uobj = pg.uobject
     KASSERT(pg.pg_flags & PG_TABLED and uobj is not None, "uvm_pageremove: not tabled")
+    KASSERT(not pg.pg_flags & PQ_ACTIVE, "uvm_pageremove: active page")  # dequeue it first
     assert uobj is not None
     del uobj.memt[pg.offset]
     pg.pg_flags &= ~PG_TABLED
@@ -158,9 +184,17 @@ def uvm_pagewant_ra(vm: VM, npages: int) -> None:
     wakeup(vm.pagedaemon_chan)
 
 
+def _active_remove(vm: VM, pg: VmPage) -> None:
+    """Take *pg* off the active queue, and its object's ``uo_active``."""
+    del vm.page_active[pg]
+    if pg.uobject is not None:
+        del pg.uobject.uo_active[pg]
+    pg.pg_flags &= ~PQ_ACTIVE
+
+
 def _pagedequeue(vm: VM, pg: VmPage) -> None:
     if pg.pg_flags & PQ_ACTIVE:
-        del vm.page_active[pg]
+        _active_remove(vm, pg)
     elif pg.pg_flags & PQ_INACTIVE:
         del vm.page_inactive[pg]
     pg.pg_flags &= ~(PQ_ACTIVE | PQ_INACTIVE)
@@ -173,9 +207,9 @@ def uvm_pageclean(pg: VmPage) -> None:
     """
     KASSERT(pg.vm.pageqlock.held(), "uvm_pageclean: pageq not locked")
     KASSERT(not pg.pv, "uvm_pageclean: page still mapped")
+    _pagedequeue(pg.vm, pg)  # while pg.uobject still names the object (uo_active)
     if pg.pg_flags & PG_TABLED:
         uvm_pageremove(pg)
-    _pagedequeue(pg.vm, pg)
     pg.wire_count = 0
     pg.uanon = None
 
@@ -241,8 +275,7 @@ def uvm_pagedeactivate(pg: VmPage) -> None:
     if pg.pg_flags & PQ_INACTIVE or pg.wire_count:
         return
     if pg.pg_flags & PQ_ACTIVE:
-        del vm.page_active[pg]
-        pg.pg_flags &= ~PQ_ACTIVE
+        _active_remove(vm, pg)
     if pg.pg_flags & PG_CLEAN and pmap_is_modified(pg):
         pg.pg_flags &= ~PG_CLEAN
     pmap_clear_reference(pg)
@@ -261,6 +294,8 @@ def uvm_pageactivate(pg: VmPage) -> None:
         return
     _pagedequeue(vm, pg)
     vm.page_active[pg] = None
+    if pg.uobject is not None:
+        pg.uobject.uo_active[pg] = None
     pg.pg_flags |= PQ_ACTIVE
 
 

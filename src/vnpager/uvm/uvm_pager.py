@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from vnpager.kern.debug import KASSERT
-from vnpager.kern.lock import Mutex
-from vnpager.kern.synch import rwsleep, wakeup
+from vnpager.kern.lock import Mutex, fork_gate
+from vnpager.kern.synch import nsleepers, rwsleep, wakeup
 from vnpager.uvm.pmap import (
     pmap_clear_modify,
     pmap_clear_reference,
@@ -142,12 +142,28 @@ class AioDaemon:
 
     def drain(self) -> None:
         """Wait until every I/O started so far is done."""
+        self.wait_idle()
+        if self.failures:
+            raise self.failures[0]
+
+    def wait_idle(self) -> None:
+        """Wait until every I/O started so far is done (fork quiesces with
+        this: nothing else starts I/O then)."""
         with self._cv:
             self._cv.wait_for(lambda: self.pending == 0)
-            if self.failures:
-                raise self.failures[0]
+
+    def after_fork_child(self) -> None:
+        """In a forked child: the parent's workers are not here (and were
+        idle at the fork); start ours on demand, as at first."""
+        self._q = queue.SimpleQueue()
+        self._cv = threading.Condition()
+        self._threads = self.pending = 0
 
     def _run(self) -> None:
+        with fork_gate.exempt():  # fork waits for threads that may wait for us
+            self._work()
+
+    def _work(self) -> None:
         while True:
             try:
                 desc = self._q.get(timeout=self.idle)
@@ -167,9 +183,16 @@ class AioDaemon:
             except BaseException as e:
                 log.exception("aiodone failed")
                 self.failures.append(e)
+            # an idle worker must not keep the last object, and so its VM,
+            # alive: a VM dropped without close() is garbage at once
+            del desc
             with self._cv:
                 self.pending -= 1
                 self._cv.notify_all()
+
+    def statistics(self) -> AioStatistics:
+        """The daemon's threads and work, read without its lock."""
+        return AioStatistics(self._threads, self.nworkers, self.pending, self._q.qsize(), len(self.failures))
 
 
 class PagerMap:
@@ -182,6 +205,10 @@ class PagerMap:
 
     def trace_name(self) -> str:
         return "pager_map"
+
+    def statistics(self) -> PagerMapStatistics:
+        """Slots in use, and the threads asleep until one is free."""
+        return PagerMapStatistics(self.nslots, self.inuse, nsleepers(self))
 
 
 def uvm_pagermapin(pager_map: PagerMap, pps: list[VmPage], flags: int) -> list[memoryview] | None:
@@ -247,6 +274,18 @@ def uvm_mk_pcluster(uobj: UvmObject, center: VmPage, maxpages: int, flags: int,
     return [*before, center, *after]
 
 
+def pager_unbusy(pg: VmPage) -> None:
+    """Unbusy a page the caller owns after its I/O, waking its waiters.  A
+    PG_RELEASED page stays released: the caller frees it.
+
+    => caller holds the page's object lock.
+    """
+    if pg.pg_flags & PG_WANTED:
+        wakeup(pg)
+    pg.pg_flags &= ~(PG_BUSY | PG_WANTED)
+    UVM_PAGE_OWN(pg, None)
+
+
 def uvm_pager_dropcluster(uobj: UvmObject, pg: VmPage | None, ppsp: list[VmPage], flags: int) -> None:
     """Give back the pages of a cluster other than *pg*.
 
@@ -260,10 +299,7 @@ def uvm_pager_dropcluster(uobj: UvmObject, pg: VmPage | None, ppsp: list[VmPage]
     for p in ppsp:
         if p is pg:
             continue
-        if p.pg_flags & PG_WANTED:
-            wakeup(p)
-        p.pg_flags &= ~(PG_BUSY | PG_WANTED)
-        UVM_PAGE_OWN(p, None)
+        pager_unbusy(p)
         if p.pg_flags & PG_RELEASED:
             p.pg_flags &= ~PG_RELEASED
             with vm.pageqlock:
@@ -282,7 +318,11 @@ def uvm_pager_put(uobj: UvmObject, pg: VmPage, maxpages: int, flags: int,
     Returns ``(result, cluster)``.  On VM_PAGER_OK or VM_PAGER_PEND the
     cluster comes back busy to the caller (with PGO_PDFREECLUST, the pages
     other than *pg* are already unbusied and clean).  On any other result
-    the cluster has been dropped and only *pg*, still busy, is returned.
+    the pages other than *pg* have been dropped (unbusied and still dirty;
+    released ones freed) and *pg* is still busy; the cluster comes back all
+    the same, so that the caller knows which pages the failed write
+    covered.  (The seed returns *pg* alone, and its flush then wrote each
+    later page of the cluster again, as the centre of a new one.)
 
     => caller holds the object lock; *pg* is busy and owned by the caller.
     => the lock is held again on return (the pager may drop it for I/O).
@@ -297,4 +337,24 @@ def uvm_pager_put(uobj: UvmObject, pg: VmPage, maxpages: int, flags: int,
         return result, ppsp
     if len(ppsp) > 1:
         uvm_pager_dropcluster(uobj, pg, ppsp, 0)
-    return result, [pg]
+    return result, ppsp
+
+
+@dataclass(frozen=True)
+class AioStatistics:
+    """``AioDaemon.statistics()``: a snapshot."""
+
+    workers: int  # threads running now (started on demand, gone when idle)
+    max_workers: int
+    pending: int  # asynchronous I/Os started and not yet done (aiodone not yet run)
+    queued: int  # of those, not yet taken by a worker
+    failures: int  # aiodone hooks that raised (a bug: drain() raises the first)
+
+
+@dataclass(frozen=True)
+class PagerMapStatistics:
+    """``PagerMap.statistics()``: a snapshot."""
+
+    slots: int
+    inuse: int  # I/Os with their pages mapped in now
+    waiters: int  # threads asleep in uvm_pagermapin until a slot is free

@@ -7,6 +7,8 @@ live in one process.
 
 from __future__ import annotations
 
+import re
+
 PAGE_SIZE = 4096  # the default
 MAXBSIZE = 64 * 1024  # the largest transfer the pager clusters into
 
@@ -29,3 +31,18 @@ def round_page(x: int, page_size: int) -> int:
 
 def trunc_page(x: int, page_size: int) -> int:
     return x & ~(page_size - 1)
+
+
+_SIZE = re.compile(r"(\d+)\s*(?:([KMGT])(?:i?B)?|B)?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """The bytes of a size as people write it: a number with an optional
+    K, M, G or T (powers of 1024; "4096", "256K", "64MiB", "1g").  The
+    CLI's ``--physmem``, ``VNPAGER_PHYSMEM`` and ``VM(physmem="4M")`` all
+    read sizes with it.  Raises ValueError.
+    """
+    m = _SIZE.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"not a size: {text!r} (try 4M, 256K, 1G)")
+    return int(m[1]) << (10 * " KMGT".index((m[2] or " ").upper()))

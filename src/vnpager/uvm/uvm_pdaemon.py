@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import threading
 import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vnpager.kern.lock import RW_NOSLEEP, RW_WRITE
+from vnpager.kern.lock import RW_NOSLEEP, RW_WRITE, fork_gate
 from vnpager.kern.synch import rwsleep, wakeup
 from vnpager.uvm.pmap import (
     pmap_clear_modify,
@@ -71,7 +72,9 @@ def uvmpd_scan_inactive(vm: VM, shortage: int, clean_only: bool = False) -> int:
     """Free up to *shortage* pages from the inactive queue; return how many.
 
     With *clean_only* (read-ahead making room, uvm_ra_reserve) dirty pages
-    are left as they are, unwritten.  => caller holds no lock.
+    are left as they are, unwritten, and those already known dirty are not
+    even looked at: a queue of dirty anonymous pages would otherwise cost
+    every read-ahead a lock and an unmap per page.  => caller holds no lock.
     """
     with vm.pageqlock:
         candidates = list(vm.page_inactive)
@@ -79,6 +82,8 @@ def uvmpd_scan_inactive(vm: VM, shortage: int, clean_only: bool = False) -> int:
     for pg in candidates:
         if freed >= shortage:
             break
+        if clean_only and not pg.pg_flags & PG_CLEAN:  # read without the lock: a hint
+            continue
         freed += _reclaim(vm, pg, clean_only)
     return freed
 
@@ -199,12 +204,22 @@ class PageDaemon:
 
     It holds the VM only weakly while asleep, so a VM dropped without
     close() is still collected (the thread then exits on its next check).
+    Fork parks it between scans (:meth:`park`), and the child starts a
+    thread of its own (:meth:`after_fork_child`).
+
+    => ``_cv`` guards ``scanning`` and ``_parked``: the decision to scan
+       and the start of the scan are one step, so a park never misses one.
     """
 
     def __init__(self, vm: VM) -> None:
         self._vm = weakref.ref(vm)
         self._stop = False
+        self._cv = threading.Condition()
+        self._parked = False  # fork: no scan may start
         self.scanning = False  # between a wakeup and the end of its scan
+        self._start()
+
+    def _start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="pagedaemon", daemon=True)
         self.thread.start()
 
@@ -215,21 +230,51 @@ class PageDaemon:
             wakeup(vm.pagedaemon_chan)
         self.thread.join(timeout=10)
 
+    def park(self) -> None:
+        """Wait for the scan under way, if any, and start no other until
+        :meth:`unpark` (fork quiesces the VM with this)."""
+        with self._cv:
+            self._parked = True
+            self._cv.wait_for(lambda: not self.scanning)
+
+    def unpark(self) -> None:
+        with self._cv:
+            self._parked = False
+            self._cv.notify_all()
+
+    def after_fork_child(self) -> None:
+        """In a forked child: the parent's thread is not here; start ours."""
+        self._cv = threading.Condition()
+        self._parked = self.scanning = False
+        if not self._stop:
+            self._start()
+
     def _run(self) -> None:
+        with fork_gate.exempt():  # fork waits for threads that may need us
+            self._loop()
+
+    def _loop(self) -> None:
         backoff = False
         while not self._stop:
             vm = self._vm()
             if vm is None:
                 return
             chan, lock = vm.pagedaemon_chan, vm.pageqlock
-            lock.enter()
-            if (vm.npages_free_low() or vm.ra_wanted) and not backoff:
-                self.scanning = True
+            with self._cv:
+                if self._parked:
+                    del vm
+                    self._cv.wait(IDLE_TIMEOUT)
+                    continue
+                lock.enter()
+                self.scanning = (vm.npages_free_low() or bool(vm.ra_wanted)) and not backoff
+            if self.scanning:
                 lock.exit()
                 vm.uvmexp.pdwoke += 1
                 uvmpd_scan(vm)
                 wakeup(vm.free_chan)
-                self.scanning = False
+                with self._cv:
+                    self.scanning = False
+                    self._cv.notify_all()
                 # no progress: the pages left are busy or wired; let their
                 # owners run before we scan again
                 backoff = vm.npages_free_low()
@@ -237,3 +282,24 @@ class PageDaemon:
             del vm
             rwsleep(chan, lock, "pgdaemon", BACKOFF if backoff else IDLE_TIMEOUT, relock=False)
             backoff = False
+
+    def statistics(self) -> PageDaemonStatistics:
+        """The daemon's state and its counters (from uvmexp), read without a lock."""
+        vm = self._vm()
+        if vm is None:  # collected: the thread is gone, or about to go
+            return PageDaemonStatistics(self.thread.is_alive(), False, 0, 0, 0, 0)
+        exp = vm.uvmexp
+        return PageDaemonStatistics(self.thread.is_alive(), self.scanning, vm.ra_wanted,
+                                    exp.pdwoke, exp.pdfreed, exp.pdpageouts)
+
+
+@dataclass(frozen=True)
+class PageDaemonStatistics:
+    """``PageDaemon.statistics()``: a snapshot (the counters are uvmexp's)."""
+
+    running: bool  # its thread exists (it stops with the VM, or when the VM is collected)
+    scanning: bool  # between a wakeup and the end of its pass
+    ra_wanted: int  # pages read-ahead asked it to free, not yet served
+    wakeups: int  # uvmexp.pdwoke
+    freed: int  # uvmexp.pdfreed
+    pageouts: int  # uvmexp.pdpageouts

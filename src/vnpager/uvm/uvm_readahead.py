@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vnpager.kern.lock import RW_WRITE
+from vnpager.kern.lock import RW_WRITE, fork_gate
 from vnpager.uvm.uvm_page import VmPage, uvm_page_unbusy, uvm_pagedeactivate, uvm_pagelookup
 from vnpager.uvm.uvm_pager import PGO_NOSLEEPALLOC, VM_PAGER_OK, PageSlot
 from vnpager.uvm.uvm_param import MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, PROT_READ
@@ -144,7 +144,18 @@ class RaDaemon:
         if thread is not None:
             thread.join(timeout=10)
 
+    def after_fork_child(self) -> None:
+        """In a forked child: the parent's thread is not here (fork drained
+        the queue first); start ours on the next request."""
+        self._cv = threading.Condition()
+        self._busy = False
+        self._thread = None
+
     def _run(self) -> None:
+        with fork_gate.exempt():  # fork waits for threads that may wait for us
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 self._busy = False
@@ -160,6 +171,9 @@ class RaDaemon:
                 uvm_ra_fill(uobj, start, end)
             finally:
                 uobj.pgops.pgo_detach(uobj)
+                # else the idle wait above keeps the VM alive, and so never
+                # finds it gone
+                del uobj
 
 
 def uvm_ra_fill(uobj: UvmObject, start: int, end: int) -> int:

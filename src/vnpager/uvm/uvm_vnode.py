@@ -9,8 +9,9 @@ with the seed's flags and return codes; read the two side by side.  A
                                        -> terminate (recycling) frees them
     a vnode without CANPERSIST (uncached) dies on its last detach instead.
 
-Where we differ from the seed, on purpose:
+Where we differ from the seed, on purpose (the README keeps the same list):
 
+Errors
 * a page whose write-back fails is never freed or marked clean: it stays
   dirty and resident, and the errno is kept on the object (``u_error``,
   counted by ``u_errseq``) until the front ends report it, once to each
@@ -18,21 +19,60 @@ Where we differ from the seed, on purpose:
   An object whose last detach cannot write its pages persists (with its
   error) rather than dying; only terminate, which must make the vnode
   reusable, gives such pages up, and counts them in ``uvmexp.lostpages``.
+* uvn_flush returns False whenever a write it waited for failed (the seed:
+  only when it freed the page anyway); a write it only started reports its
+  failure through errseq.  A failed cluster is not written again by the
+  same flush: uvm_pager_put returns the dropped cluster, not its centre
+  alone, so one failure costs one write and one errseq step (the seed
+  wrote each later page again as the centre of a new cluster).
+* a write that returns 0 with bytes left unwritten is EIO (the seed marked
+  the pages clean).
+* the errno of a failed pager call is left in ``curproc().p_errno`` (the
+  seed has no way to report it); uvn_attach, uvn_get and uvn_put clear it
+  on entry, so a failure's reader sees that call's errno, or 0.
+* uvn_io panics if *npages* is not ``len(pps)``: a short read zero-fills
+  every frame it was given.
+* uvm_vnp_sync takes an object off the writeable list only if its flush
+  wrote everything (the seed: whatever the outcome, so a failed object was
+  never synced again); it flushes with PGO_SYNCIO, so a returned sync has
+  written.
+
+Cost
 * flush, sync and the CLEANCHK pass visit the resident pages of the range in
   offset order, so their cost follows the pages resident, not the range.
-* shrinking a file keeps the bytes before the new end in its last, partial
-  page and zeroes the rest of that page (the seed frees the whole page).
-* uvn_get drops the object lock while it waits for memory, so that the page
-  daemon can clean this object's own pages.
+* the last detach of a persisting object deactivates its active pages
+  (``uo_active``), not every resident page with a PGO_DEACTIVATE flush: the
+  others are inactive already and, the last map entry gone, unmapped, so
+  the seed's flush changed nothing for them, and a ``vm.pread`` (attach,
+  copy, detach) cost in proportion to the pages cached.
 * uvn_get reads a run of missing pages in one read, not page by page, and
   fills the caller's read-ahead slots from free memory only.
+
+Life and locks
+* the legal ``u_flags`` states and moves are data (UVN_STATES,
+  UVN_TRANSITIONS), and every change goes through uvn_set_flags, which
+  checks it under VNPAGER_DEBUG.
 * every flag change happens under the object lock: the seed leans on the
   kernel lock for uvn_attach and the writeable list, which we lock instead.
+* IOSYNC is cleared after detach and terminate wait for I/O: the seed
+  leaves it set on an object that outlives a forced unmount.
+* a last detach whose flush slept while terminate took the object over
+  leaves it to terminate (the seed sets RELKILL over terminate's state, or
+  on the dead object), and drops its vnode reference either way (the seed
+  leaks it when terminate took over).
+* terminate's flush is synchronous (PGO_SYNCIO): it waits for the writes
+  anyway, and a fault meanwhile then fails at once rather than behind
+  IOSYNC.
+* while terminate runs (VNISLOCKED), I/O from any thread but terminate's
+  fails with EIO at once (the seed lets it skip the vnode lock and race
+  the reclaim; locking it would wait on terminate, which waits for it).
+* uvn_get drops the object lock while it waits for memory, so that the page
+  daemon can clean this object's own pages.
 * a PGO_CLEANIT|PGO_SYNCIO flush waits for every page it found busy, not
   only for the object's I/O, and after any wait for a page looks at that
   offset again, not at the page's (which may have been reused).
-* IOSYNC is cleared after detach and terminate wait for I/O: the seed
-  leaves it set on an object that outlives a forced unmount.
+* shrinking a file keeps the bytes before the new end in its last, partial
+  page and zeroes the rest of that page (the seed frees the whole page).
 
 Pageout without PGO_SYNCIO is asynchronous, as the seed's long comment
 above uvn_flush designs it: uvn_io starts the write on the VM's aio daemon
@@ -46,9 +86,12 @@ from __future__ import annotations
 
 import errno
 import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-from vnpager.kern.debug import DEBUG, KASSERT, panic
+from sortedcontainers import SortedList
+
+from vnpager.kern.debug import DEBUG, KASSERT, Panic, panic
 from vnpager.kern.lock import (
     LK_EXCLUSIVE,
     LK_NOWAIT,
@@ -56,6 +99,7 @@ from vnpager.kern.lock import (
     LK_RETRY,
     RW_WRITE,
     Mutex,
+    gated,
     kernel_lock,
 )
 from vnpager.kern.proc import curproc
@@ -69,7 +113,6 @@ from vnpager.uvm.uvm_page import (
     PG_CLEANCHK,
     PG_FAKE,
     PG_RELEASED,
-    PG_WANTED,
     PQ_ACTIVE,
     UVM_PAGE_OWN,
     UVM_PGA_NORESERVE,
@@ -108,6 +151,7 @@ from vnpager.uvm.uvm_pager import (
     PageSlot,
     UvmAioDesc,
     UvmPagerOps,
+    pager_unbusy,
     uvm_mk_pcluster,
     uvm_pager_put,
     uvm_pagermapin,
@@ -152,10 +196,112 @@ UVM_VNODE_IOSYNC: Final = 0x080  # someone waits for u_nio to reach 0
 UVM_VNODE_IOSYNCWANTED: Final = 0x100  # someone waits for IOSYNC to clear
 UVM_VNODE_WRITEABLE: Final = 0x200  # on the writeable list
 UVM_VNODE_BLOCKED: Final = UVM_VNODE_ALOCK | UVM_VNODE_DYING | UVM_VNODE_RELKILL
+_IOSYNC_BITS: Final = UVM_VNODE_IOSYNC | UVM_VNODE_IOSYNCWANTED
+
+
+# The life of a vnode object as data (uvn_set_flags checks every change of
+# u_flags against it under VNPAGER_DEBUG).  Each state names the flags it
+# must have and those it may have; any other combination is a bug.
+@dataclass(frozen=True)
+class UvnState:
+    """One state of ``u_flags``: *required* all set, nothing beyond *optional*."""
+
+    name: str
+    required: int
+    optional: int
+
+    def holds(self, flags: int) -> bool:
+        return flags & self.required == self.required and not flags & ~(self.required | self.optional)
+
+
+UVN_STATES: Final = (
+    # no vnode attached: never attached, or dead; the next attach starts afresh
+    UvnState("free", 0, 0),
+    # uvn_attach reads the size; later attachers wait (WANTED)
+    UvnState("attaching", UVM_VNODE_ALOCK, UVM_VNODE_WANTED),
+    # attached, with references or persisting; IOSYNC while a flush waits for I/O
+    UvnState("valid", UVM_VNODE_VALID,
+             UVM_VNODE_CANPERSIST | UVM_VNODE_WRITEABLE | _IOSYNC_BITS),
+    # the last detach of an uncached object: flushing, then (RELKILL) draining I/O
+    UvnState("dying", UVM_VNODE_VALID | UVM_VNODE_DYING,
+             UVM_VNODE_RELKILL | UVM_VNODE_WANTED | UVM_VNODE_WRITEABLE | _IOSYNC_BITS),
+    # uvm_vnp_terminate, its caller holding the vnode lock; it may have taken
+    # the object over from a dying detach (and cleared RELKILL)
+    UvnState("terminating", UVM_VNODE_VALID | UVM_VNODE_DYING | UVM_VNODE_VNISLOCKED,
+             UVM_VNODE_CANPERSIST | UVM_VNODE_WANTED | UVM_VNODE_WRITEABLE | _IOSYNC_BITS),
+)
+
+# the moves between states, each with the flags that must be clear when it
+# is made: an object that lives on after dying keeps no IOSYNC (the seed left
+# it set after a forced unmount, and the object's next I/O waited forever)
+UVN_TRANSITIONS: Final[dict[str, dict[str, int]]] = {
+    "free": {"free": 0, "attaching": 0},
+    "attaching": {"attaching": 0, "free": 0, "valid": 0},
+    "valid": {"valid": 0, "dying": 0, "terminating": 0},
+    "dying": {"dying": 0, "terminating": 0, "valid": _IOSYNC_BITS, "free": 0},
+    "terminating": {"terminating": 0, "valid": _IOSYNC_BITS, "free": 0},
+}
+
+
+def uvn_state(flags: int) -> UvnState:
+    """The state *flags* are in; panic if none."""
+    for state in UVN_STATES:
+        if state.holds(flags):
+            return state
+    raise Panic(f"u_flags {flags:#x}: not a state of a vnode object")
+
+
+def uvn_check_flags(uvn: UvmVnode, new: int) -> None:
+    """Panic unless u_flags may go from their value to *new*: both states
+    legal, the move in UVN_TRANSITIONS, IOSYNCWANTED only with IOSYNC, and
+    IOSYNC set only while I/O is in flight (someone will wake its waiter).
+    """
+    old, name = uvn.u_flags, uvn.trace_name()
+    KASSERT(uvn.vmobjlock.rw_write_held(), f"{name}: u_flags changed without the object lock")
+    src, dst = uvn_state(old).name, uvn_state(new).name
+    must_clear = UVN_TRANSITIONS[src].get(dst)
+    if must_clear is None:
+        panic(f"{name}: u_flags {old:#x} -> {new:#x}: no move from {src} to {dst}")
+    elif new & must_clear:
+        panic(f"{name}: u_flags {old:#x} -> {new:#x}: {src} -> {dst} keeps {new & must_clear:#x}")
+    if new & UVM_VNODE_IOSYNCWANTED and not new & UVM_VNODE_IOSYNC:
+        panic(f"{name}: u_flags {new:#x}: IOSYNCWANTED without IOSYNC")
+    if new & ~old & UVM_VNODE_IOSYNC and uvn.u_nio == 0:
+        panic(f"{name}: IOSYNC set with no I/O in flight: nothing would wake its waiter")
+
+
+def uvn_set_flags(uvn: UvmVnode, new: int) -> None:
+    """Set u_flags to *new*.  Every change of u_flags goes through here, so
+    that VNPAGER_DEBUG checks each move (uvn_check_flags).
+
+    => caller holds the object lock (write).
+    """
+    if DEBUG:
+        uvn_check_flags(uvn, new)
+    uvn.u_flags = new
 
 
 class UvmVnode(UvmObject):
-    """``struct uvm_vnode``: the VM object of a vnode."""
+    """``struct uvm_vnode``: the VM object of a vnode.
+
+    Every field is guarded by the object lock (``vmobjlock``, write), except
+    ``u_vnode``, fixed when the vnode is made, and ``u_sizelock``, a lock
+    itself (it serialises size changes, see uvm_bio):
+
+    * ``u_flags``: the state (UVN_STATES), changed only by uvn_set_flags.
+    * ``u_nio``: the I/Os in flight; IOSYNC waiters sleep on (uvn, "u_nio").
+    * ``u_size``: the size the pager believes in; uvm_vnp_setsize's caller
+      also holds the kernel lock.
+    * ``u_error``, ``u_errseq``, ``u_errseen``: the last write-back error,
+      how many there were, and whether a mapping was told (errseq).
+    * ``u_mtime_ns``: the file's mtime as of our last look (close-to-open);
+      uvm_vnp_revalidate reads it and ``u_size`` unlocked to decide whether
+      to look closer, and takes the lock to act.
+    * ``u_ubc_ra``: the read-ahead state of file I/O (uvm_bio).
+
+    Membership of ``vm.uvn_wlist`` is guarded by ``vm.uvn_wlist_lock`` and
+    follows UVM_VNODE_WRITEABLE (both change together, under both locks).
+    """
 
     def __init__(self, vm: VM, vp: Vnode) -> None:
         super().__init__(vm, uvm_vnodeops)
@@ -189,14 +335,14 @@ def _wlist_insert(uvn: UvmVnode) -> None:
     """=> caller holds the object lock."""
     with uvn.vm.uvn_wlist_lock:
         uvn.vm.uvn_wlist[uvn] = None
-    uvn.u_flags |= UVM_VNODE_WRITEABLE
+    uvn_set_flags(uvn, uvn.u_flags | UVM_VNODE_WRITEABLE)
 
 
 def _wlist_remove(uvn: UvmVnode) -> None:
     """=> caller holds the object lock."""
     with uvn.vm.uvn_wlist_lock:
         del uvn.vm.uvn_wlist[uvn]
-    uvn.u_flags &= ~UVM_VNODE_WRITEABLE
+    uvn_set_flags(uvn, uvn.u_flags & ~UVM_VNODE_WRITEABLE)
 
 
 def uvn_record_error(uvn: UvmVnode, error: int) -> None:
@@ -246,22 +392,25 @@ def uvn_init(vm: VM) -> None:
     vm.uvn_wlist.clear()
 
 
+@gated
 @traced
 def uvn_attach(vp: Vnode, accessprot: int) -> UvmVnode | None:
     """Attach *vp* to its VM object, making it VALID if need be.
 
     Returns the object with one more reference, or None if *vp* cannot be
-    mapped (a block device that is not a disk, or the size is unknowable).
+    mapped (a block device that is not a disk, or the size is unknowable:
+    then ``curproc().p_errno`` is the errno that made it so, or 0).
     A persisting object is found with its pages, and regains its vnode
     reference.  *accessprot* with PROT_WRITE puts it on the writeable list.
 
     => caller holds no lock: we may sleep on another attach or a death.
     """
+    curproc().p_errno = 0  # a failure reports its own errno, or none
     uvn: UvmVnode = vp.v_uvm
     lock = uvn.vmobjlock
     lock.rw_enter(RW_WRITE)
     while uvn.u_flags & UVM_VNODE_BLOCKED:
-        uvn.u_flags |= UVM_VNODE_WANTED
+        uvn_set_flags(uvn, uvn.u_flags | UVM_VNODE_WANTED)
         rwsleep(uvn, lock, "uvn_attach")
 
     if vp.v_type == VBLK and (vp.v_rdev is None or vp.v_rdev.d_type != D_DISK):
@@ -278,7 +427,7 @@ def uvn_attach(vp: Vnode, accessprot: int) -> UvmVnode | None:
         return uvn
 
     # the attributes may take I/O: keep other attachers out meanwhile
-    uvn.u_flags = UVM_VNODE_ALOCK
+    uvn_set_flags(uvn, UVM_VNODE_ALOCK)
     lock.rw_exit()
 
     vattr = Vattr()
@@ -295,7 +444,7 @@ def uvn_attach(vp: Vnode, accessprot: int) -> UvmVnode | None:
     if result != 0:
         if uvn.u_flags & UVM_VNODE_WANTED:
             wakeup(uvn)
-        uvn.u_flags = 0
+        uvn_set_flags(uvn, 0)
         lock.rw_exit()
         curproc().p_errno = result
         return None
@@ -303,7 +452,7 @@ def uvn_attach(vp: Vnode, accessprot: int) -> UvmVnode | None:
     KASSERT(uvn.uo_refs == 0, "uvn_attach: new object has references")
     uvn.uo_refs += 1
     oldflags = uvn.u_flags
-    uvn.u_flags = UVM_VNODE_VALID | UVM_VNODE_CANPERSIST
+    uvn_set_flags(uvn, UVM_VNODE_VALID | UVM_VNODE_CANPERSIST)
     uvn.u_nio = 0
     uvn.u_size = used_vnode_size
     uvn.u_mtime_ns = vattr.va_mtime_ns
@@ -330,6 +479,7 @@ def uvn_reference(uobj: UvmObject) -> None:
         uobj.uo_refs += 1
 
 
+@gated
 @traced
 def uvn_detach(uobj: UvmObject) -> None:
     """Drop a reference; at zero the object persists or dies.
@@ -354,46 +504,76 @@ def uvn_detach(uobj: UvmObject) -> None:
     vp.v_flag &= ~VTEXT  # no mapping is left to protect
 
     if uvn.u_flags & UVM_VNODE_CANPERSIST:
-        uvn_flush(uobj, 0, 0, PGO_DEACTIVATE | PGO_ALLPAGES)
-        lock.rw_exit()
-        vrele(vp)
-        return
+        _uvn_deactivate_active(uvn)  # the seed: uvn_flush(PGO_DEACTIVATE|PGO_ALLPAGES)
+    else:
+        _uvn_kill(uvn)
+    lock.rw_exit()
+    vrele(vp)  # the seed leaks it when terminate took the object over
 
-    uvn.u_flags |= UVM_VNODE_DYING
+
+def _uvn_kill(uvn: UvmVnode) -> None:
+    """The last detach of an object that may not persist: write its dirty
+    pages, free them all, drain the I/O in flight, and make the object free.
+    Pages that cannot be written are kept, with the error, and the object
+    with them (VALID again).  If terminate takes the object over while we
+    sleep, it does the rest.
+
+    => caller holds the object lock; it is dropped and retaken.
+    """
+    uobj = uvn
+    lock = uvn.vmobjlock
+    uvn_set_flags(uvn, uvn.u_flags | UVM_VNODE_DYING)
     # no one can attach until DYING clears, and no pgo_get can be running
     # (no references): the only busy pages are in pageout by others
     uvn_flush(uobj, 0, 0, PGO_CLEANIT | PGO_FREE | PGO_ALLPAGES)
-
-    uvn.u_flags |= UVM_VNODE_RELKILL
+    if not _terminate_has(uvn):  # the seed sets RELKILL over terminate's VNISLOCKED
+        uvn_set_flags(uvn, uvn.u_flags | UVM_VNODE_RELKILL)
     while uobj.uo_npages and uvn.u_flags & UVM_VNODE_RELKILL:
         if not any(pg.pg_flags & PG_BUSY for pg in uobj.memt.values()):
             # no write is in flight, so what is left could not be written
             # (now or asynchronously): keep it, with its error
             _iosync_done(uvn)
-            uvn.u_flags &= ~(UVM_VNODE_DYING | UVM_VNODE_RELKILL)
-            _wake_wanted(uvn)
-            lock.rw_exit()
-            vrele(vp)
+            if uvn.u_flags & UVM_VNODE_WANTED:
+                wakeup(uvn)
+            uvn_set_flags(uvn, uvn.u_flags & ~(UVM_VNODE_DYING | UVM_VNODE_RELKILL | UVM_VNODE_WANTED))
             return
-        uvn.u_flags |= UVM_VNODE_IOSYNC
+        uvn_set_flags(uvn, uvn.u_flags | UVM_VNODE_IOSYNC)
         rwsleep((uvn, "u_nio"), lock, "uvn_term")
 
-    if not uvn.u_flags & UVM_VNODE_RELKILL:
-        # terminate took the object over while we slept; it does the rest
-        # but for the vnode reference we hold (the seed leaks it here)
-        lock.rw_exit()
-        vrele(vp)
-        return
-
+    if _terminate_has(uvn):
+        return  # terminate took the object over while we slept
     if uvn.u_flags & UVM_VNODE_WRITEABLE:
         _wlist_remove(uvn)
     KASSERT(not uobj.memt, "uvn_detach: pages left on a dead object")
     oldflags = uvn.u_flags
-    uvn.u_flags = 0
+    uvn_set_flags(uvn, 0)
     if oldflags & UVM_VNODE_WANTED:
         wakeup(uvn)
-    lock.rw_exit()
-    vrele(vp)
+
+
+def _uvn_deactivate_active(uvn: UvmVnode) -> None:
+    """What the seed's PGO_DEACTIVATE|PGO_ALLPAGES flush does at the last
+    detach, at the cost of the object's active pages (``uo_active``: those
+    used since the last detach) rather than of every resident page: unmap
+    them and move them to the inactive queue.  The flush would change
+    nothing for the other pages: they are inactive already (or wired, and
+    stay so), and unmapped, since the last map entry took its mappings with
+    it.  => caller holds the object lock, not the page queue lock.
+    """
+    vm = uvn.vm
+    with vm.pageqlock:
+        active = list(uvn.uo_active)
+    for pg in active:
+        pmap_page_protect(pg, PROT_NONE)
+    with vm.pageqlock:
+        for pg in active:
+            uvm_pagedeactivate(pg)
+
+
+def _terminate_has(uvn: UvmVnode) -> bool:
+    """Whether terminate took a dying object over from its last detach (or
+    is done with it already).  => caller holds the object lock."""
+    return uvn.u_flags & (UVM_VNODE_DYING | UVM_VNODE_VNISLOCKED) != UVM_VNODE_DYING
 
 
 def _iosync_done(uvn: UvmVnode) -> None:
@@ -403,15 +583,10 @@ def _iosync_done(uvn: UvmVnode) -> None:
     """
     if uvn.u_flags & UVM_VNODE_IOSYNCWANTED:
         wakeup((uvn, "u_flags"))
-    uvn.u_flags &= ~(UVM_VNODE_IOSYNC | UVM_VNODE_IOSYNCWANTED)
+    uvn_set_flags(uvn, uvn.u_flags & ~_IOSYNC_BITS)
 
 
-def _wake_wanted(uvn: UvmVnode) -> None:
-    if uvn.u_flags & UVM_VNODE_WANTED:
-        uvn.u_flags &= ~UVM_VNODE_WANTED
-        wakeup(uvn)
-
-
+@gated
 @traced
 def uvm_vnp_terminate(vp: Vnode) -> None:
     """Clean a vnode's VM object out so that the vnode can be reused.
@@ -439,8 +614,7 @@ def uvm_vnp_terminate(vp: Vnode) -> None:
         log.debug("uvm_vnp_terminate(%r): terminating active vnode", uvn)
 
     # a detach waiting for its last I/O: take the object over from it
-    uvn.u_flags &= ~UVM_VNODE_RELKILL
-    uvn.u_flags |= UVM_VNODE_DYING | UVM_VNODE_VNISLOCKED
+    uvn_set_flags(uvn, uvn.u_flags & ~UVM_VNODE_RELKILL | UVM_VNODE_DYING | UVM_VNODE_VNISLOCKED)
 
     # synchronous (the seed's flush is not): we wait for the writes anyway,
     # and a fault meanwhile then fails at once rather than behind IOSYNC
@@ -451,9 +625,7 @@ def uvm_vnp_terminate(vp: Vnode) -> None:
         _free_unwritten(uvn)
         if not uobj.uo_npages:
             break
-        if DEBUG and uvn.u_nio == 0:
-            panic("uvm_vnp_terminate: no I/O to wait for?")
-        uvn.u_flags |= UVM_VNODE_IOSYNC
+        uvn_set_flags(uvn, uvn.u_flags | UVM_VNODE_IOSYNC)  # checks that I/O is in flight
         rwsleep((uvn, "u_nio"), lock, "uvn_term")
 
     oldflags = uvn.u_flags
@@ -461,14 +633,14 @@ def uvm_vnp_terminate(vp: Vnode) -> None:
         # lives on with a dead vnode until its last reference goes; the seed
         # leaves IOSYNC set here, and the object's next I/O waits forever
         _iosync_done(uvn)
-        uvn.u_flags &= ~(UVM_VNODE_DYING | UVM_VNODE_VNISLOCKED | UVM_VNODE_WANTED
-                         | UVM_VNODE_CANPERSIST)
+        uvn_set_flags(uvn, uvn.u_flags & ~(UVM_VNODE_DYING | UVM_VNODE_VNISLOCKED
+                                           | UVM_VNODE_WANTED | UVM_VNODE_CANPERSIST))
     else:
         if uvn.u_flags & UVM_VNODE_IOSYNCWANTED:
             panic("uvm_vnp_terminate: io sync wanted bit set")
         if uvn.u_flags & UVM_VNODE_WRITEABLE:
             _wlist_remove(uvn)
-        uvn.u_flags = 0
+        uvn_set_flags(uvn, 0)
         # the vnode may next hold another file: its errors are not that file's
         uvn.u_error, uvn.u_errseq, uvn.u_errseen = 0, 0, False
     if oldflags & UVM_VNODE_WANTED:
@@ -494,6 +666,7 @@ def _free_unwritten(uvn: UvmVnode) -> None:
         uvn.vm.uvmexp.lostpages += lost
 
 
+@gated
 @traced
 def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
     """Clean, deactivate and/or free the pages of [start, stop).
@@ -507,7 +680,14 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
     every page dirty when we were called is written when we return True.
 
     Returns False if a write failed: those pages stay dirty and resident
-    (even with PGO_FREE) and the error is kept on the object.
+    (even with PGO_FREE), the error is kept on the object, and this call
+    does not write them again (one failed cluster costs one write).
+
+    The steps are the seed's: the CLEANCHK pass (:func:`_flush_clearchk`),
+    the main loop (:func:`_flush_pass`, the seed's "pp" loop, with the
+    disposal of a page that needs no cleaning in :func:`_flush_page` and of
+    a cluster after its put in :func:`_flush_cluster_done`), and the IOSYNC
+    wait (:func:`_flush_iosync`); then our second pass over the busy pages.
 
     => caller holds the object lock (write); it may be dropped and retaken.
     => caller must not hold the page queue lock.
@@ -515,142 +695,210 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
     uvn = _uvn(uobj)
     vm = uobj.vm
     KASSERT(uobj.vmobjlock.rw_write_held(), "uvn_flush: object not locked")
-    page_size = vm.page_size
-    dead: list[VmPage] = []
-    retval = True
     if flags & PGO_ALLPAGES:
         start, stop = 0, vm.round_page(uvn.u_size)
     else:
         start = vm.trunc_page(start)
         stop = min(vm.round_page(stop), vm.round_page(uvn.u_size))
-
+    fl = _Flush(uvn, flags, start, stop)
     if flags & PGO_CLEANIT:
-        # uvm_mk_pcluster trusts PG_CLEAN only where CLEANCHK says it is synced
-        for pg in uobj.pages_in(start, stop):
-            pg.pg_flags &= ~PG_CLEANCHK
+        _flush_clearchk(fl)
+    _flush_pass(fl, wait_busy=False)
+    if fl.need_iosync:
+        _flush_iosync(uvn)
+        # the seed stops here, and misses a dirty page that a fault held busy
+        # between its pgo_get passes (no I/O to wait for): it would report
+        # that page written.  Wait for each page found busy, and clean it.
+        _flush_pass(fl, wait_busy=True)
+    uvm_pglistfree(fl.dead)
+    return fl.retval
 
-    # a second pass waits for each page that was busy in the first: the seed
-    # waits only for the I/O in flight (u_nio), which misses a dirty page a
-    # fault holds busy between its pgo_get passes, and would report it written
-    was_busy: set[int] = set()
-    for wait_busy in (False, True):
-        need_iosync = False
-        curoff = start
-        while True:
-            pp = _next_page(uobj, curoff, stop)
-            if pp is None:
-                break
-            curoff = pp.offset + page_size
-            if wait_busy and pp.offset not in was_busy:
-                continue  # done in the first pass
-            if not flags & PGO_CLEANIT or pp.pg_flags & PG_BUSY:
-                needs_clean = False
-                if pp.pg_flags & PG_BUSY and flags & (PGO_CLEANIT | PGO_SYNCIO) == PGO_CLEANIT | PGO_SYNCIO:
-                    if wait_busy:
-                        curoff -= page_size  # as below: this offset, not pp.offset
-                        uvm_pagewait(pp, uobj.vmobjlock, "uvn_flsh")
-                        uobj.vmobjlock.rw_enter(RW_WRITE)
-                        continue
-                    need_iosync = True
-                    was_busy.add(pp.offset)
-            else:
-                # freeing: unmap first, so that PG_CLEAN cannot go stale after
-                if pp.pg_flags & PG_CLEAN and flags & PGO_FREE and pp.pg_flags & PQ_ACTIVE:
-                    pmap_page_protect(pp, PROT_NONE)
-                if pp.pg_flags & PG_CLEAN and pmap_is_modified(pp):
-                    pp.pg_flags &= ~PG_CLEAN
-                pp.pg_flags |= PG_CLEANCHK
-                needs_clean = not pp.pg_flags & PG_CLEAN
 
-            if not needs_clean:
-                if flags & PGO_DEACTIVATE:
-                    if pp.wire_count == 0:
-                        pmap_page_protect(pp, PROT_NONE)
-                        with vm.pageqlock:
-                            uvm_pagedeactivate(pp)
-                elif flags & PGO_FREE:
-                    if pp.pg_flags & PG_BUSY:
-                        # look at this offset again: not at pp.offset, for pp may
-                        # be freed and reused elsewhere while we sleep
-                        curoff -= page_size
-                        uvm_pagewait(pp, uobj.vmobjlock, "uvn_flsh")
-                        uobj.vmobjlock.rw_enter(RW_WRITE)
-                        continue
-                    pmap_page_protect(pp, PROT_NONE)
-                    with vm.pageqlock:
-                        uvm_pageclean(pp)
-                    dead.append(pp)
-                continue
+@dataclass
+class _Flush:
+    """What the steps of one uvn_flush share.  => the object lock guards it
+    (only the flushing thread touches it)."""
 
-            # a dirty page we may clean: write it out with its neighbours
-            pp.pg_flags |= PG_BUSY
-            UVM_PAGE_OWN(pp, "uvn_flush")
-            pmap_page_protect(pp, PROT_READ)
-            # PGO_DEACTIVATE wins over PGO_FREE (as in the seed's disposal below):
-            # a page that will not be freed must not be left PG_RELEASED
-            if flags & (PGO_FREE | PGO_SYNCIO | PGO_DEACTIVATE) == PGO_FREE:
-                pp.pg_flags |= PG_RELEASED
-            while True:
-                result, ppsp = uvm_pager_put(uobj, pp, MAXBSIZE // page_size,
-                                             flags | PGO_DOACTCLUST, start, stop)
-                if result != VM_PAGER_AGAIN:
-                    break
-                # no pager map for an async write: do it synchronously instead
-                KASSERT(not flags & PGO_SYNCIO, "uvn_flush: PGO_SYNCIO returned AGAIN")
-                flags |= PGO_SYNCIO
-                pp.pg_flags &= ~PG_RELEASED
+    uvn: UvmVnode
+    flags: int  # PGO_SYNCIO is added if an asynchronous put finds no pager map
+    start: int
+    stop: int
+    retval: bool = True  # no write failed
+    need_iosync: bool = False  # the first pass met a busy page under CLEANIT|SYNCIO
+    was_busy: set[int] = field(default_factory=set)  # offsets of those pages
+    failed: SortedList = field(default_factory=SortedList)  # offsets whose write failed here
+    dead: list[VmPage] = field(default_factory=list)  # taken apart, freed at the end
 
-            # the cluster is dealt with: go on after its last page (a page of a
-            # pending write is busy, and one whose write failed must not be
-            # tried again by this same flush)
-            curoff = max(curoff, ppsp[-1].offset + page_size)
-            if result == VM_PAGER_PEND:
-                # uvn_aiodone finishes these pages and frees the released ones
-                # (aiodone needs the object lock we hold: none is done yet)
-                for ptmp in ppsp:
-                    if flags & PGO_DEACTIVATE:  # allowed for busy pages
-                        if ptmp.wire_count == 0:
-                            pmap_page_protect(ptmp, PROT_NONE)
-                            with vm.pageqlock:
-                                uvm_pagedeactivate(ptmp)
-                    elif flags & PGO_FREE:
-                        ptmp.pg_flags |= PG_RELEASED
-                continue
-            if result != VM_PAGER_OK:
-                # the seed marks pp clean and may free it: we keep it dirty (uvn_io
-                # has recorded the error on the object)
-                retval = False
-                pp.pg_flags &= ~PG_RELEASED
-            for ptmp in ppsp:
-                if ptmp.pg_flags & PG_WANTED:
-                    wakeup(ptmp)
-                ptmp.pg_flags &= ~(PG_WANTED | PG_BUSY)
-                UVM_PAGE_OWN(ptmp, None)
-                if result == VM_PAGER_OK:
-                    ptmp.pg_flags |= PG_CLEAN | PG_CLEANCHK
-                    if not flags & PGO_FREE or flags & PGO_DEACTIVATE:  # it stays: clean
-                        pmap_clear_modify(ptmp)
-                if flags & PGO_DEACTIVATE:
-                    if ptmp.wire_count == 0:
-                        pmap_page_protect(ptmp, PROT_NONE)
-                        with vm.pageqlock:
-                            uvm_pagedeactivate(ptmp)
-                elif flags & PGO_FREE and result == VM_PAGER_OK:
-                    pmap_page_protect(ptmp, PROT_NONE)
-                    with vm.pageqlock:
-                        uvm_pageclean(ptmp)
-                    dead.append(ptmp)
 
-        if need_iosync:
-            while uvn.u_nio != 0:
-                uvn.u_flags |= UVM_VNODE_IOSYNC
-                rwsleep((uvn, "u_nio"), uobj.vmobjlock, "uvn_flush")
-            _iosync_done(uvn)
-        if not need_iosync:
-            break
+def _flush_clearchk(fl: _Flush) -> None:
+    """The seed's CLEANCHK pass: uvm_mk_pcluster trusts the PG_CLEAN of an
+    active page only where PG_CLEANCHK says it was synced from the pmap."""
+    for pg in fl.uvn.pages_in(fl.start, fl.stop):
+        pg.pg_flags &= ~PG_CLEANCHK
 
-    uvm_pglistfree(dead)
-    return retval
+
+def _flush_pass(fl: _Flush, wait_busy: bool) -> None:
+    """The seed's main loop over the resident pages of the range, in offset
+    order.  With *wait_busy* (the second pass) only the pages the first pass
+    found busy are looked at, and a page still busy is waited for.  A page
+    whose write failed in this call is not tried again.
+    """
+    curoff = fl.start
+    while (pp := _next_page(fl.uvn, curoff, fl.stop)) is not None:
+        curoff = pp.offset + fl.uvn.vm.page_size
+        if (wait_busy and pp.offset not in fl.was_busy) or pp.offset in fl.failed:
+            continue
+        curoff = _flush_page(fl, pp, wait_busy)
+
+
+def _flush_page(fl: _Flush, pp: VmPage, wait_busy: bool) -> int:
+    """Deal with one page: dispose of it, wait for it, or write it with its
+    cluster.  Returns the offset the loop looks at next.
+
+    => caller holds the object lock; it may be dropped and retaken.
+    """
+    flags = fl.flags
+    if not flags & PGO_CLEANIT or pp.pg_flags & PG_BUSY:
+        if pp.pg_flags & PG_BUSY and flags & (PGO_CLEANIT | PGO_SYNCIO) == PGO_CLEANIT | PGO_SYNCIO:
+            if wait_busy:
+                return _flush_wait(fl, pp)
+            fl.need_iosync = True
+            fl.was_busy.add(pp.offset)
+        needs_clean = False
+    else:
+        needs_clean = _flush_sync_clean(pp, flags)
+
+    if not needs_clean:
+        if flags & (PGO_FREE | PGO_DEACTIVATE) == PGO_FREE and pp.pg_flags & PG_BUSY:
+            return _flush_wait(fl, pp)
+        _flush_dispose(fl, pp, free=True)
+        return pp.offset + fl.uvn.vm.page_size
+
+    result, ppsp = _flush_put(fl, pp)
+    # go on after the cluster's last page: a page of a pending write is
+    # busy, and one whose write failed is not tried again by this call
+    nextoff = ppsp[-1].offset + fl.uvn.vm.page_size
+    _flush_cluster_done(fl, pp, result, ppsp)
+    return nextoff
+
+
+def _flush_sync_clean(pp: VmPage, flags: int) -> bool:
+    """Sync the PG_CLEAN of an unbusy page from the pmap; True if it is dirty.
+
+    => caller holds the object lock.
+    """
+    # freeing: unmap first, so that PG_CLEAN cannot go stale after
+    if pp.pg_flags & PG_CLEAN and flags & PGO_FREE and pp.pg_flags & PQ_ACTIVE:
+        pmap_page_protect(pp, PROT_NONE)
+    if pp.pg_flags & PG_CLEAN and pmap_is_modified(pp):
+        pp.pg_flags &= ~PG_CLEAN
+    pp.pg_flags |= PG_CLEANCHK
+    return not pp.pg_flags & PG_CLEAN
+
+
+def _flush_wait(fl: _Flush, pp: VmPage) -> int:
+    """Wait for a busy page; return its offset, for the loop to look at that
+    offset again: not at pp.offset, for pp may be freed and reused elsewhere
+    while we sleep.  => caller holds the object lock; dropped and retaken."""
+    off = pp.offset
+    uvm_pagewait(pp, fl.uvn.vmobjlock, "uvn_flsh")
+    fl.uvn.vmobjlock.rw_enter(RW_WRITE)
+    return off
+
+
+def _flush_dispose(fl: _Flush, pg: VmPage, free: bool) -> None:
+    """The seed's disposal of a page the flush is done with: PGO_DEACTIVATE
+    deactivates it (busy or not: the seed allows it), else PGO_FREE with
+    *free* frees it (onto ``fl.dead``; the page must not be busy).
+
+    => caller holds the object lock, not the page queue lock.
+    """
+    vm = fl.uvn.vm
+    if fl.flags & PGO_DEACTIVATE:
+        if pg.wire_count == 0:
+            pmap_page_protect(pg, PROT_NONE)
+            with vm.pageqlock:
+                uvm_pagedeactivate(pg)
+    elif fl.flags & PGO_FREE and free:
+        pmap_page_protect(pg, PROT_NONE)
+        with vm.pageqlock:
+            uvm_pageclean(pg)
+        fl.dead.append(pg)
+
+
+def _flush_put(fl: _Flush, pp: VmPage) -> tuple[int, list[VmPage]]:
+    """Write the dirty page *pp* with its neighbours (uvm_pager_put), as
+    the seed's ReTry loop does: an asynchronous put that finds no pager map
+    is done synchronously, and so is the rest of the flush.
+
+    The cluster stays inside the range and never takes a page whose write
+    failed in this call.  => caller holds the object lock; *pp* is unbusy.
+    """
+    ps = fl.uvn.vm.page_size
+    pp.pg_flags |= PG_BUSY
+    UVM_PAGE_OWN(pp, "uvn_flush")
+    pmap_page_protect(pp, PROT_READ)
+    # PGO_DEACTIVATE wins over PGO_FREE (as in the disposal): a page that
+    # will not be freed must not be left PG_RELEASED
+    if fl.flags & (PGO_FREE | PGO_SYNCIO | PGO_DEACTIVATE) == PGO_FREE:
+        pp.pg_flags |= PG_RELEASED
+    below = next(fl.failed.irange(maximum=pp.offset, reverse=True), None)
+    above = next(fl.failed.irange(minimum=pp.offset), None)
+    lo = fl.start if below is None else below + ps
+    hi = fl.stop if above is None else above
+    while True:
+        # [lo, hi) bounds the cluster: PGO_ALLPAGES would lift the bounds
+        result, ppsp = uvm_pager_put(fl.uvn, pp, MAXBSIZE // ps,
+                                     (fl.flags | PGO_DOACTCLUST) & ~PGO_ALLPAGES, lo, hi)
+        if result != VM_PAGER_AGAIN:
+            return result, ppsp
+        KASSERT(not fl.flags & PGO_SYNCIO, "uvn_flush: PGO_SYNCIO returned AGAIN")
+        fl.flags |= PGO_SYNCIO
+        pp.pg_flags &= ~PG_RELEASED
+
+
+def _flush_cluster_done(fl: _Flush, pp: VmPage, result: int, ppsp: list[VmPage]) -> None:
+    """The seed's disposal of a cluster after its put.
+
+    Pending: uvn_aiodone finishes the pages and frees the released ones (it
+    needs the object lock we hold: none is done yet).  Written: the pages
+    are unbusied and clean, then disposed of.  Failed: the seed marks *pp*
+    clean and may free it; we keep it and the cluster dirty and resident
+    (uvn_io recorded the error on the object) and remember their offsets,
+    so that this call does not write them again; the put has dropped the
+    pages but *pp*.
+
+    => caller holds the object lock.
+    """
+    if result == VM_PAGER_PEND:
+        for ptmp in ppsp:
+            _flush_dispose(fl, ptmp, free=False)
+            if fl.flags & (PGO_FREE | PGO_DEACTIVATE) == PGO_FREE:
+                ptmp.pg_flags |= PG_RELEASED
+        return
+    ok = result == VM_PAGER_OK
+    if not ok:
+        fl.retval = False
+        fl.failed.update(ptmp.offset for ptmp in ppsp)
+        pp.pg_flags &= ~PG_RELEASED
+    for ptmp in ppsp:
+        if ptmp is pp or ok:
+            pager_unbusy(ptmp)
+        if ok:
+            ptmp.pg_flags |= PG_CLEAN | PG_CLEANCHK
+            if fl.flags & (PGO_FREE | PGO_DEACTIVATE) != PGO_FREE:  # it stays: clean
+                pmap_clear_modify(ptmp)
+        if ptmp.uobject is fl.uvn:  # a dropped page that was released is gone
+            _flush_dispose(fl, ptmp, free=ok)
+
+
+def _flush_iosync(uvn: UvmVnode) -> None:
+    """The seed's IOSYNC wait: sleep until none of the object's I/O is in
+    flight.  => caller holds the object lock; dropped while we sleep."""
+    while uvn.u_nio != 0:
+        uvn_set_flags(uvn, uvn.u_flags | UVM_VNODE_IOSYNC)
+        rwsleep((uvn, "u_nio"), uvn.vmobjlock, "uvn_flush")
+    _iosync_done(uvn)
 
 
 def _next_page(uobj: UvmObject, curoff: int, stop: int) -> VmPage | None:
@@ -682,6 +930,7 @@ def uvn_put(uobj: UvmObject, pps: list[VmPage], npages: int, flags: int) -> int:
        (uvn_aiodone does it for a pending write).
     """
     KASSERT(uobj.vmobjlock.rw_write_held(), "uvn_put: object not locked")
+    curproc().p_errno = 0
     return uvn_io(_uvn(uobj), pps, npages, flags, UIO_WRITE)
 
 
@@ -717,6 +966,7 @@ def uvn_get(uobj: UvmObject, offset: int, pps: list[PageSlot], npages: int,
     is released on return, whatever the result.
     """
     KASSERT(not flags & PGO_LOCKED or uobj.vmobjlock.rw_lock_held(), "uvn_get: not locked")
+    curproc().p_errno = 0
     page_size = uobj.vm.page_size
 
     if flags & PGO_LOCKED:
@@ -775,10 +1025,7 @@ def uvn_get(uobj: UvmObject, offset: int, pps: list[PageSlot], npages: int,
         result = uvn_io(uvn, run, len(run), PGO_SYNCIO | PGO_NOWAIT, UIO_READ)
         if result != VM_PAGER_OK:
             for pg in run:
-                if pg.pg_flags & PG_WANTED:
-                    wakeup(pg)
-                pg.pg_flags &= ~(PG_WANTED | PG_BUSY)
-                UVM_PAGE_OWN(pg, None)
+                pager_unbusy(pg)
             with uobj.vm.pageqlock:
                 for pg in run:
                     uvm_pagefree(pg)
@@ -829,11 +1076,14 @@ def uvn_io(uvn: UvmVnode, pps: list[VmPage], npages: int, flags: int, rw: int) -
     ``curproc().p_errno`` (and, for a write, recorded on the object).  A
     short read is zero-filled; a read of nothing, or a write that leaves
     bytes unwritten (the seed would mark them clean), is EIO.  A vnode the
-    caller already holds locked gives EDEADLK.
+    caller already holds locked gives EDEADLK.  *npages* is the seed's
+    argument, kept: it must be ``len(pps)`` (anything else panics).
 
     => caller holds the object lock; it is dropped during the I/O and held
        again on return.  The pages are busy and owned by the caller.
     """
+    if npages != len(pps):  # a read would zero-fill frames the caller did not ask for
+        panic(f"uvn_io: npages {npages} for {len(pps)} pages")
     uobj = uvn
     vm = uvn.vm
     lock = uobj.vmobjlock
@@ -845,7 +1095,7 @@ def uvn_io(uvn: UvmVnode, pps: list[VmPage], npages: int, flags: int, rw: int) -
     while uvn.u_flags & UVM_VNODE_IOSYNC:
         if not waitok:
             return VM_PAGER_AGAIN
-        uvn.u_flags |= UVM_VNODE_IOSYNCWANTED
+        uvn_set_flags(uvn, uvn.u_flags | UVM_VNODE_IOSYNCWANTED)
         rwsleep((uvn, "u_flags"), lock, "uvn_iosync")
 
     if file_offset >= uvn.u_size:
@@ -859,7 +1109,7 @@ def uvn_io(uvn: UvmVnode, pps: list[VmPage], npages: int, flags: int, rw: int) -
     if (rw == UIO_WRITE and not waitok and vm.aiodaemon is not None
             and not uvn.u_flags & UVM_VNODE_VNISLOCKED):
         assert kva is not None
-        return _uvn_io_start(uvn, pps[:npages], kva)
+        return _uvn_io_start(uvn, pps, kva)
 
     uvn.u_nio += 1
     lock.rw_exit()
@@ -974,10 +1224,7 @@ def uvn_aiodone(desc: UvmAioDesc) -> None:
         if desc.error:
             uvn_record_error(uvn, desc.error)
         for pg in desc.pps:
-            if pg.pg_flags & PG_WANTED:
-                wakeup(pg)
-            pg.pg_flags &= ~(PG_BUSY | PG_WANTED)
-            UVM_PAGE_OWN(pg, None)
+            pager_unbusy(pg)
             if desc.error:
                 pg.pg_flags &= ~PG_RELEASED
                 continue
@@ -997,6 +1244,7 @@ def uvn_aiodone(desc: UvmAioDesc) -> None:
         wakeup(vm.pagedaemon_chan)
 
 
+@gated
 @traced
 def uvm_vnp_uncache(vp: Vnode) -> bool:
     """Stop *vp*'s object from persisting; kill it now if it persists.
@@ -1013,7 +1261,7 @@ def uvm_vnp_uncache(vp: Vnode) -> bool:
         lock.rw_exit()
         return True
 
-    uvn.u_flags &= ~UVM_VNODE_CANPERSIST
+    uvn_set_flags(uvn, uvn.u_flags & ~UVM_VNODE_CANPERSIST)
     if uvn.uo_refs:
         lock.rw_exit()
         return False
@@ -1029,6 +1277,7 @@ def uvm_vnp_uncache(vp: Vnode) -> bool:
     return True
 
 
+@gated
 @traced
 def uvm_vnp_setsize(vp: Vnode, newsize: int) -> None:
     """Tell the pager that *vp* is now *newsize* bytes long.
@@ -1073,6 +1322,7 @@ def _zero_tail(uvn: UvmVnode, newsize: int) -> None:
         pg.data[keep:] = bytes(vm.page_size - keep)
 
 
+@gated
 def uvm_vnp_revalidate(vp: Vnode, drop_stale: bool) -> int:
     """Bring the pager's idea of *vp*'s file up to date with the file itself.
 
@@ -1116,6 +1366,7 @@ def uvm_vnp_wrote(vp: Vnode) -> None:
             uvn.u_mtime_ns = vattr.va_mtime_ns
 
 
+@gated
 @traced
 def uvm_vnp_sync(vm: VM, mp: object = None) -> None:
     """Write every dirty page of the writeable objects back (sync(2)).

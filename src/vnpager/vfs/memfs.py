@@ -1,10 +1,10 @@
 """memfs: files that live in memory, stored sparsely.
 
-It backs tests that need no disk, block devices of specfs, and anonymous
-memory (``vnpager.mmap(-1, ...)``).  A file's bytes are kept in a
-:class:`MemData`: fixed-size chunks that exist only where something other
-than zeros was written, plus an explicit size.  So a 1 GiB anonymous
-mapping costs only the chunks its pages were written back to.
+It backs tests that need no disk and block devices of specfs (anonymous
+memory pages out to swapfs, on disk: memfs would hold it in this
+process).  A file's bytes are kept in a :class:`MemData`: fixed-size
+chunks that exist only where something other than zeros was written, plus
+an explicit size.  So a big sparse file costs only the chunks written.
 """
 
 from __future__ import annotations

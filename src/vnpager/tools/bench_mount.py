@@ -36,9 +36,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from vnpager.bench import emit, machine, make_file
-from vnpager.cli import human
 from vnpager.fuse.mount import mount_source
+from vnpager.tools.bench import emit, machine, make_file
+from vnpager.tools.show import human, progress
 
 MiB = 1 << 20
 MOUNT_WAIT = 30.0  # seconds for a server to mount
@@ -147,7 +147,7 @@ def mounted(target: str, tmp: str, src: str, cfg: MountConfig) -> Iterator[str]:
     mnt = os.path.join(tmp, target)
     os.mkdir(mnt)
     if target == "vnpager":
-        argv = [sys.executable, "-m", "vnpager.cli", "mount", src, mnt, "--foreground",
+        argv = [sys.executable, "-m", "vnpager", "mount", src, mnt, "--foreground",
                 "--physmem", str(cfg.physmem)]
     else:
         config = os.path.join(tmp, "rclone.conf")
@@ -218,7 +218,9 @@ def run_mount_bench(args: argparse.Namespace, console: Console) -> int:
     if not shutil.which("fio"):
         print("vnpager bench --mount needs fio (apt-get install fio, or make sysdeps)", file=sys.stderr)
         return 1
-    with console.status("measuring") as status:
-        report = run(QUICK if args.quick else FULL, lambda what: status.update(f"measuring: {what}"))
+    with progress(total=False) as bar:
+        task = bar.add_task("measuring")
+        report = run(QUICK if args.quick else FULL,
+                     lambda what: bar.update(task, description=f"measuring: {what}"))
     emit(args, console, report, markdown, table)
     return 0

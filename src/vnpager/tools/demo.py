@@ -1,92 +1,31 @@
-"""The ``vnpager`` command.
+"""``vnpager demo``: the main job, and the pager's story told on the way.
 
-``vnpager demo`` is the main job: a file several times larger than a small
-VM, mapped with :func:`vnpager.mmap`, read and written at random, flushed
-and checked against plain file reads, with the pager's story told on the
-way (attach, fault, flush, persist, terminate).
-
-Other front ends add their own subcommands: each module named in
-:data:`SUBCOMMAND_MODULES` has ``add_subcommands(subparsers)``, which adds
-parsers that ``set_defaults(func=run)`` with ``run(args) -> int`` (the exit
-status).  A module that cannot be imported (say, FUSE is not installed)
-adds nothing.
+A file several times larger than a small VM, mapped with vnpager.mmap, read
+and written at random, flushed and checked against plain file reads, with
+each step of the pager's story (attach, fault, flush, persist, terminate)
+shown with what it changed in vm.stats().
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import dataclasses
 import os
 import random
-import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+
+from vnpager.tools.cli import size_arg
+from vnpager.tools.show import human, progress, stats_table
 
 if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
 
-SUBCOMMAND_MODULES = ("vnpager.bench", "vnpager.fuse.cli", "vnpager.tools.torture")
-
-# what each counter of vm.stats() means, in the order the table shows them
-STATS_HELP = {
-    "faults": "page faults taken",
-    "faultahead": "resident neighbours mapped by fault-ahead",
-    "pageins": "pages read from the file",
-    "pageouts": "pages written to the file",
-    "read_ios": "read calls to the backend",
-    "write_ios": "write calls to the backend",
-    "resident": "pages holding file data now",
-    "free": "free page frames",
-    "active": "pages on the active queue",
-    "inactive": "pages on the inactive queue",
-    "persisting": "unmapped objects keeping their pages",
-    "allocfail": "page allocations that found no free frame",
-    "waits": "sleeps in uvm_wait for free memory",
-    "frees": "pages returned to the free list",
-    "write_errors": "failed write-backs (pages kept dirty)",
-    "lostpages": "dirty pages given up when a vnode was recycled",
-    "pdwoke": "page daemon wakeups",
-    "pdfreed": "pages freed by the page daemon",
-    "pdpageouts": "pageouts started by the page daemon",
-}
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """``4M``, ``256KiB``, ``1g`` or plain bytes, in bytes (powers of 1024)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4M, 256K, 1G)")
-    return int(m[1]) << (10 * " KMGT".index(m[2].upper() or " "))
-
-
-def human(n: float) -> str:
-    if n < 1024:
-        return f"{n:.0f} B"
-    exp = min(3, (int(n).bit_length() - 1) // 10)  # 1 KiB, 2 MiB, 3 GiB and over
-    return f"{n / (1 << 10 * exp):.1f} {('KiB', 'MiB', 'GiB')[exp - 1]}"
-
-
-def stats_table(stats: Mapping[str, int], title: str = "vm.stats()") -> Table:
-    """A table of the counters of ``vm.stats()``, known ones first, explained."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("counter")
-    table.add_column("value", justify="right")
-    table.add_column("meaning", style="dim")
-    for key in [*[k for k in STATS_HELP if k in stats], *[k for k in stats if k not in STATS_HELP]]:
-        table.add_row(key, f"{stats[key]:,}", STATS_HELP.get(key, ""))
-    return table
-
-
-# --- the demo ----------------------------------------------------------------
 
 class _Story:
     """Prints the steps of the demo, each with what changed in the counters."""
@@ -94,10 +33,10 @@ class _Story:
     def __init__(self, console: Console, vm: VM) -> None:
         self.console = console
         self.vm = vm
-        self.before = dict(vm.stats())
+        self.before = dataclasses.asdict(vm.stats())
 
     def changed(self, *keys: str) -> str:
-        now = dict(self.vm.stats())
+        now = dataclasses.asdict(self.vm.stats())
         parts = []
         for k in keys:  # counters show their growth; resident and persisting, their level
             d = now[k] - self.before[k]
@@ -133,7 +72,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.trace and not trace.TRACE:
         # tracing is decided when vnpager is imported: start again with it on
         env = dict(os.environ, VNPAGER_TRACE="1")
-        argv = [sys.executable, "-m", "vnpager.cli", *args.argv]
+        argv = [sys.executable, "-m", "vnpager", *args.argv]
         sys.stdout.flush()
         os.execve(sys.executable, argv, env)
     from vnpager import VM
@@ -194,9 +133,8 @@ def _demo_steps(console: Console, story: _Story, fd: int, path: str, model: byte
     mismatches = 0
     deadline = time.monotonic() + args.seconds if args.seconds else None
     done = 0
-    with Progress(TextColumn("[bold cyan]{task.description:>9}[/]"), BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("workload", total=args.ops)
+    with progress() as bar:
+        task = bar.add_task("workload", total=args.ops)
         for kind, off, n in _workload(rng, size, args.ops):
             if kind == "read":
                 mismatches += m[off:off + n] != model[off:off + n]
@@ -205,7 +143,7 @@ def _demo_steps(console: Console, story: _Story, fd: int, path: str, model: byte
                 m[off:off + n] = data
                 model[off:off + n] = data
             done += 1
-            progress.advance(task)
+            bar.advance(task)
             if deadline is not None and time.monotonic() > deadline:
                 break
     story.step("workload", f"{done} mixed reads and writes, every read checked "
@@ -233,6 +171,9 @@ def _demo_steps(console: Console, story: _Story, fd: int, path: str, model: byte
     # persist: pages survive the mapping; close, map again, find them resident
     window = min(16, vm.npages // 4) * ps
     assert m[:window] == model[:window]  # make the first pages recently used
+    # touching them may have taken free pages and woken the page daemon: let it finish now,
+    # while they are mapped and referenced, not after the close, when nothing holds them
+    vm.quiesce()
     story.changed("faults")
     with tracing(True):
         m.close()
@@ -267,14 +208,14 @@ def _first_difference(path: str, model: bytes | bytearray) -> int | None:
     return None if off == len(model) else off
 
 
-def _add_demo(subparsers: Any) -> None:
+def add_subcommands(subparsers: Any) -> None:
     p = subparsers.add_parser("demo", help="map a file larger than the VM, read and write it, check it",
                               description=__doc__.split("\n\n")[1] if __doc__ else None)
     p.add_argument("--trace", action="store_true",
                    help="trace the pager's calls for the steps of the story (VNPAGER_TRACE=1)")
-    p.add_argument("--physmem", type=parse_size, default=parse_size("4M"), metavar="SIZE",
+    p.add_argument("--physmem", type=size_arg, default="4M", metavar="SIZE",
                    help="memory of the VM (default 4M)")
-    p.add_argument("--file-size", type=parse_size, default=0, metavar="SIZE",
+    p.add_argument("--file-size", type=size_arg, default=0, metavar="SIZE",
                    help="size of the file (default 8 times --physmem)")
     p.add_argument("--ops", type=int, default=5000, metavar="N",
                    help="operations of the workload (default 5000)")
@@ -284,27 +225,3 @@ def _add_demo(subparsers: Any) -> None:
     p.set_defaults(func=run_demo)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vnpager", description="The OpenBSD UVM vnode pager, in Python.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_demo(subparsers)
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        add: Callable[[Any], None] = module.add_subcommands
-        add(subparsers)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    status: int = args.func(args)
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,110 @@
+"""``vnpager mount SRC MNT`` and ``vnpager umount MNT``.
+
+Registered by vnpager.tools.cli through :func:`add_subcommands`.  Without
+``--foreground``, mount starts the server as a detached process (its
+output goes to a log file, not to our stdout and stderr), waits until the
+mount is there, and returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from vnpager.tools.cli import size_arg
+
+MOUNT_WAIT = 30.0  # seconds to wait for a detached server to mount
+
+
+def add_subcommands(subparsers: Any) -> None:
+    p = subparsers.add_parser("mount", help="mount SRC at MNT, file data through the pager (FUSE)")
+    p.add_argument("src", metavar="SRC", help="the directory tree to pass through")
+    p.add_argument("mnt", metavar="MNT", help="the mount point (an existing directory)")
+    p.add_argument("--physmem", type=size_arg, default="64M", metavar="SIZE",
+                   help="memory of the pager's VM (default 64M)")
+    p.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
+    p.add_argument("--direct-io", action="store_true",
+                   help="bypass the kernel's page cache entirely (shared mmap then fails with ENODEV)")
+    p.set_defaults(func=run_mount)
+    u = subparsers.add_parser("umount", help="unmount a vnpager mount, waiting for its write-back")
+    u.add_argument("mnt", metavar="MNT")
+    u.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                   help="seconds to wait for the server to write back (default 600)")
+    u.set_defaults(func=run_umount)
+
+
+def run_mount(args: argparse.Namespace) -> int:
+    problem = _not_mountable(args.src, args.mnt)
+    if problem:
+        print(f"vnpager mount: {problem}", file=sys.stderr)
+        return 1
+    try:
+        from vnpager.fuse.mount import serve
+    except ImportError as e:
+        print(f"vnpager mount needs the fuse extra (pip install -e '.[fuse]'): {e}", file=sys.stderr)
+        return 1
+    if not args.foreground:
+        return _detach(args)
+    try:
+        serve(args.src, args.mnt, args.physmem, direct_io=args.direct_io)
+    except (OSError, RuntimeError) as e:  # pyfuse3.init raises RuntimeError; libfuse said why
+        print(f"vnpager mount: mounting {args.src} at {args.mnt} failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _not_mountable(src: str, mnt: str) -> str | None:
+    """Why *src* cannot be mounted at *mnt* (None: it looks possible)."""
+    for what, path in (("SRC", src), ("mount point", mnt)):
+        if not os.path.exists(path):
+            return f"{what} {path}: no such directory"
+        if not os.path.isdir(path):
+            return f"{what} {path}: not a directory"
+    return None
+
+
+def _detach(args: argparse.Namespace) -> int:
+    """Start the server in a session of its own, its stdout and stderr in a
+    log file (so that nobody waits on our pipes for as long as it serves),
+    and return once it has mounted."""
+    from vnpager.fuse.mount import server_pid
+
+    argv = [sys.executable, "-m", "vnpager", "mount", args.src, args.mnt, "--foreground",
+            "--physmem", str(args.physmem)] + (["--direct-io"] if args.direct_io else [])
+    fd, log = tempfile.mkstemp(prefix="vnpager-mount-", suffix=".log")
+    try:
+        server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                                  start_new_session=True)
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + MOUNT_WAIT
+    while server_pid(args.mnt) != server.pid:
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            server.wait()
+            print(_last_line(log) or f"vnpager mount: mounting {args.src} at {args.mnt} failed",
+                  file=sys.stderr)
+            os.unlink(log)
+            return 1
+        time.sleep(0.05)
+    print(f"vnpager: {os.path.realpath(args.src)} mounted at {os.path.realpath(args.mnt)} "
+          f"(server pid {server.pid}, its messages in {log})\n"
+          f"vnpager: unmount with: vnpager umount {args.mnt}")
+    return 0
+
+
+def _last_line(path: str) -> str:
+    with open(path, errors="replace") as f:
+        lines = [line.rstrip() for line in f if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_umount(args: argparse.Namespace) -> int:
+    from vnpager.fuse.mount import unmount
+
+    return unmount(args.mnt, args.timeout)
