@@ -548,7 +548,8 @@ def times(d: str) -> list[Any]:
             _changed(d, lambda: os.mkdir(p("sub2"))), _changed(d, lambda: os.rmdir(p("sub2"))),
             _changed(d, lambda: os.symlink("x", sym)),
             _changed(sym, lambda: os.utime(sym, ns=(5, 6), follow_symlinks=False)),
-            os.lstat(sym).st_mtime_ns, _changed(d, lambda: os.mkfifo(p("fifo")))]
+            os.lstat(sym).st_mtime_ns, _changed(d, lambda: os.mkfifo(p("fifo"))),
+            _changed(p("f2"), lambda: os.utime(p("f2")))]  # UTIME_NOW
     fd = os.open(os.path.join(d, "f2"), os.O_RDWR)
     try:
         out += [_changed(os.path.join(d, "f2"), lambda: os.pwrite(fd, b"x", 0)),
