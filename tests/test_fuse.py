@@ -16,81 +16,26 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed (pip install -e '.[fuse]')")
 import vnpager
-from vnpager.fuse.mount import mounted, server_pid
-
-if not os.path.exists("/dev/fuse"):
-    pytest.skip("/dev/fuse is absent: FUSE mounts are impossible here", allow_module_level=True)
-if shutil.which("fusermount3") is None:
-    pytest.skip("fusermount3 is not installed (make sysdeps)", allow_module_level=True)
-
-PHYSMEM = 2 << 20  # 512 pages
-MOUNT_WAIT = 20.0
-
-
-class Server:
-    """One ``vnpager mount`` server process and its mount point."""
-
-    def __init__(self, src: Path, mnt: Path, *extra: str) -> None:
-        self.src, self.mnt = src, mnt
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vnpager", "mount", str(src), str(mnt), "--foreground",
-             "--physmem", str(PHYSMEM), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + MOUNT_WAIT
-        while server_pid(str(mnt)) != self.proc.pid:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"the mount did not appear: {self.output}")
-            time.sleep(0.05)
-        self.output = ""
-
-    def stop(self, sig: int | None = None) -> int:
-        """Unmount (by *sig* to the server, or fusermount3 -u), reap the
-        server; lazily unmount and kill it if it will not go."""
-        if self.proc.poll() is None:
-            if sig is not None:
-                self.proc.send_signal(sig)
-            else:
-                subprocess.run(["fusermount3", "-u", str(self.mnt)], check=False)
-            try:
-                self.output, _ = self.proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.output, _ = self.proc.communicate()
-        if server_pid(str(self.mnt)) is not None or os.path.ismount(self.mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
-        return self.proc.returncode
-
-
-def _mount(tmp: Path, *extra: str) -> Iterator[Server]:
-    src, mnt = tmp / "src", tmp / "mnt"
-    src.mkdir()
-    mnt.mkdir()
-    server = Server(src, mnt, *extra)
-    try:
-        yield server
-    finally:
-        server.stop()
+from fuse_helpers import PHYSMEM, Server, mount
+from vnpager.fuse.mount import mounted
 
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A mount kept for the whole module (starting one costs a second)."""
-    yield from _mount(tmp_path_factory.mktemp("shared"))
+    yield from mount(tmp_path_factory.mktemp("shared"))
 
 
 @pytest.fixture
 def fresh(tmp_path: Path) -> Iterator[Server]:
     """A mount of its own, for tests that unmount it."""
-    yield from _mount(tmp_path)
+    yield from mount(tmp_path)
 
 
 def test_cp_of_a_file_many_times_physmem(shared: Server) -> None:
@@ -196,7 +141,7 @@ def test_direct_io_refuses_shared_mmap(tmp_path: Path) -> None:
     """Why the default keeps the kernel's page cache: with direct_io this
     kernel refuses MAP_SHARED (FUSE_DIRECT_IO_ALLOW_MMAP is not negotiated
     by libfuse 3.14); reads and writes still go through the pager."""
-    for server in _mount(tmp_path, "--direct-io"):
+    for server in mount(tmp_path, "--direct-io"):
         path = server.mnt / "f"
         path.write_bytes(b"direct")
         assert path.read_bytes() == b"direct"

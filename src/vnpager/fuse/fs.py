@@ -1,10 +1,12 @@
 """The FUSE file system: a passthrough of the tree SRC whose file data goes
 through the pager (UBC), on pyfuse3 and trio.
 
-Names, directories and attributes pass straight through to the host; file
-data never does: open attaches the file's VM object, read and write copy
-to and from its pages, release detaches (the object persists with its
-pages for the next open), fsync flushes it.  Pager calls may sleep, so they
+Names, directories and attributes pass straight through to the host, each
+request worked from the O_PATH descriptors of the inode table, never from a
+host path (see :mod:`vnpager.fuse.inodes`); file data never does: open
+attaches the file's VM object, read and write copy to and from its pages,
+release detaches (the object persists with its pages for the next open),
+fsync flushes it.  Pager calls may sleep, so they
 run in worker threads (:func:`_pager`); plain host calls are short and run
 on the event loop.
 
@@ -20,6 +22,7 @@ kernel has (6.6+) and the libfuse we build against (3.14) cannot ask for.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import itertools
 import os
@@ -33,8 +36,8 @@ import pyfuse3
 import trio
 
 from vnpager.fuse import pager
-from vnpager.fuse.inodes import InodeTable
-from vnpager.uvm.uvm_bio import ubc_read, ubc_write
+from vnpager.fuse.inodes import InodeTable, proc_path
+from vnpager.uvm.uvm_bio import ubc_read
 from vnpager.vnmap import FileObject
 
 if TYPE_CHECKING:
@@ -42,6 +45,16 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 TIMEOUT = 1.0  # seconds the kernel may trust an entry or attributes
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _renameat2(old_fd: int, old: bytes, new_fd: int, new: bytes, flags: int) -> None:
+    """renameat2(2), which the os module lacks.  Raises OSError."""
+    if _libc.renameat2(old_fd, old, new_fd, new, flags):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 async def _pager(fn: Callable[..., T], *args: Any) -> T:
@@ -79,7 +92,7 @@ class VnpagerFS(pyfuse3.Operations):
         self.inodes = InodeTable(self.src)
         self.files: dict[int, OpenFile] = {}
         self.opens: Counter[int] = Counter()  # open files per inode
-        self.dirs: dict[int, list[str]] = {}  # directory handle -> names
+        self.dirs: dict[int, tuple[int, list[str]]] = {}  # directory handle -> inode, names
         self._fh = itertools.count(1)
 
     # attributes
@@ -95,48 +108,71 @@ class VnpagerFS(pyfuse3.Operations):
             a.st_size = max(st.st_size, pager.cached_size(self.vm, (st.st_dev, st.st_ino)))
         return a
 
-    def _entry(self, path: str) -> pyfuse3.EntryAttributes:
-        """The entry of *path* for a reply that the kernel counts as a lookup."""
-        st = _host(os.lstat, path)
-        ino = self.inodes.number(path, st)
-        self.inodes.lookup(ino)
+    def _stat(self, ino: int) -> os.stat_result:
+        """The host attributes of *ino*, from its descriptor: with or without a name."""
+        return _host(os.stat, self.inodes.fd(ino))
+
+    def _lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
+        """The entry of *name* in *parent* for a reply that the kernel counts as a lookup."""
+        ino, st = _host(self.inodes.lookup, parent, name)
         return self._attr(ino, st)
 
-    def _own(self, path: str, ctx: pyfuse3.RequestContext) -> None:
-        """Give a new file to the caller, as the kernel would (we may be root)."""
+    def _made(self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+              ) -> pyfuse3.EntryAttributes:
+        """The entry of the file *name* just made in *parent*, given to the caller first."""
+        ino, st = _host(self.inodes.lookup, parent, name)
+        self._own(ino, st, parent, mode, ctx)
+        return self._attr(ino, self._stat(ino))
+
+    def _own(self, ino: int, st: os.stat_result, parent: int, mode: int, ctx: pyfuse3.RequestContext) -> None:
+        """Give the new file *ino* to the caller with the *mode* it asked for, as the
+        kernel would (we may be root): the group of a set-gid parent (and its set-gid
+        bit, for a directory), else the caller's; the mode less the caller's umask but
+        not ours, which the host applied on top.  chown before chmod: chown clears
+        the set-id bits."""
+        where = self.inodes.proc(ino)
+        setgid_parent = self._stat(parent).st_mode & stat.S_ISGID
         if os.geteuid() == 0:
-            _host(os.chown, path, ctx.uid, ctx.gid, follow_symlinks=False)
+            _host(os.chown, where, ctx.uid, -1 if setgid_parent else ctx.gid)
+        if stat.S_ISLNK(st.st_mode):
+            return  # a symlink's mode is always 0777
+        want = mode & 0o7777 & ~ctx.umask
+        if setgid_parent and stat.S_ISDIR(st.st_mode):
+            want |= stat.S_ISGID
+        if stat.S_IMODE(self._stat(ino).st_mode) != want:
+            _host(os.chmod, where, want)
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
-        return self._entry(self.inodes.child(parent_inode, name))
+        return self._lookup(parent_inode, name)
 
     async def forget(self, inode_list: Any) -> None:
         for ino, n in inode_list:
             self.inodes.forget(ino, n)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attr(inode, _host(os.lstat, self.inodes.path(inode)))
+        return self._attr(inode, self._stat(inode))
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        path = self.inodes.path(inode)
+        # the magic link reaches the file itself, even a symlink or a file with no name
+        where = self.inodes.proc(inode)
         if fields.update_size:
             of = self.files.get(fh) if fh is not None else None
-            await _pager(pager.truncate, self.vm, path, attr.st_size, of.file if of else None)
-        if fields.update_mode and not stat.S_ISLNK(_host(os.lstat, path).st_mode):
-            _host(os.chmod, path, stat.S_IMODE(attr.st_mode))
+            await _pager(pager.truncate, self.vm, where, attr.st_size, of.file if of else None)
         if fields.update_uid or fields.update_gid:
-            _host(os.chown, path, attr.st_uid if fields.update_uid else -1,
-                  attr.st_gid if fields.update_gid else -1, follow_symlinks=False)
+            _host(os.chown, where, attr.st_uid if fields.update_uid else -1,
+                  attr.st_gid if fields.update_gid else -1)
+        if fields.update_mode and not stat.S_ISLNK(self._stat(inode).st_mode):
+            _host(os.chmod, where, stat.S_IMODE(attr.st_mode))
         if fields.update_atime or fields.update_mtime:
-            st = _host(os.lstat, path)
+            st = self._stat(inode)
             if stat.S_ISREG(st.st_mode):
                 await _pager(pager.flush_cached, self.vm, (st.st_dev, st.st_ino))
             ns = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
                   attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
-            _host(os.utime, path, ns=ns, follow_symlinks=False)
-        return self._attr(inode, _host(os.lstat, path))
+            _host(os.utime, where, ns=ns)
+        return self._attr(inode, self._stat(inode))
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         sv = _host(os.statvfs, self.src)
@@ -146,83 +182,100 @@ class VnpagerFS(pyfuse3.Operations):
             setattr(d, f, getattr(sv, f))
         return d
 
-    # names
+    # extended attributes: the host's, of the file itself (through its magic link)
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        _host(os.setxattr, self.inodes.proc(inode), name, value)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return _host(os.getxattr, self.inodes.proc(inode), name)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(n) for n in _host(os.listxattr, self.inodes.proc(inode))]
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        _host(os.removexattr, self.inodes.proc(inode), name)
+
+    # names: each relative to its directory's descriptor
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return os.fsencode(_host(os.readlink, self.inodes.path(inode)))
+        return os.fsencode(_host(os.readlink, "", dir_fd=self.inodes.fd(inode)))
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
                     ) -> pyfuse3.EntryAttributes:
-        path = self.inodes.child(parent_inode, name)
-        _host(os.mkdir, path, mode & ~ctx.umask)
-        self._own(path, ctx)
-        return self._entry(path)
+        _host(os.mkdir, name, mode & 0o7777, dir_fd=self.inodes.fd(parent_inode))
+        return self._made(parent_inode, name, mode, ctx)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        """Regular files, FIFOs, sockets and devices alike: made on the host
+        (the pager pages only what is opened as a regular file)."""
+        _host(os.mknod, name, mode, rdev, dir_fd=self.inodes.fd(parent_inode))
+        return self._made(parent_inode, name, mode, ctx)
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        path = self.inodes.child(parent_inode, name)
-        _host(os.symlink, target, path)
-        self._own(path, ctx)
-        return self._entry(path)
+        _host(os.symlink, target, name, dir_fd=self.inodes.fd(parent_inode))
+        return self._made(parent_inode, name, 0, ctx)
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        path = self.inodes.child(new_parent_inode, new_name)
-        _host(os.link, self.inodes.path(inode), path, follow_symlinks=False)
-        return self._entry(path)
+        _host(os.link, self.inodes.proc(inode), new_name, dst_dir_fd=self.inodes.fd(new_parent_inode))
+        return self._lookup(new_parent_inode, new_name)
 
-    async def _remove(self, path: str, remove: Callable[[str], None]) -> None:
-        st = _host(os.lstat, path)
-        key = (st.st_dev, st.st_ino)
+    async def _remove(self, parent: int, name: bytes, remove: Callable[..., None]) -> None:
+        dir_fd = self.inodes.fd(parent)
+        st = _host(os.stat, name, dir_fd=dir_fd, follow_symlinks=False)
         if stat.S_ISREG(st.st_mode):
-            await _pager(pager.uncache, self.vm, key)
-        _host(remove, path)
-        self.inodes.unlinked(path, key)
+            await _pager(pager.uncache, self.vm, (st.st_dev, st.st_ino))
+        _host(remove, name, dir_fd=dir_fd)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._remove(self.inodes.child(parent_inode, name), os.unlink)
+        await self._remove(parent_inode, name, os.unlink)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._remove(self.inodes.child(parent_inode, name), os.rmdir)
+        await self._remove(parent_inode, name, os.rmdir)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
-        old = self.inodes.child(parent_inode_old, name_old)
-        new = self.inodes.child(parent_inode_new, name_new)
-        if flags & ~pyfuse3.RENAME_NOREPLACE:
-            raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_EXCHANGE: not supported
-        st = _host(os.lstat, old)
-        try:
-            target: os.stat_result | None = os.lstat(new)
-        except FileNotFoundError:
-            target = None
-        if target is not None:
-            if flags & pyfuse3.RENAME_NOREPLACE:
-                raise pyfuse3.FUSEError(errno.EEXIST)
-            if stat.S_ISREG(target.st_mode):
-                await _pager(pager.uncache, self.vm, (target.st_dev, target.st_ino))
-        _host(os.rename, old, new)
-        if target is not None:
-            self.inodes.unlinked(new, (target.st_dev, target.st_ino))
-        self.inodes.renamed(old, new, (st.st_dev, st.st_ino), stat.S_ISDIR(st.st_mode))
+        """renameat2 with the caller's flags: RENAME_NOREPLACE and RENAME_EXCHANGE
+        are the host's, atomic.  A regular file renamed over loses a name."""
+        old_fd, new_fd = self.inodes.fd(parent_inode_old), self.inodes.fd(parent_inode_new)
+        if not flags & (pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE):
+            try:
+                target = os.stat(name_new, dir_fd=new_fd, follow_symlinks=False)
+            except OSError:
+                pass  # no target (or a rename that is about to fail)
+            else:
+                if stat.S_ISREG(target.st_mode):
+                    await _pager(pager.uncache, self.vm, (target.st_dev, target.st_ino))
+        _host(_renameat2, old_fd, name_old, new_fd, name_new, flags)
 
     # directories
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         fh = next(self._fh)
-        self.dirs[fh] = [self.inodes.path(inode), *sorted(_host(os.listdir, self.inodes.path(inode)))]
+        self.dirs[fh] = (inode, [])  # listed by the first readdir
         return fh
 
+    def _names(self, inode: int) -> list[str]:
+        fd = _host(os.open, ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.inodes.fd(inode))
+        try:
+            return sorted(_host(os.listdir, fd))
+        finally:
+            os.close(fd)
+
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        parent, *names = self.dirs[fh]
+        parent, names = self.dirs[fh]
+        if start_id == 0:  # from the start (rewinddir too): the directory as it is now
+            names = self._names(parent)
+            self.dirs[fh] = (parent, names)
         for i in range(start_id, len(names)):
-            path = os.path.join(parent, names[i])
+            name = os.fsencode(names[i])
             try:
-                st = os.lstat(path)
+                ino, st = self.inodes.lookup(parent, name)
             except OSError:
-                continue  # gone since opendir
-            ino = self.inodes.number(path, st)
-            if not pyfuse3.readdir_reply(token, os.fsencode(names[i]), self._attr(ino, st), i + 1):
+                continue  # gone since the listing
+            if not pyfuse3.readdir_reply(token, name, self._attr(ino, st), i + 1):
+                self.inodes.forget(ino, 1)  # not replied: not a lookup
                 return
-            self.inodes.lookup(ino)
 
     async def releasedir(self, fh: int) -> None:
         del self.dirs[fh]
@@ -234,35 +287,42 @@ class VnpagerFS(pyfuse3.Operations):
         self.opens[ino] += 1
         return pyfuse3.FileInfo(fh=fh, direct_io=self.direct_io, keep_cache=False)
 
-    async def _open(self, ino: int, path: str, flags: int) -> pyfuse3.FileInfo:
+    async def _open(self, ino: int, flags: int) -> pyfuse3.FileInfo:
         write = flags & os.O_ACCMODE != os.O_RDONLY
-        f = await _pager(pager.open_object, self.vm, path, write)
+        # hostfs opens the file itself through its magic link: named or not
+        f = await _pager(pager.open_object, self.vm, self.inodes.proc(ino), write)
         if flags & os.O_TRUNC:
             try:
-                await _pager(pager.truncate, self.vm, path, 0, f)
+                await _pager(pager.truncate, self.vm, self.inodes.proc(ino), 0, f)
             except pyfuse3.FUSEError:
                 await _pager(f.close)
                 raise
         return self._file_info(ino, f)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        return await self._open(inode, self.inodes.path(inode), flags)
+        return await self._open(inode, flags)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        path = self.inodes.child(parent_inode, name)
-        # made by the host; opened again by hostfs (read-write where it can)
-        os.close(_host(os.open, path, os.O_CREAT | os.O_WRONLY | (flags & os.O_EXCL),
-                       mode & ~ctx.umask))
-        self._own(path, ctx)
-        entry = self._entry(path)
-        return await self._open(entry.st_ino, path, flags & ~os.O_CREAT), entry
+        fd = _host(os.open, name, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC | (flags & os.O_EXCL),
+                   mode & 0o7777, dir_fd=self.inodes.fd(parent_inode))
+        try:  # the inode of what we made, not of whatever the name names by now
+            ino, st = _host(self.inodes.adopt, os.open(proc_path(fd), os.O_PATH | os.O_CLOEXEC))
+        finally:
+            os.close(fd)
+        try:
+            self._own(ino, st, parent_inode, mode, ctx)
+            entry = self._attr(ino, self._stat(ino))
+            return await self._open(ino, flags & ~os.O_CREAT), entry
+        except BaseException:
+            self.inodes.forget(ino, 1)  # no entry replied
+            raise
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return await _pager(ubc_read, self.files[fh].file.uvn, size, off)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await _pager(ubc_write, self.files[fh].file.uvn, buf, off)
+        return await _pager(pager.write, self.files[fh].file, buf, off)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         await _pager(pager.fsync, self.files[fh].file)

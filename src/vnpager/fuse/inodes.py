@@ -1,65 +1,90 @@
-"""The inode table of the FUSE passthrough: FUSE inode numbers <-> host paths.
+"""The inode table of the FUSE passthrough: FUSE inode numbers <-> host files.
 
 The kernel names files by the inode numbers we hand out.  We give each host
 file (``st_dev, st_ino``) a number of our own, so that files of several host
-filesystems under SRC never collide, and remember the host paths it is
-known by (several for hard links).  The kernel's lookup count says how long
-to keep an entry: it grows with each entry we reply with and shrinks with
-each forget.
+filesystems under SRC never collide, and hold an ``O_PATH`` descriptor of
+it for as long as the kernel knows the number.  Every request works from
+these descriptors, never from a host path: attributes of a file that lost
+its names (unlinked, renamed over, while open) are still there; names are
+resolved one component at a time relative to the parent's descriptor (the
+``*at()`` calls), so no path the server builds grows past PATH_MAX however
+deep the tree; and renames need no bookkeeping.  The kernel's lookup count
+says how long to keep an entry: it grows with each entry we reply with and
+shrinks with each forget.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyfuse3
+
+O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
 class Inode:
+    fd: int  # O_PATH descriptor of the host file: names may go, this stays
     key: tuple[int, int]  # (st_dev, st_ino) of the host file
-    paths: set[str] = field(default_factory=set)
     nlookup: int = 0
+
+
+def proc_path(fd: int) -> str:
+    """A path that reaches the file open on *fd* itself, named or not (the
+    magic link does not follow a symlink further)."""
+    return f"/proc/self/fd/{fd}"
 
 
 class InodeTable:
     """=> used from the event loop thread only: no locking."""
 
     def __init__(self, root: str) -> None:
-        st = os.lstat(root)
-        self._inodes: dict[int, Inode] = {pyfuse3.ROOT_INODE: Inode((st.st_dev, st.st_ino), {root}, 1)}
-        self._by_key: dict[tuple[int, int], int] = {(st.st_dev, st.st_ino): pyfuse3.ROOT_INODE}
+        fd = os.open(root, O_PATH_NOFOLLOW | os.O_DIRECTORY)
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        self._inodes: dict[int, Inode] = {pyfuse3.ROOT_INODE: Inode(fd, key, 1)}
+        self._by_key: dict[tuple[int, int], int] = {key: pyfuse3.ROOT_INODE}
         self._next = pyfuse3.ROOT_INODE + 1
 
-    def path(self, ino: int) -> str:
-        """A host path of *ino*; raises FUSEError(ENOENT) if it has none."""
+    def fd(self, ino: int) -> int:
+        """The O_PATH descriptor of *ino*; FUSEError(ESTALE) if it is unknown."""
         inode = self._inodes.get(ino)
-        if inode is None or not inode.paths:
-            raise pyfuse3.FUSEError(2)  # ENOENT
-        return next(iter(inode.paths))
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return inode.fd
 
-    def child(self, parent: int, name: bytes) -> str:
-        return os.path.join(self.path(parent), os.fsdecode(name))
+    def proc(self, ino: int) -> str:
+        return proc_path(self.fd(ino))
 
     def key(self, ino: int) -> tuple[int, int]:
         return self._inodes[ino].key
 
-    def number(self, path: str, st: os.stat_result) -> int:
-        """The inode number of host file *path*, known by that path from now on."""
+    def lookup(self, parent: int, name: bytes) -> tuple[int, os.stat_result]:
+        """The inode number and attributes of *name* in directory *parent*,
+        counted as one lookup.  Raises OSError."""
+        return self.adopt(os.open(name, O_PATH_NOFOLLOW, dir_fd=self.fd(parent)))
+
+    def adopt(self, fd: int) -> tuple[int, os.stat_result]:
+        """Like :meth:`lookup`, for the file open on the O_PATH descriptor
+        *fd*, which the table takes over (and closes if it has one already)."""
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
         key = (st.st_dev, st.st_ino)
         ino = self._by_key.get(key)
         if ino is None:
             ino = self._next
             self._next += 1
-            self._inodes[ino] = Inode(key)
+            self._inodes[ino] = Inode(fd, key)
             self._by_key[key] = ino
-        self._inodes[ino].paths.add(path)
-        return ino
-
-    def lookup(self, ino: int) -> None:
-        """The kernel got an entry for *ino*: count it."""
+        else:
+            os.close(fd)  # the inode we hold pins (st_dev, st_ino): it is the same file
         self._inodes[ino].nlookup += 1
+        return ino, st
 
     def forget(self, ino: int, n: int) -> None:
         inode = self._inodes.get(ino)
@@ -68,25 +93,12 @@ class InodeTable:
         inode.nlookup -= n
         if inode.nlookup <= 0:
             del self._inodes[ino]
-            if self._by_key.get(inode.key) == ino:
-                del self._by_key[inode.key]
+            del self._by_key[inode.key]
+            os.close(inode.fd)
 
-    def unlinked(self, path: str, key: tuple[int, int]) -> None:
-        """*path*, naming host file *key*, is gone (unlink, rmdir, rename over)."""
-        ino = self._by_key.get(key)
-        if ino is not None:
-            self._inodes[ino].paths.discard(path)
-
-    def renamed(self, old: str, new: str, key: tuple[int, int], is_dir: bool) -> None:
-        """*old* (host file *key*) is now *new*; so is all below it, for a directory."""
-        ino = self._by_key.get(key)
-        if ino is not None:
-            self._inodes[ino].paths.discard(old)
-            self._inodes[ino].paths.add(new)
-        if is_dir:
-            prefix = old + os.sep
-            for inode in self._inodes.values():
-                moved = {p for p in inode.paths if p.startswith(prefix)}
-                if moved:
-                    inode.paths -= moved
-                    inode.paths |= {new + p[len(old):] for p in moved}
+    def close(self) -> None:
+        """Close every descriptor (unmount time)."""
+        for inode in self._inodes.values():
+            os.close(inode.fd)
+        self._inodes.clear()
+        self._by_key.clear()

@@ -109,9 +109,10 @@ def _options() -> set[str]:
 
 def _finish(fs: VnpagerFS, *, unmount: bool) -> None:
     """The loop has ended: unmount if still mounted, then write every dirty
-    page, terminate every object and close the VM."""
+    page, terminate every object, close the VM and the inodes' descriptors."""
     pyfuse3.close(unmount=unmount)
     pager.shutdown(fs.vm, fs.open_objects())
+    fs.inodes.close()
 
 
 async def _main() -> bool:

@@ -7,15 +7,19 @@ Files are named by host path or by hostfs vnode key ``(st_dev, st_ino)``.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from vnpager.kern.lock import LK_EXCLUSIVE
+from vnpager.uvm.uvm_bio import ubc_write
 from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
 from vnpager.uvm.uvm_vnode import (
     UVM_VNODE_VALID,
     uvm_vnp_sync,
     uvm_vnp_uncache,
+    uvm_vnp_wrote,
 )
+from vnpager.vfs.hostfs import HostNode
 from vnpager.vfs.mount import MNT_FORCE
 from vnpager.vfs.vnode import VOP_FSYNC, VOP_UNLOCK, Vnode, vn_lock
 from vnpager.vnmap import FileObject
@@ -37,6 +41,19 @@ def truncate(vm: VM, path: str, size: int, f: FileObject | None) -> None:
         return
     with open_object(vm, path, write=True) as f:
         f.setsize(size)
+
+
+def write(f: FileObject, buf: bytes, off: int) -> int:
+    """Copy *buf* into the object's pages at *off*; then stamp the host
+    file's mtime and ctime now, as a kernel's write does (the write-back
+    would, but only later), and record the stamp as ours (uvm_vnp_wrote)
+    so that the next attach does not take it for a change from outside."""
+    n = ubc_write(f.uvn, buf, off)
+    vp = f.uvn.u_vnode
+    if isinstance(vp.v_data, HostNode):
+        os.utime(vp.v_data.fd)
+        uvm_vnp_wrote(vp)
+    return n
 
 
 def fsync(f: FileObject) -> None:
