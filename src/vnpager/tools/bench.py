@@ -377,11 +377,7 @@ def _slow_read_rate(paths: list[str], cfg: Config) -> float:
     """Bytes per second of one thread per file reading it all, in a fresh VM
     whose files come through a faultfs mount that sleeps on every read call,
     mapped MADV_RANDOM (one read call per page)."""
-    from vnpager import VM
-    from vnpager.uvm.uvm_fault import uvm_copyin
-    from vnpager.uvm.uvm_map import MADV_RANDOM, MAP_SHARED, uvm_map, uvm_map_advice
-    from vnpager.uvm.uvm_param import PROT_READ
-    from vnpager.uvm.uvm_vnode import uvn_attach
+    from vnpager import ACCESS_READ, MADV_RANDOM, VM, mmap
     from vnpager.vfs.faultfs import FaultFS, FaultPlan
     from vnpager.vfs.hostfs import HostFS, hostfs_vget_path
 
@@ -390,28 +386,27 @@ def _slow_read_rate(paths: list[str], cfg: Config) -> float:
     size = cfg.thread_file_size
     with VM(physmem=len(paths) * size + 8 * MiB) as vm:
         mp = vm.vfs.mount(FaultFS(HostFS(), plan), "slow")
-        space = vm.vmspace
-        vas = []
+        maps = []
         for p in paths:
             vp = hostfs_vget_path(vm.vfs, mp, p)
-            uobj = uvn_attach(vp, PROT_READ)
-            vm.vfs.vrele(vp)
-            va = uvm_map(space, size, uobj, 0, PROT_READ, PROT_READ, MAP_SHARED)
-            uvm_map_advice(space, va, va + size, MADV_RANDOM)  # a call per page: see the module doc
-            vas.append(va)
+            maps.append(vm.map(vp, size, access=ACCESS_READ))
+            vm.vfs.vrele(vp)  # the map holds the object
+            maps[-1].madvise(MADV_RANDOM)  # a call per page: see the module doc
 
-        def scan(va: int) -> None:
-            buf = memoryview(bytearray(64 * KiB))
-            for off in range(0, size, len(buf)):
-                uvm_copyin(space, va + off, buf)
+        def scan(m: mmap) -> None:
+            for off in range(0, size, 64 * KiB):
+                m[off:off + 64 * KiB]
 
-        threads = [threading.Thread(target=scan, args=(va,)) for va in vas]
+        threads = [threading.Thread(target=scan, args=(m,)) for m in maps]
         t0 = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        return len(paths) * size / (time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        for m in maps:
+            m.close()
+        return len(paths) * size / elapsed
 
 
 def run(cfg: Config, log: Callable[[str], None]) -> Report:

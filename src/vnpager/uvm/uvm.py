@@ -57,7 +57,7 @@ import time
 import warnings
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Annotated
+from typing import Annotated, Self
 
 from vnpager.kern.debug import panic
 from vnpager.kern.lock import Mutex, RWLock, fork_gate, gated, locks_after_fork_child
@@ -260,7 +260,7 @@ class VM:
                 raise TimeoutError("the VM did not become quiet")
             tsleep(self.free_chan, "quiesce", 0.001)
 
-    def __enter__(self) -> VM:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
