@@ -49,7 +49,6 @@ page between queues), or owns a free page under the page queue lock.
 
 from __future__ import annotations
 
-import mmap as _mmap
 import os
 import tempfile
 import threading
@@ -68,7 +67,7 @@ from vnpager.kern.synch import (
     synch_fork_prepare,
     tsleep,
 )
-from vnpager.uvm.pmap import pmap_clear_modify, pmap_is_modified
+from vnpager.uvm.pmap import Frames, pmap_clear_modify, pmap_is_modified
 from vnpager.uvm.uvm_map import Vmspace
 from vnpager.uvm.uvm_page import PG_BUSY, PG_CLEAN, PG_TABLED, PQ_ACTIVE, PQ_FREE, PQ_INACTIVE, VmPage
 from vnpager.uvm.uvm_pager import AioDaemon, PagerMap
@@ -178,12 +177,8 @@ class VM:
         self.npages = npages
         self.physmem = npages * page_size
         self.zero_page = bytes(page_size)
-        # page frames: anonymous memory the host commits only when touched,
-        # private so that a forked child gets frames of its own (copy on write)
-        self._arena = _mmap.mmap(-1, self.physmem, flags=_mmap.MAP_PRIVATE)
-        frames = memoryview(self._arena)
-        self.pages = [VmPage(self, i, frames[i * page_size:(i + 1) * page_size])
-                      for i in range(npages)]
+        self.frames = Frames(npages, page_size)  # the machine's (private: a forked child's are its own)
+        self.pages = [VmPage(self, i, self.frames.frame(i)) for i in range(npages)]
         self.page_free: list[VmPage] = self.pages[::-1]  # pop() takes frame 0 first
         self.page_active: dict[VmPage, None] = {}
         self.page_inactive: dict[VmPage, None] = {}
@@ -371,9 +366,9 @@ class VM:
 # park and its asynchronous writes drain), every VM writes its dirty file
 # pages back and copies its swap files, and the locks that a warm store or
 # the sleep queue take without the gate are held across the fork.  After
-# it, each process has a VM of its own: its own frames (the arena is
-# private memory, copied on write), its own swap, and, in the child, its
-# own daemon threads and new locks.  Neither inherits a dirty file page,
+# it, each process has a VM of its own: its own frames (the software
+# machine's arena is private memory, copied on write), its own swap,
+# and, in the child, its own daemon threads and new locks.  Neither inherits a dirty file page,
 # so each writes back only what it dirtied itself, and never a stale copy
 # of a page the other wrote.
 

@@ -1,9 +1,9 @@
 """Physical pages and the page queues (uvm_page.c, uvm_page.h).
 
-Physical memory is one arena of page frames, allocated when the VM is made;
-each :class:`VmPage` owns one frame and exposes it as ``pg.data``, a
-memoryview that I/O reads and writes in place.  A VM can never hold more
-page data than its arena.
+Physical memory is the machine's page frames (``Frames`` of the pmap
+interface), allocated when the VM is made; each :class:`VmPage` owns one
+frame and exposes it as ``pg.data``, a memoryview that I/O reads and
+writes in place.  A VM can never hold more page data than its frames.
 
 Queue membership is kept in ``pg_flags`` as OpenBSD does (PQ_ACTIVE,
 PQ_INACTIVE, PQ_FREE); the queues themselves are insertion-ordered dicts so

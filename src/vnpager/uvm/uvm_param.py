@@ -7,15 +7,17 @@ live in one process.
 
 from __future__ import annotations
 
+import mmap
 import re
 
 PAGE_SIZE = 4096  # the default
 MAXBSIZE = 64 * 1024  # the largest transfer the pager clusters into
 
+# the host's sys/mman.h values, which the software machine's pmap takes too
 PROT_NONE = 0x0
-PROT_READ = 0x1
-PROT_WRITE = 0x2
-PROT_EXEC = 0x4
+PROT_READ = mmap.PROT_READ
+PROT_WRITE = mmap.PROT_WRITE
+PROT_EXEC = mmap.PROT_EXEC
 
 # madvise(2) advice; NORMAL, RANDOM and SEQUENTIAL stay on the map entry
 MADV_NORMAL = 0

@@ -1,0 +1,28 @@
+"""The software machine's page frames (its uvm_page_physload).
+
+Physical memory is one arena of anonymous memory, which the host commits
+only when a frame is touched; private, so that a forked child gets frames
+of its own (copy on write).  Frame *i* is bytes ``[i * page_size, (i + 1) *
+page_size)`` of it, so frames with consecutive numbers are consecutive
+bytes: the pmap's TLB joins them into one run (one memoryview).
+"""
+
+from __future__ import annotations
+
+import mmap
+
+
+class Frames:
+    """*npages* frames of *page_size* bytes, made when the VM is made and
+    never freed before it (the VM's pages hold views of them)."""
+
+    __slots__ = ("arena", "page_size", "view")
+
+    def __init__(self, npages: int, page_size: int) -> None:
+        self.page_size = page_size
+        self.arena = mmap.mmap(-1, npages * page_size, flags=mmap.MAP_PRIVATE)
+        self.view = memoryview(self.arena)  # the TLB's runs are slices of it
+
+    def frame(self, i: int) -> memoryview:
+        """The bytes of frame *i*: a VmPage's ``data``, read and written in place."""
+        return self.view[i * self.page_size:(i + 1) * self.page_size]
