@@ -107,10 +107,8 @@ class FileObject:
         uvn: UvmVnode = vp.v_uvm
         with uvn.vmobjlock:
             persisting = uvn.u_flags & UVM_VNODE_VALID and uvn.uo_refs == 0
-        proc = curproc()
-        proc.p_errno = 0
-        if uvn_attach(vp, prot) is None:
-            raise _oserror(proc.p_errno or errno.ENODEV, f"cannot attach {vp!r}")
+        if uvn_attach(vp, prot) is None:  # it clears p_errno on entry
+            raise _oserror(curproc().p_errno or errno.ENODEV, f"cannot attach {vp!r}")
         self = cls(uvn)
         if persisting:
             err = ubc_revalidate(uvn, drop_stale=True)

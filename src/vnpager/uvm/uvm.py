@@ -89,6 +89,7 @@ from vnpager.vfs.swapfs import SwapFS, swapfs_fork_child, swapfs_fork_parent, sw
 from vnpager.vfs.vnode import Vnode
 
 DEFAULT_PHYSMEM = 256 << 20  # of a VM made without physmem, unless VNPAGER_PHYSMEM says otherwise
+FORK_QUIET_TIMEOUT = 60.0  # seconds fork waits for the VM calls under way to finish
 
 
 def physmem_bytes(physmem: int | str | None) -> int:
@@ -103,7 +104,6 @@ def physmem_bytes(physmem: int | str | None) -> int:
         except ValueError as e:
             raise ValueError(f"VNPAGER_PHYSMEM: {e}") from None
     return parse_size(physmem) if isinstance(physmem, str) else physmem
-FORK_QUIET_TIMEOUT = 60.0  # seconds fork waits for the VM calls under way to finish
 
 
 @dataclass
