@@ -9,13 +9,16 @@ served by the space's threads through uvm_fault.  Every wait is bounded
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +29,7 @@ from vnpager.arch.uffd import PAGE_SIZE, Uffd, fdpass
 from vnpager.server.space import ClientSpace
 from vnpager.uvm.uvm import VM
 from vnpager.uvm.uvm_map import MAP_PRIVATE, MAP_SHARED
+from vnpager.vfs.faultfs import FaultFS, FaultPlan
 
 CLIENT = Path(__file__).with_name("hw_client.py")
 DEADLINE = 30.0
@@ -106,7 +110,13 @@ class Client:
         return str(self.request(op="read", at=at, off=off, n=n))
 
     def write(self, at: int, off: int, data: bytes) -> None:
-        self.request(op="write", at=at, off=off, data=data.hex())
+        step = 32 * 1024  # a datagram of the socket holds about 200 KiB
+        for i in range(0, len(data), step):
+            self.request(op="write", at=at, off=off + i, data=data[i : i + step].hex())
+
+    def killed_by(self) -> int:
+        """The signal that ended the client (it must end)."""
+        return -self.proc.wait(timeout=DEADLINE)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -202,3 +212,166 @@ def test_a_map_at_an_offset_reads_the_file_there(clients: Callable[[], Client], 
     c = clients()
     at = c.map(path, length=2 * CLUSTER, offset=3 * CLUSTER, prot=RO)
     assert c.read(at, 0, 2 * CLUSTER) == sha(content[3 * CLUSTER : 5 * CLUSTER])
+
+
+def test_writes_are_found_dirty_and_written_back_by_flush(hvm: VM, clients: Callable[[], Client],
+                                                          path: Path, content: bytes) -> None:
+    c = clients()
+    at = c.map(path)
+    expect = bytearray(content)
+    assert c.read(at, 0, CLUSTER) == sha(content[:CLUSTER])  # mapped write-protected
+    c.write(at, 100, b"hello")  # a write-protect fault: PG_MOD
+    expect[100:105] = b"hello"
+    off = 3 * CLUSTER + 7
+    c.write(at, off, b"missing")  # a write fault on a missing page
+    expect[off : off + 7] = b"missing"
+    stats = c.space.statistics()
+    assert (stats.wp, stats.writes) == (1, 2)
+    assert path.read_bytes() == content  # not written back yet
+    c.space.flush(at, 0, len(content))
+    assert path.read_bytes() == expect
+    writes = hvm.uvmexp.write_ios
+    c.space.flush(at, 0, len(content))
+    assert hvm.uvmexp.write_ios == writes  # clean now: nothing written
+    # The flush protected the pages again: the next store is seen again.
+    c.write(at, 101, b"again")
+    expect[101:106] = b"again"
+    assert c.space.statistics().wp == 2
+    c.space.flush(at, 0, len(content))
+    assert path.read_bytes() == expect
+    assert c.read(at, 0, len(content)) == sha(bytes(expect))
+
+
+def test_two_clients_of_one_object_see_each_others_writes(clients: Callable[[], Client], path: Path,
+                                                          content: bytes) -> None:
+    a, b = clients(), clients()
+    at_a, at_b = a.map(path), b.map(path)
+    a.write(at_a, 10, b"from a")
+    assert b.read(at_b, 0, PAGE_SIZE) == sha(content[:10] + b"from a" + content[16:PAGE_SIZE])
+    assert b.space.statistics().minor == 1  # the page was in the memfd already
+    b.write(at_b, 20, b"from b")
+    want = content[:10] + b"from a" + content[16:20] + b"from b" + content[26:]
+    assert a.read(at_a, 0, len(content)) == sha(want)
+    b.space.flush(at_b, 0, len(content))  # the object's dirty pages, whoever wrote them
+    assert path.read_bytes() == want
+
+
+def test_eviction_keeps_resident_pages_within_physmem(tmp_path: Path) -> None:
+    npages = 64
+    vm = VM(physmem=npages * PAGE_SIZE, machine="uffd")
+    data = pattern(4 * npages * PAGE_SIZE, seed=2)
+    p = tmp_path / "big.bin"
+    p.write_bytes(data)
+    c = Client(vm)
+    peak = [0]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], vm.stats().frames_resident)
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        at = c.map(p)
+        assert c.read(at, 0, len(data)) == sha(data)
+        assert vm.uvmexp.pdfreed > 0  # the page daemon punched pages out
+        assert c.read(at, 0, len(data)) == sha(data)  # faulted in again, intact
+        new = pattern(len(data), seed=3)
+        c.write(at, 0, new)  # dirty pages written back by the page daemon to make room
+        assert vm.uvmexp.pageouts > 0
+        assert c.read(at, 0, len(data)) == sha(new)
+        c.space.flush(at, 0, len(data))
+        assert p.read_bytes() == new
+    finally:
+        done.set()
+        watcher.join(DEADLINE)
+        c.close()
+        vm.check_invariants()
+        vm.close()
+    assert 0 < peak[0] <= npages
+    assert vm.stats().frames_resident <= npages
+
+
+def _faulty(vm: VM) -> FaultPlan:
+    """Make the VM's host files fail as the plan says (vnodes made from now on)."""
+    plan = FaultPlan(seed=1)
+    vm.hostfs.mnt_op = FaultFS(vm.hostfs.mnt_op, plan)
+    return plan
+
+
+def test_read_error_is_sigbus_in_the_client(hvm: VM, clients: Callable[[], Client], path: Path,
+                                            content: bytes) -> None:
+    plan = _faulty(hvm)
+    plan.fail("read", errno.EIO, offsets=range(2 * CLUSTER, 3 * CLUSTER))
+    c = clients()
+    at = c.map(path)
+    assert c.read(at, 0, CLUSTER) == sha(content[:CLUSTER])
+    with pytest.raises(ClientGone):
+        c.read(at, 2 * CLUSTER, PAGE_SIZE)
+    assert c.killed_by() == signal.SIGBUS
+    assert c.space.statistics().poisoned == 1
+
+
+def test_write_back_error_is_raised_once_per_map(hvm: VM, clients: Callable[[], Client], path: Path,
+                                                 content: bytes) -> None:
+    plan = _faulty(hvm)
+    c = clients()
+    at, other = c.map(path), c.map(path)
+    c.write(at, 0, b"doomed?")
+    plan.fail("write", errno.ENOSPC, times=1)
+    with pytest.raises(OSError) as e:
+        c.space.flush(at, 0, PAGE_SIZE)
+    assert e.value.errno == errno.ENOSPC
+    assert path.read_bytes() == content  # the page stayed dirty...
+    c.space.flush(at, 0, PAGE_SIZE)  # ...and is written by the next flush, which is told nothing
+    assert path.read_bytes()[:7] == b"doomed?"
+    with pytest.raises(OSError):  # the other map was open when it failed: told once too
+        c.space.flush(other, 0, PAGE_SIZE)
+    c.space.flush(other, 0, PAGE_SIZE)
+
+
+def test_a_truncated_file_is_sigbus_past_its_end(hvm: VM, clients: Callable[[], Client], path: Path,
+                                                 content: bytes) -> None:
+    c = clients()
+    at = c.map(path)
+    assert c.read(at, 0, len(content)) == sha(content)
+    os.truncate(path, CLUSTER + 100)
+    assert c.space.size(at) == CLUSTER + 100  # taken up: the pages past the end are gone
+    assert c.read(at, 0, CLUSTER + PAGE_SIZE) == sha(content[: CLUSTER + 100] + bytes(PAGE_SIZE - 100))
+    faults = c.space.statistics().faults
+    with pytest.raises(ClientGone):
+        c.read(at, 2 * CLUSTER, 1)
+    assert c.killed_by() == signal.SIGBUS  # the kernel's own: the memfd ends there
+    assert c.space.statistics().faults == faults
+
+
+def test_resize_truncates_file_object_and_memfd(hvm: VM, clients: Callable[[], Client], path: Path,
+                                                content: bytes) -> None:
+    c = clients()
+    at = c.map(path)
+    c.write(at, CLUSTER - 4, b"tail")
+    c.space.resize(at, CLUSTER)
+    assert os.path.getsize(path) == CLUSTER and c.space.size(at) == CLUSTER
+    c.space.flush(at, 0, CLUSTER)
+    assert path.read_bytes() == content[: CLUSTER - 4] + b"tail"
+    with pytest.raises(ClientGone):
+        c.read(at, CLUSTER, 1)
+    assert c.killed_by() == signal.SIGBUS
+
+
+def test_client_death_releases_its_references(hvm: VM, clients: Callable[[], Client], path: Path,
+                                              content: bytes) -> None:
+    c = clients()
+    at = c.map(path)
+    c.write(at, 0, b"kept")
+    [uvn] = [m.file.uvn for m in c.space.maps.values()]
+    assert uvn.uo_refs == 2  # the FileObject's hold and the map entry's
+    c.proc.kill()
+    assert c.killed_by() == signal.SIGKILL
+    c.space.close()
+    assert uvn.uo_refs == 0 and not c.space.maps
+    assert not c.space._reader.is_alive() and not c.space._worker.is_alive()
+    hvm.close()  # writes the persisting object's dirty page back
+    assert path.read_bytes()[:4] == b"kept"
