@@ -375,3 +375,45 @@ def test_client_death_releases_its_references(hvm: VM, clients: Callable[[], Cli
     assert not c.space._reader.is_alive() and not c.space._worker.is_alive()
     hvm.close()  # writes the persisting object's dirty page back
     assert path.read_bytes()[:4] == b"kept"
+
+
+def test_private_map_copies_on_write_in_the_client(hvm: VM, clients: Callable[[], Client], path: Path,
+                                                   content: bytes) -> None:
+    c, other = clients(), clients()
+    priv = c.map(path, flags=MAP_PRIVATE)
+    shared = other.map(path)
+    c.write(priv, 0, b"mine")  # served as a read; the client's kernel copies the page
+    assert c.read(priv, 0, PAGE_SIZE) == sha(b"mine" + content[4:PAGE_SIZE])
+    assert c.space.statistics().writes == 0
+    assert other.read(shared, 0, PAGE_SIZE) == sha(content[:PAGE_SIZE])  # not in the object
+    other.write(shared, PAGE_SIZE, b"theirs")  # a shared write is seen by private pages not copied
+    assert c.read(priv, PAGE_SIZE, 6) == sha(b"theirs")
+    other.space.flush(shared, 0, len(content))
+    assert path.read_bytes() == content[:PAGE_SIZE] + b"theirs" + content[PAGE_SIZE + 6 :]
+
+
+def test_client_fork_child_is_served_on_its_own_space(hvm: VM, clients: Callable[[], Client], path: Path,
+                                                      content: bytes) -> None:
+    c = clients()
+    at = c.map(path)
+    c.write(at, 0, b"parent")  # mapped writable in the parent: the child inherits the PTE
+    echo, status = c.request(op="fork_write", at=at, off=100, data=b"child".hex())  # type: ignore[misc]
+    assert (bytes.fromhex(echo), status) == (b"child", 0)
+    echo, status = c.request(op="fork_write", at=at, off=5 * CLUSTER, data=b"missing".hex())  # type: ignore[misc]
+    assert (bytes.fromhex(echo), status) == (b"missing", 0)
+    assert c.space.statistics().forks == 2
+    first, second = c.space.adopt_fork(0), c.space.adopt_fork(0)
+    assert (first.statistics().writes, second.statistics().writes) == (1, 1)
+    assert first.statistics().wp == 1  # its copied writable PTE was write-protected at the fork
+    # The children's writes are in the shared object: the parent sees and flushes them.
+    want = bytearray(content)
+    want[:6] = b"parent"
+    want[100:105] = b"child"
+    want[5 * CLUSTER : 5 * CLUSTER + 7] = b"missing"
+    assert c.read(at, 0, len(content)) == sha(bytes(want))
+    c.space.flush(at, 0, len(content))
+    assert path.read_bytes() == want
+    for child in (first, second):
+        child.close()
+    with pytest.raises(LookupError):
+        c.space.adopt_fork(0, timeout=0.05)  # no fork left to adopt
