@@ -94,11 +94,12 @@ class ObjectFrames:
     """One object's frames: its memfd, the server's views of it, and the
     offsets of the pages bound to it (=> the object's lock, see above)."""
 
-    __slots__ = ("bound", "memfile", "size", "views")
+    __slots__ = ("bound", "memfile", "memsize", "size", "views")
 
     def __init__(self, name: str, size: int) -> None:
         self.size = size  # the object's size, as setsize last said
         self.memfile = MemFile.create(name, size)
+        self.memsize = size  # the memfd's (we alone change it: no fstat per page)
         self.views = [View(self.memfile.fd, max(VIEW_MIN, 2 * mmap_length(size)))]
         self.bound: set[int] = set()
 
@@ -112,16 +113,20 @@ class ObjectFrames:
         end = offset + PAGE_SIZE
         if end > self.view.length:
             self.views.append(View(self.memfile.fd, 2 * mmap_length(end)))
-        if end > self.memfile.size:
-            self.memfile.resize(end)
+        if end > self.memsize:
+            self._truncate(end)
         self.bound.add(offset)
         return self.view.mem[offset:end]
 
     def resize(self) -> None:
         """The memfd's size: the object's, but never below a bound page's end."""
         want = max(self.size, max(self.bound, default=-PAGE_SIZE) + PAGE_SIZE)
-        if want != self.memfile.size:
-            self.memfile.resize(want)
+        if want != self.memsize:
+            self._truncate(want)
+
+    def _truncate(self, size: int) -> None:
+        self.memfile.resize(size)
+        self.memsize = size
 
     def close(self) -> None:
         for view in self.views:
@@ -187,7 +192,7 @@ class Frames:
             of = self.objects[uobj]
         of.bound.discard(pg.offset)
         of.memfile.punch(pg.offset, PAGE_SIZE)
-        if of.memfile.size > of.size and pg.offset + PAGE_SIZE >= of.memfile.size:
+        if of.memsize > of.size and pg.offset + PAGE_SIZE >= of.memsize:
             of.resize()  # a page kept past a truncation is gone: the memfd shrinks to the object
         if not of.bound and uobj.uo_refs == 0:
             with self.lock:
