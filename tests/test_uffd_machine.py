@@ -10,7 +10,6 @@ served by the space's threads through uvm_fault.  Every wait is bounded
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import mmap
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from test_arch_uffd import ClientGone, pattern, sha, stop_client
 from vnpager.arch.uffd import PAGE_SIZE, Uffd, fdpass
 from vnpager.server.space import ClientSpace
 from vnpager.uvm.pmap import pmap_is_modified, pmap_is_referenced
@@ -38,22 +38,6 @@ DEADLINE = 30.0
 CLUSTER = 16 * PAGE_SIZE  # MAXBSIZE: the pager's cluster
 RO = mmap.PROT_READ
 RW = mmap.PROT_READ | mmap.PROT_WRITE
-
-
-class ClientGone(Exception):
-    """The client's socket reached end of file: it exited or died."""
-
-
-def pattern(size: int, seed: int = 1) -> bytes:
-    block = hashlib.sha256(str(seed).encode()).digest()
-    out = bytearray()
-    while len(out) < size:
-        out += hashlib.sha256(block + len(out).to_bytes(8, "little")).digest()
-    return bytes(out[:size])
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def wait_for(cond: Callable[[], bool], what: str) -> None:
@@ -121,13 +105,7 @@ class Client:
         return -self.proc.wait(timeout=DEADLINE)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.sock.send(json.dumps({"op": "exit"}).encode())
-                self.proc.wait(timeout=DEADLINE)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(timeout=DEADLINE)
+        stop_client(self.sock, self.proc)
         self.space.close()
         self.sock.close()
 
@@ -207,6 +185,17 @@ def test_numpy_and_kernel_accesses_fault_through_the_space(clients: Callable[[],
     assert c.request(op="numpy_sum", at=at, off=0, n=len(content)) == sum(content)
     off = 5 * CLUSTER
     assert c.request(op="os_write", at=at, off=off, n=PAGE_SIZE) == sha(content[off : off + PAGE_SIZE])
+
+
+def test_an_object_unmapped_untouched_gives_its_memfd_back(hvm: VM, clients: Callable[[], Client],
+                                                           path: Path) -> None:
+    c = clients()
+    at = c.map(path)
+    [uvn] = [m.file.uvn for m in c.space.maps.values()]
+    assert hvm.frames.object_frames(uvn) is not None
+    c.request(op="munmap", at=at)
+    c.space.unmap(at)
+    assert hvm.frames.object_frames(uvn) is None
 
 
 def test_a_map_at_an_offset_reads_the_file_there(clients: Callable[[], Client], path: Path,
@@ -374,6 +363,7 @@ def test_client_death_releases_its_references(hvm: VM, clients: Callable[[], Cli
     assert c.killed_by() == signal.SIGKILL
     c.space.close()
     assert uvn.uo_refs == 0 and not c.space.maps
+    assert hvm.frames.object_frames(uvn) is not None  # its dirty page keeps its memfd
     assert not c.space._reader.is_alive() and not c.space._worker.is_alive()
     hvm.close()  # writes the persisting object's dirty page back
     assert path.read_bytes()[:4] == b"kept"

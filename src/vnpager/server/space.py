@@ -231,7 +231,13 @@ class ClientSpace:
             self.stats.maps = len(self.maps)
         if m is None:
             raise ValueError(f"no map at {addr:#x}")
+        self._release(m)
+
+    def _release(self, m: _Map) -> None:
+        """Drop the map's hold on its object (and the object's memfd, if
+        that was the last hold of an object with no page)."""
         m.file.close()
+        self.vm.frames.release(m.file.uvn)
 
     def flush(self, addr: int, offset: int, size: int) -> None:
         """msync(MS_SYNC) of [offset, offset+size) of the map at *addr*:
@@ -451,7 +457,7 @@ class ClientSpace:
             if t.ident is not None and t is not threading.current_thread():
                 t.join(JOIN_TIMEOUT)
         for m in maps + grants:
-            m.file.close()
+            self._release(m)
         self.pmap.detach()
         for child in forked:
             child.close()

@@ -36,7 +36,9 @@ Address spaces and translations:
   on the software machine; the uffd machine maps the fault's pages there,
   one UFFDIO_CONTINUE per run of contiguous pages).
 
-The attribute bits, per page, as the MMU sets them on each access:
+The attribute bits, per page, as the MMU sets them on each access (every
+machine keeps them in ``pg.attrs``, PG_REF and PG_MOD, so that the two
+tests read them without a dispatch):
 
 * ``pmap_is_modified(pg)``, ``pmap_clear_modify(pg) -> was`` -- PG_MOD;
   after a clear, the next store through any mapping sets it again before
@@ -102,7 +104,7 @@ import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from vnpager.arch.soft.pmap import PROT_NONE, Pmap, Run
+from vnpager.arch.soft.pmap import PG_MOD, PG_REF, PROT_NONE, Pmap, Run
 
 if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
@@ -154,8 +156,8 @@ def pmap_update(pmap: Pmap) -> None:
 
 
 def pmap_is_modified(pg: VmPage) -> bool:
-    was: bool = pg.vm.machine.pmap_is_modified(pg)
-    return was
+    """PG_MOD, which every machine keeps in ``pg.attrs``: no dispatch."""
+    return bool(pg.attrs & PG_MOD)
 
 
 def pmap_clear_modify(pg: VmPage) -> bool:
@@ -164,8 +166,8 @@ def pmap_clear_modify(pg: VmPage) -> bool:
 
 
 def pmap_is_referenced(pg: VmPage) -> bool:
-    was: bool = pg.vm.machine.pmap_is_referenced(pg)
-    return was
+    """PG_REF, which every machine keeps in ``pg.attrs``: no dispatch."""
+    return bool(pg.attrs & PG_REF)
 
 
 def pmap_clear_reference(pg: VmPage) -> bool:

@@ -236,6 +236,17 @@ class Frames:
         self.unpunched.clear()
         self.npending = 0
 
+    def release(self, uobj: UvmObject) -> None:
+        """Drop *uobj*'s frames if no page of it is bound and nobody holds
+        it (a map made and unmapped untouched: unbind never comes)."""
+        with self.lock:
+            of = self.objects.get(uobj)
+            if of is None or of.bound or uobj.uo_refs:
+                return
+            self._punch_pending()
+            del self.objects[uobj]
+        of.close()
+
     def setsize(self, uobj: UvmObject, size: int) -> None:
         """*uobj*'s size is now *size*: so is its memfd's (see above).
         => caller holds the object lock."""

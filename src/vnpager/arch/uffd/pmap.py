@@ -306,10 +306,6 @@ def pmap_extract(pmap: Pmap, va: int) -> tuple[VmPage, int] | None:
     return pmap.pm_pte.get(va)
 
 
-def pmap_is_modified(pg: VmPage) -> bool:
-    return bool(pg.attrs & PG_MOD)
-
-
 def pmap_clear_modify(pg: VmPage) -> bool:
     """Clear PG_MOD, write-protecting the page wherever it is writable."""
     with pg.vm.pmap_lock:
@@ -319,10 +315,6 @@ def pmap_clear_modify(pg: VmPage) -> bool:
             if pmap.pm_pte[va][1] == HW_WRITE:
                 _lower(pmap, va, pg)
     return was
-
-
-def pmap_is_referenced(pg: VmPage) -> bool:
-    return bool(pg.attrs & PG_REF)
 
 
 def pmap_clear_reference(pg: VmPage) -> bool:
