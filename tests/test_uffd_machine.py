@@ -451,6 +451,8 @@ def test_clearing_a_reference_makes_the_next_touch_a_minor_fault(hvm: VM, client
     with hvm.pageqlock:
         uvm_pagedeactivate(pg)  # the page daemon's second chance: PG_REF cleared, the client's PTE zapped
     assert not pmap_is_referenced(pg)
+    # The PAGEOUTs wait for a batch, or for the client's next fault: one elsewhere.
+    assert c.read(at, 4 * CLUSTER, PAGE_SIZE) == sha(content[4 * CLUSTER : 4 * CLUSTER + PAGE_SIZE])
     minor = c.space.statistics().minor
     assert c.read(at, 0, PAGE_SIZE) == sha(content[:PAGE_SIZE])
     stats = c.space.statistics()
