@@ -13,6 +13,7 @@ import errno
 import json
 import mmap
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -474,3 +475,53 @@ def test_resize_grows_the_map_where_the_client_moved_it(hvm: VM, clients: Callab
     c.write(new, len(content), b"grown")
     c.space.flush(new, 0, size)
     assert path.read_bytes() == content + b"grown" + bytes(CLUSTER - 5)
+
+
+def test_two_clients_write_and_read_under_eviction(tmp_path: Path) -> None:
+    """Each client writes its own pages of a file 4 times larger than the VM
+    and checks what it reads, both at once: pages are evicted dirty,
+    written back and faulted in again, by either client."""
+    npages = 32
+    vm = VM(physmem=npages * PAGE_SIZE, machine="uffd")
+    size = 4 * npages * PAGE_SIZE
+    p = tmp_path / "shared.bin"
+    p.write_bytes(bytes(size))
+    a, b = Client(vm), Client(vm)
+    want = bytearray(size)
+    errors: list[BaseException] = []
+
+    def run(c: Client, at: int, parity: int) -> None:
+        try:
+            rng = random.Random(parity)
+            mine = [i for i in range(size // PAGE_SIZE) if i % 2 == parity]
+            for step in range(60):
+                page = rng.choice(mine)
+                data = bytes([step + 1]) * 64
+                off = page * PAGE_SIZE + rng.randrange(PAGE_SIZE - 64)
+                c.write(at, off, data)
+                want[off : off + 64] = data
+                check = rng.choice(mine) * PAGE_SIZE
+                assert c.read(at, check, PAGE_SIZE) == sha(bytes(want[check : check + PAGE_SIZE]))
+        except BaseException as e:
+            errors.append(e)
+
+    try:
+        ats = a.map(p), b.map(p)
+        threads = [threading.Thread(target=run, args=(a, ats[0], 0)),
+                   threading.Thread(target=run, args=(b, ats[1], 1))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(DEADLINE)
+        assert not errors, errors
+        assert not any(t.is_alive() for t in threads)
+        assert vm.uvmexp.pdfreed > 0
+        assert a.read(ats[0], 0, size) == sha(bytes(want))
+        a.space.flush(ats[0], 0, size)
+        assert p.read_bytes() == want
+    finally:
+        a.close()
+        b.close()
+        vm.check_invariants()
+        vm.close()
+    assert vm.stats().frames_resident <= npages

@@ -85,12 +85,16 @@ the contracts above; what a client sees is in ``arch/uffd/pmap.py``):
   other one write-protected, so PG_MOD is exact (synchronous write-protect
   faults, not WP_ASYNC).
 * PG_REF is set when a page is mapped (the client's later accesses are
-  not seen); pmap_clear_reference write-protects the page, zaps the
-  client's PTE with process_madvise(MADV_PAGEOUT) where the kernel allows
-  (it skips a page mapped by more than one process) and drops the
-  translation, so a re-reference is a (minor) fault.  An approximation:
-  where PAGEOUT is refused the page may be evicted while in use, and is
-  faulted in again.
+  not seen); pmap_clear_reference write-protects the page, drops the
+  translation and zaps the client's PTE with process_madvise(MADV_PAGEOUT)
+  where the kernel allows (it skips a page mapped by more than one
+  process), in batches (32 pages, or at the client's next fault), so a
+  re-reference is a (minor) fault.  An approximation: until the batch goes
+  out, or where PAGEOUT is refused, a page may be evicted while in use,
+  and is faulted in again.
+* the frames of a freed page are punched out of its memfd when the next
+  page is bound (one fallocate per run of the pages freed meanwhile), so
+  the memfds' resident pages never exceed physmem.
 * pmap_page_protect(pg, PROT_NONE) write-protects and drops the pv
   entries; the client may still load the page until it is punched out.
 * pmap_remove forgets the translations (the client unmapped the range);
