@@ -199,6 +199,21 @@ def test_an_object_unmapped_untouched_gives_its_memfd_back(hvm: VM, clients: Cal
     assert hvm.frames.object_frames(uvn) is None
 
 
+def test_a_grant_never_mapped_is_released(hvm: VM, clients: Callable[[], Client], path: Path) -> None:
+    c = clients()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        grant = c.space.map(fd, 0, 0, RW, MAP_SHARED)
+    finally:
+        os.close(fd)
+    [uvn] = [m.file.uvn for m in c.space.grants.values()]
+    assert uvn.uo_refs == 1
+    c.space.release(grant.id)
+    assert uvn.uo_refs == 0 and hvm.frames.object_frames(uvn) is None
+    with pytest.raises(ValueError):
+        c.space.release(grant.id)
+
+
 def test_a_map_at_an_offset_reads_the_file_there(clients: Callable[[], Client], path: Path,
                                                   content: bytes) -> None:
     c = clients()

@@ -31,10 +31,11 @@ The protocol of a map, from the client's session (``server/serve.py``):
 :meth:`mapped` (enter the map at the client's address and REGISTER it with
 the client's uffd: MISSING|MINOR, and WP for a writable shared map), then
 :meth:`flush`, :meth:`madvise`, :meth:`resize`, :meth:`size` on it, and
-:meth:`unmap` once the client unmapped it.  :meth:`close` when the client
-is gone.  The server never waits for the client: every call acts on the
-client's memory through its uffd (REGISTER, CONTINUE, WRITEPROTECT,
-POISON act on the uffd's address space, whoever issues them), its pidfd
+:meth:`unmap` once the client unmapped it (:meth:`release` for a grant
+it could not map).  :meth:`close` when the client is gone.  The server
+never waits for the client: every call acts on the client's memory
+through its uffd (REGISTER, CONTINUE, WRITEPROTECT, POISON act on the
+uffd's address space, whoever issues them), its pidfd
 (process_madvise) and the memfds (PUNCH_HOLE).
 
 Locks: ``self.lock`` (a leaf, under no VM lock) guards ``grants``,
@@ -222,6 +223,15 @@ class ClientSpace:
         with self.lock:
             self.maps[addr] = m
             self.stats.maps = len(self.maps)
+
+    def release(self, grant_id: int) -> None:
+        """A grant the client could not map (its mmap of the memfd failed):
+        drop its hold on the object.  ValueError if there is no such grant."""
+        with self.lock:
+            m = self.grants.pop(grant_id, None)
+        if m is None:
+            raise ValueError(f"no grant {grant_id}")
+        self._release(m)
 
     def unmap(self, addr: int) -> None:
         """The client unmapped the map at *addr*: remove it (its object
