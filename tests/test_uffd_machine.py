@@ -27,6 +27,7 @@ import pytest
 
 from test_arch_uffd import ClientGone, pattern, sha, stop_client
 from vnpager.arch.uffd import PAGE_SIZE, Uffd, fdpass
+from vnpager.arch.uffd.pmap import HW_WRITE
 from vnpager.server.space import ClientSpace
 from vnpager.uvm.pmap import pmap_is_modified, pmap_is_referenced
 from vnpager.uvm.uvm import VM
@@ -404,27 +405,39 @@ def test_client_fork_child_is_served_on_its_own_space(hvm: VM, clients: Callable
                                                       content: bytes) -> None:
     c = clients()
     at = c.map(path)
-    c.write(at, 0, b"parent")  # mapped writable in the parent: the child inherits the PTE
-    echo, status = c.request(op="fork_write", at=at, off=100, data=b"child".hex())  # type: ignore[misc]
-    assert (bytes.fromhex(echo), status) == (b"child", 0)
+    c.write(at, 0, b"parent")
     echo, status = c.request(op="fork_write", at=at, off=5 * CLUSTER, data=b"missing".hex())  # type: ignore[misc]
     assert (bytes.fromhex(echo), status) == (b"missing", 0)
-    assert c.space.statistics().forks == 2
-    first, second = c.space.adopt_fork(0), c.space.adopt_fork(0)
-    assert (first.statistics().writes, second.statistics().writes) == (1, 1)
-    assert first.statistics().wp == 1  # its copied writable PTE was write-protected at the fork
-    # The children's writes are in the shared object: the parent sees and flushes them.
+    assert c.space.statistics().forks == 1
+    child = c.space.adopt_fork(0)
+    assert child.statistics().writes == 1  # its fault, served on its own space
     want = bytearray(content)
     want[:6] = b"parent"
-    want[100:105] = b"child"
     want[5 * CLUSTER : 5 * CLUSTER + 7] = b"missing"
-    assert c.read(at, 0, len(content)) == sha(bytes(want))
+    assert c.read(at, 0, len(content)) == sha(bytes(want))  # in the shared object
     c.space.flush(at, 0, len(content))
     assert path.read_bytes() == want
-    for child in (first, second):
-        child.close()
+    child.close()
     with pytest.raises(LookupError):
         c.space.adopt_fork(0, timeout=0.05)  # no fork left to adopt
+
+
+def test_a_forked_childs_stores_are_seen_by_every_flush(hvm: VM, clients: Callable[[], Client], path: Path,
+                                                        content: bytes) -> None:
+    c = clients()
+    at = c.map(path)
+    c.write(at, 0, b"parent")  # mapped writable in the parent: the child inherits the PTE
+    pid = int(c.request(op="fork_child", at=at))  # type: ignore[call-overload]
+    child = c.space.adopt_fork(pid)
+    c.request(op="child_write", off=100, data=b"one".hex())
+    c.space.flush(at, 0, PAGE_SIZE)  # writes the page and protects it: in the child too
+    assert path.read_bytes()[:103] == b"parent" + content[6:100] + b"one"
+    c.request(op="child_write", off=200, data=b"two".hex())  # so this store faults, and is seen
+    c.space.flush(at, 0, PAGE_SIZE)
+    assert path.read_bytes()[200:203] == b"two"
+    assert c.request(op="child_exit") == 0
+    assert child.statistics().wp >= 1
+    child.close()
 
 
 def test_threads_of_a_client_fault_the_same_and_different_pages(clients: Callable[[], Client],
@@ -447,7 +460,12 @@ def test_a_store_during_write_back_waits_for_it(hvm: VM, clients: Callable[[], C
     plan.delay("write", 0.5)
     flusher = threading.Thread(target=c.space.flush, args=(at, 0, PAGE_SIZE))
     flusher.start()
-    wait_for(lambda: bool(pg.pg_flags & PG_BUSY), "the write-back under way")
+    pte = c.space.pmap.pm_pte  # the flush write-protects the client's page before it writes it
+
+    def writing() -> bool:
+        return bool(pg.pg_flags & PG_BUSY) and pte[at][1] != HW_WRITE
+
+    wait_for(writing, "the write-back under way")
     c.write(at, 1, b"second")  # write-protected by the flush: served once the page is written
     flusher.join(DEADLINE)
     assert path.read_bytes()[:6] == b"first" + content[5:6]  # the write-back did not take it...
@@ -540,3 +558,18 @@ def test_two_clients_write_and_read_under_eviction(tmp_path: Path) -> None:
         vm.check_invariants()
         vm.close()
     assert vm.stats().frames_resident <= npages
+
+
+def test_a_fault_the_server_fails_to_serve_is_sigbus(monkeypatch: pytest.MonkeyPatch, hvm: VM,
+                                                     clients: Callable[[], Client], path: Path) -> None:
+    import vnpager.server.space as space_module
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    c = clients()
+    at = c.map(path)
+    monkeypatch.setattr(space_module, "uvm_fault", broken)
+    with pytest.raises(ClientGone):
+        c.read(at, 0, 1)
+    assert c.killed_by() == signal.SIGBUS  # not a client hanging for ever

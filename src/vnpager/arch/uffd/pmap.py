@@ -103,8 +103,8 @@ class Pmap:
     first): accesses are the client's.
     """
 
-    __slots__ = ("pending", "pm_mask", "pm_pte", "pm_rtlb", "pm_wtlb", "process", "stats", "uffd",
-                 "updated", "vm", "zaps")
+    __slots__ = ("pending", "pm_mask", "pm_pte", "pm_rtlb", "pm_wtlb", "process", "reader_busy", "stats",
+                 "uffd", "updated", "vm", "zaps")
 
     def __init__(self, vm: VM) -> None:
         self.vm = vm
@@ -118,6 +118,7 @@ class Pmap:
         self.zaps: list[tuple[int, UvmObject, int]] = []
         self.uffd: Uffd | None = None
         self.process: Process | None = None
+        self.reader_busy = False  # the client's events are being read and a fork's child protected
         self.stats = PmapStatistics()
 
     def attach(self, uffd: Uffd, process: Process | None) -> None:
@@ -164,11 +165,28 @@ def uffd_call(fn: Callable[[], object]) -> object:
 
 def _protect(pmap: Pmap, start: int, length: int, protect: bool) -> None:
     """Write-protect (or un-protect and wake) [start, start+length) of the
-    client.  => caller holds vm.pmap_lock."""
+    client.  => caller holds vm.pmap_lock.
+
+    A protect must not return while a fork of the client is being read:
+    the child's copies of our writable PTEs are not protected until its
+    space protects them (ClientSpace's reader, at once), and the caller may
+    be a write-back about to read the page.  A fork in progress makes the
+    ioctl EAGAIN until its event is read, and the reader sets
+    ``reader_busy`` before it reads and clears it once the child's maps are
+    protected; so a protect that succeeded waits while the reader is busy."""
     uffd = pmap.uffd
     if uffd is not None:
         pmap.stats.protects += 1
         uffd_call(lambda: uffd.writeprotect(start, length, protect))
+        if protect:
+            _wait_reader(pmap)
+
+
+def _wait_reader(pmap: Pmap) -> None:
+    """Wait (bounded) while the client's events are being read (see _protect)."""
+    deadline = time.monotonic() + EAGAIN_TIMEOUT
+    while pmap.reader_busy and time.monotonic() < deadline:
+        time.sleep(EAGAIN_SLEEP)
 
 
 def _lower(pmap: Pmap, va: int, pg: VmPage) -> None:
