@@ -413,9 +413,8 @@ class ClientSpace:
                 self.pmap.reader_busy = True  # see arch/uffd/pmap._protect
                 try:
                     msgs = self.uffd.read_events()
-                    children = [self._fork_protect(msg.ufd) for msg in msgs
-                                if msg.event == uapi.UFFD_EVENT_FORK]
-                    children = [child for child in children if child is not None]
+                    made = [self._fork_protect(msg.ufd) for msg in msgs if msg.event == uapi.UFFD_EVENT_FORK]
+                    children = [child for child in made if child is not None]
                 finally:
                     self.pmap.reader_busy = False
                 for msg in msgs:
