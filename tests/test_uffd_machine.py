@@ -573,3 +573,18 @@ def test_a_fault_the_server_fails_to_serve_is_sigbus(monkeypatch: pytest.MonkeyP
     with pytest.raises(ClientGone):
         c.read(at, 0, 1)
     assert c.killed_by() == signal.SIGBUS  # not a client hanging for ever
+
+
+def test_a_page_past_the_end_still_in_the_memfd_is_sigbus(hvm: VM, clients: Callable[[], Client], path: Path,
+                                                          content: bytes) -> None:
+    c = clients()
+    at = c.map(path)
+    [uvn] = [m.file.uvn for m in c.space.maps.values()]
+    c.space.resize(at, CLUSTER)
+    of = hvm.frames.object_frames(uvn)
+    assert of is not None
+    of._truncate(len(content))  # as while a page past the new end is still busy (see frames)
+    with pytest.raises(ClientGone):
+        c.read(at, 2 * CLUSTER, 1)  # a fault past the object's end: BusError, answered POISON
+    assert c.killed_by() == signal.SIGBUS
+    assert c.space.statistics().poisoned == 1
