@@ -40,13 +40,17 @@ faulted in again (an approximation, counted in ``pageouts_refused``).
 
 Errors of the ioctls: while the client's address space is changing (its
 fork, before the server read the event) they are retried; a client that
-is gone (ESRCH) or a range it unmapped (ENOENT) makes them no-ops.  Loads
-and stores through a pmap (uvm_load: pmap_access) are refused: the
-memory of this machine is its clients'.
+is gone (ESRCH) or a range it unmapped (ENOENT) makes them no-ops.  A
+fork's child holds copies of the parent's PTEs, writable ones too, until
+its space write-protects them: a write-protect of the parent waits for
+that (see :func:`_protect`).  Loads and stores through a pmap (uvm_load:
+pmap_access) are refused: the memory of this machine is its clients'.
 
-Locks: ``vm.pmap_lock`` guards ``pm_pte``, ``pending``, every page's
-``pv`` and ``attrs``, and is held across the ioctls that act on them.
-Nothing here imports ``uvm`` at run time.
+Locks: ``vm.pmap_lock`` guards ``pm_pte``, ``pending``, ``updated``,
+``zaps``, the statistics, every page's ``pv`` and ``attrs``, and is held
+across the ioctls that act on them; ``reader_busy`` is written by the
+client space's reader alone and read unlocked (one load).  Nothing here
+imports ``uvm`` at run time.
 """
 
 from __future__ import annotations
