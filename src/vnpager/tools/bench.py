@@ -499,7 +499,7 @@ def add_subcommands(subparsers: Any) -> None:
                               description=__doc__.split("\n\n")[1] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="a smaller file, shorter measurements")
     p.add_argument("--mount", action="store_true",
-                   help="fio on a vnpager mount, on its SRC directly and on an rclone mount instead")
+                   help="fio, dbench and sqlite3 on a vnpager mount, on its SRC directly and on rclone")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the results as JSON")
     out.add_argument("--markdown", action="store_true", help="print the table as Markdown")
