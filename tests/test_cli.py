@@ -169,6 +169,25 @@ def test_bench_shows_each_target_met_or_missed() -> None:
     assert "issue" not in "\n".join(lines)
 
 
+def test_bench_mount_reads_dbench_and_keeps_failed_jobs_out_of_ratios() -> None:
+    """dbench's throughput line and its table of operations are what the
+    mount bench reports; a job that failed on a target has no ratio, and
+    nothing is compared with it."""
+    pytest.importorskip("pyfuse3")
+    from vnpager.tools.bench_mount import MountReport, Row, markdown, parse_dbench
+
+    out = ("   2      3264     9.20 MB/sec  execute   4 sec  latency 16.121 ms\n\n"
+           " Operation      Count    AvgLat    MaxLat\n ----------------------------------------\n"
+           " NTCreateX       1070     2.704    22.419\n Close            852     0.019     1.175\n\n"
+           "Throughput 9.20478 MB/sec  2 clients  2 procs  max_latency=219.567 ms\n")
+    assert parse_dbench(out, 2.0) == (9.20478, 961.0)
+    report = MountReport({}, {}, [Row("sqlite3", "SRC", None, 500.0), Row("sqlite3", "vnpager", None, 50.0),
+                                  Row("sqlite3", "rclone", None, float("nan"), error="OSError: refused")])
+    report.ratios()
+    assert [(r.to_src, r.to_rclone) for r in report.rows] == [(1.0, None), (0.1, None), (None, None)]
+    assert list(markdown(report))[4] == "| sqlite3 | rclone | failed |  |  | OSError: refused |"
+
+
 def test_quiesce_waits_for_the_pages_read_ahead_asked_for() -> None:
     """The demo's persist step quiesces the VM so that no page daemon pass
     frees the pages it is about to find resident: a pass that read-ahead
