@@ -44,7 +44,15 @@ if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
 
 T = TypeVar("T")
-TIMEOUT = 1.0  # seconds the kernel may trust an entry or attributes
+# Seconds the kernel may trust an entry, a name's absence, or attributes.  Long,
+# because the mount is SRC's only writer (see the README): whatever changes a
+# name or attributes comes through us, and the kernel drops what such a call
+# changes by itself (the parent's and the file's attributes after a create,
+# unlink, rename, link or write; the entries it removes).
+TIMEOUT = 300.0
+# xattr namespaces whose every name a listing shows us (trusted.*, listed only
+# to root, reads as absent to others anyway): an absent name needs no host call
+LISTED_XATTRS = (b"user.", b"trusted.", b"security.", b"system.posix_acl_")
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -112,6 +120,13 @@ class VnpagerFS(pyfuse3.Operations):
         """The host attributes of *ino*, from its descriptor: with or without a name."""
         return _host(os.stat, self.inodes.fd(ino))
 
+    def _has_object(self, st: os.stat_result) -> bool:
+        """Whether the pager has an object of the regular file *st*: only then
+        is there something to flush or uncache, worth a worker thread's hop.
+        Read on the event loop, as :func:`pager.cached_size` allows: an open
+        making the object meanwhile is racing the caller's call anyway."""
+        return stat.S_ISREG(st.st_mode) and pager.cached_size(self.vm, (st.st_dev, st.st_ino)) >= 0
+
     def _lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
         """The entry of *name* in *parent* for a reply that the kernel counts as a lookup."""
         ino, st = _host(self.inodes.lookup, parent, name)
@@ -144,7 +159,17 @@ class VnpagerFS(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
-        return self._lookup(parent_inode, name)
+        """An entry, or the name's absence for the kernel to remember (st_ino 0):
+        a name appears only through us, and the kernel drops the absence then."""
+        try:
+            ino, st = self.inodes.lookup(parent_inode, name)
+        except FileNotFoundError:
+            absent = pyfuse3.EntryAttributes()
+            absent.st_ino, absent.entry_timeout = 0, TIMEOUT
+            return absent
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from e
+        return self._attr(ino, st)
 
     async def forget(self, inode_list: Any) -> None:
         for ino, n in inode_list:
@@ -167,7 +192,7 @@ class VnpagerFS(pyfuse3.Operations):
             _host(os.chmod, where, stat.S_IMODE(attr.st_mode))
         if fields.update_atime or fields.update_mtime:
             st = self._stat(inode)
-            if stat.S_ISREG(st.st_mode):
+            if self._has_object(st):
                 await _pager(pager.flush_cached, self.vm, (st.st_dev, st.st_ino))
             ns = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
                   attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
@@ -184,15 +209,23 @@ class VnpagerFS(pyfuse3.Operations):
 
     # extended attributes: the host's, of the file itself (through its magic link)
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.inodes.xattrs_changed(inode)
         _host(os.setxattr, self.inodes.proc(inode), name, value)
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        """ENODATA from the inode table's list of names, for a name it proves
+        absent; the host's answer otherwise."""
+        if name.startswith(LISTED_XATTRS):
+            names = self.inodes.xattr_names(inode)
+            if names is not None and name not in names:
+                raise pyfuse3.FUSEError(errno.ENODATA)
         return _host(os.getxattr, self.inodes.proc(inode), name)
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return [os.fsencode(n) for n in _host(os.listxattr, self.inodes.proc(inode))]
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.inodes.xattrs_changed(inode)
         _host(os.removexattr, self.inodes.proc(inode), name)
 
     # names: each relative to its directory's descriptor
@@ -224,7 +257,7 @@ class VnpagerFS(pyfuse3.Operations):
     async def _remove(self, parent: int, name: bytes, remove: Callable[..., None]) -> None:
         dir_fd = self.inodes.fd(parent)
         st = _host(os.stat, name, dir_fd=dir_fd, follow_symlinks=False)
-        if stat.S_ISREG(st.st_mode):
+        if self._has_object(st):
             await _pager(pager.uncache, self.vm, (st.st_dev, st.st_ino))
         _host(remove, name, dir_fd=dir_fd)
 
@@ -245,7 +278,7 @@ class VnpagerFS(pyfuse3.Operations):
             except OSError:
                 pass  # no target (or a rename that is about to fail)
             else:
-                if stat.S_ISREG(target.st_mode):
+                if self._has_object(target):
                     await _pager(pager.uncache, self.vm, (target.st_dev, target.st_ino))
         _host(_renameat2, old_fd, name_old, new_fd, name_new, flags)
 
