@@ -44,12 +44,14 @@ if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
 
 T = TypeVar("T")
-# Seconds the kernel may trust an entry, a name's absence, or attributes.  Long,
-# because the mount is SRC's only writer (see the README): whatever changes a
-# name or attributes comes through us, and the kernel drops what such a call
-# changes by itself (the parent's and the file's attributes after a create,
-# unlink, rename, link or write; the entries it removes).
-TIMEOUT = 300.0
+# Seconds the kernel may trust an entry or a name's absence: long, because the
+# mount is SRC's only writer (see the README), so names change only through us,
+# and the kernel drops the entries our calls remove or make by itself.
+ENTRY_TIMEOUT = 300.0
+# Seconds it may trust attributes: short, because a program serving the mount
+# in-process (mount.mounted) may change a size through the VM (vm.pwrite), not
+# through the kernel, and the kernel reads no further than the size it trusts.
+ATTR_TIMEOUT = 1.0
 # xattr namespaces whose every name a listing shows us (trusted.*, listed only
 # to root, reads as absent to others anyway): an absent name needs no host call
 LISTED_XATTRS = (b"user.", b"trusted.", b"security.", b"system.posix_acl_")
@@ -107,7 +109,7 @@ class VnpagerFS(pyfuse3.Operations):
     def _attr(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
-        a.entry_timeout = a.attr_timeout = TIMEOUT
+        a.entry_timeout, a.attr_timeout = ENTRY_TIMEOUT, ATTR_TIMEOUT
         a.st_mode, a.st_nlink, a.st_uid, a.st_gid = st.st_mode, st.st_nlink, st.st_uid, st.st_gid
         a.st_rdev, a.st_size, a.st_blksize, a.st_blocks = st.st_rdev, st.st_size, st.st_blksize, st.st_blocks
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
@@ -165,7 +167,7 @@ class VnpagerFS(pyfuse3.Operations):
             ino, st = self.inodes.lookup(parent_inode, name)
         except FileNotFoundError:
             absent = pyfuse3.EntryAttributes()
-            absent.st_ino, absent.entry_timeout = 0, TIMEOUT
+            absent.st_ino, absent.entry_timeout = 0, ENTRY_TIMEOUT
             return absent
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from e
