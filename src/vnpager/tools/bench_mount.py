@@ -139,10 +139,10 @@ def fio(rw: str, bs: str, where: str, mounted: bool, cfg: MountConfig) -> tuple[
 
 @contextlib.contextmanager
 def scratch(where: str, name: str) -> Iterator[str]:
-    """A new directory *name* in *where* for one job, removed after it, so
-    that every target starts each job on the same tree."""
-    d = os.path.join(where, name)
-    os.mkdir(d)
+    """A new directory for one job in *where*, its name starting with *name*,
+    removed after it, so that every target starts each job on the same tree
+    (of a name of its own: rclone may not have let the last one go yet)."""
+    d = tempfile.mkdtemp(prefix=f"{name}-", dir=where)
     try:
         yield d
     finally:
