@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import errno
 import itertools
+import logging
 import os
 import stat
 from collections import Counter
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 # Seconds the kernel may trust an entry or a name's absence: long, because the
 # mount is SRC's only writer (see the README), so names change only through us,
 # and the kernel drops the entries our calls remove or make by itself.
@@ -256,12 +258,28 @@ class VnpagerFS(pyfuse3.Operations):
         _host(os.link, self.inodes.proc(inode), new_name, dst_dir_fd=self.inodes.fd(new_parent_inode))
         return self._lookup(new_parent_inode, new_name)
 
+    def _lost_a_name(self, st: os.stat_result) -> None:
+        """The file *st* has just lost a name (unlink, rename over).  If the
+        pager has an object of it, stop the object persisting, so that it dies
+        now or at its last close: in a worker thread, after the reply, for no
+        caller needs to wait for it (its death may write dirty pages, to a file
+        whose other names and open files see the same pages meanwhile; the
+        object's vnode holds the file open, so its key names no other file).
+        Unmount waits for it: trio ends no run before its system tasks."""
+        if self._has_object(st):
+            trio.lowlevel.spawn_system_task(self._uncache, (st.st_dev, st.st_ino))
+
+    async def _uncache(self, key: tuple[int, int]) -> None:
+        try:
+            await trio.to_thread.run_sync(pager.uncache, self.vm, key)
+        except Exception:  # a system task that raises ends the loop: the mount with it
+            log.exception("uncache of the object of %s failed", key)
+
     async def _remove(self, parent: int, name: bytes, remove: Callable[..., None]) -> None:
         dir_fd = self.inodes.fd(parent)
         st = _host(os.stat, name, dir_fd=dir_fd, follow_symlinks=False)
-        if self._has_object(st):
-            await _pager(pager.uncache, self.vm, (st.st_dev, st.st_ino))
         _host(remove, name, dir_fd=dir_fd)
+        self._lost_a_name(st)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._remove(parent_inode, name, os.unlink)
@@ -274,15 +292,13 @@ class VnpagerFS(pyfuse3.Operations):
         """renameat2 with the caller's flags: RENAME_NOREPLACE and RENAME_EXCHANGE
         are the host's, atomic.  A regular file renamed over loses a name."""
         old_fd, new_fd = self.inodes.fd(parent_inode_old), self.inodes.fd(parent_inode_new)
+        target = None
         if not flags & (pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE):
-            try:
+            with contextlib.suppress(OSError):  # no target (or a rename that is about to fail)
                 target = os.stat(name_new, dir_fd=new_fd, follow_symlinks=False)
-            except OSError:
-                pass  # no target (or a rename that is about to fail)
-            else:
-                if self._has_object(target):
-                    await _pager(pager.uncache, self.vm, (target.st_dev, target.st_ino))
         _host(_renameat2, old_fd, name_old, new_fd, name_new, flags)
+        if target is not None:
+            self._lost_a_name(target)
 
     # directories
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:

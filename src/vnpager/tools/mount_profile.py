@@ -9,7 +9,9 @@ the handler's start to its reply, waits included), and of that the time
 spent in worker threads (the pager's calls, and any other thread hop):
 the work the thread did, and the hop itself (handing the call to a thread,
 waiting for a free one and for the GIL, and coming back to the event
-loop).  The time of a request before its handler starts (the kernel, the
+loop).  Thread hops of no request (the uncache that an unlink starts
+after its reply) are the row "(after a reply)".  The time of a request
+before its handler starts (the kernel, the
 FUSE device, pyfuse3's dispatch, trio's scheduling) is not in these
 figures: the command's wall time less the server's time shows it.
 
@@ -56,7 +58,7 @@ class Profile:
 
     def __init__(self) -> None:
         self.ops: defaultdict[str, OpStats] = defaultdict(OpStats)
-        self._op: contextvars.ContextVar[str] = contextvars.ContextVar("op", default="(none)")
+        self._op: contextvars.ContextVar[str] = contextvars.ContextVar("op", default="(after a reply)")
 
     @contextmanager
     def installed(self) -> Iterator[None]:
