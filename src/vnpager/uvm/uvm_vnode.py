@@ -903,7 +903,7 @@ def _flush_iosync(uvn: UvmVnode) -> None:
 
 def _next_page(uobj: UvmObject, curoff: int, stop: int) -> VmPage | None:
     """The resident page with the lowest offset in [curoff, stop)."""
-    for off in uobj.memt.irange(curoff, stop, inclusive=(True, False)):
+    for off in uobj.memt.irange(curoff, stop):
         return uobj.memt[off]
     return None
 
