@@ -78,9 +78,9 @@ def uvmpd_scan_inactive(vm: VM, shortage: int, clean_only: bool = False) -> int:
     """Free up to *shortage* pages from the inactive queue; return how many.
 
     With *clean_only* (read-ahead making room, uvm_ra_reserve) dirty pages
-    are left as they are, unwritten, and those already known dirty are not
-    even looked at: a queue of dirty anonymous pages would otherwise cost
-    every read-ahead a lock and an unmap per page.
+    are left as they are, unwritten, and those already known dirty are
+    passed over before any unmap: a queue of dirty anonymous pages would
+    otherwise cost every read-ahead an unmap per page.
 
     The queue is taken in runs of pages of one object (a sequential read
     leaves its pages in order), each run with one try of the object lock,
@@ -93,8 +93,6 @@ def uvmpd_scan_inactive(vm: VM, shortage: int, clean_only: bool = False) -> int:
     for uobj, pages in groupby(candidates, key=attrgetter("uobject")):
         if freed >= shortage:
             break
-        if clean_only:
-            pages = (pg for pg in pages if pg.pg_flags & PG_CLEAN)  # read without the lock: a hint
         freed += _reclaim_run(vm, uobj, pages, shortage - freed, clean_only)
     return freed
 
@@ -102,18 +100,19 @@ def uvmpd_scan_inactive(vm: VM, shortage: int, clean_only: bool = False) -> int:
 def _reclaim_run(vm: VM, uobj: UvmObject | None, pages: Iterator[VmPage], want: int,
                  clean_only: bool) -> int:
     """Try to free up to *want* of *pages*, inactive pages of *uobj* as
-    listed without its lock; return how many were freed.  They are taken
-    *want* at a time, so that the pages visited are those a scan page by
+    listed without its lock; return how many were freed.  They are looked
+    at *want* at a time, so that the pages visited are those a scan page by
     page would visit.  => caller holds no lock."""
     if uobj is None or not uobj.vmobjlock.rw_enter(RW_WRITE | RW_NOSLEEP):
         return 0
+    # still an unbusy inactive page of the object (and, clean_only, clean)?
+    mask = PG_BUSY | PQ_ACTIVE | PQ_INACTIVE | (PG_CLEAN if clean_only else 0)
+    want_flags = PQ_INACTIVE | (PG_CLEAN if clean_only else 0)
     freed = 0
     try:
-        while freed < want:
-            batch = list(islice((pg for pg in pages if _reclaimable(pg, uobj)), want - freed))
-            if not batch:
-                break
-            freed += _reclaim_batch(vm, uobj, batch, clean_only)
+        while freed < want and (chunk := list(islice(pages, want - freed))):
+            freed += _reclaim_batch(vm, uobj, [pg for pg in chunk if pg.uobject is uobj and
+                                               pg.pg_flags & mask == want_flags], clean_only)
     finally:
         uobj.vmobjlock.rw_exit()
     return freed
