@@ -708,6 +708,9 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
         start = vm.trunc_page(start)
         stop = min(vm.round_page(stop), vm.round_page(uvn.u_size))
     fl = _Flush(uvn, flags, start, stop)
+    if flags & (PGO_CLEANIT | PGO_FREE | PGO_DEACTIVATE) == PGO_DEACTIVATE:
+        _flush_deactivate(fl)  # nothing to write or wait for: the pages as one run
+        return True
     if flags & PGO_CLEANIT:
         _flush_clearchk(fl)
     _flush_pass(fl, wait_busy=False)
@@ -735,6 +738,19 @@ class _Flush:
     was_busy: set[int] = field(default_factory=set)  # offsets of those pages
     failed: SortedList = field(default_factory=SortedList)  # offsets whose write failed here
     dead: list[VmPage] = field(default_factory=list)  # taken apart, freed at the end
+
+
+def _flush_deactivate(fl: _Flush) -> None:
+    """A flush that only deactivates (MADV_SEQUENTIAL behind a scan): what
+    the main loop's disposal does to each page of the range, busy or not,
+    in one pmap call and one hold of the page queue lock.
+
+    => caller holds the object lock, not the page queue lock.
+    """
+    pgs = [pg for pg in fl.uvn.pages_in(fl.start, fl.stop) if pg.wire_count == 0]
+    pmap_page_protect_run(pgs, PROT_NONE)
+    with fl.uvn.vm.pageqlock:
+        uvm_pagedeactivate_run(pgs)
 
 
 def _flush_clearchk(fl: _Flush) -> None:
