@@ -126,29 +126,7 @@ def pmap_enter(pmap: Pmap, va: int, pg: VmPage, prot: int, access_type: int = PR
     False returned): fault-ahead must not undo what a concurrent fault on
     that address mapped, such as a copy-on-write page.
     """
-    with pg.vm.pmap_lock:
-        return _enter(pmap, va, pg, prot, _access_bits(access_type), replace)
-
-
-def _access_bits(access_type: int) -> int:
-    """The attribute bits an access of *access_type* sets."""
-    return PG_REF | PG_MOD if access_type & PROT_WRITE else PG_REF if access_type else 0
-
-
-def _enter(pmap: Pmap, va: int, pg: VmPage, prot: int, bits: int, replace: bool) -> bool:
-    """pmap_enter's work.  => caller holds vm.pmap_lock."""
-    pte = pmap.pm_pte
-    old = pte.get(va)
-    if old is not None:
-        if not replace:
-            return False
-        _tlb_invalidate(pmap, va)  # no run holds an address without a translation
-        if old[0] is not pg:
-            del old[0].pv[(pmap, va)]
-    pte[va] = (pg, prot)
-    pg.pv[(pmap, va)] = None
-    pg.attrs |= bits
-    return True
+    return pmap_enter_run(pmap, va, [pg], prot, access_type, replace=replace) == 1
 
 
 def pmap_enter_run(pmap: Pmap, va: int, pgs: list[VmPage], prot: int, access_type: int = PROT_NONE, *,
@@ -158,11 +136,21 @@ def pmap_enter_run(pmap: Pmap, va: int, pgs: list[VmPage], prot: int, access_typ
     if not pgs:
         return 0
     ps = pmap.vm.page_size
-    bits = _access_bits(access_type)
+    bits = PG_REF | PG_MOD if access_type & PROT_WRITE else PG_REF if access_type else 0
+    pte = pmap.pm_pte
     n = 0
     with pmap.vm.pmap_lock:
         for pg in pgs:
-            n += _enter(pmap, va, pg, prot, bits, replace)
+            old = pte.get(va)
+            if old is None or replace:
+                if old is not None:
+                    _tlb_invalidate(pmap, va)  # no run holds an address without a translation
+                    if old[0] is not pg:
+                        del old[0].pv[(pmap, va)]
+                pte[va] = (pg, prot)
+                pg.pv[(pmap, va)] = None
+                pg.attrs |= bits
+                n += 1
             va += ps
     return n
 
