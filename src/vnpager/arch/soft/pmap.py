@@ -220,8 +220,7 @@ def pmap_is_modified(pg: VmPage) -> bool:
 
 def pmap_clear_modify(pg: VmPage) -> bool:
     """Clear PG_MOD; the page's store runs go, so the next store sets it."""
-    with pg.vm.pmap_lock:
-        return _clear_attr(pg, PG_MOD)
+    return _clear_attr_run([pg], PG_MOD)[0]
 
 
 def pmap_clear_modify_run(pgs: list[VmPage]) -> list[bool]:
@@ -229,22 +228,21 @@ def pmap_clear_modify_run(pgs: list[VmPage]) -> list[bool]:
     return _clear_attr_run(pgs, PG_MOD)
 
 
-def _clear_attr(pg: VmPage, bit: int) -> bool:
-    """Clear PG_MOD or PG_REF and drop the runs that rely on it (the store
-    runs for PG_MOD, all for PG_REF); return whether it was set.
-    => caller holds vm.pmap_lock."""
-    was = bool(pg.attrs & bit)
-    pg.attrs &= ~bit
-    if pg.pv:
-        _tlb_shootdown(pg, loads=bit == PG_REF)
-    return was
-
-
 def _clear_attr_run(pgs: list[VmPage], bit: int) -> list[bool]:
+    """Clear PG_MOD or PG_REF on each page and drop the runs that rely on
+    it (the store runs for PG_MOD, all for PG_REF); return whether each
+    was set."""
     if not pgs:
         return []
+    loads = bit == PG_REF
+    was = []
     with pgs[0].vm.pmap_lock:
-        return [_clear_attr(pg, bit) for pg in pgs]
+        for pg in pgs:
+            was.append(bool(pg.attrs & bit))
+            pg.attrs &= ~bit
+            if pg.pv:
+                _tlb_shootdown(pg, loads)
+    return was
 
 
 def pmap_is_referenced(pg: VmPage) -> bool:
@@ -253,8 +251,7 @@ def pmap_is_referenced(pg: VmPage) -> bool:
 
 def pmap_clear_reference(pg: VmPage) -> bool:
     """Clear PG_REF; all the page's runs go, so the next access sets it."""
-    with pg.vm.pmap_lock:
-        return _clear_attr(pg, PG_REF)
+    return _clear_attr_run([pg], PG_REF)[0]
 
 
 def pmap_clear_reference_run(pgs: list[VmPage]) -> list[bool]:
