@@ -46,7 +46,10 @@ Cost
   the seed's flush changed nothing for them, and a ``vm.pread`` (attach,
   copy, detach) cost in proportion to the pages cached.
 * uvn_get reads a run of missing pages in one read, not page by page, and
-  fills the caller's read-ahead slots from free memory only.
+  fills the caller's read-ahead slots from free memory only; the run is
+  allocated in one call (uvm_pagealloc_run) and a flush that only
+  deactivates takes its range as one run (one pmap call, one hold of the
+  page queue lock), as the page daemon and the last detach do.
 
 Life and locks
 * the legal ``u_flags`` states and moves are data (UVN_STATES,
