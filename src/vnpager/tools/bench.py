@@ -10,7 +10,9 @@ file stays in the host's page cache throughout, for every reader.
 Some rows have targets, each checked on its own (a row shows which of its
 targets it met and which it missed): resident reads at a fraction of
 mmap's rate, a cold sequential read of a file bigger than the VM (and the
-read calls per page it takes), sequential writes then flush (and the write
+read calls per page it takes, and the MI layer's own work per page: the
+read's wall time less the host's preadv time, per page, beside bare
+preadv's cost per page), sequential writes then flush (and the write
 calls per page), and eight threads each reading their own file from a
 backend that takes 1 ms per read call.
 
