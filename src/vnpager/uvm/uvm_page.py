@@ -168,43 +168,23 @@ def uvm_pagealloc(vm: VM, uobj: UvmObject | None, off: int, flags: int = 0) -> V
 
     => caller holds the object lock (when *uobj* is given).
     """
-    with vm.pageqlock:
-        if flags & UVM_PGA_NORESERVE and len(vm.page_free) <= vm.freemin:
-            return None
-        if not vm.page_free:
-            vm.uvmexp.allocfail += 1
-            wakeup(vm.pagedaemon_chan)
-            return None
-        pg = vm.page_free.pop()
-        pg.pg_flags = PG_BUSY | PG_CLEAN | PG_FAKE
-        if vm.npages_free_low():
-            wakeup(vm.pagedaemon_chan)
-    _pagealloc_init(pg, uobj, off, flags, "new")
-    return pg
+    pgs = uvm_pagealloc_run(vm, uobj, off, 1, flags)
+    return pgs[0] if pgs else None
 
 
-def _pagealloc_init(pg: VmPage, uobj: UvmObject | None, off: int, flags: int, owner: str) -> None:
-    """The rest of an allocation, out of the page queue lock: the page is the caller's."""
-    pg.owner = owner
-    pg.attrs = 0
-    if flags & UVM_PGA_ZERO:
-        pg.data[:] = pg.vm.zero_page
-    if uobj is not None:
-        uvm_pageinsert(pg, uobj, off)
-
-
-def uvm_pagealloc_run(vm: VM, uobj: UvmObject, off: int, npages: int, flags: int = 0,
+def uvm_pagealloc_run(vm: VM, uobj: UvmObject | None, off: int, npages: int, flags: int = 0,
                       owner: str = "new") -> list[VmPage]:
     """Take up to *npages* free frames under one hold of the page queue
-    lock and insert them into *uobj* at *off*, *off* + page_size, ...
+    lock and, with *uobj*, insert them at *off*, *off* + page_size, ...
 
     Each page comes back as from uvm_pagealloc (PG_BUSY|PG_CLEAN|PG_FAKE,
     on no queue, owned by the caller, tagged *owner*).  Fewer pages, or
     none, come back when fewer are free, and with UVM_PGA_NORESERVE when
     fewer are free above vm.freemin; without it, an allocation that finds
-    no frame at all counts and wakes the page daemon as uvm_pagealloc's.
+    no frame at all counts (allocfail) and wakes the page daemon.
 
-    => caller holds the object lock; no page of the run is resident.
+    => caller holds the object lock (when *uobj* is given); no page of the
+       run is resident.
     """
     with vm.pageqlock:
         free = vm.page_free
@@ -215,16 +195,21 @@ def uvm_pagealloc_run(vm: VM, uobj: UvmObject, off: int, npages: int, flags: int
                 vm.uvmexp.allocfail += 1
                 wakeup(vm.pagedaemon_chan)
             return []
-        pgs = free[:-n - 1:-1]  # pop() order: the lowest frame first, as uvm_pagealloc takes them
+        pgs = free[:-n - 1:-1]  # pop() order: the lowest frame first
         del free[-n:]
         for pg in pgs:
             pg.pg_flags = PG_BUSY | PG_CLEAN | PG_FAKE
         if vm.npages_free_low():
             wakeup(vm.pagedaemon_chan)
     ps = vm.page_size
-    for pg in pgs:
-        _pagealloc_init(pg, uobj, off, flags, owner)
-        off += ps
+    for pg in pgs:  # the pages are the caller's: out of the page queue lock
+        pg.owner = owner
+        pg.attrs = 0
+        if flags & UVM_PGA_ZERO:
+            pg.data[:] = vm.zero_page
+        if uobj is not None:
+            uvm_pageinsert(pg, uobj, off)
+            off += ps
     return pgs
 
 
@@ -394,27 +379,32 @@ def uvm_pageactivate(pg: VmPage) -> None:
 
     => caller holds the page queue lock.
     """
-    vm = pg.vm
-    if DEBUG:
-        KASSERT(vm.pageqlock.held(), "uvm_pageactivate: pageq not locked")
-    if pg.wire_count:
-        return
-    _pagedequeue(vm, pg)
-    vm.page_active[pg] = None
-    if pg.uobject is not None:
-        pg.uobject.uo_active[pg] = None
-    pg.pg_flags |= PQ_ACTIVE
+    _pageactivate_locked([pg])
 
 
 def uvm_pageactivate_run(pgs: list[VmPage]) -> None:
     """uvm_pageactivate of each page of *pgs*, under one hold of the page
     queue lock.  => caller holds the pages' object lock, not the page
     queue lock."""
-    if not pgs:
-        return
-    with pgs[0].vm.pageqlock:
-        for pg in pgs:
-            uvm_pageactivate(pg)
+    if pgs:
+        with pgs[0].vm.pageqlock:
+            _pageactivate_locked(pgs)
+
+
+def _pageactivate_locked(pgs: list[VmPage]) -> None:
+    """=> caller holds the page queue lock."""
+    vm = pgs[0].vm
+    if DEBUG:
+        KASSERT(vm.pageqlock.held(), "uvm_pageactivate: pageq not locked")
+    active = vm.page_active
+    for pg in pgs:
+        if pg.wire_count:
+            continue
+        _pagedequeue(vm, pg)
+        active[pg] = None
+        if pg.uobject is not None:
+            pg.uobject.uo_active[pg] = None
+        pg.pg_flags |= PQ_ACTIVE
 
 
 def uvm_page_unbusy(pgs: list[VmPage]) -> None:
