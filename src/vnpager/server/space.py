@@ -255,7 +255,9 @@ class ClientSpace:
         """Drop the map's hold on its object (and the object's memfd, if
         that was the last hold of an object with no page)."""
         m.file.close()
-        self.vm.frames.release(m.file.uvn)
+        uvn = m.file.uvn
+        with uvn.vmobjlock:
+            self.vm.frames.release(uvn)
 
     def flush(self, addr: int, offset: int, size: int) -> None:
         """msync(MS_SYNC) of [offset, offset+size) of the map at *addr*:

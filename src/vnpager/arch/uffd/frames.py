@@ -32,11 +32,11 @@ page leaves and nobody holds the object (``uo_refs`` 0: a client's map
 holds a reference, so a memfd is never replaced under a client that maps
 it).
 
-Locks: ``Frames.lock`` (a leaf) guards ``objects``, ``unpunched``,
-``npending``, each object's ``pending`` and the punches; an object's
-:class:`ObjectFrames` is changed under that object's lock (bind and unbind
-are called with it held, setsize too), or under ``Frames.lock`` alone
-while no page of it is bound.
+Locks: ``Frames.lock`` (a leaf) guards ``objects`` (changes; an entry is
+dropped only under its object's lock too, so that a binder finds it
+unlocked), ``unpunched``, ``npending``, each object's ``pending`` and
+the punches; an object's :class:`ObjectFrames` is changed under that
+object's lock (bind, unbind, setsize and release are called with it held).
 """
 
 from __future__ import annotations
@@ -175,7 +175,13 @@ class Frames:
 
     def _of(self, uobj: UvmObject, punch: bool = False) -> ObjectFrames:
         """*uobj*'s frames, made on first use; with *punch*, the pending
-        punches done first."""
+        punches done first.  Found without the lock when there is nothing
+        to punch: frames are dropped only under their object's lock (unbind,
+        release), which a binder holds, and a memfd asker holds a reference."""
+        if not (punch and self.npending):
+            of = self.objects.get(uobj)
+            if of is not None:
+                return of
         with self.lock:
             if punch and self.npending:
                 self._punch_pending()
@@ -256,7 +262,8 @@ class Frames:
 
     def release(self, uobj: UvmObject) -> None:
         """Drop *uobj*'s frames if no page of it is bound and nobody holds
-        it (a map made and unmapped untouched: unbind never comes)."""
+        it (a map made and unmapped untouched: unbind never comes).
+        => caller holds the object lock."""
         with self.lock:
             of = self.objects.get(uobj)
             if of is None or of.bound or uobj.uo_refs:

@@ -60,6 +60,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from mmap import PROT_READ, PROT_WRITE
+from operator import attrgetter
 from typing import TYPE_CHECKING, cast
 
 from .frames import Frames, page_runs
@@ -144,10 +145,13 @@ class Pmap:
             self.process = None
 
 
-def _pv(pg: VmPage) -> dict[tuple[Pmap, int], None]:
-    """*pg*'s reverse map, as this machine fills it (the MI type names the
-    software machine's Pmap)."""
-    return cast("dict[tuple[Pmap, int], None]", pg.pv)
+if TYPE_CHECKING:
+    def _pv(pg: VmPage) -> dict[tuple[Pmap, int], None]:
+        """*pg*'s reverse map, as this machine fills it (the MI type names
+        the software machine's Pmap)."""
+        return cast("dict[tuple[Pmap, int], None]", pg.pv)
+else:
+    _pv = attrgetter("pv")  # the same, without a Python call per use
 
 
 def uffd_call(fn: Callable[[], object]) -> object:
@@ -207,23 +211,28 @@ def pmap_enter(pmap: Pmap, va: int, pg: VmPage, prot: int, access_type: int = PR
     for a write, PG_MOD.  With ``replace=False`` an existing translation
     stays (False)."""
     with pg.vm.pmap_lock:
-        old = pmap.pm_pte.get(va)
-        if old is not None and not replace:
-            return False
-        if not prot & PROT_WRITE:
-            hw = HW_READ
-        elif access_type & PROT_WRITE or pg.attrs & PG_MOD:
-            hw = HW_WRITE
-        else:
-            hw = HW_PROTECTED
-        if old is not None and old[0] is not pg:
-            del _pv(old[0])[(pmap, va)]
-            old = None
-        pmap.pending.setdefault(va, 0 if old is None else old[1])
-        pmap.pm_pte[va] = (pg, hw)
-        _pv(pg)[(pmap, va)] = None
-        pg.attrs |= PG_REF | PG_MOD if access_type & PROT_WRITE else PG_REF
-        pmap.stats.entered += 1
+        return _enter(pmap, va, pg, prot, access_type, replace)
+
+
+def _enter(pmap: Pmap, va: int, pg: VmPage, prot: int, access_type: int, replace: bool) -> bool:
+    """pmap_enter.  => vm.pmap_lock."""
+    old = pmap.pm_pte.get(va)
+    if old is not None and not replace:
+        return False
+    if not prot & PROT_WRITE:
+        hw = HW_READ
+    elif access_type & PROT_WRITE or pg.attrs & PG_MOD:
+        hw = HW_WRITE
+    else:
+        hw = HW_PROTECTED
+    if old is not None and old[0] is not pg:
+        del _pv(old[0])[(pmap, va)]
+        old = None
+    pmap.pending.setdefault(va, 0 if old is None else old[1])
+    pmap.pm_pte[va] = (pg, hw)
+    _pv(pg)[(pmap, va)] = None
+    pg.attrs |= PG_REF | PG_MOD if access_type & PROT_WRITE else PG_REF
+    pmap.stats.entered += 1
     return True
 
 
@@ -328,17 +337,21 @@ def pmap_page_protect(pg: VmPage, prot: int) -> None:
     """Lower every mapping of *pg*: write-protect the writable ones;
     PROT_NONE also forgets them (the client may still load the page until
     it leaves its object and is punched out)."""
-    if prot & PROT_WRITE:
-        return
-    with pg.vm.pmap_lock:
+    if not prot & PROT_WRITE:
+        with pg.vm.pmap_lock:
+            _page_protect(pg, prot)
+
+
+def _page_protect(pg: VmPage, prot: int) -> None:
+    """pmap_page_protect to a *prot* without PROT_WRITE.  => vm.pmap_lock."""
+    for pmap, va in _pv(pg):
+        if pmap.pm_pte[va][1] == HW_WRITE:
+            _lower(pmap, va, pg)
+    if prot == PROT_NONE:
         for pmap, va in _pv(pg):
-            if pmap.pm_pte[va][1] == HW_WRITE:
-                _lower(pmap, va, pg)
-        if prot == PROT_NONE:
-            for pmap, va in _pv(pg):
-                del pmap.pm_pte[va]
-                pmap.pending.pop(va, None)
-            pg.pv.clear()
+            del pmap.pm_pte[va]
+            pmap.pending.pop(va, None)
+        pg.pv.clear()
 
 
 def pmap_extract(pmap: Pmap, va: int) -> tuple[VmPage, int] | None:
@@ -348,11 +361,16 @@ def pmap_extract(pmap: Pmap, va: int) -> tuple[VmPage, int] | None:
 def pmap_clear_modify(pg: VmPage) -> bool:
     """Clear PG_MOD, write-protecting the page wherever it is writable."""
     with pg.vm.pmap_lock:
-        was = bool(pg.attrs & PG_MOD)
-        pg.attrs &= ~PG_MOD
-        for pmap, va in _pv(pg):
-            if pmap.pm_pte[va][1] == HW_WRITE:
-                _lower(pmap, va, pg)
+        return _clear_modify(pg)
+
+
+def _clear_modify(pg: VmPage) -> bool:
+    """pmap_clear_modify.  => vm.pmap_lock."""
+    was = bool(pg.attrs & PG_MOD)
+    pg.attrs &= ~PG_MOD
+    for pmap, va in _pv(pg):
+        if pmap.pm_pte[va][1] == HW_WRITE:
+            _lower(pmap, va, pg)
     return was
 
 
@@ -360,19 +378,24 @@ def pmap_clear_reference(pg: VmPage) -> bool:
     """Clear PG_REF and unmap the page from the clients (see above), so
     that the next access faults and sets it again."""
     with pg.vm.pmap_lock:
-        was = bool(pg.attrs & PG_REF)
-        pg.attrs &= ~PG_REF
-        uobj = pg.uobject
-        for pmap, va in _pv(pg):
-            assert uobj is not None  # a mapped page is an object's
-            if pmap.pm_pte[va][1] == HW_WRITE:
-                _protect(pmap, va, pg.vm.page_size, True)  # a PTE PAGEOUT leaves must not take stores
-            del pmap.pm_pte[va]
-            pmap.pending.pop(va, None)
-            pmap.zaps.append((va, uobj, pg.offset))
-            if len(pmap.zaps) >= PAGEOUT_BATCH:
-                _pageout_flush(pmap)
-        pg.pv.clear()
+        return _clear_reference(pg)
+
+
+def _clear_reference(pg: VmPage) -> bool:
+    """pmap_clear_reference.  => vm.pmap_lock."""
+    was = bool(pg.attrs & PG_REF)
+    pg.attrs &= ~PG_REF
+    uobj = pg.uobject
+    for pmap, va in _pv(pg):
+        assert uobj is not None  # a mapped page is an object's
+        if pmap.pm_pte[va][1] == HW_WRITE:
+            _protect(pmap, va, pg.vm.page_size, True)  # a PTE PAGEOUT leaves must not take stores
+        del pmap.pm_pte[va]
+        pmap.pending.pop(va, None)
+        pmap.zaps.append((va, uobj, pg.offset))
+        if len(pmap.zaps) >= PAGEOUT_BATCH:
+            _pageout_flush(pmap)
+    pg.pv.clear()
     return was
 
 
@@ -419,24 +442,31 @@ def pmap_tlb_merge(pmap: Pmap, runs: list[object], access_type: int, touched: in
 
 
 # The run forms (see uvm/pmap.py): each page in turn, as the per-page call
-# does it; one hold of the lock per page, since the ioctls a page may need
-# are made under it anyway.
+# does it, under one hold of the lock.
 
 def pmap_enter_run(pmap: Pmap, va: int, pgs: list[VmPage], prot: int, access_type: int = PROT_NONE, *,
                    replace: bool = True) -> int:
     ps = pmap.vm.page_size
-    return sum(pmap_enter(pmap, va + i * ps, pg, prot, access_type, replace=replace)
-               for i, pg in enumerate(pgs))
+    with pmap.vm.pmap_lock:
+        return sum(_enter(pmap, va + i * ps, pg, prot, access_type, replace) for i, pg in enumerate(pgs))
 
 
 def pmap_page_protect_run(pgs: list[VmPage], prot: int) -> None:
-    for pg in pgs:
-        pmap_page_protect(pg, prot)
+    if pgs and not prot & PROT_WRITE:
+        with pgs[0].vm.pmap_lock:
+            for pg in pgs:
+                _page_protect(pg, prot)
 
 
 def pmap_clear_modify_run(pgs: list[VmPage]) -> list[bool]:
-    return [pmap_clear_modify(pg) for pg in pgs]
+    if not pgs:
+        return []
+    with pgs[0].vm.pmap_lock:
+        return [_clear_modify(pg) for pg in pgs]
 
 
 def pmap_clear_reference_run(pgs: list[VmPage]) -> list[bool]:
-    return [pmap_clear_reference(pg) for pg in pgs]
+    if not pgs:
+        return []
+    with pgs[0].vm.pmap_lock:
+        return [_clear_reference(pg) for pg in pgs]
