@@ -10,12 +10,15 @@ the memfd back to the file.  Its counters say what the boundary asked.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import select
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from vnpager.arch.uffd import Uffd
+from vnpager.arch.uffd import PAGE_SIZE, Uffd, uapi
 
 
 @dataclass
@@ -95,6 +98,10 @@ class CopySpace:
         os.ftruncate(fd, base + newsize)
         os.ftruncate(memfd, base + newsize)
 
+    def moved(self, addr: int, newaddr: int, length: int) -> None:
+        self._log("moved", length)
+        self.maps[newaddr] = self.maps.pop(addr)
+
     def size(self, addr: int) -> int:
         return os.fstat(self.maps[addr][0]).st_size
 
@@ -110,3 +117,49 @@ class CopySpace:
 
     def statistics(self) -> dict[str, int]:
         return {"maps": len(self.maps)}
+
+
+class FaultSpace(CopySpace):
+    """A CopySpace whose maps are registered with the client's uffd, each
+    fault resolved by a thread of its own with UFFDIO_CONTINUE (every page
+    is in the memfd: the faults are MINOR).  It runs in a server process
+    of its own (tests/hw_fake_server.py), because the client's faults would
+    block a client that is the test."""
+
+    def __init__(self, uffd: Uffd, pid: int, calls: Calls, files: dict[tuple[int, int], int]) -> None:
+        super().__init__(uffd, pid, calls, files)
+        self.faults = 0
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(target=self._serve, name=f"faults-{pid}", daemon=True)
+        self._thread.start()
+
+    def mapped(self, grant_id: int, addr: int, length: int) -> None:
+        super().mapped(grant_id, addr, length)
+        self.uffd.register(addr, (length + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE,
+                           uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_MINOR)
+
+    def unmap(self, addr: int) -> None:
+        super().unmap(addr)  # the client unmapped it: its registration went with it
+
+    def _serve(self) -> None:
+        poller = select.poll()
+        poller.register(self.uffd.fd, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        while all(fd != self._stop_r for fd, _ in poller.poll()):
+            for msg in self.uffd.read_events():
+                if msg.is_pagefault:
+                    self.faults += 1
+                    with contextlib.suppress(OSError):  # the client died meanwhile
+                        self.uffd.resolve(msg.address & ~(PAGE_SIZE - 1), PAGE_SIZE)
+                elif msg.event == uapi.UFFD_EVENT_FORK:
+                    os.close(msg.ufd)
+
+    def close(self) -> None:
+        os.write(self._stop_w, b"x")
+        self._thread.join(30)
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+        super().close()
+
+    def statistics(self) -> dict[str, int]:
+        return {"maps": len(self.maps), "faults": self.faults}

@@ -95,14 +95,14 @@ class HwMmap(mmap.mmap):
     ``HwMmap(fileno, length, flags=MAP_SHARED, prot=PROT_WRITE|PROT_READ,
     access=ACCESS_DEFAULT, offset=0, *, trackfd=True, vm)``
 
-    Fields, set once in ``__new__`` (``_addr`` and ``_fd`` change in
-    resize): the VM, the mapping's address in this process (the server's
-    name for the map), the resolved access, flags and prot, the file's
-    offset, a duplicate of the user's descriptor (-1 for anonymous memory)
-    and trackfd.
+    Fields, set once in ``__new__`` (``_addr`` changes in resize): the VM,
+    the mapping's address in this process (the server's name for the map),
+    the resolved access, flags and prot, the file's offset, whether the
+    user's descriptor was read-only (resize is EINVAL then, as its
+    ftruncate would be) and trackfd.
     """
 
-    __slots__ = ("_access", "_addr", "_fd", "_flags", "_offset", "_prot", "_trackfd", "_vm")
+    __slots__ = ("_access", "_addr", "_flags", "_offset", "_prot", "_rdonly", "_trackfd", "_vm")
 
     _vm: HardwareVM | None  # None: anonymous memory, the host's
     _addr: int
@@ -110,7 +110,7 @@ class HwMmap(mmap.mmap):
     _flags: int
     _prot: int
     _offset: int
-    _fd: int
+    _rdonly: bool
     _trackfd: bool
 
     def __new__(cls, fileno: SupportsIndex, length: SupportsIndex, flags: SupportsIndex = mmap.MAP_SHARED,
@@ -121,7 +121,7 @@ class HwMmap(mmap.mmap):
         fd, n, fl, pr, ac, off = map(operator.index, (fileno, length, flags, prot, access, offset))
         if fd == -1 or fl & mmap.MAP_ANONYMOUS:
             self = super().__new__(cls, fd, n, fl, pr, ac, off)
-            self._vm, self._fd, self._addr, self._offset, self._trackfd = None, -1, 0, off, trackfd
+            self._vm, self._rdonly, self._addr, self._offset, self._trackfd = None, False, 0, off, trackfd
             self._flags, self._prot, self._access = effective(fl, pr, ac)
             return self
         # The user's file itself checks every argument, its size and the
@@ -139,11 +139,11 @@ class HwMmap(mmap.mmap):
             raise
         finally:
             os.close(memfd)  # CPython holds its own duplicate
-        self._vm, self._addr, self._fd, self._trackfd = vm, address(self), -1, trackfd
+        self._vm, self._addr, self._trackfd = vm, address(self), trackfd
+        self._rdonly = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
         self._flags, self._prot, self._access, self._offset = eflags, eprot, eaccess, off
         try:
             vm.request("mapped", grant, self._addr, len(self))
-            self._fd = os.dup(fd)  # to map the file again after a resize
         except BaseException:
             mmap.mmap.close(self)
             vm.release(grant)
@@ -185,9 +185,6 @@ class HwMmap(mmap.mmap):
             error = error or e
         finally:
             vm.untrack(self)
-            if self._fd != -1:
-                os.close(self._fd)
-                self._fd = -1
         if error is not None:
             raise error
 
@@ -265,15 +262,12 @@ class HwMmap(mmap.mmap):
             raise ValueError("mmap can't resize with trackfd=False.")
         if new < 0 or new > (1 << 63) - 1 - self._offset:
             raise ValueError("new size out of range")
-        if fcntl.fcntl(self._fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+        if self._rdonly:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))  # as ftruncate(2) of it
         vm.request("resize", self._addr, new)
-        # CPython's ftruncate of the memfd is a no-op now; its mremap moves
-        # the range, and a moved range loses its registration: map it anew.
-        old = self._addr
+        # CPython's ftruncate of the memfd is a no-op now; its mremap may
+        # move the range, which loses its registration: the server enters
+        # and registers it again where it is now.
         super().resize(new)
-        grant, memfd = vm.grant(self._fd, new, self._offset, self._prot, self._flags)
-        os.close(memfd)
-        vm.request("unmap", old)
-        self._addr = address(self)
-        vm.request("mapped", grant, self._addr, new)
+        old, self._addr = self._addr, address(self)
+        vm.request("moved", old, self._addr, new)

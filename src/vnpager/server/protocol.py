@@ -75,6 +75,7 @@ REQUESTS: dict[str, Request] = {
     "flush": Request(("addr", "offset", "size")),
     "madvise": Request(("addr", "start", "length", "advice")),
     "resize": Request(("addr", "newsize")),
+    "moved": Request(("addr", "newaddr", "length")),
     "size": Request(("addr",)),
     "statistics": Request(()),
     "check_invariants": Request((), needs_space=False),
