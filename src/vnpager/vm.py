@@ -41,6 +41,8 @@ class VM(uvm.VM):
     *physmem* bytes instead (it takes no other argument).  UffdUnavailable,
     naming the fix, where userfaultfd is not permitted."""
 
+    mmu = "software"
+
     def __new__(cls, *args: Any, mmu: str = "software", **kwargs: Any) -> Any:
         if mmu == "hardware":
             from vnpager.client import HardwareVM

@@ -193,6 +193,11 @@ class HwMmap(mmap.mmap):
             with contextlib.suppress(OSError, BufferError):  # the server has the pages: it writes them back
                 self.close()
 
+    def __repr__(self) -> str:
+        """CPython's, under the name the user asked for: ``mmap.mmap``."""
+        text = super().__repr__()
+        return "<mmap.mmap" + text[text.index(" "):]
+
     def __enter__(self) -> HwMmap:
         super().__enter__()
         return self

@@ -74,7 +74,9 @@ class HardwareVM:
         try:
             self.path = path if path is not None else self._spawn(physmem)
             self._sock = self._connect()
-            self.session: int = self.request("attach", self.uffd.features, fds=[self.uffd.fd])
+            # the server's pid from itself: SO_PEERCRED names whoever called
+            # listen(), which for a private server is us
+            self.session, self.server_pid = self.request("attach", self.uffd.features, fds=[self.uffd.fd])
             self._start_watchdog(self.uffd)
         except BaseException:
             self._teardown()
@@ -112,7 +114,6 @@ class HardwareVM:
         try:
             sock.settimeout(CONNECT_TIMEOUT)
             sock.connect(protocol.address(self.path))
-            self.server_pid = protocol.peer_pid(sock)
         except BaseException:
             sock.close()
             raise
@@ -279,7 +280,7 @@ class HardwareVM:
             return
         try:
             self._sock = self._connect()
-            self.session, fds = self.request_fds("adopt", parent)
+            (self.session, self.server_pid), fds = self.request_fds("adopt", parent)
             if fds:  # the kernel gave the child's uffd to the server; its copy for our watchdog
                 self.uffd = Uffd(fds[0], features)
                 self._start_watchdog(self.uffd)

@@ -60,7 +60,8 @@ class Request:
 
 #: The request kinds.  ``attach`` brings the client's uffd and makes its
 #: space; ``adopt`` is a forked child's: it takes the space the fork event
-#: made (the reply brings the child's uffd, for its watchdog).  The rest
+#: made (the reply brings the child's uffd, for its watchdog).  Both
+#: answer (the session's id, the server's pid).  The rest
 #: are ClientSpace's methods (vnpager.server.space), addresses being the
 #: client's own; ``ping`` answers at once (a round trip's cost, and a
 #: liveness check); ``check_invariants`` runs the server VM's checks.

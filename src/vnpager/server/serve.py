@@ -180,8 +180,9 @@ class Session(threading.Thread):
         method: Callable[..., Any] = getattr(space, op)
         return method(*args), []
 
-    def _attach(self, fd: int, features: int) -> int:
-        """Make the client's space over its uffd *fd* (opened with *features*)."""
+    def _attach(self, fd: int, features: int) -> tuple[int, int]:
+        """Make the client's space over its uffd *fd* (opened with
+        *features*); (the session's id, the server's pid)."""
         if self.space is not None:
             os.close(fd)
             raise protocol.ProtocolError("attach twice")
@@ -191,9 +192,9 @@ class Session(threading.Thread):
         except BaseException:
             uffd.close()
             raise
-        return self.id
+        return self.id, os.getpid()
 
-    def _adopt(self, parent_id: int) -> tuple[int, list[int]]:
+    def _adopt(self, parent_id: int) -> tuple[tuple[int, int], list[int]]:
         """The space the fork event of session *parent_id*'s client made
         for this client, which must be that process's child (the kernel
         says so, not the client)."""
@@ -206,7 +207,7 @@ class Session(threading.Thread):
             raise OSError(errno.EPERM, f"pid {self.pid} is not a child of pid {parent.pid}")
         self.space = space = parent.space.adopt_fork(self.pid)
         uffd: Uffd | None = getattr(space, "uffd", None)
-        return self.id, [uffd.fd] if uffd is not None else []
+        return (self.id, os.getpid()), [uffd.fd] if uffd is not None else []
 
 
 class Server:

@@ -30,7 +30,11 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     ready = None if args.listen_fd is not None else (
         lambda: print(f"vnpager serve: listening at {args.socket}", file=sys.stderr, flush=True))
-    serve(args.socket, args.physmem, listen_fd=args.listen_fd, parent_pid=args.parent_pid, ready=ready)
+    try:
+        serve(args.socket, args.physmem, listen_fd=args.listen_fd, parent_pid=args.parent_pid, ready=ready)
+    except OSError as e:
+        print(f"vnpager serve: {args.socket}: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 
