@@ -1,0 +1,382 @@
+"""The uffd machine's MMU (its pmap.c): the pmap interface of
+:mod:`vnpager.uvm.pmap`, as the host's MMU does it for a client process.
+
+A :class:`Pmap` is one client's address space, bound (:meth:`Pmap.attach`)
+to that client's userfaultfd and pidfd; the ioctls name the client's
+addresses, issued from the server.  Its translations (``pm_pte``: va ->
+(page, how it is mapped)) are what the server has mapped in the client's
+page tables, kept so that the page's reverse map (``pg.pv``) can
+write-protect or zap every mapping of a page:
+
+* ``HW_READ``: mapped from a range the client cannot write (a read-only
+  or private map: the kernel copies a private page on write itself);
+* ``HW_PROTECTED``: a writable shared range, mapped write-protected
+  (CONTINUE_MODE_WP, UFFDIO_WRITEPROTECT): the first store is a
+  synchronous write-protect fault that the server serves as a write fault;
+* ``HW_WRITE``: mapped writable, which only a write fault does, so that the
+  page's PG_MOD is set whenever a client may store to it.
+
+That invariant (a page is HW_WRITE somewhere => PG_MOD) is kept under
+``vm.pmap_lock``: pmap_page_protect(PROT_READ) and pmap_clear_modify
+write-protect every HW_WRITE mapping of the page before they return, and a
+store from then on blocks in the server, on the busy page a write-back
+holds, as the software MMU's store does.  So pmap_is_modified is exact.
+
+pmap_enter records the translation and queues it; :func:`pmap_update`
+(uvm_fault calls it once at the end of a fault) maps what was queued, one
+UFFDIO_CONTINUE per run of contiguous pages mapped the same way (this also
+wakes the faulting threads), and un-protects pages found mapped already.
+PG_REF is set when a page is mapped (the client's later accesses are not
+seen); :func:`pmap_clear_reference` write-protects the page, zaps the
+client's PTE with process_madvise(MADV_PAGEOUT) (and the server's own, so
+that the page is mapped once: the kernel skips shared pages) and forgets
+the translation, so that a re-reference faults (MINOR) and sets PG_REF.
+Where PAGEOUT is refused (no CAP_SYS_NICE, another client maps the page)
+the reference goes unseen and the page may be evicted while in use: it is
+faulted in again (an approximation, counted in ``pageouts_refused``).
+
+Errors of the ioctls: while the client's address space is changing (its
+fork, before the server read the event) they are retried; a client that
+is gone (ESRCH) or a range it unmapped (ENOENT) makes them no-ops.  Loads
+and stores through a pmap (uvm_load: pmap_access) are refused: the
+memory of this machine is its clients'.
+
+Locks: ``vm.pmap_lock`` guards ``pm_pte``, ``pending``, every page's
+``pv`` and ``attrs``, and is held across the ioctls that act on them.
+Nothing here imports ``uvm`` at run time.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from mmap import PROT_READ, PROT_WRITE
+from typing import TYPE_CHECKING, cast
+
+from .frames import Frames
+from .remote import Process
+from .userfaultfd import Uffd
+
+if TYPE_CHECKING:
+    from vnpager.uvm.uvm import VM
+    from vnpager.uvm.uvm_page import VmPage
+
+__all__ = ["Frames"]  # the machine's frames, beside its pmap (vm.machine.Frames)
+
+PROT_NONE = 0x0
+PG_REF = 0x1
+PG_MOD = 0x2
+
+HW_READ = PROT_READ
+HW_PROTECTED = PROT_READ | 0x100
+HW_WRITE = PROT_READ | PROT_WRITE
+
+EAGAIN_SLEEP = 0.0005  # the client's address space is changing: retry shortly
+EAGAIN_TIMEOUT = 30.0  # ... for this long at most (a fork event is read at once by the space's reader)
+GONE = (errno.ESRCH, errno.ENOENT)  # the client died, or unmapped the range
+
+
+@dataclass
+class PmapStatistics:
+    """What one client's pmap did (bumped under ``vm.pmap_lock``)."""
+
+    entered: int = 0  # pages entered (pmap_enter)
+    mapped: int = 0  # pages mapped by CONTINUE
+    continues: int = 0  # runs mapped (one UFFDIO_CONTINUE each, or more where some were mapped)
+    protects: int = 0  # UFFDIO_WRITEPROTECT calls (protect or un-protect)
+    pageouts: int = 0  # process_madvise(MADV_PAGEOUT) calls that unmapped the page
+    pageouts_refused: int = 0  # ... that the kernel refused or skipped
+
+
+class Pmap:
+    """The translations of one client's address space (see above).
+
+    ``pm_rtlb``/``pm_wtlb`` are always empty (the MI code's loads look there
+    first): accesses are the client's.
+    """
+
+    __slots__ = ("pending", "pm_mask", "pm_pte", "pm_rtlb", "pm_wtlb", "process", "stats", "uffd",
+                 "updated", "vm")
+
+    def __init__(self, vm: VM) -> None:
+        self.vm = vm
+        self.pm_pte: dict[int, tuple[VmPage, int]] = {}
+        self.pm_rtlb: dict[int, object] = {}
+        self.pm_wtlb: dict[int, object] = {}
+        self.pm_mask = ~(vm.page_size - 1)
+        self.pending: dict[int, int] = {}  # va -> how it was mapped before this fault (0: not)
+        self.updated: list[tuple[int, int]] = []  # the runs pmap_update acted on (the caller clears it)
+        self.uffd: Uffd | None = None
+        self.process: Process | None = None
+        self.stats = PmapStatistics()
+
+    def attach(self, uffd: Uffd, process: Process | None) -> None:
+        """Bind this pmap to the client's *uffd* (and pidfd, for PAGEOUT;
+        None: references are cleared without it).  Both stay the caller's."""
+        self.uffd = uffd
+        self.process = process
+
+    def detach(self) -> None:
+        """The client is gone: forget every translation (its page tables
+        went with it)."""
+        with self.vm.pmap_lock:
+            for va, (pg, _) in self.pm_pte.items():
+                del _pv(pg)[(self, va)]
+            self.pm_pte.clear()
+            self.pending.clear()
+            self.uffd = None
+            self.process = None
+
+
+def _pv(pg: VmPage) -> dict[tuple[Pmap, int], None]:
+    """*pg*'s reverse map, as this machine fills it (the MI type names the
+    software machine's Pmap)."""
+    return cast("dict[tuple[Pmap, int], None]", pg.pv)
+
+
+def uffd_call(fn: Callable[[], object]) -> object:
+    """*fn*, an ioctl on a client's uffd: retried while the client's address
+    space is changing (EAGAIN), None if the client or the range is gone."""
+    deadline = time.monotonic() + EAGAIN_TIMEOUT
+    while True:
+        try:
+            return fn()
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(EAGAIN_SLEEP)
+        except OSError as e:
+            if e.errno in GONE:
+                return None
+            raise
+
+
+def _protect(pmap: Pmap, start: int, length: int, protect: bool) -> None:
+    """Write-protect (or un-protect and wake) [start, start+length) of the
+    client.  => caller holds vm.pmap_lock."""
+    uffd = pmap.uffd
+    if uffd is not None:
+        pmap.stats.protects += 1
+        uffd_call(lambda: uffd.writeprotect(start, length, protect))
+
+
+def _lower(pmap: Pmap, va: int, pg: VmPage) -> None:
+    """A HW_WRITE mapping of *pg* becomes HW_PROTECTED.  => vm.pmap_lock."""
+    _protect(pmap, va, pg.vm.page_size, True)
+    pmap.pm_pte[va] = (pg, HW_PROTECTED)
+
+
+def pmap_enter(pmap: Pmap, va: int, pg: VmPage, prot: int, access_type: int = PROT_NONE, *,
+               replace: bool = True) -> bool:
+    """Enter *pg* at *va* for pmap_update to map: writable only for a write
+    (or a page modified already), write-protected if *prot* allows writes,
+    else read-only.  Sets PG_REF (a mapped page counts as referenced) and,
+    for a write, PG_MOD.  With ``replace=False`` an existing translation
+    stays (False)."""
+    with pg.vm.pmap_lock:
+        old = pmap.pm_pte.get(va)
+        if old is not None and not replace:
+            return False
+        if not prot & PROT_WRITE:
+            hw = HW_READ
+        elif access_type & PROT_WRITE or pg.attrs & PG_MOD:
+            hw = HW_WRITE
+        else:
+            hw = HW_PROTECTED
+        if old is not None and old[0] is not pg:
+            del _pv(old[0])[(pmap, va)]
+            old = None
+        pmap.pending.setdefault(va, 0 if old is None else old[1])
+        pmap.pm_pte[va] = (pg, hw)
+        _pv(pg)[(pmap, va)] = None
+        pg.attrs |= PG_REF | PG_MOD if access_type & PROT_WRITE else PG_REF
+        pmap.stats.entered += 1
+    return True
+
+
+def pmap_update(pmap: Pmap) -> list[tuple[int, int]]:
+    """Map what pmap_enter queued: one CONTINUE per run of contiguous pages
+    mapped the same way, an un-protect (or protect) for pages already
+    mapped otherwise.  Returns the runs [start, end) acted on (their
+    faulting threads are woken); a queued address not among them needs no
+    change, and a thread waiting there must be woken by the caller."""
+    if not pmap.pending:
+        return []
+    ps = pmap.vm.page_size
+    runs: list[tuple[int, int]] = []
+    with pmap.vm.pmap_lock:
+        pending, pmap.pending = pmap.pending, {}
+        if pmap.uffd is None:
+            return []
+        start = end = key = None
+        for va in sorted(pending):
+            cur = pmap.pm_pte.get(va)  # as it is now: a protect may have come since the enter
+            was = pending[va]
+            k = None if cur is None or cur[1] == was else (was == 0, cur[1])
+            if k is not None and k == key and va == end:
+                end += ps
+                continue
+            if key is not None:
+                _map_run(pmap, start, end, key)  # type: ignore[arg-type]
+                runs.append((start, end))  # type: ignore[arg-type]
+            start, end, key = va, va + ps, k
+        if key is not None:
+            _map_run(pmap, start, end, key)  # type: ignore[arg-type]
+            runs.append((start, end))  # type: ignore[arg-type]
+    pmap.updated.extend(runs)
+    return runs
+
+
+def _map_run(pmap: Pmap, start: int, end: int, key: tuple[bool, int]) -> None:
+    """Map [start, end) as *key* says: (new, how).  => vm.pmap_lock."""
+    new, hw = key
+    uffd = pmap.uffd
+    assert uffd is not None
+    if not new:  # mapped already, now more or less writable
+        _protect(pmap, start, end - start, hw != HW_WRITE)
+        return
+    pmap.stats.continues += 1
+    mapped = uffd_call(lambda: uffd.resolve(start, end - start, wp=hw == HW_PROTECTED))
+    if not isinstance(mapped, int):
+        return  # the client is gone
+    pmap.stats.mapped += mapped // pmap.vm.page_size
+    if hw == HW_WRITE and mapped < end - start:
+        _protect(pmap, start, end - start, False)  # some were mapped protected already
+
+
+def pmap_remove(pmap: Pmap, sva: int, eva: int) -> None:
+    """Forget the translations of [sva, eva): the client unmapped the range
+    (were it still mapped, its writable pages are write-protected first)."""
+    with pmap.vm.pmap_lock:
+        vas = [va for va in pmap.pm_pte if sva <= va < eva]
+        if any(pmap.pm_pte[va][1] == HW_WRITE for va in vas):
+            _protect(pmap, sva, eva - sva, True)
+        for va in vas:
+            pg, _ = pmap.pm_pte.pop(va)
+            del _pv(pg)[(pmap, va)]
+            pmap.pending.pop(va, None)
+
+
+def pmap_forget(pmap: Pmap, va: int) -> None:
+    """The client faulted at *va* (not a write-protect fault): whatever we
+    mapped there left its page tables (a PAGEOUT, its own madvise), so the
+    translation goes.  Another fault may have mapped it again meanwhile:
+    a writable one is write-protected first, so that it is not lost."""
+    with pmap.vm.pmap_lock:
+        entry = pmap.pm_pte.pop(va, None)
+        if entry is not None:
+            if entry[1] == HW_WRITE:
+                _protect(pmap, va, pmap.vm.page_size, True)
+            del _pv(entry[0])[(pmap, va)]
+
+
+def pmap_protect(pmap: Pmap, sva: int, eva: int, prot: int) -> None:
+    """Lower the translations of [sva, eva) to *prot*."""
+    if prot == PROT_NONE:
+        pmap_remove(pmap, sva, eva)
+        return
+    if prot & PROT_WRITE:
+        return
+    with pmap.vm.pmap_lock:
+        for va, (pg, hw) in list(pmap.pm_pte.items()):
+            if sva <= va < eva and hw == HW_WRITE:
+                _lower(pmap, va, pg)
+
+
+def pmap_page_protect(pg: VmPage, prot: int) -> None:
+    """Lower every mapping of *pg*: write-protect the writable ones;
+    PROT_NONE also forgets them (the client may still load the page until
+    it leaves its object and is punched out)."""
+    if prot & PROT_WRITE:
+        return
+    with pg.vm.pmap_lock:
+        for pmap, va in _pv(pg):
+            if pmap.pm_pte[va][1] == HW_WRITE:
+                _lower(pmap, va, pg)
+        if prot == PROT_NONE:
+            for pmap, va in _pv(pg):
+                del pmap.pm_pte[va]
+                pmap.pending.pop(va, None)
+            pg.pv.clear()
+
+
+def pmap_extract(pmap: Pmap, va: int) -> tuple[VmPage, int] | None:
+    return pmap.pm_pte.get(va)
+
+
+def pmap_is_modified(pg: VmPage) -> bool:
+    return bool(pg.attrs & PG_MOD)
+
+
+def pmap_clear_modify(pg: VmPage) -> bool:
+    """Clear PG_MOD, write-protecting the page wherever it is writable."""
+    with pg.vm.pmap_lock:
+        was = bool(pg.attrs & PG_MOD)
+        pg.attrs &= ~PG_MOD
+        for pmap, va in _pv(pg):
+            if pmap.pm_pte[va][1] == HW_WRITE:
+                _lower(pmap, va, pg)
+    return was
+
+
+def pmap_is_referenced(pg: VmPage) -> bool:
+    return bool(pg.attrs & PG_REF)
+
+
+def pmap_clear_reference(pg: VmPage) -> bool:
+    """Clear PG_REF and unmap the page from the clients (see above), so
+    that the next access faults and sets it again."""
+    with pg.vm.pmap_lock:
+        was = bool(pg.attrs & PG_REF)
+        pg.attrs &= ~PG_REF
+        if pg.pv:
+            _zap_server(pg)
+        for pmap, va in _pv(pg):
+            if pmap.pm_pte[va][1] == HW_WRITE:
+                _protect(pmap, va, pg.vm.page_size, True)  # a PTE PAGEOUT leaves must not take stores
+            _pageout(pmap, va)
+            del pmap.pm_pte[va]
+            pmap.pending.pop(va, None)
+        pg.pv.clear()
+    return was
+
+
+def _zap_server(pg: VmPage) -> None:
+    """Drop the server's own PTEs of *pg* (see Frames: View.zap)."""
+    frames: Frames = pg.vm.frames
+    assert pg.uobject is not None
+    of = frames.object_frames(pg.uobject)
+    if of is not None:
+        for view in of.views:
+            if pg.offset < view.length:
+                view.zap(pg.offset, pg.vm.page_size)
+
+
+def _pageout(pmap: Pmap, va: int) -> None:
+    """process_madvise(MADV_PAGEOUT) of the client's page at *va*."""
+    proc = pmap.process
+    done = 0
+    if proc is not None:
+        try:
+            done = proc.pageout(va, pmap.vm.page_size)
+        except OSError as e:
+            if e.errno not in (*GONE, errno.EPERM, errno.EINVAL):
+                raise
+            if e.errno in (errno.EPERM, errno.EINVAL):
+                pmap.process = None  # not allowed here: do without from now on
+    if done:
+        pmap.stats.pageouts += 1
+    else:
+        pmap.stats.pageouts_refused += 1
+
+
+def pmap_access(pmap: Pmap, va: int, end: int, access_type: int) -> None:
+    """Refused: a load or store through the server's pmap of a client."""
+    raise OSError(errno.EFAULT, f"{va:#x}: the uffd machine's memory is accessed by its clients, "
+                                "not through the server (uvm_load/uvm_store)")
+
+
+def pmap_tlb_merge(pmap: Pmap, runs: list[object], access_type: int, touched: int) -> None:
+    """Nothing to merge: this machine's TLBs are the host's."""

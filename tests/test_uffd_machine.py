@@ -1,0 +1,377 @@
+"""The uffd machine (issue 10): uvm.VM(machine="uffd") and ClientSpace.
+
+The test process is the pager server: a VM of the uffd machine and a
+ClientSpace per client; each client is a subprocess (hw_client.py) that
+maps an object's memfd and touches it as user code would, its faults
+served by the space's threads through uvm_fault.  Every wait is bounded
+(DEADLINE), and clients are killed at the end.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import mmap
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from vnpager.arch.uffd import PAGE_SIZE, Uffd, fdpass
+from vnpager.server.space import ClientSpace
+from vnpager.uvm.uvm import VM
+from vnpager.uvm.uvm_map import MAP_PRIVATE, MAP_SHARED
+from vnpager.vfs.faultfs import FaultFS, FaultPlan
+
+CLIENT = Path(__file__).with_name("hw_client.py")
+DEADLINE = 30.0
+CLUSTER = 16 * PAGE_SIZE  # MAXBSIZE: the pager's cluster
+RO = mmap.PROT_READ
+RW = mmap.PROT_READ | mmap.PROT_WRITE
+
+
+class ClientGone(Exception):
+    """The client's socket reached end of file: it exited or died."""
+
+
+def pattern(size: int, seed: int = 1) -> bytes:
+    block = hashlib.sha256(str(seed).encode()).digest()
+    out = bytearray()
+    while len(out) < size:
+        out += hashlib.sha256(block + len(out).to_bytes(8, "little")).digest()
+    return bytes(out[:size])
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def wait_for(cond: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.01)
+
+
+class Client:
+    """One client subprocess and its space in the test's server."""
+
+    def __init__(self, vm: VM) -> None:
+        self.vm = vm
+        self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen([sys.executable, str(CLIENT), str(child.fileno())],
+                                     pass_fds=[child.fileno()])
+        child.close()
+        self.sock.settimeout(DEADLINE)
+        payload, fds = fdpass.recv(self.sock, 4096, 1)
+        hello = json.loads(payload)
+        self.pid: int = hello["pid"]
+        self.space = ClientSpace(vm, Uffd(fds[0], hello["features"]), self.pid)
+
+    def map(self, path: Path, length: int = 0, offset: int = 0, prot: int = RW,
+            flags: int = MAP_SHARED) -> int:
+        """Map *path* as ``mmap.mmap(fd, length, flags, prot, offset=offset)``
+        would in the client; its address."""
+        fd = os.open(path, os.O_RDWR if prot & mmap.PROT_WRITE and not flags & MAP_PRIVATE else os.O_RDONLY)
+        try:
+            grant = self.space.map(fd, length, offset, prot, flags)
+        finally:
+            os.close(fd)
+        length = length or grant.size - offset
+        cmd = {"op": "map", "length": length, "offset": offset, "prot": prot, "flags": flags}
+        fdpass.send(self.sock, json.dumps(cmd).encode(), [grant.memfd])
+        addr = int(self._reply())  # type: ignore[call-overload]
+        self.space.mapped(grant.id, addr, length)
+        return addr
+
+    def request(self, **cmd: object) -> object:
+        self.sock.send(json.dumps(cmd).encode())
+        return self._reply()
+
+    def _reply(self) -> object:
+        try:
+            reply = self.sock.recv(1 << 20)
+        except TimeoutError:
+            raise TimeoutError(f"the client did not answer in {DEADLINE} s") from None
+        if not reply:
+            raise ClientGone
+        return json.loads(reply)["ok"]
+
+    def read(self, at: int, off: int, n: int) -> str:
+        return str(self.request(op="read", at=at, off=off, n=n))
+
+    def write(self, at: int, off: int, data: bytes) -> None:
+        step = 32 * 1024  # a datagram of the socket holds about 200 KiB
+        for i in range(0, len(data), step):
+            self.request(op="write", at=at, off=off + i, data=data[i : i + step].hex())
+
+    def killed_by(self) -> int:
+        """The signal that ended the client (it must end)."""
+        return -self.proc.wait(timeout=DEADLINE)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.sock.send(json.dumps({"op": "exit"}).encode())
+                self.proc.wait(timeout=DEADLINE)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(timeout=DEADLINE)
+        self.space.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def hvm() -> Iterator[VM]:
+    """A uffd machine of 256 pages (1 MiB)."""
+    machine = VM(physmem=256 * PAGE_SIZE, machine="uffd")
+    yield machine
+    machine.check_invariants()
+    machine.close()
+
+
+@pytest.fixture
+def clients(hvm: VM) -> Iterator[Callable[[], Client]]:
+    made: list[Client] = []
+
+    def make() -> Client:
+        made.append(Client(hvm))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def content() -> bytes:
+    return pattern(8 * CLUSTER)
+
+
+@pytest.fixture
+def path(tmp_path: Path, content: bytes) -> Path:
+    p = tmp_path / "data.bin"
+    p.write_bytes(content)
+    return p
+
+
+def test_read_fault_is_served_by_the_pager_in_clusters(hvm: VM, clients: Callable[[], Client],
+                                                        path: Path, content: bytes) -> None:
+    c = clients()
+    at = c.map(path, prot=RO)
+    off = CLUSTER + 3 * PAGE_SIZE
+    assert c.read(at, off, PAGE_SIZE) == sha(content[off : off + PAGE_SIZE])
+    stats = c.space.statistics()
+    assert stats.faults == 1 and stats.poisoned == 0 and stats.pmap.continues == 1
+    assert (hvm.uvmexp.read_ios, hvm.uvmexp.pageins) == (1, 1)  # a random miss reads its page
+    # A sequential stream reads growing windows, each in one read, mapped in one CONTINUE.
+    assert c.read(at, 0, len(content)) == sha(content)
+    stats = c.space.statistics()
+    npages = len(content) // PAGE_SIZE
+    assert stats.faults <= 12 and stats.pmap.continues == stats.faults
+    assert hvm.uvmexp.pageins == npages  # each page read once
+    assert hvm.uvmexp.read_ios <= 10
+
+
+def test_sequential_advice_reads_the_largest_window_in_one_read(
+        hvm: VM, clients: Callable[[], Client], path: Path, content: bytes) -> None:
+    c = clients()
+    at = c.map(path, prot=RO)
+    c.space.madvise(at, 0, len(content), mmap.MADV_SEQUENTIAL)
+    assert c.read(at, 0, PAGE_SIZE) == sha(content[:PAGE_SIZE])
+    window = 256 * 1024 // PAGE_SIZE
+    assert (hvm.uvmexp.read_ios, hvm.uvmexp.pageins) == (1, window)
+    # (the worker counts what CONTINUE mapped after it returned, and woke the client)
+    wait_for(lambda: c.space.statistics().pmap.mapped == window, "the window mapped")
+    stats = c.space.statistics()
+    assert (stats.faults, stats.pmap.continues) == (1, 1)
+    assert c.read(at, 0, window * PAGE_SIZE) == sha(content[: window * PAGE_SIZE])
+    assert c.space.statistics().faults == 1  # all of it mapped by the one fault
+
+
+def test_numpy_and_kernel_accesses_fault_through_the_space(clients: Callable[[], Client], path: Path,
+                                                            content: bytes) -> None:
+    c = clients()
+    at = c.map(path, prot=RO)
+    assert c.request(op="numpy_sum", at=at, off=0, n=len(content)) == sum(content)
+    off = 5 * CLUSTER
+    assert c.request(op="os_write", at=at, off=off, n=PAGE_SIZE) == sha(content[off : off + PAGE_SIZE])
+
+
+def test_a_map_at_an_offset_reads_the_file_there(clients: Callable[[], Client], path: Path,
+                                                  content: bytes) -> None:
+    c = clients()
+    at = c.map(path, length=2 * CLUSTER, offset=3 * CLUSTER, prot=RO)
+    assert c.read(at, 0, 2 * CLUSTER) == sha(content[3 * CLUSTER : 5 * CLUSTER])
+
+
+def test_writes_are_found_dirty_and_written_back_by_flush(hvm: VM, clients: Callable[[], Client],
+                                                          path: Path, content: bytes) -> None:
+    c = clients()
+    at = c.map(path)
+    expect = bytearray(content)
+    assert c.read(at, 0, CLUSTER) == sha(content[:CLUSTER])  # mapped write-protected
+    c.write(at, 100, b"hello")  # a write-protect fault: PG_MOD
+    expect[100:105] = b"hello"
+    off = 3 * CLUSTER + 7
+    c.write(at, off, b"missing")  # a write fault on a missing page
+    expect[off : off + 7] = b"missing"
+    stats = c.space.statistics()
+    assert (stats.wp, stats.writes) == (1, 2)
+    assert path.read_bytes() == content  # not written back yet
+    c.space.flush(at, 0, len(content))
+    assert path.read_bytes() == expect
+    writes = hvm.uvmexp.write_ios
+    c.space.flush(at, 0, len(content))
+    assert hvm.uvmexp.write_ios == writes  # clean now: nothing written
+    # The flush protected the pages again: the next store is seen again.
+    c.write(at, 101, b"again")
+    expect[101:106] = b"again"
+    assert c.space.statistics().wp == 2
+    c.space.flush(at, 0, len(content))
+    assert path.read_bytes() == expect
+    assert c.read(at, 0, len(content)) == sha(bytes(expect))
+
+
+def test_two_clients_of_one_object_see_each_others_writes(clients: Callable[[], Client], path: Path,
+                                                          content: bytes) -> None:
+    a, b = clients(), clients()
+    at_a, at_b = a.map(path), b.map(path)
+    a.write(at_a, 10, b"from a")
+    assert b.read(at_b, 0, PAGE_SIZE) == sha(content[:10] + b"from a" + content[16:PAGE_SIZE])
+    assert b.space.statistics().minor == 1  # the page was in the memfd already
+    b.write(at_b, 20, b"from b")
+    want = content[:10] + b"from a" + content[16:20] + b"from b" + content[26:]
+    assert a.read(at_a, 0, len(content)) == sha(want)
+    b.space.flush(at_b, 0, len(content))  # the object's dirty pages, whoever wrote them
+    assert path.read_bytes() == want
+
+
+def test_eviction_keeps_resident_pages_within_physmem(tmp_path: Path) -> None:
+    npages = 64
+    vm = VM(physmem=npages * PAGE_SIZE, machine="uffd")
+    data = pattern(4 * npages * PAGE_SIZE, seed=2)
+    p = tmp_path / "big.bin"
+    p.write_bytes(data)
+    c = Client(vm)
+    peak = [0]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], vm.stats().frames_resident)
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        at = c.map(p)
+        assert c.read(at, 0, len(data)) == sha(data)
+        assert vm.uvmexp.pdfreed > 0  # the page daemon punched pages out
+        assert c.read(at, 0, len(data)) == sha(data)  # faulted in again, intact
+        new = pattern(len(data), seed=3)
+        c.write(at, 0, new)  # dirty pages written back by the page daemon to make room
+        assert vm.uvmexp.pageouts > 0
+        assert c.read(at, 0, len(data)) == sha(new)
+        c.space.flush(at, 0, len(data))
+        assert p.read_bytes() == new
+    finally:
+        done.set()
+        watcher.join(DEADLINE)
+        c.close()
+        vm.check_invariants()
+        vm.close()
+    assert 0 < peak[0] <= npages
+    assert vm.stats().frames_resident <= npages
+
+
+def _faulty(vm: VM) -> FaultPlan:
+    """Make the VM's host files fail as the plan says (vnodes made from now on)."""
+    plan = FaultPlan(seed=1)
+    vm.hostfs.mnt_op = FaultFS(vm.hostfs.mnt_op, plan)
+    return plan
+
+
+def test_read_error_is_sigbus_in_the_client(hvm: VM, clients: Callable[[], Client], path: Path,
+                                            content: bytes) -> None:
+    plan = _faulty(hvm)
+    plan.fail("read", errno.EIO, offsets=range(2 * CLUSTER, 3 * CLUSTER))
+    c = clients()
+    at = c.map(path)
+    assert c.read(at, 0, CLUSTER) == sha(content[:CLUSTER])
+    with pytest.raises(ClientGone):
+        c.read(at, 2 * CLUSTER, PAGE_SIZE)
+    assert c.killed_by() == signal.SIGBUS
+    assert c.space.statistics().poisoned == 1
+
+
+def test_write_back_error_is_raised_once_per_map(hvm: VM, clients: Callable[[], Client], path: Path,
+                                                 content: bytes) -> None:
+    plan = _faulty(hvm)
+    c = clients()
+    at, other = c.map(path), c.map(path)
+    c.write(at, 0, b"doomed?")
+    plan.fail("write", errno.ENOSPC, times=1)
+    with pytest.raises(OSError) as e:
+        c.space.flush(at, 0, PAGE_SIZE)
+    assert e.value.errno == errno.ENOSPC
+    assert path.read_bytes() == content  # the page stayed dirty...
+    c.space.flush(at, 0, PAGE_SIZE)  # ...and is written by the next flush, which is told nothing
+    assert path.read_bytes()[:7] == b"doomed?"
+    with pytest.raises(OSError):  # the other map was open when it failed: told once too
+        c.space.flush(other, 0, PAGE_SIZE)
+    c.space.flush(other, 0, PAGE_SIZE)
+
+
+def test_a_truncated_file_is_sigbus_past_its_end(hvm: VM, clients: Callable[[], Client], path: Path,
+                                                 content: bytes) -> None:
+    c = clients()
+    at = c.map(path)
+    assert c.read(at, 0, len(content)) == sha(content)
+    os.truncate(path, CLUSTER + 100)
+    assert c.space.size(at) == CLUSTER + 100  # taken up: the pages past the end are gone
+    assert c.read(at, 0, CLUSTER + PAGE_SIZE) == sha(content[: CLUSTER + 100] + bytes(PAGE_SIZE - 100))
+    faults = c.space.statistics().faults
+    with pytest.raises(ClientGone):
+        c.read(at, 2 * CLUSTER, 1)
+    assert c.killed_by() == signal.SIGBUS  # the kernel's own: the memfd ends there
+    assert c.space.statistics().faults == faults
+
+
+def test_resize_truncates_file_object_and_memfd(hvm: VM, clients: Callable[[], Client], path: Path,
+                                                content: bytes) -> None:
+    c = clients()
+    at = c.map(path)
+    c.write(at, CLUSTER - 4, b"tail")
+    c.space.resize(at, CLUSTER)
+    assert os.path.getsize(path) == CLUSTER and c.space.size(at) == CLUSTER
+    c.space.flush(at, 0, CLUSTER)
+    assert path.read_bytes() == content[: CLUSTER - 4] + b"tail"
+    with pytest.raises(ClientGone):
+        c.read(at, CLUSTER, 1)
+    assert c.killed_by() == signal.SIGBUS
+
+
+def test_client_death_releases_its_references(hvm: VM, clients: Callable[[], Client], path: Path,
+                                              content: bytes) -> None:
+    c = clients()
+    at = c.map(path)
+    c.write(at, 0, b"kept")
+    [uvn] = [m.file.uvn for m in c.space.maps.values()]
+    assert uvn.uo_refs == 2  # the FileObject's hold and the map entry's
+    c.proc.kill()
+    assert c.killed_by() == signal.SIGKILL
+    c.space.close()
+    assert uvn.uo_refs == 0 and not c.space.maps
+    assert not c.space._reader.is_alive() and not c.space._worker.is_alive()
+    hvm.close()  # writes the persisting object's dirty page back
+    assert path.read_bytes()[:4] == b"kept"
