@@ -30,7 +30,7 @@ import pytest
 
 import vnpager
 from hw_fakes import Calls, CopySpace
-from vnpager.arch.uffd import Uffd, fdpass
+from vnpager.arch.uffd import Uffd, fdpass, uapi
 from vnpager.client import HardwareVM, HwMmap, ServerGone
 from vnpager.server import protocol
 from vnpager.server.serve import Server, listen
@@ -398,5 +398,5 @@ def test_hardware_vm_where_userfaultfd_is_not_permitted_names_the_fix() -> None:
 
 def test_uffd_of_a_client_is_opened_without_async_write_protect() -> None:
     with Uffd.open(protocol.CLIENT_FEATURES, protocol.CLIENT_OPTIONAL) as uffd:
-        assert not uffd.has(protocol.uapi.UFFD_FEATURE_WP_ASYNC)
-        assert uffd.has(protocol.uapi.UFFD_FEATURE_MINOR_SHMEM | protocol.uapi.UFFD_FEATURE_EVENT_FORK)
+        assert not uffd.has(uapi.UFFD_FEATURE_WP_ASYNC)
+        assert uffd.has(uapi.UFFD_FEATURE_MINOR_SHMEM | uapi.UFFD_FEATURE_EVENT_FORK)

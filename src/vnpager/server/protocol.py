@@ -31,18 +31,18 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from vnpager.arch.uffd import OPTIONAL_FEATURES, SERVER_FEATURES, fdpass, uapi
+from vnpager.arch.uffd import MACHINE_FEATURES, OPTIONAL_FEATURES, fdpass
 
 #: A request or reply is at most this long (a statistics reply is the
 #: largest); the server's memfds come one per reply.
 MAX_MESSAGE = 1 << 16
 MAX_FDS = 2
 
-#: What a client's userfaultfd is opened with: the server's features but
-#: WP_ASYNC, because the uffd pmap tracks dirty pages by synchronous
-#: write-protect faults (a store to a page under write-back must block in
-#: the server, see hw-design); POISON and THREAD_ID where the kernel has them.
-CLIENT_FEATURES = SERVER_FEATURES & ~uapi.UFFD_FEATURE_WP_ASYNC
+#: What a client's userfaultfd is opened with: the uffd machine's features
+#: (no WP_ASYNC: its pmap tracks dirty pages by synchronous write-protect
+#: faults, so that a store to a page under write-back blocks in the
+#: server), and POISON and THREAD_ID where the kernel has them.
+CLIENT_FEATURES = MACHINE_FEATURES
 CLIENT_OPTIONAL = OPTIONAL_FEATURES
 
 

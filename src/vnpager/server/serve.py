@@ -279,8 +279,7 @@ class Server:
 
 def make_vm(physmem: int | str | None) -> uvm.VM:
     """The server's VM: the MI code on the uffd machine."""
-    machine: dict[str, Any] = {"machine": "uffd"}
-    return uvm.VM(physmem, **machine)
+    return uvm.VM(physmem, machine="uffd")
 
 
 def listen(path: str) -> socket.socket:
