@@ -6,6 +6,13 @@ pages live in a :class:`~vnpager.VM` of bounded size (``vm=``, by default
 :func:`default_vm`), are read and written by the vnode pager, and every
 access goes through the VM's address space and fault handler.
 
+On a hardware VM (``vm=vnpager.VM(mmu="hardware")``, or ``VNPAGER_MMU=
+hardware`` for the default VM) this returns a :class:`vnpager.client.HwMmap`
+instead: CPython's own mmap object over the file's pages in the pager
+server, with the buffer protocol and the kernel's failure semantics
+(SIGBUS); the list below is the software MMU's (see the README's "Two
+machines").
+
 Differences from CPython's mmap, each on purpose or forced:
 
 * **No buffer protocol.**  The mapped pages are not contiguous memory, so
