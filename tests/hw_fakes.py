@@ -35,6 +35,9 @@ class Calls:
     ops: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
     closed: list[int] = field(default_factory=list)  # the pids whose spaces were closed
     fail_flush: int = 0  # errno the next flush raises (then 0)
+    # set: madvise sets ``entered`` and waits for ``gate`` (a request the client waits for)
+    gate: threading.Event | None = None
+    entered: threading.Event = field(default_factory=threading.Event)
 
 
 class CopySpace:
@@ -91,6 +94,9 @@ class CopySpace:
 
     def madvise(self, addr: int, start: int, length: int, advice: int) -> None:
         self._log("madvise", start, length, advice)
+        if self.calls.gate is not None:
+            self.calls.entered.set()
+            self.calls.gate.wait(30)
 
     def resize(self, addr: int, newsize: int) -> None:
         self._log("resize", newsize)

@@ -17,6 +17,7 @@ import mmap
 import os
 import re
 import secrets
+import signal
 import socket
 import struct
 import subprocess
@@ -111,8 +112,8 @@ def fd(data_file: Path) -> Iterator[int]:
 def test_protocol_every_request_kind_round_trips() -> None:
     for op, kind in protocol.REQUESTS.items():
         args = list(range(len(kind.args)))
-        name, got, decoded = protocol.decode_request(protocol.encode_request(op, *args), [0] * kind.fds_in)
-        assert (name, got, decoded) == (op, kind, args)
+        payload = protocol.encode_request(op, *args, seq=7)
+        assert protocol.decode_request(payload, [0] * kind.fds_in) == (op, kind, args, 7)
 
 
 @pytest.mark.parametrize("payload", [b"{", b'{"op": "nope", "args": []}', b'{"op": "unmap", "args": []}',
@@ -135,7 +136,7 @@ def test_protocol_refuses_wrong_fds() -> None:
                                  TypeError("t"), OverflowError("o"), IndexError("i"), BufferError("b")])
 def test_protocol_errors_come_back_as_themselves(exc: Exception) -> None:
     with pytest.raises(type(exc)) as e:
-        protocol.decode_reply(protocol.encode_error(exc))
+        protocol.decode_reply(protocol.encode_error(exc)).result()
     assert str(e.value) == str(exc)
     if isinstance(exc, OSError):
         assert e.value.errno == exc.errno  # type: ignore[attr-defined]
@@ -143,8 +144,8 @@ def test_protocol_errors_come_back_as_themselves(exc: Exception) -> None:
 
 def test_protocol_a_server_bug_is_a_server_error() -> None:
     with pytest.raises(protocol.ServerError, match="KeyError: 3"):
-        protocol.decode_reply(protocol.encode_error(KeyError(3)))
-    assert protocol.decode_reply(protocol.encode_result({"a": [1]})) == {"a": [1]}
+        protocol.decode_reply(protocol.encode_error(KeyError(3))).result()
+    assert protocol.decode_reply(protocol.encode_result({"a": [1]}, 5)) == protocol.Reply(5, {"a": [1]})
 
 
 # ---------------------------------------------------------------- sessions
@@ -177,13 +178,13 @@ def test_session_refuses_a_request_before_attach(served: Served) -> None:
         fdpass.send(sock, protocol.encode_request("unmap", 4096))
         payload, _ = protocol.recv(sock)
         with pytest.raises(OSError, match="before attach") as e:  # EPROTO, as the client sees it
-            protocol.decode_reply(payload)
+            protocol.decode_reply(payload).result()
         assert e.value.errno == errno.EPROTO
         # a request that breaks the protocol ends the session
         fdpass.send(sock, b"garbage")
         payload, _ = protocol.recv(sock)
         with pytest.raises(OSError, match="malformed"):
-            protocol.decode_reply(payload)
+            protocol.decode_reply(payload).result()
         assert protocol.recv(sock) == (b"", [])
 
 
@@ -191,11 +192,11 @@ def test_session_adopt_checks_the_parent(served: Served, hw: HardwareVM) -> None
     with _raw(served) as sock:
         fdpass.send(sock, protocol.encode_request("adopt", 12345))
         with pytest.raises(ProcessLookupError):  # no such session
-            protocol.decode_reply(protocol.recv(sock)[0])
+            protocol.decode_reply(protocol.recv(sock)[0]).result()
         # our own session is not our parent's: the kernel's word (SO_PEERCRED) says so
         fdpass.send(sock, protocol.encode_request("adopt", hw.session))
         with pytest.raises(PermissionError, match="not a child"):
-            protocol.decode_reply(protocol.recv(sock)[0])
+            protocol.decode_reply(protocol.recv(sock)[0]).result()
 
 
 # ---------------------------------------------------------------- maps
@@ -361,6 +362,37 @@ def test_server_gone_is_an_oserror_from_every_map_method(served: Served, hw: Har
     with pytest.raises(ServerGone):
         m.close()
     assert m.closed
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_request_cut_off_by_a_signal_keeps_replies_matched(served: Served, hw: HardwareVM, fd: int) -> None:
+    m = vnpager.mmap(fd, 0, vm=hw)
+    served.calls.gate = gate = threading.Event()
+
+    def interrupt() -> None:  # once the server holds the request: a signal to the waiting client
+        served.calls.entered.wait(DEADLINE)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+        gate.set()
+
+    def raise_interrupted(*_: object) -> None:
+        raise Interrupted
+
+    old = signal.signal(signal.SIGUSR1, raise_interrupted)
+    helper = threading.Thread(target=interrupt)
+    try:
+        helper.start()
+        with pytest.raises(Interrupted):
+            m.madvise(mmap.MADV_RANDOM)
+    finally:
+        helper.join(DEADLINE)
+        signal.signal(signal.SIGUSR1, old)
+    served.calls.gate = None
+    assert hw.ping() == os.getpid()  # not the reply to the madvise
+    assert hw.request("size", m._addr) == SIZE
+    m.close()
 
 
 def test_vm_mmu_argument() -> None:

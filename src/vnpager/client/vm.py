@@ -53,8 +53,8 @@ _live: weakref.WeakSet[HardwareVM] = weakref.WeakSet()
 class HardwareVM:
     """A client of a pager server: see the module docstring.
 
-    ``closed`` and the connection (``_sock``, ``_dead``) are guarded by
-    ``_lock``, which a request holds from send to reply; ``_maps`` (the
+    ``closed`` and the connection (``_sock``, ``_dead``, ``_seq``) are
+    guarded by ``_lock``, which a request holds from send to reply; ``_maps`` (the
     open maps, closed by :meth:`close`) is a WeakSet: a map dropped
     without close is closed by its ``__del__``.
     """
@@ -69,6 +69,7 @@ class HardwareVM:
         self._server: subprocess.Popen[bytes] | None = None
         self._watchdog: subprocess.Popen[bytes] | None = None
         self._dead = ""
+        self._seq = 0  # the number of the last request sent
         # UffdUnavailable (naming the fix) before any process is started
         self.uffd = Uffd.open(protocol.CLIENT_FEATURES, protocol.CLIENT_OPTIONAL)
         try:
@@ -144,23 +145,22 @@ class HardwareVM:
     def request_fds(self, op: str, *args: Any,
                     fds: list[int] | tuple[int, ...] = ()) -> tuple[Any, list[int]]:
         """:meth:`request`, and the fds its reply brought (the caller's)."""
-        payload = protocol.encode_request(op, *args)
         with self._lock:
             if self._dead:
                 raise protocol.ServerGone(self._dead)
+            self._seq += 1
             try:
-                protocol.fdpass.send(self._sock, payload, fds)
-                reply, rfds = protocol.recv(self._sock)
+                reply, rfds = self._exchange(protocol.encode_request(op, *args, seq=self._seq), fds)
             except OSError as e:
                 self._dead = os.strerror(e.errno) if e.errno else str(e)
                 raise protocol.ServerGone(self._dead) from None
-            if not reply:
+            if reply is None:
                 self._dead = "end of file on the connection"
                 raise protocol.ServerGone(self._dead)
             if op in ("attach", "adopt"):
                 self._sock.settimeout(None)  # a flush may take as long as the disk
         try:
-            result = protocol.decode_reply(reply)
+            result = reply.result()
         except BaseException:
             protocol.close_fds(rfds)
             raise
@@ -168,6 +168,22 @@ class HardwareVM:
             protocol.close_fds(rfds)
             raise protocol.ProtocolError(f"{op}: the reply brought {len(rfds)} fds")
         return result, rfds
+
+    def _exchange(self, payload: bytes,
+                  fds: list[int] | tuple[int, ...]) -> tuple[protocol.Reply | None, list[int]]:
+        """Send a request and read its reply (None: end of file).  Replies
+        to earlier requests, whose wait a signal's exception cut off after
+        they went out, are read and dropped (see protocol).  => ``_lock``
+        held."""
+        protocol.fdpass.send(self._sock, payload, fds)
+        while True:
+            payload, rfds = protocol.recv(self._sock)
+            if not payload:
+                return None, []
+            reply = protocol.decode_reply(payload)
+            if reply.seq == self._seq:
+                return reply, rfds
+            protocol.close_fds(rfds)
 
     def ping(self) -> int:
         """A round trip to the server; its pid."""
@@ -272,6 +288,7 @@ class HardwareVM:
         space the fork event made.  The parent's connection, uffd and
         processes stay the parent's (we only close our copies)."""
         self._lock = threading.Lock()  # another thread may have held it at fork
+        self._seq = 0
         self._server = self._watchdog = None  # the parent's children, not ours
         parent, features = self.session, self.uffd.features
         os.close(self._sock.detach())

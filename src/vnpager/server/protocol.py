@@ -6,13 +6,19 @@ the boundaries), one request at a time per connection, each answered by
 one reply.  A message is a small JSON object; descriptors travel with it
 by SCM_RIGHTS (:mod:`vnpager.arch.uffd.fdpass`).
 
-* request: ``{"op": NAME, "args": [...]}`` and the request kind's fds;
-* reply: ``{"ok": RESULT}`` and the kind's fds, or
-  ``{"err": [TYPE, ERRNO, MESSAGE]}``, re-raised in the client as the
+* request: ``{"op": NAME, "args": [...], "seq": N}`` and the request
+  kind's fds;
+* reply: ``{"seq": N, "ok": RESULT}`` and the kind's fds, or
+  ``{"seq": N, "err": [TYPE, ERRNO, MESSAGE]}``, re-raised in the client as the
   same exception (:func:`reraise`): an OSError keeps its errno (so it is
   FileNotFoundError, BlockingIOError, ... again), ValueError, TypeError,
   OverflowError, IndexError and BufferError keep their type, anything
   else is a server bug and arrives as :class:`ServerError`.
+
+``seq`` numbers a connection's requests, and a reply names the request it
+answers: a client whose wait for a reply was cut off by a signal's
+exception (KeyboardInterrupt) after its request went out reads that
+reply later, before its next one, and drops it by its number.
 
 :data:`REQUESTS` is the one table of request kinds: their arguments, the
 fds each way, and whether they need an attached address space.  Both
@@ -112,34 +118,49 @@ class ServerGone(ConnectionError):
 # ---------------------------------------------------------------- encoding
 
 
-def encode_request(op: str, *args: Any) -> bytes:
+def encode_request(op: str, *args: Any, seq: int = 0) -> bytes:
     kind = REQUESTS.get(op)
     if kind is None or len(args) != len(kind.args):
         raise ProtocolError(f"bad request {op}{args!r}")
-    return json.dumps({"op": op, "args": list(args)}).encode()
+    return json.dumps({"op": op, "args": list(args), "seq": seq}).encode()
 
 
-def decode_request(payload: bytes, fds: list[int]) -> tuple[str, Request, list[Any]]:
-    """(name, kind, args) of a request; ProtocolError if it does not fit
-    the table (the caller closes *fds* then)."""
+def decode_request(payload: bytes, fds: list[int]) -> tuple[str, Request, list[Any], int]:
+    """(name, kind, args, seq) of a request; ProtocolError if it does not
+    fit the table (the caller closes *fds* then)."""
     try:
         msg = json.loads(payload)
-        op, args = msg["op"], msg["args"]
+        op, args, seq = msg["op"], msg["args"], msg["seq"]
     except (ValueError, KeyError, TypeError):
         raise ProtocolError(f"malformed request {payload[:80]!r}") from None
     kind = REQUESTS.get(op) if isinstance(op, str) else None
-    if kind is None or not isinstance(args, list) or len(args) != len(kind.args):
+    if kind is None or not isinstance(args, list) or len(args) != len(kind.args) or type(seq) is not int:
         raise ProtocolError(f"bad request {payload[:80]!r}")
     if len(fds) != kind.fds_in:
         raise ProtocolError(f"{op}: {len(fds)} fds, wants {kind.fds_in}")
-    return op, kind, args
+    return op, kind, args, seq
 
 
-def encode_result(result: Any) -> bytes:
-    return json.dumps({"ok": result}).encode()
+def encode_result(result: Any, seq: int = 0) -> bytes:
+    return json.dumps({"seq": seq, "ok": result}).encode()
 
 
-def encode_error(exc: BaseException) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A decoded reply: the request it answers, and its result or error."""
+
+    seq: int
+    ok: Any = None
+    err: tuple[str, int, str] | None = None
+
+    def result(self) -> Any:
+        """The result, or raise the exception the reply carries."""
+        if self.err is not None:
+            raise reraise(*self.err)
+        return self.ok
+
+
+def encode_error(exc: BaseException, seq: int = 0) -> bytes:
     """The reply for *exc*: its type if the client may re-raise it, else
     ServerError's, with errno (0 if none) and message."""
     name = type(exc).__name__
@@ -151,22 +172,20 @@ def encode_error(exc: BaseException) -> bytes:
         err, message = 0, str(exc)
         if name not in EXCEPTIONS:
             name, message = "ServerError", f"{type(exc).__name__}: {exc}"
-    return json.dumps({"err": [name, err, message]}).encode()
+    return json.dumps({"seq": seq, "err": [name, err, message]}).encode()
 
 
-def decode_reply(payload: bytes) -> Any:
-    """The result of a reply, or raise the exception it carries."""
+def decode_reply(payload: bytes) -> Reply:
+    """A reply; ProtocolError if it is malformed."""
     try:
         msg = json.loads(payload)
-    except ValueError:
-        raise ProtocolError(f"malformed reply {payload[:80]!r}") from None
-    if "ok" in msg:
-        return msg["ok"]
-    try:
+        seq = msg["seq"]
+        if "ok" in msg:
+            return Reply(seq, msg["ok"])
         name, err, message = msg["err"]
-    except (KeyError, TypeError, ValueError):
+        return Reply(seq, err=(str(name), int(err), str(message)))
+    except (ValueError, KeyError, TypeError):
         raise ProtocolError(f"malformed reply {payload[:80]!r}") from None
-    raise reraise(name, err, message)
 
 
 def reraise(name: str, err: int, message: str) -> Exception:

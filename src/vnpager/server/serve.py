@@ -130,7 +130,7 @@ class Session(threading.Thread):
         if not payload:
             return False
         try:
-            op, kind, args = protocol.decode_request(payload, fds)
+            op, kind, args, seq = protocol.decode_request(payload, fds)
         except protocol.ProtocolError as e:
             protocol.close_fds(fds)
             self._reply(protocol.encode_error(e), [])
@@ -140,11 +140,11 @@ class Session(threading.Thread):
             if kind.needs_space and self.space is None:
                 raise protocol.ProtocolError(f"{op} before attach")
             result, out = self._call(op, args, fds)
-            reply = protocol.encode_result(_plain(result))
+            reply = protocol.encode_result(_plain(result), seq)
         except Exception as e:
             if not isinstance(e, (OSError, ValueError, TypeError, OverflowError, IndexError, BufferError)):
                 traceback.print_exc(file=sys.stderr)  # a server bug: keep its stack
-            reply = protocol.encode_error(e)
+            reply = protocol.encode_error(e, seq)
         finally:
             if op != "attach":  # attach's uffd is the space's now
                 protocol.close_fds(fds)
