@@ -246,6 +246,55 @@ def test_hw_embedded_server_sigkill_gives_its_client_sigbus(path: Path, clients:
     assert c.proc.wait(DEADLINE) == -signal.SIGBUS
 
 
+POOL = """
+import hashlib, json, multiprocessing, os, sys, vnpager
+fd = os.open(sys.argv[1], os.O_RDWR)
+m = vnpager.mmap(fd, 0)               # the default VM: VNPAGER_MMU=hardware
+
+
+def work(i):
+    m[i * 65536] = i                   # each worker writes a byte of its own, and reads its slice
+    return hashlib.sha256(memoryview(m)[i * 65536 + 1:(i + 1) * 65536]).hexdigest()
+
+
+if __name__ == "__main__":
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        digests = pool.map(work, range(8))
+    print(json.dumps([digests, list(m[::65536][:8])]))
+"""
+
+
+def test_hw_fork_pool_workers_share_the_parents_map(path: Path, content: bytes) -> None:
+    out = subprocess.run([sys.executable, "-c", POOL, str(path)], capture_output=True, text=True,
+                         timeout=DEADLINE * 2, env={**os.environ, "VNPAGER_MMU": "hardware",
+                                                    "VNPAGER_PHYSMEM": "4M"})
+    assert out.returncode == 0, out.stderr
+    digests, firsts = json.loads(out.stdout)
+    assert digests == [sha(content[i * CLUSTER + 1:(i + 1) * CLUSTER]) for i in range(8)]
+    assert firsts == list(range(8))  # the workers' stores are in the parent's map at once
+
+
+REVOKED = """
+import os, sys, numpy as np, vnpager
+vm = vnpager.VM("4M", mmu="hardware")
+fd = os.open(sys.argv[1], os.O_RDWR)
+m = vnpager.mmap(fd, 0, vm=vm)
+arr = np.frombuffer(m, dtype=np.uint8)
+first = int(arr[:4096].sum())
+try:
+    vm.close()
+except BufferError:
+    print("BufferError", flush=True)
+print(int(arr[-4096:].sum()), flush=True)  # never faulted in: zeros, were it not revoked
+"""
+
+
+def test_hw_map_outliving_its_vm_is_revoked_not_zeros(path: Path) -> None:
+    out = subprocess.run([sys.executable, "-c", REVOKED, str(path)], capture_output=True, text=True,
+                         timeout=DEADLINE)
+    assert out.stdout == "BufferError\n" and out.returncode == -signal.SIGSEGV, (out.stdout, out.stderr)
+
+
 def test_vnpager_serve_refuses_a_socket_in_use(server: ServerProc) -> None:
     cmd = [sys.executable, "-m", "vnpager", "serve", "--socket", server.path, "--physmem", "1M"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE)

@@ -61,6 +61,8 @@ _get_buffer = ctypes.pythonapi.PyObject_GetBuffer
 _get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
 _release_buffer = ctypes.pythonapi.PyBuffer_Release
 _release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_mprotect = ctypes.CDLL(None, use_errno=True).mprotect
+_mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def address(m: mmap.mmap) -> int:
@@ -187,6 +189,14 @@ class HwMmap(mmap.mmap):
             vm.untrack(self)
         if error is not None:
             raise error
+
+    def revoke(self) -> None:
+        """Make the map's memory inaccessible (PROT_NONE: a touch is
+        SIGSEGV), for a map that outlives its VM because close() could not
+        unmap it (exported buffers): once nobody serves its faults, its
+        missing pages would read as zeros."""
+        if self._vm is not None and not self.closed:
+            _mprotect(self._addr, len(self), 0)  # PROT_NONE
 
     def __del__(self) -> None:
         if getattr(self, "_vm", None) is not None and not self.closed:

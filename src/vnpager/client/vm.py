@@ -245,7 +245,10 @@ class HardwareVM:
     def close(self) -> None:
         """Close every map (writing back what they wrote), disconnect, stop
         the watchdog, and stop a private server (which writes back every
-        dirty page and exits).  The first map error is raised at the end."""
+        dirty page and exits).  The first map error is raised at the end.
+        A map that cannot be closed (BufferError: a memoryview or numpy
+        array of it lives on) is revoked: touching it is SIGSEGV, not a
+        read of zeros."""
         if self.closed:
             return
         self.closed = True
@@ -254,7 +257,10 @@ class HardwareVM:
         for m in list(self._maps):
             try:
                 m.close()
-            except (OSError, BufferError) as e:
+            except BufferError as e:
+                m.revoke()
+                error = error or e
+            except OSError as e:
                 error = error or e
         self._teardown()
         if error is not None:
