@@ -17,6 +17,7 @@ import mmap
 import os
 import socket
 import sys
+import time
 
 import numpy as np
 
@@ -50,6 +51,16 @@ def fork_write(m: Map, cmd: dict[str, object]) -> list[object]:
     return [echo, os.waitpid(pid, 0)[1]]
 
 
+def time_touch(m: Map, cmd: dict[str, object]) -> float:
+    """Seconds to load one byte of each page of [off, off+n) (for measurements)."""
+    off, n = int(cmd["off"]), int(cmd["n"])  # type: ignore[call-overload]
+    view = memoryview(m.mmap)
+    t = time.perf_counter()
+    for i in range(off, off + n, mmap.PAGESIZE):
+        view[i]
+    return time.perf_counter() - t
+
+
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     uffd = Uffd.open(features=MACHINE_FEATURES)
@@ -71,6 +82,14 @@ def main() -> None:
         elif op == "munmap":
             maps.pop(cmd["at"]).mmap.close()
             reply = None
+        elif op == "resize":  # CPython's resize: ftruncate (the server did it already) and mremap
+            m = maps.pop(cmd["at"])
+            m.mmap.resize(cmd["n"])
+            m.address = int(np.frombuffer(m.mmap, dtype=np.uint8).ctypes.data)
+            maps[m.address] = m
+            reply = m.address
+        elif op == "time_touch":
+            reply = time_touch(maps[cmd["at"]], cmd)
         elif op == "fork_write":
             reply = fork_write(maps[cmd["at"]], cmd)
         else:

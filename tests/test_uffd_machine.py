@@ -27,8 +27,10 @@ import pytest
 
 from vnpager.arch.uffd import PAGE_SIZE, Uffd, fdpass
 from vnpager.server.space import ClientSpace
+from vnpager.uvm.pmap import pmap_is_modified, pmap_is_referenced
 from vnpager.uvm.uvm import VM
 from vnpager.uvm.uvm_map import MAP_PRIVATE, MAP_SHARED
+from vnpager.uvm.uvm_page import PG_BUSY, uvm_pagedeactivate
 from vnpager.vfs.faultfs import FaultFS, FaultPlan
 
 CLIENT = Path(__file__).with_name("hw_client.py")
@@ -375,3 +377,108 @@ def test_client_death_releases_its_references(hvm: VM, clients: Callable[[], Cli
     assert not c.space._reader.is_alive() and not c.space._worker.is_alive()
     hvm.close()  # writes the persisting object's dirty page back
     assert path.read_bytes()[:4] == b"kept"
+
+
+def test_private_map_copies_on_write_in_the_client(hvm: VM, clients: Callable[[], Client], path: Path,
+                                                   content: bytes) -> None:
+    c, other = clients(), clients()
+    priv = c.map(path, flags=MAP_PRIVATE)
+    shared = other.map(path)
+    c.write(priv, 0, b"mine")  # served as a read; the client's kernel copies the page
+    assert c.read(priv, 0, PAGE_SIZE) == sha(b"mine" + content[4:PAGE_SIZE])
+    assert c.space.statistics().writes == 0
+    assert other.read(shared, 0, PAGE_SIZE) == sha(content[:PAGE_SIZE])  # not in the object
+    other.write(shared, PAGE_SIZE, b"theirs")  # a shared write is seen by private pages not copied
+    assert c.read(priv, PAGE_SIZE, 6) == sha(b"theirs")
+    other.space.flush(shared, 0, len(content))
+    assert path.read_bytes() == content[:PAGE_SIZE] + b"theirs" + content[PAGE_SIZE + 6 :]
+
+
+def test_client_fork_child_is_served_on_its_own_space(hvm: VM, clients: Callable[[], Client], path: Path,
+                                                      content: bytes) -> None:
+    c = clients()
+    at = c.map(path)
+    c.write(at, 0, b"parent")  # mapped writable in the parent: the child inherits the PTE
+    echo, status = c.request(op="fork_write", at=at, off=100, data=b"child".hex())  # type: ignore[misc]
+    assert (bytes.fromhex(echo), status) == (b"child", 0)
+    echo, status = c.request(op="fork_write", at=at, off=5 * CLUSTER, data=b"missing".hex())  # type: ignore[misc]
+    assert (bytes.fromhex(echo), status) == (b"missing", 0)
+    assert c.space.statistics().forks == 2
+    first, second = c.space.adopt_fork(0), c.space.adopt_fork(0)
+    assert (first.statistics().writes, second.statistics().writes) == (1, 1)
+    assert first.statistics().wp == 1  # its copied writable PTE was write-protected at the fork
+    # The children's writes are in the shared object: the parent sees and flushes them.
+    want = bytearray(content)
+    want[:6] = b"parent"
+    want[100:105] = b"child"
+    want[5 * CLUSTER : 5 * CLUSTER + 7] = b"missing"
+    assert c.read(at, 0, len(content)) == sha(bytes(want))
+    c.space.flush(at, 0, len(content))
+    assert path.read_bytes() == want
+    for child in (first, second):
+        child.close()
+    with pytest.raises(LookupError):
+        c.space.adopt_fork(0, timeout=0.05)  # no fork left to adopt
+
+
+def test_threads_of_a_client_fault_the_same_and_different_pages(clients: Callable[[], Client],
+                                                                path: Path, content: bytes) -> None:
+    c = clients()
+    at = c.map(path)
+    offs = [0, 0, PAGE_SIZE, CLUSTER, CLUSTER, 3 * CLUSTER + 5 * PAGE_SIZE, 7 * CLUSTER] * 2
+    digests = c.request(op="threads_read", at=at, offs=offs, n=PAGE_SIZE)
+    assert digests == [sha(content[o : o + PAGE_SIZE]) for o in offs]
+
+
+def test_a_store_during_write_back_waits_for_it(hvm: VM, clients: Callable[[], Client], path: Path,
+                                                content: bytes) -> None:
+    plan = _faulty(hvm)
+    c = clients()
+    at = c.map(path)
+    c.write(at, 0, b"first")
+    [uvn] = [m.file.uvn for m in c.space.maps.values()]
+    pg = uvn.memt[0]
+    plan.delay("write", 0.5)
+    flusher = threading.Thread(target=c.space.flush, args=(at, 0, PAGE_SIZE))
+    flusher.start()
+    wait_for(lambda: bool(pg.pg_flags & PG_BUSY), "the write-back under way")
+    c.write(at, 1, b"second")  # write-protected by the flush: served once the page is written
+    flusher.join(DEADLINE)
+    assert path.read_bytes()[:6] == b"first" + content[5:6]  # the write-back did not take it...
+    assert pmap_is_modified(pg)  # ...and the page is dirty again
+    c.space.flush(at, 0, PAGE_SIZE)
+    assert path.read_bytes()[:7] == b"fsecond"
+
+
+def test_clearing_a_reference_makes_the_next_touch_a_minor_fault(hvm: VM, clients: Callable[[], Client],
+                                                                 path: Path, content: bytes) -> None:
+    c = clients()
+    at = c.map(path)
+    assert c.read(at, 0, PAGE_SIZE) == sha(content[:PAGE_SIZE])
+    [uvn] = [m.file.uvn for m in c.space.maps.values()]
+    pg = uvn.memt[0]
+    assert pmap_is_referenced(pg)
+    with hvm.pageqlock:
+        uvm_pagedeactivate(pg)  # the page daemon's second chance: PG_REF cleared, the client's PTE zapped
+    assert not pmap_is_referenced(pg)
+    minor = c.space.statistics().minor
+    assert c.read(at, 0, PAGE_SIZE) == sha(content[:PAGE_SIZE])
+    stats = c.space.statistics()
+    assert stats.minor == minor + 1 and stats.pmap.pageouts == 1
+    assert pmap_is_referenced(pg)
+
+
+def test_resize_grows_the_map_where_the_client_moved_it(hvm: VM, clients: Callable[[], Client], path: Path,
+                                                       content: bytes) -> None:
+    c = clients()
+    at = c.map(path, length=CLUSTER)
+    assert c.read(at, 0, CLUSTER) == sha(content[:CLUSTER])
+    size = len(content) + CLUSTER
+    c.space.resize(at, size)  # the file grows: zeros past the old end
+    new = int(c.request(op="resize", at=at, n=size))  # type: ignore[call-overload]
+    c.space.moved(at, new, size)  # registered again where mremap put it
+    want = content + bytes(CLUSTER)
+    assert c.read(new, 0, size) == sha(want)
+    c.write(new, len(content), b"grown")
+    c.space.flush(new, 0, size)
+    assert path.read_bytes() == content + b"grown" + bytes(CLUSTER - 5)

@@ -129,7 +129,7 @@ class ClientSpace:
     WP_ASYNC); the space owns it from now on.  *pid* is the client's.
     """
 
-    def __init__(self, vm: VM, uffd: Uffd, pid: int) -> None:
+    def __init__(self, vm: VM, uffd: Uffd, pid: int, *, start: bool = True) -> None:
         if vm.machine is not uffd_pmap:
             raise ValueError("a ClientSpace needs a VM made with machine='uffd'")
         if uffd.has(uapi.UFFD_FEATURE_WP_ASYNC):
@@ -140,7 +140,7 @@ class ClientSpace:
         self.pid = pid
         self.space = Vmspace(vm)
         self.pmap: uffd_pmap.Pmap = self.space.pmap  # type: ignore[assignment]
-        self.process = _pidfd(pid) if pid > 0 else None
+        self.process = _pidfd(pid)
         self.pmap.attach(uffd, self.process)
         self.lock = threading.Lock()
         self.grants: dict[int, _Map] = {}
@@ -153,6 +153,12 @@ class ClientSpace:
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._reader = threading.Thread(target=self._read, name=f"uffd-reader-{pid}", daemon=True)
         self._worker = threading.Thread(target=self._work, name=f"uffd-worker-{pid}", daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start serving the client's faults (the constructor does, unless
+        told not to: a fork's child space is filled in first)."""
         self._reader.start()
         self._worker.start()
 
@@ -302,12 +308,13 @@ class ClientSpace:
 
     # ---------------------------------------------------------------- fork
 
-    def adopt_fork(self, pid: int) -> ClientSpace:
+    def adopt_fork(self, pid: int, timeout: float = ADOPT_TIMEOUT) -> ClientSpace:
         """The space of a child of this client (made by its fork event, the
-        oldest not yet adopted), now known as process *pid*.  Raises
-        LookupError if no fork event came within ADOPT_TIMEOUT."""
+        oldest not yet adopted: the event does not name the child), now
+        known as process *pid*, the caller's to close.  Raises LookupError
+        if no fork event came within *timeout* seconds."""
         with self.lock:
-            if not self.forked_cv.wait_for(lambda: self.forked or self.closed, ADOPT_TIMEOUT):
+            if not self.forked_cv.wait_for(lambda: self.forked or self.closed, timeout):
                 raise LookupError(f"no fork of client {self.pid} to adopt for {pid}")
             self._check_open()
             child = self.forked.popleft()
@@ -323,7 +330,7 @@ class ClientSpace:
         write-protected at once, so that no store of the child goes unseen
         (the pmap knows none of them; a store faults and is served).
         => called by the reader, at once."""
-        child = ClientSpace(self.vm, Uffd(ufd, self.uffd.features), 0)
+        child = ClientSpace(self.vm, Uffd(ufd, self.uffd.features), 0, start=False)
         with self.lock:
             maps = list(self.maps.values())
         for m in maps:
@@ -336,6 +343,7 @@ class ClientSpace:
                                 m.prot if m.shared else PROT_READ, MAP_SHARED, va=m.va)
             child.maps[m.va] = cm
         child.stats.maps = len(child.maps)
+        child.start()  # its faults waited in its uffd until its maps were there
         with self.lock:
             self.stats.forks += 1
             if self.closed:
@@ -381,6 +389,8 @@ class ClientSpace:
         va = msg.address & ~(ps - 1)
         write = msg.is_write or msg.is_wp
         m = self._map_of(va)
+        if m is not None and not m.shared:
+            write = False  # the client's kernel copies on write
         with self.lock:
             self.stats.faults += 1
             self.stats.minor += msg.is_minor
@@ -388,8 +398,6 @@ class ClientSpace:
             self.stats.writes += write
         if not msg.is_wp:
             uffd_pmap.pmap_forget(self.pmap, va)  # a fault there: what we mapped left its page tables
-        if m is not None and not m.shared:
-            write = False  # the client's kernel copies on write
         self.pmap.updated.clear()
         try:
             uvm_fault(self.space, va, PROT_WRITE if write else PROT_READ)
@@ -440,7 +448,7 @@ class ClientSpace:
             self.forked_cv.notify_all()
         os.write(self._stop_w, b"x")
         for t in (self._reader, self._worker):
-            if t is not threading.current_thread():
+            if t.ident is not None and t is not threading.current_thread():
                 t.join(JOIN_TIMEOUT)
         for m in maps + grants:
             m.file.close()
@@ -458,7 +466,9 @@ class ClientSpace:
 
 
 def _pidfd(pid: int) -> Process | None:
-    """The client's pidfd, or None if it is gone already."""
+    """The client's pidfd, or None if it is gone already (or unknown: 0)."""
+    if pid <= 0:
+        return None
     try:
         return Process(pid)
     except ProcessLookupError:

@@ -32,7 +32,8 @@ page leaves and nobody holds the object (``uo_refs`` 0: a client's map
 holds a reference, so a memfd is never replaced under a client that maps
 it).
 
-Locks: ``Frames.lock`` (a leaf) guards ``objects``; an object's
+Locks: ``Frames.lock`` (a leaf) guards ``objects``, ``unpunched``,
+``npending``, each object's ``pending`` and the punches; an object's
 :class:`ObjectFrames` is changed under that object's lock (bind and unbind
 are called with it held, setsize too), or under ``Frames.lock`` alone
 while no page of it is bound.
@@ -94,13 +95,15 @@ class ObjectFrames:
     """One object's frames: its memfd, the server's views of it, and the
     offsets of the pages bound to it (=> the object's lock, see above)."""
 
-    __slots__ = ("bound", "memfile", "size", "views")
+    __slots__ = ("bound", "memfile", "memsize", "pending", "size", "views")
 
     def __init__(self, name: str, size: int) -> None:
         self.size = size  # the object's size, as setsize last said
         self.memfile = MemFile.create(name, size)
+        self.memsize = size  # the memfd's (we alone change it: no fstat per page)
         self.views = [View(self.memfile.fd, max(VIEW_MIN, 2 * mmap_length(size)))]
         self.bound: set[int] = set()
+        self.pending: list[int] = []  # offsets unbound and not yet punched (=> Frames.lock)
 
     @property
     def view(self) -> View:
@@ -112,16 +115,20 @@ class ObjectFrames:
         end = offset + PAGE_SIZE
         if end > self.view.length:
             self.views.append(View(self.memfile.fd, 2 * mmap_length(end)))
-        if end > self.memfile.size:
-            self.memfile.resize(end)
+        if end > self.memsize:
+            self._truncate(end)
         self.bound.add(offset)
         return self.view.mem[offset:end]
 
     def resize(self) -> None:
         """The memfd's size: the object's, but never below a bound page's end."""
         want = max(self.size, max(self.bound, default=-PAGE_SIZE) + PAGE_SIZE)
-        if want != self.memfile.size:
-            self.memfile.resize(want)
+        if want != self.memsize:
+            self._truncate(want)
+
+    def _truncate(self, size: int) -> None:
+        self.memfile.resize(size)
+        self.memsize = size
 
     def close(self) -> None:
         for view in self.views:
@@ -138,7 +145,7 @@ class Frames:
     """The frames of one uffd machine: *npages* budget slots of the host's
     page size, and the :class:`ObjectFrames` of each object with frames."""
 
-    __slots__ = ("lock", "npages", "objects", "page_size", "unbound")
+    __slots__ = ("lock", "npages", "npending", "objects", "page_size", "unbound", "unpunched")
 
     def __init__(self, npages: int, page_size: int) -> None:
         if page_size != PAGE_SIZE:
@@ -147,15 +154,20 @@ class Frames:
         self.page_size = page_size
         self.unbound = memoryview(bytes(page_size))  # read-only: a free page's data
         self.objects: dict[UvmObject, ObjectFrames] = {}
+        self.unpunched: dict[ObjectFrames, None] = {}  # those with pending punches
+        self.npending = 0  # their pending pages
         self.lock = threading.Lock()
 
     def frame(self, i: int) -> memoryview:
         """A free page's ``data``: unbound (see the module docstring)."""
         return self.unbound
 
-    def _of(self, uobj: UvmObject) -> ObjectFrames:
-        """*uobj*'s frames, made on first use."""
+    def _of(self, uobj: UvmObject, punch: bool = False) -> ObjectFrames:
+        """*uobj*'s frames, made on first use; with *punch*, the pending
+        punches done first."""
         with self.lock:
+            if punch and self.npending:
+                self._punch_pending()
             of = self.objects.get(uobj)
             if of is None:
                 of = self.objects[uobj] = ObjectFrames(f"vnpager-{id(uobj):x}", _size_of(uobj))
@@ -172,27 +184,57 @@ class Frames:
 
     def bind(self, pg: VmPage) -> None:
         """*pg* entered its object: its data is the object's memfd page.
-        => caller holds the object lock."""
+        The pages freed since the last bind are punched out first (see
+        unbind).  => caller holds the object lock."""
         assert pg.uobject is not None
-        pg.data = self._of(pg.uobject).page(pg.offset)
+        pg.data = self._of(pg.uobject, punch=True).page(pg.offset)
 
     def unbind(self, pg: VmPage) -> None:
-        """*pg* leaves its object: punch its page out of the memfd, and drop
-        the object's frames if that was the last page of an object nobody
-        holds.  => caller holds the object lock; the page is unmapped."""
+        """*pg* leaves its object: its page is to be punched out of the
+        memfd, and the object's frames dropped if that was the last page of
+        an object nobody holds.  => caller holds the object lock; the page
+        is unmapped (write-protected where a client still has it).
+
+        The punch waits for the next bind, so that the pages a pass of the
+        page daemon frees go in one fallocate per run of them: until then
+        the page stays in the memfd, clean, a client may still load it, and
+        it counts among the resident pages -- never more of them than
+        physmem all the same, as no freed slot is bound again before the
+        punch."""
         uobj = pg.uobject
         assert uobj is not None
         pg.data = self.unbound
         with self.lock:
             of = self.objects[uobj]
-        of.bound.discard(pg.offset)
-        of.memfile.punch(pg.offset, PAGE_SIZE)
-        if of.memfile.size > of.size and pg.offset + PAGE_SIZE >= of.memfile.size:
-            of.resize()  # a page kept past a truncation is gone: the memfd shrinks to the object
-        if not of.bound and uobj.uo_refs == 0:
-            with self.lock:
+            of.bound.discard(pg.offset)
+            of.pending.append(pg.offset)
+            self.npending += 1
+            self.unpunched[of] = None
+            idle = not of.bound and uobj.uo_refs == 0
+            if idle or of.memsize > of.size:  # dropped, or shrunk below a page kept past a truncation
+                self._punch_pending()
+            if idle:
                 del self.objects[uobj]
+        if idle:
             of.close()
+        elif of.memsize > of.size and pg.offset + PAGE_SIZE >= of.memsize:
+            of.resize()  # the page kept past a truncation is gone: the memfd shrinks to the object
+
+    def _punch_pending(self) -> None:
+        """Punch out the pages unbound since the last time, one fallocate
+        per run.  => self.lock held."""
+        for of in self.unpunched:
+            offsets = sorted(of.pending)
+            of.pending.clear()
+            start = end = offsets[0]
+            for off in offsets:
+                if off != end:
+                    of.memfile.punch(start, end - start)
+                    start = off
+                end = off + PAGE_SIZE
+            of.memfile.punch(start, end - start)
+        self.unpunched.clear()
+        self.npending = 0
 
     def setsize(self, uobj: UvmObject, size: int) -> None:
         """*uobj*'s size is now *size*: so is its memfd's (see above).
