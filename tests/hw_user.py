@@ -26,6 +26,15 @@ vm: HardwareVM | None = None
 maps: dict[int, HwMmap] = {}
 
 
+def peak_rss(pid: int) -> int:
+    """VmHWM of *pid*: its peak resident set, shared memory (memfd pages) included, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise LookupError("no VmHWM")
+
+
 def sha(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -36,6 +45,8 @@ def do(cmd: dict[str, Any]) -> Any:
     if op == "connect":
         vm = HardwareVM.connect(cmd["path"]) if "path" in cmd else vnpager.VM(cmd["physmem"], mmu="hardware")
         return {"pid": os.getpid(), "server": vm.server_pid}
+    if op == "peak_rss":
+        return peak_rss(os.getpid())
     assert vm is not None
     if op == "map":
         fd = os.open(cmd["file"], os.O_RDWR)

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from hw_procs import DEADLINE, Client, ServerProc
+from hw_user import peak_rss
 
 PAGE = mmap.PAGESIZE
 CLUSTER = 16 * PAGE
@@ -144,6 +145,27 @@ def test_hw_drop_in_cases(path: Path, content: bytes) -> None:
     data = path.read_bytes()
     assert data[:5] == b"hello" and data[10] == 0xEE and data[-100:] == content[:100]
     assert data[5:10] == content[5:10] and data[11:-100] == content[11:-100]
+
+
+def test_hw_budget_a_file_64_times_physmem(tmp_path: Path, clients: list[Client]) -> None:
+    # the 1 GiB through 16 MiB, at a size the suite can afford (the same ratio)
+    size, physmem = 256 << 20, 4 << 20
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(size)  # sparse: the host reads zeros fast, the pager pages every page of it
+    server = ServerProc(str(physmem))
+    try:
+        c = client(clients, path=server.path)
+        base_client, base_server = c.do(op="peak_rss"), peak_rss(server.proc.pid)
+        c.do(op="map", file=str(big))
+        c.send(op="numpy_sum", off=0, n=size)  # every page touched, in order
+        assert json.loads(c.lines.readline(timeout=300)) == {"ok": 0}
+        assert c.do(op="stats")["faults"] > 1
+        # the memfd pages are counted in both (VmHWM includes shared memory): a few physmems at most
+        assert c.do(op="peak_rss") - base_client < 8 * physmem
+        assert peak_rss(server.proc.pid) - base_server < 12 * physmem
+    finally:
+        server.stop()
 
 
 def test_hw_two_processes_on_one_server_see_each_others_writes(server: ServerProc, path: Path,
