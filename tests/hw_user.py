@@ -74,6 +74,8 @@ def do(cmd: dict[str, Any]) -> Any:
         return None
     if op == "stats":
         return vm.statistics()
+    if op == "vmstats":
+        return vm.stats()
     if op == "threads_read":
         out = [""] * len(cmd["offs"])
 

@@ -156,6 +156,7 @@ def test_session_knows_the_client_by_its_credentials(served: Served, hw: Hardwar
     [session] = served.server.sessions.values()
     assert session.pid == os.getpid() and session.id == hw.session
     assert hw.statistics() == {"maps": 0}
+    assert hw.stats()["npages"] == 64 and hw.stats()["resident"] == 0  # the server VM's (256K)
 
 
 def test_session_end_of_file_closes_the_space(served: Served) -> None:

@@ -161,6 +161,9 @@ def test_hw_budget_a_file_64_times_physmem(tmp_path: Path, clients: list[Client]
         c.send(op="numpy_sum", off=0, n=size)  # every page touched, in order
         assert json.loads(c.lines.readline(timeout=300)) == {"ok": 0}
         assert c.do(op="stats")["faults"] > 1
+        vmstats = c.do(op="vmstats")
+        assert vmstats["npages"] == physmem // PAGE and vmstats["frames_resident"] <= vmstats["npages"]
+        assert vmstats["pageins"] >= size // PAGE
         # the memfd pages are counted in both (VmHWM includes shared memory): a few physmems at most
         assert c.do(op="peak_rss") - base_client < 8 * physmem
         assert peak_rss(server.proc.pid) - base_server < 12 * physmem

@@ -234,7 +234,12 @@ class HardwareVM:
         stats: dict[str, Any] = self.request("statistics")
         return stats
 
-    stats = statistics
+    def stats(self) -> dict[str, int]:
+        """The server VM's ``stats()``, shared by all its clients: the
+        counters of uvmexp and the state of memory (``resident``,
+        ``frames_resident``: pages in all the memfds, ...), and ``npages``."""
+        stats: dict[str, int] = self.request("vmstats")
+        return stats
 
     def check_invariants(self) -> None:
         """Run the server VM's invariant checks (VNPAGER_DEBUG's)."""

@@ -70,7 +70,8 @@ class Request:
 #: answer (the session's id, the server's pid).  The rest
 #: are ClientSpace's methods (vnpager.server.space), addresses being the
 #: client's own; ``ping`` answers at once (a round trip's cost, and a
-#: liveness check); ``check_invariants`` runs the server VM's checks.
+#: liveness check); ``vmstats`` is the server VM's ``stats()`` (shared by
+#: all its clients) and its ``npages``; ``check_invariants`` runs its checks.
 REQUESTS: dict[str, Request] = {
     "attach": Request(("features",), fds_in=1, needs_space=False),  # the uffd's features
     "adopt": Request(("parent",), fds_out=1, needs_space=False),  # parent: its session id
@@ -85,6 +86,7 @@ REQUESTS: dict[str, Request] = {
     "moved": Request(("addr", "newaddr", "length")),
     "size": Request(("addr",)),
     "statistics": Request(()),
+    "vmstats": Request((), needs_space=False),
     "check_invariants": Request((), needs_space=False),
 }
 

@@ -166,6 +166,8 @@ class Session(threading.Thread):
         if op == "check_invariants":
             self.server.vm.check_invariants()
             return None, []
+        if op == "vmstats":
+            return {**dataclasses.asdict(self.server.vm.stats()), "npages": self.server.vm.npages}, []
         if op == "attach":
             return self._attach(fds[0], int(args[0])), []
         if op == "adopt":
