@@ -238,6 +238,8 @@ def test_hw_mmap_flush_writes_the_file(served: Served, hw: HardwareVM, fd: int, 
     m.flush()
     assert data_file.read_bytes()[4096:4100] == b"flsh"
     assert ("flush", (0, SIZE)) in served.calls.ops
+    with pytest.raises(ValueError, match="flush values out of range"):
+        m.flush(4096)  # CPython's size is the map's, whatever the offset
     m[:4] = b"clos"
     m.close()  # writes back, then unmaps
     assert data_file.read_bytes()[:4] == b"clos"
@@ -349,7 +351,7 @@ def test_hw_vm_close_closes_its_maps_and_writes_back(served: Served, fd: int, da
     vm.close()
     assert m.closed and data_file.read_bytes()[:3] == b"bye"
     with pytest.raises(ValueError, match="closed"):
-        vm.mmap(fd, 0)
+        vnpager.mmap(fd, 0, vm=vm)
 
 
 def test_server_gone_is_an_oserror_from_every_map_method(served: Served, hw: HardwareVM, fd: int) -> None:

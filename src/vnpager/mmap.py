@@ -112,7 +112,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any, NoReturn, SupportsIndex
 
-from vnpager.client import HardwareVM, HwMmap
+from vnpager.client import HardwareVM
 from vnpager.kern.lock import Mutex
 from vnpager.uvm.uvm_fault import uvm_copyin, uvm_copyout, uvm_load, uvm_store
 from vnpager.uvm.uvm_map import (
@@ -264,7 +264,9 @@ class mmap:  # noqa: N801 - the stdlib's name
                 offset: SupportsIndex = 0, *, trackfd: bool = True, vm: VM | HardwareVM | None = None) -> Any:
         vm = vm if vm is not None else default_vm()
         if isinstance(vm, HardwareVM):  # an mmap.mmap over real memory (vnpager.client.hwmmap)
-            return HwMmap(fileno, length, flags, prot, access, offset, trackfd=trackfd, vm=vm)
+            if isinstance(fileno, Vnode):
+                raise TypeError("a hardware VM maps descriptors of host files, not vnodes")
+            return vm.mmap(fileno, length, flags, prot, access, offset, trackfd=trackfd)
         vnode, fd = (fileno, -1) if isinstance(fileno, Vnode) else (None, _cint(fileno))
         size, flags, prot, access = _ssize(length), _cint(flags), _cint(prot), _cint(access)
         off = operator.index(offset)

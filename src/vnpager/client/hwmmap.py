@@ -222,7 +222,7 @@ class HwMmap(mmap.mmap):
         OSError with the write-back's errno (once per map for an error that
         happened elsewhere), the pages staying dirty."""
         off = operator.index(offset)
-        n = len(self) - off if size is None and not self.closed else operator.index(size or 0)
+        n = (len(self) if not self.closed else 0) if size is None else operator.index(size)  # as CPython
         super().flush(off, n)  # CPython's checks (and an msync of the memfd: nothing to write)
         if self._writes_back():
             assert self._vm is not None

@@ -35,7 +35,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Any, Self
+from typing import Any, Self, SupportsIndex
 
 from vnpager.arch.uffd import Uffd
 from vnpager.client.hwmmap import RW, HwMmap
@@ -212,8 +212,9 @@ class HardwareVM:
     def untrack(self, m: HwMmap) -> None:
         self._maps.discard(m)
 
-    def mmap(self, fileno: int, length: int, flags: int = 1, prot: int = RW, access: int = 0,
-             offset: int = 0, *, trackfd: bool = True) -> HwMmap:
+    def mmap(self, fileno: SupportsIndex, length: SupportsIndex, flags: SupportsIndex = 1,
+             prot: SupportsIndex = RW, access: SupportsIndex = 0, offset: SupportsIndex = 0, *,
+             trackfd: bool = True) -> HwMmap:
         """``mmap.mmap``'s arguments: a hardware map in this VM."""
         if self.closed:
             raise ValueError("the VM is closed")
