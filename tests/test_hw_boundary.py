@@ -133,7 +133,8 @@ def test_protocol_refuses_wrong_fds() -> None:
 
 @pytest.mark.parametrize("exc", [FileNotFoundError(errno.ENOENT, "No such file"), OSError(errno.EIO, "I/O"),
                                  BlockingIOError(errno.EAGAIN, "again"), ValueError("mmap closed or invalid"),
-                                 TypeError("t"), OverflowError("o"), IndexError("i"), BufferError("b")])
+                                 TypeError("t"), OverflowError("o"), IndexError("i"), BufferError("b"),
+                                 TimeoutError("VM busy"), LookupError("no fork to adopt")])
 def test_protocol_errors_come_back_as_themselves(exc: Exception) -> None:
     with pytest.raises(type(exc)) as e:
         protocol.decode_reply(protocol.encode_error(exc)).result()
@@ -143,7 +144,9 @@ def test_protocol_errors_come_back_as_themselves(exc: Exception) -> None:
 
 
 def test_protocol_a_server_bug_is_a_server_error() -> None:
-    with pytest.raises(protocol.ServerError, match="KeyError: 3"):
+    with pytest.raises(protocol.ServerError, match="RuntimeError: bug"):
+        protocol.decode_reply(protocol.encode_error(RuntimeError("bug"))).result()
+    with pytest.raises(protocol.ServerError, match="KeyError: 3"):  # only the types listed keep theirs
         protocol.decode_reply(protocol.encode_error(KeyError(3))).result()
     assert protocol.decode_reply(protocol.encode_result({"a": [1]}, 5)) == protocol.Reply(5, {"a": [1]})
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -318,6 +319,18 @@ def test_hw_map_outliving_its_vm_is_revoked_not_zeros(path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", REVOKED, str(path)], capture_output=True, text=True,
                          timeout=DEADLINE)
     assert out.stdout == "BufferError\n" and out.returncode == -signal.SIGSEGV, (out.stdout, out.stderr)
+
+
+def test_demo_runs_on_the_hardware_mmu() -> None:
+    cmd = [sys.executable, "-m", "vnpager", "demo", "--mmu", "hardware", "--physmem", "256K", "--ops", "300"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE * 4,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "300 mixed reads and writes, every read checked (0 wrong)" in out
+    assert "plain file reads see all 2.0 MiB as written" in out
+    assert "the first touch of page 1 faults; uvn_get reads it through uvn_io: faults +1, pageins +1" in out
+    assert re.search(r"│ frames_resident +│ +[\d,]+ │", out)
 
 
 def test_vnpager_serve_refuses_a_socket_in_use(server: ServerProc) -> None:

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, Self, SupportsIndex
 
-from vnpager.arch.uffd import Uffd
+from vnpager.arch.uffd import PAGE_SIZE, Uffd
 from vnpager.client.hwmmap import RW, HwMmap
 from vnpager.server import protocol
 
@@ -62,7 +62,6 @@ class HardwareVM:
     mmu = "hardware"
 
     def __init__(self, physmem: int | str | None = None, *, path: str | None = None) -> None:
-        self.physmem = physmem
         self.closed = False
         self._lock = threading.Lock()
         self._maps: weakref.WeakSet[HwMmap] = weakref.WeakSet()
@@ -241,6 +240,23 @@ class HardwareVM:
         ``frames_resident``: pages in all the memfds, ...), and ``npages``."""
         stats: dict[str, int] = self.request("vmstats")
         return stats
+
+    def quiesce(self, timeout: float = 10.0) -> None:
+        """Wait until the server VM is idle (its page daemon and writes:
+        ``vm.quiesce``), so that counters read next change only by what the
+        caller does.  TimeoutError after *timeout* seconds."""
+        self.request("quiesce", timeout)
+
+    @property
+    def npages(self) -> int:
+        """The server VM's page frames (its physmem in pages), for all its clients."""
+        return self.stats()["npages"]
+
+    page_size = PAGE_SIZE
+
+    @property
+    def physmem(self) -> int:
+        return self.npages * self.page_size
 
     def check_invariants(self) -> None:
         """Run the server VM's invariant checks (VNPAGER_DEBUG's)."""

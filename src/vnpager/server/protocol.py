@@ -71,7 +71,8 @@ class Request:
 #: are ClientSpace's methods (vnpager.server.space), addresses being the
 #: client's own; ``ping`` answers at once (a round trip's cost, and a
 #: liveness check); ``vmstats`` is the server VM's ``stats()`` (shared by
-#: all its clients) and its ``npages``; ``check_invariants`` runs its checks.
+#: all its clients) and its ``npages``; ``quiesce`` waits until it is idle
+#: (``vm.quiesce``); ``check_invariants`` runs its checks.
 REQUESTS: dict[str, Request] = {
     "attach": Request(("features",), fds_in=1, needs_space=False),  # the uffd's features
     "adopt": Request(("parent",), fds_out=1, needs_space=False),  # parent: its session id
@@ -87,12 +88,14 @@ REQUESTS: dict[str, Request] = {
     "size": Request(("addr",)),
     "statistics": Request(()),
     "vmstats": Request((), needs_space=False),
+    "quiesce": Request(("timeout",), needs_space=False),
     "check_invariants": Request((), needs_space=False),
 }
 
 #: The exception types a reply may carry, re-raised as themselves.
 EXCEPTIONS: dict[str, type[Exception]] = {
-    t.__name__: t for t in (OSError, ValueError, TypeError, OverflowError, IndexError, BufferError)
+    t.__name__: t for t in (OSError, ValueError, TypeError, OverflowError, IndexError, BufferError,
+                            TimeoutError, LookupError)
 }
 
 
@@ -166,8 +169,8 @@ def encode_error(exc: BaseException, seq: int = 0) -> bytes:
     """The reply for *exc*: its type if the client may re-raise it, else
     ServerError's, with errno (0 if none) and message."""
     name = type(exc).__name__
-    if isinstance(exc, OSError):
-        name, err, message = "OSError", exc.errno or 0, exc.strerror or str(exc)
+    if isinstance(exc, OSError) and exc.errno:
+        name, err, message = "OSError", exc.errno, exc.strerror or str(exc)
         if exc.filename is not None:
             message = f"{message}: {exc.filename!r}"
     else:

@@ -142,7 +142,7 @@ class Session(threading.Thread):
             result, out = self._call(op, args, fds)
             reply = protocol.encode_result(_plain(result), seq)
         except Exception as e:
-            if not isinstance(e, (OSError, ValueError, TypeError, OverflowError, IndexError, BufferError)):
+            if type(e).__name__ not in protocol.EXCEPTIONS and not isinstance(e, OSError):
                 traceback.print_exc(file=sys.stderr)  # a server bug: keep its stack
             reply = protocol.encode_error(e, seq)
         finally:
@@ -165,6 +165,9 @@ class Session(threading.Thread):
             return os.getpid(), []
         if op == "check_invariants":
             self.server.vm.check_invariants()
+            return None, []
+        if op == "quiesce":
+            self.server.vm.quiesce(float(args[0]))
             return None, []
         if op == "vmstats":
             return {**dataclasses.asdict(self.server.vm.stats()), "npages": self.server.vm.npages}, []
