@@ -61,11 +61,43 @@ def time_touch(m: Map, cmd: dict[str, object]) -> float:
     return time.perf_counter() - t
 
 
+class Child:
+    """A forked child that stays: it writes what it is told through the map
+    it inherited, one command at a time over a pair of pipes."""
+
+    def __init__(self, m: Map) -> None:
+        cmd_r, self.cmd_w = os.pipe()
+        self.ack_r, ack_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(self.cmd_w)
+            os.close(self.ack_r)
+            with os.fdopen(cmd_r, "r") as cmds:
+                for line in cmds:
+                    off, data = line.split()
+                    m.mmap[int(off) : int(off) + len(data) // 2] = bytes.fromhex(data)
+                    os.write(ack_w, b"k")
+            os._exit(0)
+        os.close(cmd_r)
+        os.close(ack_w)
+
+    def write(self, off: int, data: str) -> None:
+        os.write(self.cmd_w, f"{off} {data}\n".encode())
+        if os.read(self.ack_r, 1) != b"k":
+            raise OSError("the child died")
+
+    def exit(self) -> int:
+        os.close(self.cmd_w)
+        os.close(self.ack_r)
+        return os.waitpid(self.pid, 0)[1]
+
+
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     uffd = Uffd.open(features=MACHINE_FEATURES)
     fdpass.send(sock, json.dumps({"pid": os.getpid(), "features": uffd.features}).encode(), [uffd.fd])
     maps: dict[int, Map] = {}
+    child: Child | None = None
     while True:
         payload, fds = fdpass.recv(sock, 1 << 20, 1)
         if not payload:
@@ -90,6 +122,16 @@ def main() -> None:
             reply = m.address
         elif op == "time_touch":
             reply = time_touch(maps[cmd["at"]], cmd)
+        elif op == "fork_child":
+            child = Child(maps[cmd["at"]])
+            reply = child.pid
+        elif op == "child_write":
+            assert child is not None
+            child.write(cmd["off"], cmd["data"])
+            reply = None
+        elif op == "child_exit":
+            assert child is not None
+            reply, child = child.exit(), None
         elif op == "fork_write":
             reply = fork_write(maps[cmd["at"]], cmd)
         else:

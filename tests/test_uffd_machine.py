@@ -10,10 +10,10 @@ served by the space's threads through uvm_fault.  Every wait is bounded
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import mmap
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 
+from test_arch_uffd import ClientGone, pattern, sha, stop_client
 from vnpager.arch.uffd import PAGE_SIZE, Uffd, fdpass
+from vnpager.arch.uffd.pmap import HW_WRITE
 from vnpager.server.space import ClientSpace
 from vnpager.uvm.pmap import pmap_is_modified, pmap_is_referenced
 from vnpager.uvm.uvm import VM
@@ -38,22 +40,6 @@ DEADLINE = 30.0
 CLUSTER = 16 * PAGE_SIZE  # MAXBSIZE: the pager's cluster
 RO = mmap.PROT_READ
 RW = mmap.PROT_READ | mmap.PROT_WRITE
-
-
-class ClientGone(Exception):
-    """The client's socket reached end of file: it exited or died."""
-
-
-def pattern(size: int, seed: int = 1) -> bytes:
-    block = hashlib.sha256(str(seed).encode()).digest()
-    out = bytearray()
-    while len(out) < size:
-        out += hashlib.sha256(block + len(out).to_bytes(8, "little")).digest()
-    return bytes(out[:size])
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def wait_for(cond: Callable[[], bool], what: str) -> None:
@@ -121,13 +107,7 @@ class Client:
         return -self.proc.wait(timeout=DEADLINE)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.sock.send(json.dumps({"op": "exit"}).encode())
-                self.proc.wait(timeout=DEADLINE)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(timeout=DEADLINE)
+        stop_client(self.sock, self.proc)
         self.space.close()
         self.sock.close()
 
@@ -207,6 +187,32 @@ def test_numpy_and_kernel_accesses_fault_through_the_space(clients: Callable[[],
     assert c.request(op="numpy_sum", at=at, off=0, n=len(content)) == sum(content)
     off = 5 * CLUSTER
     assert c.request(op="os_write", at=at, off=off, n=PAGE_SIZE) == sha(content[off : off + PAGE_SIZE])
+
+
+def test_an_object_unmapped_untouched_gives_its_memfd_back(hvm: VM, clients: Callable[[], Client],
+                                                           path: Path) -> None:
+    c = clients()
+    at = c.map(path)
+    [uvn] = [m.file.uvn for m in c.space.maps.values()]
+    assert hvm.frames.object_frames(uvn) is not None
+    c.request(op="munmap", at=at)
+    c.space.unmap(at)
+    assert hvm.frames.object_frames(uvn) is None
+
+
+def test_a_grant_never_mapped_is_released(hvm: VM, clients: Callable[[], Client], path: Path) -> None:
+    c = clients()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        grant = c.space.map(fd, 0, 0, RW, MAP_SHARED)
+    finally:
+        os.close(fd)
+    [uvn] = [m.file.uvn for m in c.space.grants.values()]
+    assert uvn.uo_refs == 1
+    c.space.release(grant.id)
+    assert uvn.uo_refs == 0 and hvm.frames.object_frames(uvn) is None
+    with pytest.raises(ValueError):
+        c.space.release(grant.id)
 
 
 def test_a_map_at_an_offset_reads_the_file_there(clients: Callable[[], Client], path: Path,
@@ -374,6 +380,7 @@ def test_client_death_releases_its_references(hvm: VM, clients: Callable[[], Cli
     assert c.killed_by() == signal.SIGKILL
     c.space.close()
     assert uvn.uo_refs == 0 and not c.space.maps
+    assert hvm.frames.object_frames(uvn) is not None  # its dirty page keeps its memfd
     assert not c.space._reader.is_alive() and not c.space._worker.is_alive()
     hvm.close()  # writes the persisting object's dirty page back
     assert path.read_bytes()[:4] == b"kept"
@@ -398,27 +405,39 @@ def test_client_fork_child_is_served_on_its_own_space(hvm: VM, clients: Callable
                                                       content: bytes) -> None:
     c = clients()
     at = c.map(path)
-    c.write(at, 0, b"parent")  # mapped writable in the parent: the child inherits the PTE
-    echo, status = c.request(op="fork_write", at=at, off=100, data=b"child".hex())  # type: ignore[misc]
-    assert (bytes.fromhex(echo), status) == (b"child", 0)
+    c.write(at, 0, b"parent")
     echo, status = c.request(op="fork_write", at=at, off=5 * CLUSTER, data=b"missing".hex())  # type: ignore[misc]
     assert (bytes.fromhex(echo), status) == (b"missing", 0)
-    assert c.space.statistics().forks == 2
-    first, second = c.space.adopt_fork(0), c.space.adopt_fork(0)
-    assert (first.statistics().writes, second.statistics().writes) == (1, 1)
-    assert first.statistics().wp == 1  # its copied writable PTE was write-protected at the fork
-    # The children's writes are in the shared object: the parent sees and flushes them.
+    assert c.space.statistics().forks == 1
+    child = c.space.adopt_fork(0)
+    assert child.statistics().writes == 1  # its fault, served on its own space
     want = bytearray(content)
     want[:6] = b"parent"
-    want[100:105] = b"child"
     want[5 * CLUSTER : 5 * CLUSTER + 7] = b"missing"
-    assert c.read(at, 0, len(content)) == sha(bytes(want))
+    assert c.read(at, 0, len(content)) == sha(bytes(want))  # in the shared object
     c.space.flush(at, 0, len(content))
     assert path.read_bytes() == want
-    for child in (first, second):
-        child.close()
+    child.close()
     with pytest.raises(LookupError):
         c.space.adopt_fork(0, timeout=0.05)  # no fork left to adopt
+
+
+def test_a_forked_childs_stores_are_seen_by_every_flush(hvm: VM, clients: Callable[[], Client], path: Path,
+                                                        content: bytes) -> None:
+    c = clients()
+    at = c.map(path)
+    c.write(at, 0, b"parent")  # mapped writable in the parent: the child inherits the PTE
+    pid = int(c.request(op="fork_child", at=at))  # type: ignore[call-overload]
+    child = c.space.adopt_fork(pid)
+    c.request(op="child_write", off=100, data=b"one".hex())
+    c.space.flush(at, 0, PAGE_SIZE)  # writes the page and protects it: in the child too
+    assert path.read_bytes()[:103] == b"parent" + content[6:100] + b"one"
+    c.request(op="child_write", off=200, data=b"two".hex())  # so this store faults, and is seen
+    c.space.flush(at, 0, PAGE_SIZE)
+    assert path.read_bytes()[200:203] == b"two"
+    assert c.request(op="child_exit") == 0
+    assert child.statistics().wp >= 1
+    child.close()
 
 
 def test_threads_of_a_client_fault_the_same_and_different_pages(clients: Callable[[], Client],
@@ -441,7 +460,12 @@ def test_a_store_during_write_back_waits_for_it(hvm: VM, clients: Callable[[], C
     plan.delay("write", 0.5)
     flusher = threading.Thread(target=c.space.flush, args=(at, 0, PAGE_SIZE))
     flusher.start()
-    wait_for(lambda: bool(pg.pg_flags & PG_BUSY), "the write-back under way")
+    pte = c.space.pmap.pm_pte  # the flush write-protects the client's page before it writes it
+
+    def writing() -> bool:
+        return bool(pg.pg_flags & PG_BUSY) and pte[at][1] != HW_WRITE
+
+    wait_for(writing, "the write-back under way")
     c.write(at, 1, b"second")  # write-protected by the flush: served once the page is written
     flusher.join(DEADLINE)
     assert path.read_bytes()[:6] == b"first" + content[5:6]  # the write-back did not take it...
@@ -461,6 +485,8 @@ def test_clearing_a_reference_makes_the_next_touch_a_minor_fault(hvm: VM, client
     with hvm.pageqlock:
         uvm_pagedeactivate(pg)  # the page daemon's second chance: PG_REF cleared, the client's PTE zapped
     assert not pmap_is_referenced(pg)
+    # The PAGEOUTs wait for a batch, or for the client's next fault: one elsewhere.
+    assert c.read(at, 4 * CLUSTER, PAGE_SIZE) == sha(content[4 * CLUSTER : 4 * CLUSTER + PAGE_SIZE])
     minor = c.space.statistics().minor
     assert c.read(at, 0, PAGE_SIZE) == sha(content[:PAGE_SIZE])
     stats = c.space.statistics()
@@ -482,3 +508,83 @@ def test_resize_grows_the_map_where_the_client_moved_it(hvm: VM, clients: Callab
     c.write(new, len(content), b"grown")
     c.space.flush(new, 0, size)
     assert path.read_bytes() == content + b"grown" + bytes(CLUSTER - 5)
+
+
+def test_two_clients_write_and_read_under_eviction(tmp_path: Path) -> None:
+    """Each client writes its own pages of a file 4 times larger than the VM
+    and checks what it reads, both at once: pages are evicted dirty,
+    written back and faulted in again, by either client."""
+    npages = 32
+    vm = VM(physmem=npages * PAGE_SIZE, machine="uffd")
+    size = 4 * npages * PAGE_SIZE
+    p = tmp_path / "shared.bin"
+    p.write_bytes(bytes(size))
+    a, b = Client(vm), Client(vm)
+    want = bytearray(size)
+    errors: list[BaseException] = []
+
+    def run(c: Client, at: int, parity: int) -> None:
+        try:
+            rng = random.Random(parity)
+            mine = [i for i in range(size // PAGE_SIZE) if i % 2 == parity]
+            for step in range(60):
+                page = rng.choice(mine)
+                data = bytes([step + 1]) * 64
+                off = page * PAGE_SIZE + rng.randrange(PAGE_SIZE - 64)
+                c.write(at, off, data)
+                want[off : off + 64] = data
+                check = rng.choice(mine) * PAGE_SIZE
+                assert c.read(at, check, PAGE_SIZE) == sha(bytes(want[check : check + PAGE_SIZE]))
+        except BaseException as e:
+            errors.append(e)
+
+    try:
+        ats = a.map(p), b.map(p)
+        threads = [threading.Thread(target=run, args=(a, ats[0], 0)),
+                   threading.Thread(target=run, args=(b, ats[1], 1))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(DEADLINE)
+        assert not errors, errors
+        assert not any(t.is_alive() for t in threads)
+        assert vm.uvmexp.pdfreed > 0
+        assert a.read(ats[0], 0, size) == sha(bytes(want))
+        a.space.flush(ats[0], 0, size)
+        assert p.read_bytes() == want
+    finally:
+        a.close()
+        b.close()
+        vm.check_invariants()
+        vm.close()
+    assert vm.stats().frames_resident <= npages
+
+
+def test_a_fault_the_server_fails_to_serve_is_sigbus(monkeypatch: pytest.MonkeyPatch, hvm: VM,
+                                                     clients: Callable[[], Client], path: Path) -> None:
+    import vnpager.server.space as space_module
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    c = clients()
+    at = c.map(path)
+    monkeypatch.setattr(space_module, "uvm_fault", broken)
+    with pytest.raises(ClientGone):
+        c.read(at, 0, 1)
+    assert c.killed_by() == signal.SIGBUS  # not a client hanging for ever
+
+
+def test_a_page_past_the_end_still_in_the_memfd_is_sigbus(hvm: VM, clients: Callable[[], Client], path: Path,
+                                                          content: bytes) -> None:
+    c = clients()
+    at = c.map(path)
+    [uvn] = [m.file.uvn for m in c.space.maps.values()]
+    c.space.resize(at, CLUSTER)
+    of = hvm.frames.object_frames(uvn)
+    assert of is not None
+    of._truncate(len(content))  # as while a page past the new end is still busy (see frames)
+    with pytest.raises(ClientGone):
+        c.read(at, 2 * CLUSTER, 1)  # a fault past the object's end: BusError, answered POISON
+    assert c.killed_by() == signal.SIGBUS
+    assert c.space.statistics().poisoned == 1

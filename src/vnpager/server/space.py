@@ -31,10 +31,11 @@ The protocol of a map, from the client's session (``server/serve.py``):
 :meth:`mapped` (enter the map at the client's address and REGISTER it with
 the client's uffd: MISSING|MINOR, and WP for a writable shared map), then
 :meth:`flush`, :meth:`madvise`, :meth:`resize`, :meth:`size` on it, and
-:meth:`unmap` once the client unmapped it.  :meth:`close` when the client
-is gone.  The server never waits for the client: every call acts on the
-client's memory through its uffd (REGISTER, CONTINUE, WRITEPROTECT,
-POISON act on the uffd's address space, whoever issues them), its pidfd
+:meth:`unmap` once the client unmapped it (:meth:`release` for a grant
+it could not map).  :meth:`close` when the client is gone.  The server
+never waits for the client: every call acts on the client's memory
+through its uffd (REGISTER, CONTINUE, WRITEPROTECT, POISON act on the
+uffd's address space, whoever issues them), its pidfd
 (process_madvise) and the memfds (PUNCH_HOLE).
 
 Locks: ``self.lock`` (a leaf, under no VM lock) guards ``grants``,
@@ -45,8 +46,10 @@ while the worker serves faults.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
+import logging
 import mmap
 import os
 import queue
@@ -70,6 +73,7 @@ ADOPT_TIMEOUT = 10.0  # seconds adopt_fork waits for the fork event to be read
 POLL_MS = 1000  # the reader's poll, so that it sees a dead client's pidfd too
 
 _grant_ids = itertools.count(1)
+log = logging.getLogger("vnpager.server.space")
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,12 @@ class _Map:
     @property
     def end(self) -> int:
         return self.va + mmap_round(self.length)
+
+    @property
+    def entry_prot(self) -> int:
+        """The protection of its entry in the server: a private map's is
+        read-only (its copies on write are the client kernel's)."""
+        return self.prot if self.shared else PROT_READ
 
     @property
     def wp(self) -> bool:
@@ -209,11 +219,10 @@ class ClientSpace:
         m.length = length
         for stale in self._maps_in(addr, addr + mmap_round(length)):
             self.unmap(stale.va)
-        prot = m.prot if m.shared else PROT_READ  # a private map's copies are the client kernel's
         mode = uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_MINOR
         if m.wp:
             mode |= uapi.UFFDIO_REGISTER_MODE_WP
-        m.va = m.file.map(self.space, length, m.offset, prot, prot, MAP_SHARED, va=addr)
+        m.va = m.file.map(self.space, length, m.offset, m.entry_prot, m.entry_prot, MAP_SHARED, va=addr)
         try:
             self.uffd.register(addr, mmap_round(length), mode)
         except BaseException:
@@ -223,6 +232,15 @@ class ClientSpace:
             self.maps[addr] = m
             self.stats.maps = len(self.maps)
 
+    def release(self, grant_id: int) -> None:
+        """A grant the client could not map (its mmap of the memfd failed):
+        drop its hold on the object.  ValueError if there is no such grant."""
+        with self.lock:
+            m = self.grants.pop(grant_id, None)
+        if m is None:
+            raise ValueError(f"no grant {grant_id}")
+        self._release(m)
+
     def unmap(self, addr: int) -> None:
         """The client unmapped the map at *addr*: remove it (its object
         persists with its pages, dirty ones written back later)."""
@@ -231,7 +249,13 @@ class ClientSpace:
             self.stats.maps = len(self.maps)
         if m is None:
             raise ValueError(f"no map at {addr:#x}")
+        self._release(m)
+
+    def _release(self, m: _Map) -> None:
+        """Drop the map's hold on its object (and the object's memfd, if
+        that was the last hold of an object with no page)."""
         m.file.close()
+        self.vm.frames.release(m.file.uvn)
 
     def flush(self, addr: int, offset: int, size: int) -> None:
         """msync(MS_SYNC) of [offset, offset+size) of the map at *addr*:
@@ -281,9 +305,8 @@ class ClientSpace:
         self.uffd.register(newaddr, mmap_round(length), mode)
 
     def _reenter(self, m: _Map, va: int, length: int) -> None:
-        prot = m.prot if m.shared else PROT_READ
         m.file.unmap(self.space, m.va)
-        m.file.map(self.space, length, m.offset, prot, prot, MAP_SHARED, va=va)
+        m.file.map(self.space, length, m.offset, m.entry_prot, m.entry_prot, MAP_SHARED, va=va)
         with self.lock:
             del self.maps[m.va]
             m.va, m.length = va, length
@@ -323,25 +346,31 @@ class ClientSpace:
         child.pmap.attach(child.uffd, child.process)
         return child
 
-    def _fork(self, ufd: int) -> None:
-        """A fork event: the child's space, a copy of our maps on the
-        child's uffd.  The child's vmas are registered already (the kernel
-        copied them) and may hold PTEs copied from ours: they are
-        write-protected at once, so that no store of the child goes unseen
-        (the pmap knows none of them; a store faults and is served).
-        => called by the reader, at once."""
-        child = ClientSpace(self.vm, Uffd(ufd, self.uffd.features), 0, start=False)
-        with self.lock:
-            maps = list(self.maps.values())
-        for m in maps:
-            if m.wp:
-                uffd_pmap.uffd_call(partial(child.uffd.writeprotect, m.va, mmap_round(m.length)))
-            uvn = m.file.uvn
-            uvn.pgops.pgo_reference(uvn)
-            cm = _Map(FileObject(uvn), m.length, m.offset, m.prot, m.shared)
-            cm.va = cm.file.map(child.space, m.length, m.offset, m.prot if m.shared else PROT_READ,
-                                m.prot if m.shared else PROT_READ, MAP_SHARED, va=m.va)
-            child.maps[m.va] = cm
+    def _fork_protect(self, ufd: int) -> ClientSpace | None:
+        """A fork event: the child's space, not started yet.  The child's
+        vmas are registered already (the kernel copied them, with the new
+        uffd) and may hold PTEs copied from our writable ones: they are
+        write-protected at once, before anything else (see
+        arch/uffd/pmap._protect), so that no store of the child goes unseen
+        (its pmap knows none of them: a store faults and is served).
+        => called by the reader, with ``pmap.reader_busy`` set."""
+        try:
+            child = ClientSpace(self.vm, Uffd(ufd, self.uffd.features), 0, start=False)
+            for m in self._maps_in(0, 1 << 64):
+                if m.wp:
+                    uffd_pmap.uffd_call(partial(child.uffd.writeprotect, m.va, mmap_round(m.length)))
+        except Exception:
+            log.exception("making the space of a fork of client %d", self.pid)
+            return None
+        return child
+
+    def _fork_finish(self, child: ClientSpace) -> None:
+        """Give the child a copy of our maps, start it and queue it for
+        adoption (:meth:`adopt_fork`).  => called by the reader."""
+        try:
+            self._copy_maps(child)
+        except Exception:  # served all the same: a fault outside the maps copied is SIGBUS
+            log.exception("copying the maps of client %d to its fork", self.pid)
         child.stats.maps = len(child.maps)
         child.start()  # its faults waited in its uffd until its maps were there
         with self.lock:
@@ -354,6 +383,16 @@ class ClientSpace:
                 self.forked_cv.notify_all()
         if orphan:
             child.close()
+
+    def _copy_maps(self, child: ClientSpace) -> None:
+        """Give *child* (not started) a map of its own for each of ours."""
+        for m in self._maps_in(0, 1 << 64):
+            uvn = m.file.uvn
+            uvn.pgops.pgo_reference(uvn)
+            cm = _Map(FileObject(uvn), m.length, m.offset, m.prot, m.shared)
+            cm.va = cm.file.map(child.space, m.length, m.offset, m.entry_prot, m.entry_prot, MAP_SHARED,
+                                va=m.va)
+            child.maps[m.va] = cm
 
     # ---------------------------------------------------------------- faults
 
@@ -371,18 +410,33 @@ class ClientSpace:
                     return
                 if self.uffd.fd not in ready:
                     continue
-                for msg in self.uffd.read_events():
-                    if msg.event == uapi.UFFD_EVENT_FORK:
-                        self._fork(msg.ufd)
-                    elif msg.is_pagefault:
+                self.pmap.reader_busy = True  # see arch/uffd/pmap._protect
+                try:
+                    msgs = self.uffd.read_events()
+                    made = [self._fork_protect(msg.ufd) for msg in msgs if msg.event == uapi.UFFD_EVENT_FORK]
+                    children = [child for child in made if child is not None]
+                finally:
+                    self.pmap.reader_busy = False
+                for msg in msgs:
+                    if msg.is_pagefault:
                         self._faults.put(msg)
+                for child in children:
+                    self._fork_finish(child)
         finally:
             self._faults.put(None)
 
     def _work(self) -> None:
-        """The worker thread: serve the faults the reader queued, in order."""
+        """The worker thread: serve the faults the reader queued, in order.
+        A fault the server fails to serve by a bug of ours is logged and
+        answered SIGBUS: never leave a client hanging in its fault."""
         while (msg := self._faults.get()) is not None:
-            self._serve(msg)
+            try:
+                self._serve(msg)
+            except Exception:
+                log.exception("serving %r of client %d", msg, self.pid)
+                va = msg.address & ~(self.vm.page_size - 1)
+                with contextlib.suppress(OSError):
+                    self._poison(va, self._map_of(va))
 
     def _serve(self, msg: UffdMsg) -> None:
         ps = self.vm.page_size
@@ -451,7 +505,7 @@ class ClientSpace:
             if t.ident is not None and t is not threading.current_thread():
                 t.join(JOIN_TIMEOUT)
         for m in maps + grants:
-            m.file.close()
+            self._release(m)
         self.pmap.detach()
         for child in forked:
             child.close()

@@ -36,7 +36,9 @@ Address spaces and translations:
   on the software machine; the uffd machine maps the fault's pages there,
   one UFFDIO_CONTINUE per run of contiguous pages).
 
-The attribute bits, per page, as the MMU sets them on each access:
+The attribute bits, per page, as the MMU sets them on each access (every
+machine keeps them in ``pg.attrs``, PG_REF and PG_MOD, so that the two
+tests read them without a dispatch):
 
 * ``pmap_is_modified(pg)``, ``pmap_clear_modify(pg) -> was`` -- PG_MOD;
   after a clear, the next store through any mapping sets it again before
@@ -83,12 +85,16 @@ the contracts above; what a client sees is in ``arch/uffd/pmap.py``):
   other one write-protected, so PG_MOD is exact (synchronous write-protect
   faults, not WP_ASYNC).
 * PG_REF is set when a page is mapped (the client's later accesses are
-  not seen); pmap_clear_reference write-protects the page, zaps the
-  client's PTE with process_madvise(MADV_PAGEOUT) where the kernel allows
-  (it skips a page mapped by more than one process) and drops the
-  translation, so a re-reference is a (minor) fault.  An approximation:
-  where PAGEOUT is refused the page may be evicted while in use, and is
-  faulted in again.
+  not seen); pmap_clear_reference write-protects the page, drops the
+  translation and zaps the client's PTE with process_madvise(MADV_PAGEOUT)
+  where the kernel allows (it skips a page mapped by more than one
+  process), in batches (32 pages, or at the client's next fault), so a
+  re-reference is a (minor) fault.  An approximation: until the batch goes
+  out, or where PAGEOUT is refused, a page may be evicted while in use,
+  and is faulted in again.
+* the frames of a freed page are punched out of its memfd when the next
+  page is bound (one fallocate per run of the pages freed meanwhile), so
+  the memfds' resident pages never exceed physmem.
 * pmap_page_protect(pg, PROT_NONE) write-protects and drops the pv
   entries; the client may still load the page until it is punched out.
 * pmap_remove forgets the translations (the client unmapped the range);
@@ -102,7 +108,7 @@ import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from vnpager.arch.soft.pmap import PROT_NONE, Pmap, Run
+from vnpager.arch.soft.pmap import PG_MOD, PG_REF, PROT_NONE, Pmap, Run
 
 if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
@@ -154,8 +160,8 @@ def pmap_update(pmap: Pmap) -> None:
 
 
 def pmap_is_modified(pg: VmPage) -> bool:
-    was: bool = pg.vm.machine.pmap_is_modified(pg)
-    return was
+    """PG_MOD, which every machine keeps in ``pg.attrs``: no dispatch."""
+    return bool(pg.attrs & PG_MOD)
 
 
 def pmap_clear_modify(pg: VmPage) -> bool:
@@ -164,8 +170,8 @@ def pmap_clear_modify(pg: VmPage) -> bool:
 
 
 def pmap_is_referenced(pg: VmPage) -> bool:
-    was: bool = pg.vm.machine.pmap_is_referenced(pg)
-    return was
+    """PG_REF, which every machine keeps in ``pg.attrs``: no dispatch."""
+    return bool(pg.attrs & PG_REF)
 
 
 def pmap_clear_reference(pg: VmPage) -> bool:

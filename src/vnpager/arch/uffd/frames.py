@@ -136,6 +136,17 @@ class ObjectFrames:
         self.memfile.close()
 
 
+def page_runs(offsets: list[int], page_size: int) -> list[tuple[int, int]]:
+    """The runs [start, end) of the pages at the sorted *offsets*."""
+    runs: list[tuple[int, int]] = []
+    for off in offsets:
+        if runs and runs[-1][1] == off:
+            runs[-1] = (runs[-1][0], off + page_size)
+        elif not runs or runs[-1][1] < off:
+            runs.append((off, off + page_size))
+    return runs
+
+
 def mmap_length(size: int) -> int:
     """*size* rounded up to a page, and at least one page."""
     return max(PAGE_SIZE, -(-size // PAGE_SIZE) * PAGE_SIZE)
@@ -224,17 +235,35 @@ class Frames:
         """Punch out the pages unbound since the last time, one fallocate
         per run.  => self.lock held."""
         for of in self.unpunched:
-            offsets = sorted(of.pending)
+            for start, end in page_runs(sorted(of.pending), PAGE_SIZE):
+                of.memfile.punch(start, end - start)
             of.pending.clear()
-            start = end = offsets[0]
-            for off in offsets:
-                if off != end:
-                    of.memfile.punch(start, end - start)
-                    start = off
-                end = off + PAGE_SIZE
-            of.memfile.punch(start, end - start)
         self.unpunched.clear()
         self.npending = 0
+
+    def zap(self, uobj: UvmObject, offsets: list[int]) -> None:
+        """Drop the server's own PTEs of *uobj*'s pages at *offsets* (see
+        View.zap), if its frames still live (under the lock, so that they
+        cannot be closed meanwhile: their views' addresses may be reused)."""
+        with self.lock:
+            of = self.objects.get(uobj)
+            if of is None:
+                return
+            for start, end in page_runs(sorted(offsets), PAGE_SIZE):
+                for view in of.views:
+                    if start < view.length:
+                        view.zap(start, min(end, view.length) - start)
+
+    def release(self, uobj: UvmObject) -> None:
+        """Drop *uobj*'s frames if no page of it is bound and nobody holds
+        it (a map made and unmapped untouched: unbind never comes)."""
+        with self.lock:
+            of = self.objects.get(uobj)
+            if of is None or of.bound or uobj.uo_refs:
+                return
+            self._punch_pending()
+            del self.objects[uobj]
+        of.close()
 
     def setsize(self, uobj: UvmObject, size: int) -> None:
         """*uobj*'s size is now *size*: so is its memfd's (see above).

@@ -27,10 +27,13 @@ pmap_enter records the translation and queues it; :func:`pmap_update`
 UFFDIO_CONTINUE per run of contiguous pages mapped the same way (this also
 wakes the faulting threads), and un-protects pages found mapped already.
 PG_REF is set when a page is mapped (the client's later accesses are not
-seen); :func:`pmap_clear_reference` write-protects the page, zaps the
-client's PTE with process_madvise(MADV_PAGEOUT) (and the server's own, so
-that the page is mapped once: the kernel skips shared pages) and forgets
-the translation, so that a re-reference faults (MINOR) and sets PG_REF.
+seen); :func:`pmap_clear_reference` write-protects the page, forgets
+the translation and zaps the client's PTE with process_madvise(MADV_PAGEOUT)
+(and the server's own first, so that the page is mapped once: the kernel
+skips shared pages), so that a re-reference faults (MINOR) and sets PG_REF.
+The PAGEOUTs of a pmap are batched: one call for PAGEOUT_BATCH pages, or
+for those cleared before its next fault, whichever comes first (until
+then the client may touch the page unseen).
 Where PAGEOUT is refused (no CAP_SYS_NICE, another client maps the page)
 the reference goes unseen and the page may be evicted while in use: it is
 faulted in again (an approximation, counted in ``pageouts_refused``).
@@ -55,12 +58,13 @@ from dataclasses import dataclass
 from mmap import PROT_READ, PROT_WRITE
 from typing import TYPE_CHECKING, cast
 
-from .frames import Frames
-from .remote import Process
+from .frames import Frames, page_runs
+from .remote import MADV_PAGEOUT, Process
 from .userfaultfd import Uffd
 
 if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
+    from vnpager.uvm.uvm_object import UvmObject
     from vnpager.uvm.uvm_page import VmPage
 
 __all__ = ["Frames"]  # the machine's frames, beside its pmap (vm.machine.Frames)
@@ -73,6 +77,8 @@ HW_READ = PROT_READ
 HW_PROTECTED = PROT_READ | 0x100
 HW_WRITE = PROT_READ | PROT_WRITE
 
+PAGEOUT_BATCH = 32  # cleared references PAGEOUT'd in one process_madvise (else at the next fault)
+IOV_MAX = 1024  # ranges per process_madvise
 EAGAIN_SLEEP = 0.0005  # the client's address space is changing: retry shortly
 EAGAIN_TIMEOUT = 30.0  # ... for this long at most (a fork event is read at once by the space's reader)
 GONE = (errno.ESRCH, errno.ENOENT)  # the client died, or unmapped the range
@@ -86,8 +92,8 @@ class PmapStatistics:
     mapped: int = 0  # pages mapped by CONTINUE
     continues: int = 0  # runs mapped (one UFFDIO_CONTINUE each, or more where some were mapped)
     protects: int = 0  # UFFDIO_WRITEPROTECT calls (protect or un-protect)
-    pageouts: int = 0  # process_madvise(MADV_PAGEOUT) calls that unmapped the page
-    pageouts_refused: int = 0  # ... that the kernel refused or skipped
+    pageouts: int = 0  # pages whose client PTE process_madvise(MADV_PAGEOUT) zapped (cleared references)
+    pageouts_refused: int = 0  # ... that it could not (not permitted, or the client gone)
 
 
 class Pmap:
@@ -97,8 +103,8 @@ class Pmap:
     first): accesses are the client's.
     """
 
-    __slots__ = ("pending", "pm_mask", "pm_pte", "pm_rtlb", "pm_wtlb", "process", "stats", "uffd",
-                 "updated", "vm")
+    __slots__ = ("pending", "pm_mask", "pm_pte", "pm_rtlb", "pm_wtlb", "process", "reader_busy", "stats",
+                 "uffd", "updated", "vm", "zaps")
 
     def __init__(self, vm: VM) -> None:
         self.vm = vm
@@ -108,8 +114,11 @@ class Pmap:
         self.pm_mask = ~(vm.page_size - 1)
         self.pending: dict[int, int] = {}  # va -> how it was mapped before this fault (0: not)
         self.updated: list[tuple[int, int]] = []  # the runs pmap_update acted on (the caller clears it)
+        # (va, object, offset) of the pages whose references were cleared, to PAGEOUT (_pageout_flush)
+        self.zaps: list[tuple[int, UvmObject, int]] = []
         self.uffd: Uffd | None = None
         self.process: Process | None = None
+        self.reader_busy = False  # the client's events are being read and a fork's child protected
         self.stats = PmapStatistics()
 
     def attach(self, uffd: Uffd, process: Process | None) -> None:
@@ -126,6 +135,7 @@ class Pmap:
                 del _pv(pg)[(self, va)]
             self.pm_pte.clear()
             self.pending.clear()
+            self.zaps.clear()
             self.uffd = None
             self.process = None
 
@@ -155,11 +165,28 @@ def uffd_call(fn: Callable[[], object]) -> object:
 
 def _protect(pmap: Pmap, start: int, length: int, protect: bool) -> None:
     """Write-protect (or un-protect and wake) [start, start+length) of the
-    client.  => caller holds vm.pmap_lock."""
+    client.  => caller holds vm.pmap_lock.
+
+    A protect must not return while a fork of the client is being read:
+    the child's copies of our writable PTEs are not protected until its
+    space protects them (ClientSpace's reader, at once), and the caller may
+    be a write-back about to read the page.  A fork in progress makes the
+    ioctl EAGAIN until its event is read, and the reader sets
+    ``reader_busy`` before it reads and clears it once the child's maps are
+    protected; so a protect that succeeded waits while the reader is busy."""
     uffd = pmap.uffd
     if uffd is not None:
         pmap.stats.protects += 1
         uffd_call(lambda: uffd.writeprotect(start, length, protect))
+        if protect:
+            _wait_reader(pmap)
+
+
+def _wait_reader(pmap: Pmap) -> None:
+    """Wait (bounded) while the client's events are being read (see _protect)."""
+    deadline = time.monotonic() + EAGAIN_TIMEOUT
+    while pmap.reader_busy and time.monotonic() < deadline:
+        time.sleep(EAGAIN_SLEEP)
 
 
 def _lower(pmap: Pmap, va: int, pg: VmPage) -> None:
@@ -202,11 +229,12 @@ def pmap_update(pmap: Pmap) -> list[tuple[int, int]]:
     mapped otherwise.  Returns the runs [start, end) acted on (their
     faulting threads are woken); a queued address not among them needs no
     change, and a thread waiting there must be woken by the caller."""
-    if not pmap.pending:
+    if not pmap.pending and not pmap.zaps:
         return []
     ps = pmap.vm.page_size
     runs: list[tuple[int, int]] = []
     with pmap.vm.pmap_lock:
+        _pageout_flush(pmap)  # before we map anything again
         pending, pmap.pending = pmap.pending, {}
         if pmap.uffd is None:
             return []
@@ -306,10 +334,6 @@ def pmap_extract(pmap: Pmap, va: int) -> tuple[VmPage, int] | None:
     return pmap.pm_pte.get(va)
 
 
-def pmap_is_modified(pg: VmPage) -> bool:
-    return bool(pg.attrs & PG_MOD)
-
-
 def pmap_clear_modify(pg: VmPage) -> bool:
     """Clear PG_MOD, write-protecting the page wherever it is writable."""
     with pg.vm.pmap_lock:
@@ -321,55 +345,56 @@ def pmap_clear_modify(pg: VmPage) -> bool:
     return was
 
 
-def pmap_is_referenced(pg: VmPage) -> bool:
-    return bool(pg.attrs & PG_REF)
-
-
 def pmap_clear_reference(pg: VmPage) -> bool:
     """Clear PG_REF and unmap the page from the clients (see above), so
     that the next access faults and sets it again."""
     with pg.vm.pmap_lock:
         was = bool(pg.attrs & PG_REF)
         pg.attrs &= ~PG_REF
-        if pg.pv:
-            _zap_server(pg)
+        uobj = pg.uobject
         for pmap, va in _pv(pg):
+            assert uobj is not None  # a mapped page is an object's
             if pmap.pm_pte[va][1] == HW_WRITE:
                 _protect(pmap, va, pg.vm.page_size, True)  # a PTE PAGEOUT leaves must not take stores
-            _pageout(pmap, va)
             del pmap.pm_pte[va]
             pmap.pending.pop(va, None)
+            pmap.zaps.append((va, uobj, pg.offset))
+            if len(pmap.zaps) >= PAGEOUT_BATCH:
+                _pageout_flush(pmap)
         pg.pv.clear()
     return was
 
 
-def _zap_server(pg: VmPage) -> None:
-    """Drop the server's own PTEs of *pg* (see Frames: View.zap)."""
-    frames: Frames = pg.vm.frames
-    assert pg.uobject is not None
-    of = frames.object_frames(pg.uobject)
-    if of is not None:
-        for view in of.views:
-            if pg.offset < view.length:
-                view.zap(pg.offset, pg.vm.page_size)
-
-
-def _pageout(pmap: Pmap, va: int) -> None:
-    """process_madvise(MADV_PAGEOUT) of the client's page at *va*."""
+def _pageout_flush(pmap: Pmap) -> None:
+    """process_madvise(MADV_PAGEOUT) of the client's pages whose references
+    were cleared since the last flush, in one call (its iovec has a range
+    per run of them).  => vm.pmap_lock."""
+    zaps, pmap.zaps = pmap.zaps, []
+    if not zaps:
+        return
+    frames: Frames = pmap.vm.frames
+    by_object: dict[UvmObject, list[int]] = {}
+    for _, uobj, offset in zaps:
+        by_object.setdefault(uobj, []).append(offset)
+    for uobj, offsets in by_object.items():
+        frames.zap(uobj, offsets)  # the server's own PTEs first: PAGEOUT skips a page mapped twice
+    vas = sorted(va for va, _, _ in zaps)
+    runs = [(start, end - start) for start, end in page_runs(vas, pmap.vm.page_size)]
     proc = pmap.process
-    done = 0
-    if proc is not None:
-        try:
-            done = proc.pageout(va, pmap.vm.page_size)
-        except OSError as e:
-            if e.errno not in (*GONE, errno.EPERM, errno.EINVAL):
-                raise
-            if e.errno in (errno.EPERM, errno.EINVAL):
-                pmap.process = None  # not allowed here: do without from now on
-    if done:
-        pmap.stats.pageouts += 1
-    else:
-        pmap.stats.pageouts_refused += 1
+    if proc is None:
+        pmap.stats.pageouts_refused += len(vas)
+        return
+    try:
+        for i in range(0, len(runs), IOV_MAX):
+            proc.madvise(runs[i : i + IOV_MAX], MADV_PAGEOUT)
+    except OSError as e:
+        if e.errno not in (*GONE, errno.EPERM, errno.EINVAL):
+            raise
+        if e.errno in (errno.EPERM, errno.EINVAL):
+            pmap.process = None  # not allowed here: do without from now on
+        pmap.stats.pageouts_refused += len(vas)
+        return
+    pmap.stats.pageouts += len(vas)
 
 
 def pmap_access(pmap: Pmap, va: int, end: int, access_type: int) -> None:
