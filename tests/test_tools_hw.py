@@ -8,8 +8,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from vnpager.tools import bench_hw
+from vnpager.tools.cli import main
 from vnpager.tools.hw_server import Spawned
+from vnpager.tools.torture import Config
+from vnpager.tools.torture_hw import torture_hw
 
 PAGE = 4096
 
@@ -41,3 +46,19 @@ def test_server_profile_names_the_pager(tmp_path: Path) -> None:
         assert m[:] == path.read_bytes()
     line = bench_hw.top_functions(prof)
     assert line.startswith("server cProfile") and "calls)" in line
+
+
+def test_torture_on_the_hardware_mmu() -> None:
+    fig, injected, hung = torture_hw(Config(seconds=4, seed=3, hang_grace=30, mmu="hardware"))
+    assert not hung and not fig.problems and fig.mismatches == 0, fig.problems
+    assert fig.ops > 0 and fig.bytes_verified > 0
+    # write-back faults only (a failed read is SIGBUS here), and flushes told of them
+    assert injected and not any(k.startswith("read ") and "delay" not in k for k in injected)
+    assert fig.errors > 0 and {"write EIO", "write ENOSPC"} & set(injected)
+    assert {"write_numpy", "read_numpy", "private", "alias", "remap", "sync"} <= set(fig.by_op)
+
+
+def test_torture_command_hardware(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["torture", "--mmu", "hardware", "--seconds", "1", "--seed", "7", "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "hardware MMU" in out and "mismatches:       0" in out
