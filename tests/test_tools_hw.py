@@ -6,6 +6,9 @@ the bench's business: these check behaviour only."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,16 @@ def test_torture_command_hardware(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["torture", "--mmu", "hardware", "--seconds", "1", "--seed", "7", "--threads", "2"]) == 0
     out = capsys.readouterr().out
     assert "hardware MMU" in out and "mismatches:       0" in out
+
+
+def test_demo_on_the_hardware_mmu_shows_numpy_a_second_process_and_the_budget() -> None:
+    cmd = [sys.executable, "-m", "vnpager", "demo", "--mmu", "hardware", "--physmem", "256K", "--ops", "100"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "writing 3 pages through the array faults them in once (faults +3)" in out
+    assert "its write is in our array at once, with no call: yes" in out
+    peak = re.search(r"at most (\d+) pages resident in the server's memfds \(physmem: 64\)", out)
+    assert peak and int(peak[1]) <= 64
+    assert "plain file reads see the array's writes and the other process's" in out
