@@ -347,6 +347,20 @@ def test_hw_mmap_resize_changes_the_file_and_maps_again(served: Served, hw: Hard
         r.resize(4096)
 
 
+def test_hw_mmap_close_of_an_exported_map_keeps_it_open(served: Served, hw: HardwareVM, fd: int,
+                                                        data_file: Path) -> None:
+    m = vnpager.mmap(fd, 0, vm=hw)
+    view = memoryview(m)
+    view[:4] = b"kept"
+    with pytest.raises(BufferError):
+        m.close()
+    assert not m.closed and "unmap" not in served.ops()  # still mapped, here and in the server
+    assert data_file.read_bytes()[:4] == b"kept"  # but written back
+    view.release()
+    m.close()
+    assert m.closed and served.ops()[-1] == "unmap"
+
+
 def test_hw_vm_close_closes_its_maps_and_writes_back(served: Served, fd: int, data_file: Path) -> None:
     vm = HardwareVM.connect(served.path)
     m = vm.map(str(data_file))

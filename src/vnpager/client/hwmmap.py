@@ -165,22 +165,20 @@ class HwMmap(mmap.mmap):
     def close(self) -> None:
         """Write a shared writable map back, unmap, and let the server
         persist the object.  The map is closed even if the write-back fails
-        (then its error is raised); BufferError while exported buffers (a
-        memoryview, a numpy array) exist, as CPython's, and then nothing
-        is done."""
+        (then its error is raised).  While exported buffers (a memoryview, a
+        numpy array) exist, CPython's close raises BufferError: the map is
+        then written back but stays open and mapped in the server."""
         vm = self._vm
         if self.closed or vm is None:
             super().close()
             return
-        with memoryview(self):  # BufferError now, not after the write-back, if it is exported
-            pass
         error: OSError | None = None
         if self._writes_back():
             try:
                 vm.request("flush", self._addr, 0, len(self))
             except OSError as e:
                 error = e
-        super().close()
+        super().close()  # BufferError if exported: nothing more is undone
         try:
             vm.request("unmap", self._addr)
         except OSError as e:

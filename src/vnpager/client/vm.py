@@ -38,6 +38,7 @@ from contextlib import contextmanager, suppress
 from typing import Any, Self, SupportsIndex
 
 from vnpager.arch.uffd import PAGE_SIZE, Uffd
+from vnpager.client import watchdog
 from vnpager.client.hwmmap import RW, HwMmap
 from vnpager.server import protocol
 
@@ -53,10 +54,12 @@ _live: weakref.WeakSet[HardwareVM] = weakref.WeakSet()
 class HardwareVM:
     """A client of a pager server: see the module docstring.
 
-    ``closed`` and the connection (``_sock``, ``_dead``, ``_seq``) are
-    guarded by ``_lock``, which a request holds from send to reply; ``_maps`` (the
+    The connection (``_sock``, ``_dead``, ``_seq``) is guarded by
+    ``_lock``, which a request holds from send to reply.  ``_maps`` (the
     open maps, closed by :meth:`close`) is a WeakSet: a map dropped
-    without close is closed by its ``__del__``.
+    without close is closed by its ``__del__``.  ``closed`` is set once,
+    by :meth:`close`; like a file object, a VM is not safe against a
+    close racing its other calls.
     """
 
     mmu = "hardware"
@@ -122,7 +125,7 @@ class HardwareVM:
     def _start_watchdog(self, uffd: Uffd) -> None:
         server = os.pidfd_open(self.server_pid)
         try:
-            cmd = [sys.executable, "-m", "vnpager.client.watchdog", "--uffd", str(uffd.fd),
+            cmd = [sys.executable, "-I", "-S", watchdog.__file__, "--uffd", str(uffd.fd),
                    "--features", str(uffd.features), "--server", str(server), "--client", str(os.getpid())]
             self._watchdog = subprocess.Popen(cmd, pass_fds=[uffd.fd, server], stdin=subprocess.DEVNULL,
                                               start_new_session=True)

@@ -20,7 +20,11 @@ client.  It sleeps until one of them exits:
   raise OSError on their own: the server's end of the connection is gone.
 
 Until the server dies the watchdog never reads the uffd: events are the
-server's.  It imports only :mod:`vnpager.arch.uffd`.
+server's.  It needs only :mod:`vnpager.arch.uffd`, which imports nothing of
+vnpager: the client runs this file as a script (``python -I -S
+watchdog.py``), with that package importable as ``uffd`` alone, so that a
+watchdog costs a tenth of a second of CPU and a few MiB, not an import of
+the whole of vnpager (a fork Pool starts one per worker).
 """
 
 from __future__ import annotations
@@ -34,8 +38,15 @@ import select
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from vnpager.arch.uffd import Uffd, UffdMsg, uapi
+ARCH = Path(__file__).resolve().parents[1] / "arch"  # holds uffd/, vnpager.arch.uffd
+
+if __package__:
+    from vnpager.arch.uffd import Uffd, UffdMsg, uapi
+else:  # the client's script: arch/uffd as a package of its own (it imports nothing above it)
+    sys.path.insert(0, str(ARCH))
+    from uffd import Uffd, UffdMsg, uapi  # type: ignore[no-redef]
 
 #: The range UFFDIO_WAKE covers to retry every waiting fault: the whole
 #: user address space above mmap_min_addr (the kernel refuses lower), x86_64.
@@ -89,7 +100,7 @@ def take_over(uffd: Uffd, client_pidfd: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vnpager.client.watchdog")
+    parser = argparse.ArgumentParser(prog="vnpager watchdog")
     parser.add_argument("--uffd", type=int, required=True, help="the client's userfaultfd")
     parser.add_argument("--features", type=int, required=True, help="the features it was opened with")
     parser.add_argument("--server", type=int, required=True, help="a pidfd of the server")
