@@ -148,6 +148,15 @@ class Owner(threading.Thread):
         spans = ((max(o, lo), min(o + s, hi)) for o in range(first * s, hi, n * s))
         return [(a, b - a) for a, b in spans if a < b]
 
+    def mapping(self, i: int) -> Any:
+        """This thread's shared map of file *i*, made on first use."""
+        raise NotImplementedError
+
+    def op_read(self, i: int) -> None:
+        f, m = self.files[i], self.mapping(i)
+        lo, hi = self.span(f)
+        self.compare_own(f"read of {f.path}", f, lo, hi, m[lo:hi])
+
     def span(self, f: ModelFile) -> tuple[int, int]:
         """A random range of up to three pages."""
         lo = self.rng.randrange(f.size)
@@ -221,11 +230,6 @@ class _Worker(Owner):
             m[off:off + n] = data  # a stripe lies in one page: all of it or nothing
             f.model[off:off + n] = data
 
-    def op_read(self, i: int) -> None:
-        f, m = self.run_.files[i], self.mapping(i)
-        lo, hi = self.span(f)
-        self.compare_own(f"read of {f.path}", f, lo, hi, m[lo:hi])
-
     def op_sync(self, i: int) -> None:
         f, m = self.run_.files[i], self.mapping(i)
         ps = self.run_.vm.page_size
@@ -281,6 +285,18 @@ class _Worker(Owner):
     OPS: tuple[tuple[str, float], ...] = (("write", 0.35), ("read", 0.27), ("sync", 0.15),
                                           ("private", 0.06), ("file", 0.08), ("remap", 0.06),
                                           ("advise", 0.07), ("syncall", 0.04))
+
+
+def compare_files(files: Sequence[ModelFile], fig: Figures) -> None:
+    """Each file, read whole from the host, against its model."""
+    for f in files:
+        with open(f.path, "rb") as fh:
+            disk = fh.read()
+        fig.bytes_verified += f.size
+        if disk != f.model:
+            fig.mismatches += 1
+            bad = next(i for i, (a, b) in enumerate(zip(disk, f.model, strict=False)) if a != b)
+            fig.problems.append(f"{f.path} differs from the model at {bad:#x}")
 
 
 def run_workers(workers: Sequence[Owner], stop: threading.Event, cfg: Config) -> tuple[Figures, bool]:
@@ -350,14 +366,7 @@ class Torture:
                     except OSError as e:
                         fig.problems.append(f"final flush of {f.path}: {e}")
         uvm_vnp_sync(self.vm)
-        for f in self.files:
-            with open(f.path, "rb") as fh:
-                disk = fh.read()
-            fig.bytes_verified += f.size
-            if disk != f.model:
-                fig.mismatches += 1
-                bad = next(i for i, (a, b) in enumerate(zip(disk, f.model, strict=False)) if a != b)
-                fig.problems.append(f"{f.path} differs from the model at {bad:#x}")
+        compare_files(self.files, fig)
         self.vm.check_invariants()
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from vnpager.tools.hw_server import Spawned
-from vnpager.tools.torture import Config, Figures, ModelFile, Owner, run_workers
+from vnpager.tools.torture import Config, Figures, ModelFile, Owner, compare_files, run_workers
 from vnpager.uvm.uvm_param import PAGE_SIZE
 
 ADVICE = (std_mmap.MADV_NORMAL, std_mmap.MADV_RANDOM, std_mmap.MADV_SEQUENTIAL, std_mmap.MADV_WILLNEED,
@@ -105,11 +105,6 @@ class _HwWorker(Owner):
                 f.model[off:off + n] = data
         finally:
             del a  # an array over the map would keep it from closing
-
-    def op_read(self, i: int) -> None:
-        f, m = self.run_.files[i], self.mapping(i)
-        lo, hi = self.span(f)
-        self.compare_own(f"read of {f.path}", f, lo, hi, m[lo:hi])
 
     def op_read_numpy(self, i: int) -> None:
         import numpy as np
@@ -234,14 +229,7 @@ class HwTorture:
                     m.close()
                 except OSError as e:
                     fig.problems.append(f"close after a clean flush of {self.files[i].path}: {e!r}")
-        for f in self.files:
-            with open(f.path, "rb") as fh:
-                disk = fh.read()
-            fig.bytes_verified += f.size
-            if disk != f.model:
-                fig.mismatches += 1
-                bad = next(i for i, (a, b) in enumerate(zip(disk, f.model, strict=False)) if a != b)
-                fig.problems.append(f"{f.path} differs from the model at {bad:#x}")
+        compare_files(self.files, fig)
         self.vm.check_invariants()
 
     def close(self) -> Counter[str]:
