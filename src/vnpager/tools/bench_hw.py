@@ -140,7 +140,8 @@ def server_line(d: dict[str, int], elapsed: float, pages: int) -> str:
 
 
 _WAITS = ("acquire", "select", "poll", "SimpleQueue", "sleep", "recvmsg", "wait")  # blocking builtins
-_WRAPPERS = ("entry", "uvm_fault", "_fault_entry")  # a lock's wrapper; the fault's whole
+# a lock's wrapper, the fault's whole, and the loops of threads (the daemons', the receives)
+_WRAPPERS = ("entry", "uvm_fault", "_fault_entry", "_run", "_loop", "recv", "_read", "_work")
 
 
 def top_functions(path: str, n: int = 5) -> str:
@@ -154,7 +155,6 @@ def top_functions(path: str, n: int = 5) -> str:
                                                                          and name == "_call")) or 1.0
     cum, own = [], []
     for (file, line, name), (_, calls, tottime, cumtime, _) in st.stats.items():
-        # not the threads' loops (a daemon's, a receive's): they hold more than the busy time
         if ("/uvm/" in file or "/arch/" in file) and name not in _WRAPPERS and cumtime < busy:
             cum.append((cumtime, calls, name))
         if not any(w in name for w in _WAITS):
