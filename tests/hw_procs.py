@@ -104,8 +104,8 @@ class ServerProc:
     """A server process at a fresh abstract address: ``vnpager serve``, or
     the test's own (hw_fake_server.py) with ``fake=True``."""
 
-    def __init__(self, physmem: str = "16M", *, fake: bool = False) -> None:
-        self.path = address()
+    def __init__(self, physmem: str = "16M", *, fake: bool = False, path: str | None = None) -> None:
+        self.path = path or address()
         cmd = ([sys.executable, str(HERE / "hw_fake_server.py"), self.path] if fake else
                [sys.executable, "-m", "vnpager", "serve", "--socket", self.path, "--physmem", physmem])
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

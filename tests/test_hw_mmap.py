@@ -333,6 +333,27 @@ def test_demo_runs_on_the_hardware_mmu() -> None:
     assert re.search(r"│ frames_resident +│ +[\d,]+ │", out)
 
 
+def test_vnpager_serve_sigterm_writes_back_and_removes_its_socket(tmp_path: Path, path: Path,
+                                                                  clients: list[Client]) -> None:
+    sock = tmp_path / "pager.sock"
+    server = ServerProc("4M", path=str(sock))
+    try:
+        assert sock.is_socket()
+        c = client(clients, path=str(sock))
+        c.do(op="map", file=str(path))
+        c.do(op="write", off=3 * CLUSTER, data=b"never flushed".hex())
+        server.proc.terminate()
+        assert server.proc.wait(DEADLINE) == 0
+        assert path.read_bytes()[3 * CLUSTER:3 * CLUSTER + 13] == b"never flushed"  # the VM's close wrote it
+        assert not sock.exists()
+        name, err, _ = c.error(op="flush")
+        assert (name, err) == ("ServerGone", errno.EPIPE)
+        c.send(op="read", off=6 * CLUSTER, n=PAGE)  # a server stopped cleanly is gone too: SIGBUS, not zeros
+        assert c.proc.wait(DEADLINE) == -signal.SIGBUS
+    finally:
+        server.stop()
+
+
 def test_vnpager_serve_refuses_a_socket_in_use(server: ServerProc) -> None:
     cmd = [sys.executable, "-m", "vnpager", "serve", "--socket", server.path, "--physmem", "1M"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE)

@@ -364,6 +364,9 @@ class VM:
                         panic(f"page {pg!r}: its object's uo_active and PQ_ACTIVE disagree")
                 if q == PQ_FREE and (tabled or pg.pv or pg.pg_flags & PG_BUSY):
                     panic(f"page {pg!r}: free but in use")
+            problem = self.frames.check(self.pages)
+            if problem:
+                panic(f"frames: {problem}")
 
 
 # ---------------------------------------------------------------- fork

@@ -43,6 +43,14 @@ class Frames:
     def setsize(self, uobj: UvmObject, size: int) -> None:
         """*uobj*'s size changed: the frames do not follow objects."""
 
+    def check(self, pages: list[VmPage]) -> str | None:
+        """What is wrong with the frames of *pages* (None: nothing): each
+        page keeps its own frame."""
+        for pg in pages:
+            if pg.data.obj is not self.arena or len(pg.data) != self.page_size:
+                return f"page {pg!r} lost its frame"
+        return None
+
     def resident(self, npages_free: int) -> int:
         """The frames holding data: those not free."""
         return len(self.arena) // self.page_size - npages_free

@@ -273,6 +273,25 @@ class Frames:
             of.size = size
             of.resize()
 
+    def check(self, pages: list[VmPage]) -> str | None:
+        """What is wrong with the frames of *pages* (None: nothing): a page
+        is bound exactly while it is in an object, to its object's memfd at
+        its offset, and the memfds hold no more pages than there are.
+        => no page changes meanwhile (VM.check_invariants)."""
+        with self.lock:
+            bound = {(uobj, off) for uobj, of in self.objects.items() for off in of.bound}
+            files = [of.memfile for of in self.objects.values()]
+        tabled = {(pg.uobject, pg.offset) for pg in pages if pg.uobject is not None}
+        if bound != tabled:
+            return f"{len(bound - tabled)} pages bound out of their objects, {len(tabled - bound)} unbound in"
+        for pg in pages:
+            if (pg.uobject is None) != (pg.data is self.unbound):
+                return f"page {pg!r}: its data and its object disagree"
+        resident = sum(os.fstat(f.fd).st_blocks * 512 // self.page_size for f in files)
+        if resident > self.npages:
+            return f"{resident} pages resident in the memfds, more than the {self.npages} of the VM"
+        return None
+
     def resident(self, npages_free: int) -> int:
         """The pages resident in all the memfds now (what the host holds)."""
         with self.lock:

@@ -40,13 +40,17 @@ faulted in again (an approximation, counted in ``pageouts_refused``).
 
 Errors of the ioctls: while the client's address space is changing (its
 fork, before the server read the event) they are retried; a client that
-is gone (ESRCH) or a range it unmapped (ENOENT) makes them no-ops.  Loads
-and stores through a pmap (uvm_load: pmap_access) are refused: the
-memory of this machine is its clients'.
+is gone (ESRCH) or a range it unmapped (ENOENT) makes them no-ops.  A
+fork's child holds copies of the parent's PTEs, writable ones too, until
+its space write-protects them: a write-protect of the parent waits for
+that (see :func:`_protect`).  Loads and stores through a pmap (uvm_load:
+pmap_access) are refused: the memory of this machine is its clients'.
 
-Locks: ``vm.pmap_lock`` guards ``pm_pte``, ``pending``, every page's
-``pv`` and ``attrs``, and is held across the ioctls that act on them.
-Nothing here imports ``uvm`` at run time.
+Locks: ``vm.pmap_lock`` guards ``pm_pte``, ``pending``, ``updated``,
+``zaps``, the statistics, every page's ``pv`` and ``attrs``, and is held
+across the ioctls that act on them; ``reader_busy`` is written by the
+client space's reader alone and read unlocked (one load).  Nothing here
+imports ``uvm`` at run time.
 """
 
 from __future__ import annotations
@@ -238,40 +242,47 @@ def pmap_update(pmap: Pmap) -> list[tuple[int, int]]:
         pending, pmap.pending = pmap.pending, {}
         if pmap.uffd is None:
             return []
-        start = end = key = None
+        changed = []
         for va in sorted(pending):
             cur = pmap.pm_pte.get(va)  # as it is now: a protect may have come since the enter
-            was = pending[va]
-            k = None if cur is None or cur[1] == was else (was == 0, cur[1])
-            if k is not None and k == key and va == end:
-                end += ps
-                continue
-            if key is not None:
-                _map_run(pmap, start, end, key)  # type: ignore[arg-type]
-                runs.append((start, end))  # type: ignore[arg-type]
-            start, end, key = va, va + ps, k
-        if key is not None:
-            _map_run(pmap, start, end, key)  # type: ignore[arg-type]
-            runs.append((start, end))  # type: ignore[arg-type]
+            if cur is not None and cur[1] != pending[va]:
+                changed.append((va, (pending[va] == 0, cur[1])))
+        for start, end, key in _runs(changed, ps):
+            if _map_run(pmap, start, end, key):
+                runs.append((start, end))
     pmap.updated.extend(runs)
     return runs
 
 
-def _map_run(pmap: Pmap, start: int, end: int, key: tuple[bool, int]) -> None:
-    """Map [start, end) as *key* says: (new, how).  => vm.pmap_lock."""
+def _runs(items: list[tuple[int, tuple[bool, int]]], ps: int) -> list[tuple[int, int, tuple[bool, int]]]:
+    """The runs (start, end, key) of contiguous pages of the same key in
+    *items*, (va, key) in address order."""
+    runs: list[tuple[int, int, tuple[bool, int]]] = []
+    for va, key in items:
+        if runs and runs[-1][1] == va and runs[-1][2] == key:
+            runs[-1] = (runs[-1][0], va + ps, key)
+        else:
+            runs.append((va, va + ps, key))
+    return runs
+
+
+def _map_run(pmap: Pmap, start: int, end: int, key: tuple[bool, int]) -> bool:
+    """Map [start, end) as *key* says: (new, how); False if the client or
+    the range is gone (nobody was woken).  => vm.pmap_lock."""
     new, hw = key
     uffd = pmap.uffd
     assert uffd is not None
     if not new:  # mapped already, now more or less writable
         _protect(pmap, start, end - start, hw != HW_WRITE)
-        return
+        return True
     pmap.stats.continues += 1
     mapped = uffd_call(lambda: uffd.resolve(start, end - start, wp=hw == HW_PROTECTED))
     if not isinstance(mapped, int):
-        return  # the client is gone
+        return False
     pmap.stats.mapped += mapped // pmap.vm.page_size
     if hw == HW_WRITE and mapped < end - start:
         _protect(pmap, start, end - start, False)  # some were mapped protected already
+    return True
 
 
 def pmap_remove(pmap: Pmap, sva: int, eva: int) -> None:
