@@ -36,6 +36,18 @@ Address spaces and translations:
   on the software machine; the uffd machine maps the fault's pages there,
   one UFFDIO_CONTINUE per run of contiguous pages).
 
+Run forms, for the cold path, which works per cluster (a read's pages are
+entered, protected and freed together): each does what the per-page call
+does to each page of a list, in order, under one hold of ``vm.pmap_lock``,
+so that a cluster costs the machine one call, not one per page.
+
+* ``pmap_enter_run(pmap, va, pgs, prot, access_type=PROT_NONE, *,
+  replace=True) -> int`` -- pmap_enter of ``pgs[i]`` at ``va + i *
+  page_size``; returns how many were entered.
+* ``pmap_page_protect_run(pgs, prot)``.
+* ``pmap_clear_modify_run(pgs) -> list[bool]``,
+  ``pmap_clear_reference_run(pgs) -> list[bool]``: what each bit was.
+
 The attribute bits, per page, as the MMU sets them on each access (every
 machine keeps them in ``pg.attrs``, PG_REF and PG_MOD, so that the two
 tests read them without a dispatch):
@@ -146,8 +158,19 @@ def pmap_protect(pmap: Pmap, sva: int, eva: int, prot: int) -> None:
     pmap.vm.machine.pmap_protect(pmap, sva, eva, prot)
 
 
+def pmap_enter_run(pmap: Pmap, va: int, pgs: list[VmPage], prot: int, access_type: int = PROT_NONE, *,
+                   replace: bool = True) -> int:
+    entered: int = pmap.vm.machine.pmap_enter_run(pmap, va, pgs, prot, access_type, replace=replace)
+    return entered
+
+
 def pmap_page_protect(pg: VmPage, prot: int) -> None:
     pg.vm.machine.pmap_page_protect(pg, prot)
+
+
+def pmap_page_protect_run(pgs: list[VmPage], prot: int) -> None:
+    if pgs:
+        pgs[0].vm.machine.pmap_page_protect_run(pgs, prot)
 
 
 def pmap_extract(pmap: Pmap, va: int) -> tuple[VmPage, int] | None:
@@ -169,6 +192,11 @@ def pmap_clear_modify(pg: VmPage) -> bool:
     return was
 
 
+def pmap_clear_modify_run(pgs: list[VmPage]) -> list[bool]:
+    were: list[bool] = pgs[0].vm.machine.pmap_clear_modify_run(pgs) if pgs else []
+    return were
+
+
 def pmap_is_referenced(pg: VmPage) -> bool:
     """PG_REF, which every machine keeps in ``pg.attrs``: no dispatch."""
     return bool(pg.attrs & PG_REF)
@@ -177,6 +205,11 @@ def pmap_is_referenced(pg: VmPage) -> bool:
 def pmap_clear_reference(pg: VmPage) -> bool:
     was: bool = pg.vm.machine.pmap_clear_reference(pg)
     return was
+
+
+def pmap_clear_reference_run(pgs: list[VmPage]) -> list[bool]:
+    were: list[bool] = pgs[0].vm.machine.pmap_clear_reference_run(pgs) if pgs else []
+    return were
 
 
 def pmap_access(pmap: Pmap, va: int, end: int, access_type: int) -> Run | None:
@@ -195,13 +228,17 @@ __all__ = [
     "machine_module",
     "pmap_access",
     "pmap_clear_modify",
+    "pmap_clear_modify_run",
     "pmap_clear_reference",
+    "pmap_clear_reference_run",
     "pmap_create",
     "pmap_enter",
+    "pmap_enter_run",
     "pmap_extract",
     "pmap_is_modified",
     "pmap_is_referenced",
     "pmap_page_protect",
+    "pmap_page_protect_run",
     "pmap_protect",
     "pmap_remove",
     "pmap_tlb_merge",

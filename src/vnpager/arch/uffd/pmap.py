@@ -416,3 +416,27 @@ def pmap_access(pmap: Pmap, va: int, end: int, access_type: int) -> None:
 
 def pmap_tlb_merge(pmap: Pmap, runs: list[object], access_type: int, touched: int) -> None:
     """Nothing to merge: this machine's TLBs are the host's."""
+
+
+# The run forms (see uvm/pmap.py): each page in turn, as the per-page call
+# does it; one hold of the lock per page, since the ioctls a page may need
+# are made under it anyway.
+
+def pmap_enter_run(pmap: Pmap, va: int, pgs: list[VmPage], prot: int, access_type: int = PROT_NONE, *,
+                   replace: bool = True) -> int:
+    ps = pmap.vm.page_size
+    return sum(pmap_enter(pmap, va + i * ps, pg, prot, access_type, replace=replace)
+               for i, pg in enumerate(pgs))
+
+
+def pmap_page_protect_run(pgs: list[VmPage], prot: int) -> None:
+    for pg in pgs:
+        pmap_page_protect(pg, prot)
+
+
+def pmap_clear_modify_run(pgs: list[VmPage]) -> list[bool]:
+    return [pmap_clear_modify(pg) for pg in pgs]
+
+
+def pmap_clear_reference_run(pgs: list[VmPage]) -> list[bool]:
+    return [pmap_clear_reference(pg) for pg in pgs]
