@@ -511,11 +511,15 @@ def run_bench(args: argparse.Namespace) -> int:
 
         return run_hw_bench(args, console)
     cfg = QUICK if args.quick else FULL
+    emit(args, console, measured(lambda log: run(cfg, log)), markdown, table)
+    return 0
+
+
+def measured(measure: Callable[[Callable[[str], None]], Any]) -> Any:
+    """The report of ``measure(log)``, shown in progress: *log* names each case as it starts."""
     with progress(total=False) as bar:
         task = bar.add_task("measuring")
-        report = run(cfg, lambda case: bar.update(task, description=f"measuring: {case}"))
-    emit(args, console, report, markdown, table)
-    return 0
+        return measure(lambda case: bar.update(task, description=f"measuring: {case}"))
 
 
 def emit(args: argparse.Namespace, console: Console, report: Any,

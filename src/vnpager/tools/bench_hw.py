@@ -54,12 +54,13 @@ from vnpager.tools.bench import (
     emit,
     machine,
     make_file,
+    measured,
     read_rate,
     sequential,
     write_rate,
 )
 from vnpager.tools.hw_server import Spawned
-from vnpager.tools.show import human, progress
+from vnpager.tools.show import human
 
 KiB, MiB = 1 << 10, 1 << 20
 PAGE = 4096
@@ -456,10 +457,7 @@ def run_hw_bench(args: argparse.Namespace, console: Console) -> int:
         print(f"vnpager bench --mmu hardware: {e}", file=sys.stderr)
         return 1
     cfg = QUICK if args.quick else FULL
-    with progress(total=False) as bar:
-        task = bar.add_task("measuring")
-        report = run(cfg, lambda case: bar.update(task, description=f"measuring: {case}"))
-    emit(args, console, report, markdown, table)
+    emit(args, console, measured(lambda log: run(cfg, log)), markdown, table)
     return 0
 
 
