@@ -506,12 +506,20 @@ def run_bench(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         return run_mount_bench(args, console)
+    if args.mmu == "hardware":  # the hardware MMU's targets: vnpager.tools.bench_hw
+        from vnpager.tools.bench_hw import run_hw_bench
+
+        return run_hw_bench(args, console)
     cfg = QUICK if args.quick else FULL
+    emit(args, console, measured(lambda log: run(cfg, log)), markdown, table)
+    return 0
+
+
+def measured(measure: Callable[[Callable[[str], None]], Any]) -> Any:
+    """The report of ``measure(log)``, shown in progress: *log* names each case as it starts."""
     with progress(total=False) as bar:
         task = bar.add_task("measuring")
-        report = run(cfg, lambda case: bar.update(task, description=f"measuring: {case}"))
-    emit(args, console, report, markdown, table)
-    return 0
+        return measure(lambda case: bar.update(task, description=f"measuring: {case}"))
 
 
 def emit(args: argparse.Namespace, console: Console, report: Any,
@@ -532,6 +540,8 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller file, shorter measurements")
     p.add_argument("--mount", action="store_true",
                    help="fio, dbench and sqlite3 on a vnpager mount, on its SRC directly and on rclone")
+    p.add_argument("--mmu", choices=("software", "hardware"), default="software",
+                   help="hardware: the hardware MMU's targets (a pager server, userfaultfd)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the results as JSON")
     out.add_argument("--markdown", action="store_true", help="print the table as Markdown")

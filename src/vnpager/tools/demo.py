@@ -6,7 +6,9 @@ each step of the pager's story (attach, fault, flush, persist, terminate)
 shown with what it changed in vm.stats().  ``--mmu hardware`` runs it on
 the hardware MMU: the VM is a private pager server and the map real memory
 (the story's counters are the server's; its trace is the server's too,
-workload and all).
+workload and all), and then shows what only it does: a numpy array that is
+the map's memory, a second process on the same server seeing the writes at
+once, and the budget held while the array reads the whole file.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import dataclasses
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +33,8 @@ from vnpager.vm import MMUS
 
 if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
+
+PEER_TIMEOUT = 120.0  # seconds for the hardware demo's second process (it starts Python, connects, maps)
 
 
 class _Story:
@@ -110,6 +115,8 @@ def run_demo(args: argparse.Namespace) -> int:
             # traced runs show the steps of the story only, not the whole job
             with trace.tracing(False):
                 status = _demo_steps(console, story, fd, path, model, rng, args)
+                if args.mmu == "hardware":
+                    status |= _hardware_steps(story, fd, path, model, rng)
         finally:
             os.close(fd)
         console.print()
@@ -209,6 +216,73 @@ def _demo_steps(console: Console, story: _Story, fd: int, path: str, model: byte
         story.step("terminate", "the server keeps the object for its clients; it terminates it when it "
                                 "stops (at the VM's close), after writing every dirty page back")
     return 0 if bad is None and mismatches == 0 else 1
+
+
+def _hardware_steps(story: _Story, fd: int, path: str, model: bytearray, rng: random.Random) -> int:
+    """What only the hardware MMU does: numpy over the map's own memory, a
+    second process seeing the writes at once, the budget held."""
+    import numpy as np
+
+    from vnpager import mmap
+
+    vm: Any = story.vm
+    ps, size = vm.page_size, len(model)
+    m: Any = mmap(fd, 0, vm=vm)  # a HwMmap: an mmap.mmap
+    a = np.frombuffer(m, dtype=np.uint8)  # no copy: the array is the map
+    try:
+        vm.quiesce()
+        story.changed("faults")
+        data = rng.randbytes(3 * ps)
+        a[8 * ps:11 * ps] = np.frombuffer(data, dtype=np.uint8)  # stores into the pages
+        model[8 * ps:11 * ps] = data
+        ok = a[8 * ps:11 * ps].tobytes() == data
+        story.step("numpy", f"numpy.frombuffer(m) is the map's memory, no copy: writing 3 pages through "
+                            f"the array faults them in once ({story.changed('faults')}), then they are "
+                            f"plain memory{'' if ok else ' [bold red](read back wrong)[/]'}")
+        ok &= _peer_step(story, vm.path, path, a, model, 8 * ps, rng.randbytes(16))
+        peak = 0
+        for off in range(0, size, vm.physmem // 2):  # all of the file, half the VM at a time
+            ok &= a[off:off + vm.physmem // 2].tobytes() == model[off:off + vm.physmem // 2]
+            peak = max(peak, vm.stats()["frames_resident"])
+        ok &= peak <= vm.npages
+        story.step("budget", f"reading all {human(size)} through the array, every byte checked: at most "
+                             f"{peak} pages resident in the server's memfds (physmem: {vm.npages})")
+    finally:
+        del a  # the map can be closed only once no array holds it
+        m.close()  # writes back
+    bad = _first_difference(path, model)
+    story.step("check", "plain file reads see the array's writes and the other process's" if bad is None
+               else f"[bold red]the file differs from what was written at offset {bad:#x}[/]")
+    return 0 if ok and bad is None else 1
+
+
+def _peer_step(story: _Story, server: str, path: str, a: Any, model: bytearray, off: int,
+               marker: bytes) -> bool:
+    """A second process on the same server reads what we wrote (not yet
+    flushed) and writes *marker* after it, which we see at once."""
+    want = model[off:off + 64]
+    code = "import sys; from vnpager.tools.demo import peer; sys.exit(peer(*sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, server, path, str(off), want.hex(), marker.hex()],
+                          capture_output=True, text=True, timeout=PEER_TIMEOUT)
+    seen = bytes(a[off + 64:off + 64 + len(marker)]) == marker
+    model[off + 64:off + 64 + len(marker)] = marker
+    ok = proc.returncode == 0 and seen
+    story.step("share", f"another process on the same server (pid {proc.stdout.strip() or '?'}) maps the "
+                        f"file and sees our unflushed writes; its write is in our array at once, with no "
+                        f"call: {'yes' if ok else '[bold red]no[/] ' + proc.stderr.strip()[-200:]}")
+    return ok
+
+
+def peer(server: str, path: str, off: str, want: str, marker: str) -> int:
+    """The demo's second process (see _peer_step): 0 if it saw *want* at *off*."""
+    from vnpager import VM
+
+    o = int(off)
+    with VM.connect(server) as vm, open(path, "r+b") as f, vm.mmap(f.fileno(), 0) as m:
+        saw = m[o:o + len(want) // 2] == bytes.fromhex(want)
+        m[o + len(want) // 2:o + len(want) // 2 + len(marker) // 2] = bytes.fromhex(marker)
+    print(os.getpid())
+    return 0 if saw else 1
 
 
 def _first_difference(path: str, model: bytes | bytearray) -> int | None:

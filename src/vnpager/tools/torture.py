@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +71,7 @@ class Config:
     stripe: int = 512  # bytes owned by one thread in turn
     fault_rate: float = 0.02  # per read/write call, for each kind of fault
     hang_grace: float = 60.0  # seconds past the end before the watchdog fires
+    mmu: str = "software"  # hardware: vnpager.tools.torture_hw
 
 
 @dataclass
@@ -92,11 +93,15 @@ class Figures:
 
 
 @dataclass
-class TortureFile:
+class ModelFile:
     path: str
-    vp: Vnode
     size: int
     model: bytearray  # what each owner last wrote (and initially, the file)
+
+
+@dataclass
+class TortureFile(ModelFile):
+    vp: Vnode
 
 
 def fault_plan(seed: int, rate: float) -> FaultPlan:
@@ -117,23 +122,97 @@ def fault_plan(seed: int, rate: float) -> FaultPlan:
     return plan
 
 
-class _Worker(threading.Thread):
-    def __init__(self, run: Torture, tid: int) -> None:
+class Owner(threading.Thread):
+    """A worker thread's share of the files (its stripes), its checks
+    against the model, and its loop of random operations; the subclasses
+    give the operations (``OPS``: (name, weight), each ``op_NAME(i)`` on
+    file *i*)."""
+
+    OPS: tuple[tuple[str, float], ...] = ()
+
+    def __init__(self, cfg: Config, files: Sequence[ModelFile], stop: threading.Event, tid: int) -> None:
         super().__init__(name=f"torture-{tid}", daemon=True)
-        self.run_ = run
+        self.cfg = cfg
+        self.files: list[ModelFile] = list(files)
+        self.stop = stop
         self.tid = tid
-        self.rng = random.Random(run.cfg.seed * 1000 + tid)
+        self.rng = random.Random(cfg.seed * 1000 + tid)
         self.fig = Figures()
-        self.maps: list[mmap | None] = [None] * len(run.files)
 
     # -- ownership
-    def own_stripes(self, f: TortureFile, lo: int, hi: int) -> list[tuple[int, int]]:
+    def own_stripes(self, f: ModelFile, lo: int, hi: int) -> list[tuple[int, int]]:
         """(offset, length) of this thread's stripes within [lo, hi)."""
-        s, n = self.run_.cfg.stripe, self.run_.cfg.threads
+        s, n = self.cfg.stripe, self.cfg.threads
         first = lo // s
         first += (self.tid - first) % n
         spans = ((max(o, lo), min(o + s, hi)) for o in range(first * s, hi, n * s))
         return [(a, b - a) for a, b in spans if a < b]
+
+    def mapping(self, i: int) -> Any:
+        """This thread's shared map of file *i*, made on first use."""
+        raise NotImplementedError
+
+    def op_read(self, i: int) -> None:
+        f, m = self.files[i], self.mapping(i)
+        lo, hi = self.span(f)
+        self.compare_own(f"read of {f.path}", f, lo, hi, m[lo:hi])
+
+    def span(self, f: ModelFile) -> tuple[int, int]:
+        """A random range of up to three pages."""
+        lo = self.rng.randrange(f.size)
+        return lo, min(f.size, lo + self.rng.randint(1, 3 * PAGE_SIZE))
+
+    # -- checks
+    def compare(self, what: str, off: int, got: bytes, want: bytes | bytearray) -> None:
+        self.fig.bytes_verified += len(want)
+        if got != want:
+            self.fig.mismatches += 1
+            self.fig.problems.append(f"thread {self.tid}: {what} at {off:#x}: "
+                                     f"{bytes(got[:16]).hex()} != {bytes(want[:16]).hex()}")
+
+    def compare_own(self, what: str, f: ModelFile, lo: int, hi: int, got: bytes) -> None:
+        """*got*, read from [lo, hi): my stripes there are the model's."""
+        for off, n in self.own_stripes(f, lo, hi):
+            self.compare(what, off, got[off - lo:off - lo + n], f.model[off:off + n])
+
+    def verify_file(self, f: ModelFile, lo: int, hi: int) -> None:
+        """After an acknowledged flush: my bytes of [lo, hi) are in the file."""
+        with open(f.path, "rb", buffering=0) as fh:
+            disk = os.pread(fh.fileno(), hi - lo, lo)
+        self.compare_own(f"acknowledged flush of {f.path}", f, lo, hi, disk)
+
+    def run(self) -> None:
+        names, weights = zip(*self.OPS, strict=True)
+        ops: dict[str, Callable[[int], None]] = {n: getattr(self, f"op_{n}") for n in names}
+        try:
+            while not self.stop.is_set():
+                name = self.rng.choices(names, weights)[0]
+                i = self.rng.randrange(len(self.files))
+                self.fig.ops += 1
+                self.fig.by_op[name] += 1
+                try:
+                    ops[name](i)
+                except (BusError, SegvError) as e:
+                    # the files never shrink and we touch only what we mapped
+                    self.fig.problems.append(f"thread {self.tid}: {name}: {e!r}")
+                    return
+                except OSError as e:
+                    if e.errno not in (errno.EIO, errno.ENOSPC):
+                        self.fig.problems.append(f"thread {self.tid}: {name}: unexpected {e!r}")
+                        return
+                    self.fig.errors += 1
+        except BaseException as e:  # a panic or a bug: stop the run, report it
+            self.fig.problems.append(f"thread {self.tid}: {type(e).__name__}: {e}")
+            self.stop.set()
+
+
+class _Worker(Owner):
+    """Operations on the software MMU: maps and files of the VM's vnodes."""
+
+    def __init__(self, run: Torture, tid: int) -> None:
+        super().__init__(run.cfg, run.files, run.stop, tid)
+        self.run_ = run
+        self.maps: list[mmap | None] = [None] * len(run.files)
 
     def mapping(self, i: int) -> mmap:
         m = self.maps[i]
@@ -141,11 +220,6 @@ class _Worker(threading.Thread):
             f = self.run_.files[i]
             m = self.maps[i] = self.run_.vm.map(f.vp, f.size)
         return m
-
-    def span(self, f: TortureFile) -> tuple[int, int]:
-        """A random range of up to three pages."""
-        lo = self.rng.randrange(f.size)
-        return lo, min(f.size, lo + self.rng.randint(1, 3 * self.run_.vm.page_size))
 
     # -- operations
     def op_write(self, i: int) -> None:
@@ -155,11 +229,6 @@ class _Worker(threading.Thread):
             data = self.rng.randbytes(n)
             m[off:off + n] = data  # a stripe lies in one page: all of it or nothing
             f.model[off:off + n] = data
-
-    def op_read(self, i: int) -> None:
-        f, m = self.run_.files[i], self.mapping(i)
-        lo, hi = self.span(f)
-        self.compare_own(f"read of {f.path}", f, lo, hi, m[lo:hi])
 
     def op_sync(self, i: int) -> None:
         f, m = self.run_.files[i], self.mapping(i)
@@ -217,48 +286,36 @@ class _Worker(threading.Thread):
                                           ("private", 0.06), ("file", 0.08), ("remap", 0.06),
                                           ("advise", 0.07), ("syncall", 0.04))
 
-    # -- checks
-    def compare(self, what: str, off: int, got: bytes, want: bytes | bytearray) -> None:
-        self.fig.bytes_verified += len(want)
-        if got != want:
-            self.fig.mismatches += 1
-            self.fig.problems.append(f"thread {self.tid}: {what} at {off:#x}: "
-                                     f"{bytes(got[:16]).hex()} != {bytes(want[:16]).hex()}")
 
-    def compare_own(self, what: str, f: TortureFile, lo: int, hi: int, got: bytes) -> None:
-        """*got*, read from [lo, hi): my stripes there are the model's."""
-        for off, n in self.own_stripes(f, lo, hi):
-            self.compare(what, off, got[off - lo:off - lo + n], f.model[off:off + n])
+def compare_files(files: Sequence[ModelFile], fig: Figures) -> None:
+    """Each file, read whole from the host, against its model."""
+    for f in files:
+        with open(f.path, "rb") as fh:
+            disk = fh.read()
+        fig.bytes_verified += f.size
+        if disk != f.model:
+            fig.mismatches += 1
+            bad = next(i for i, (a, b) in enumerate(zip(disk, f.model, strict=False)) if a != b)
+            fig.problems.append(f"{f.path} differs from the model at {bad:#x}")
 
-    def verify_file(self, f: TortureFile, lo: int, hi: int) -> None:
-        """After an acknowledged flush: my bytes of [lo, hi) are in the file."""
-        with open(f.path, "rb", buffering=0) as fh:
-            disk = os.pread(fh.fileno(), hi - lo, lo)
-        self.compare_own(f"acknowledged flush of {f.path}", f, lo, hi, disk)
 
-    def run(self) -> None:
-        names, weights = zip(*self.OPS, strict=True)
-        ops: dict[str, Callable[[int], None]] = {n: getattr(self, f"op_{n}") for n in names}
-        try:
-            while not self.run_.stop.is_set():
-                name = self.rng.choices(names, weights)[0]
-                i = self.rng.randrange(len(self.run_.files))
-                self.fig.ops += 1
-                self.fig.by_op[name] += 1
-                try:
-                    ops[name](i)
-                except (BusError, SegvError) as e:
-                    # the files never shrink and we touch only what we mapped
-                    self.fig.problems.append(f"thread {self.tid}: {name}: {e!r}")
-                    return
-                except OSError as e:
-                    if e.errno not in (errno.EIO, errno.ENOSPC):
-                        self.fig.problems.append(f"thread {self.tid}: {name}: unexpected {e!r}")
-                        return
-                    self.fig.errors += 1
-        except BaseException as e:  # a panic or a bug: stop the run, report it
-            self.fig.problems.append(f"thread {self.tid}: {type(e).__name__}: {e}")
-            self.run_.stop.set()
+def run_workers(workers: Sequence[Owner], stop: threading.Event, cfg: Config) -> tuple[Figures, bool]:
+    """Run *workers* for the configured time, then stop them; their figures
+    added up, and whether they hung (their stacks are printed on stderr then)."""
+    for w in workers:
+        w.start()
+    stop.wait(cfg.seconds)
+    stop.set()
+    deadline = time.monotonic() + cfg.hang_grace
+    for w in workers:
+        w.join(max(0.0, deadline - time.monotonic()))
+    fig = Figures()
+    for w in workers:
+        fig.add(w.fig)
+    if any(w.is_alive() for w in workers):
+        dump_hang(sys.stderr)
+        return fig, True
+    return fig, False
 
 
 class Torture:
@@ -279,24 +336,14 @@ class Torture:
             with open(path, "wb") as fh:
                 fh.write(data)
             vp = hostfs_vget_path(self.vm.vfs, self.mount, path)
-            self.files.append(TortureFile(path, vp, size, bytearray(data)))
+            self.files.append(TortureFile(path, size, bytearray(data), vp))
 
     def run(self) -> tuple[Figures, bool]:
         """Run the workers, then check everything; return the figures and
         whether the run hung (the stacks are printed on stderr then)."""
         workers = [_Worker(self, t) for t in range(self.cfg.threads)]
-        for w in workers:
-            w.start()
-        self.stop.wait(self.cfg.seconds)
-        self.stop.set()
-        deadline = time.monotonic() + self.cfg.hang_grace
-        for w in workers:
-            w.join(max(0.0, deadline - time.monotonic()))
-        fig = Figures()
-        for w in workers:
-            fig.add(w.fig)
-        if any(w.is_alive() for w in workers):
-            dump_hang(sys.stderr)
+        fig, hung = run_workers(workers, self.stop, self.cfg)
+        if hung:
             return fig, True
         self.plan.clear()
         self._final_check(workers, fig)
@@ -319,14 +366,7 @@ class Torture:
                     except OSError as e:
                         fig.problems.append(f"final flush of {f.path}: {e}")
         uvm_vnp_sync(self.vm)
-        for f in self.files:
-            with open(f.path, "rb") as fh:
-                disk = fh.read()
-            fig.bytes_verified += f.size
-            if disk != f.model:
-                fig.mismatches += 1
-                bad = next(i for i, (a, b) in enumerate(zip(disk, f.model, strict=False)) if a != b)
-                fig.problems.append(f"{f.path} differs from the model at {bad:#x}")
+        compare_files(self.files, fig)
         self.vm.check_invariants()
 
     def close(self) -> None:
@@ -361,7 +401,7 @@ def torture(cfg: Config) -> tuple[Figures, Counter[str], bool]:
 
 
 def report(cfg: Config, fig: Figures, injected: Counter[str], hung: bool, out: Any) -> int:
-    print(f"vnpager torture: seed {cfg.seed}, {cfg.seconds:g} s, {cfg.threads} threads, "
+    print(f"vnpager torture: {cfg.mmu} MMU, seed {cfg.seed}, {cfg.seconds:g} s, {cfg.threads} threads, "
           f"{cfg.files} files of {cfg.file_pages} pages, VM of {cfg.physmem_pages} pages, "
           f"invariant checks {'on' if DEBUG else 'off (VNPAGER_DEBUG=1 turns them on)'}", file=out)
     print(f"operations done:  {fig.ops}  ({', '.join(f'{k} {v}' for k, v in sorted(fig.by_op.items()))})",
@@ -380,8 +420,13 @@ def report(cfg: Config, fig: Figures, injected: Counter[str], hung: bool, out: A
 
 def run_torture(args: argparse.Namespace) -> int:
     cfg = Config(seconds=args.seconds, seed=args.seed, threads=args.threads,
-                 fault_rate=args.fault_rate)
-    fig, injected, hung = torture(cfg)
+                 fault_rate=args.fault_rate, mmu=args.mmu)
+    if cfg.mmu == "hardware":
+        from vnpager.tools.torture_hw import torture_hw
+
+        fig, injected, hung = torture_hw(cfg)
+    else:
+        fig, injected, hung = torture(cfg)
     return report(cfg, fig, injected, hung, sys.stdout)
 
 
@@ -394,6 +439,8 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--threads", type=int, default=4, help="worker threads (default 4)")
     p.add_argument("--fault-rate", type=float, default=0.02, metavar="P",
                    help="probability of each kind of fault per I/O call (default 0.02)")
+    p.add_argument("--mmu", choices=("software", "hardware"), default="software",
+                   help="hardware: hardware maps through a pager server, write-back faults only")
     p.set_defaults(func=run_torture)
 
 
