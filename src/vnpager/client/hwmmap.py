@@ -134,22 +134,23 @@ class HwMmap(mmap.mmap):
             raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
         eflags, eprot, eaccess = effective(fl, pr, ac)
         grant, memfd = vm.grant(fd, n, off, eprot, eflags)
-        try:
-            self = super().__new__(cls, memfd, n, fl, pr, ac, off)
-        except BaseException:
-            vm.release(grant)
-            raise
-        finally:
-            os.close(memfd)  # CPython holds its own duplicate
-        self._vm, self._addr, self._trackfd = vm, address(self), trackfd
-        self._rdonly = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
-        self._flags, self._prot, self._access, self._offset = eflags, eprot, eaccess, off
-        try:
-            vm.request("mapped", grant, self._addr, len(self))
-        except BaseException:
-            mmap.mmap.close(self)
-            vm.release(grant)
-            raise
+        with vm.space_lock:  # our address is the server's name for the map: see close()
+            try:
+                self = super().__new__(cls, memfd, n, fl, pr, ac, off)
+            except BaseException:
+                vm.release(grant)
+                raise
+            finally:
+                os.close(memfd)  # CPython holds its own duplicate
+            self._vm, self._addr, self._trackfd = vm, address(self), trackfd
+            self._rdonly = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+            self._flags, self._prot, self._access, self._offset = eflags, eprot, eaccess, off
+            try:
+                vm.request("mapped", grant, self._addr, len(self))
+            except BaseException:
+                mmap.mmap.close(self)
+                vm.release(grant)
+                raise
         vm.track(self)
         return self
 
@@ -178,13 +179,17 @@ class HwMmap(mmap.mmap):
                 vm.request("flush", self._addr, 0, len(self))
             except OSError as e:
                 error = e
-        super().close()  # BufferError if exported: nothing more is undone
-        try:
-            vm.request("unmap", self._addr)
-        except OSError as e:
-            error = error or e
-        finally:
-            vm.untrack(self)
+        # The server names a map by its address: from our munmap until the
+        # server has forgotten the map, no other map of this VM may be made
+        # (it could get the same address, and lose its entry to our unmap).
+        with vm.space_lock:
+            super().close()  # BufferError if exported: nothing more is undone
+            try:
+                vm.request("unmap", self._addr)
+            except OSError as e:
+                error = error or e
+            finally:
+                vm.untrack(self)
         if error is not None:
             raise error
 
@@ -281,6 +286,7 @@ class HwMmap(mmap.mmap):
         # CPython's ftruncate of the memfd is a no-op now; its mremap may
         # move the range, which loses its registration: the server enters
         # and registers it again where it is now.
-        super().resize(new)
-        old, self._addr = self._addr, address(self)
-        vm.request("moved", old, self._addr, new)
+        with vm.space_lock:  # a move frees the old address (see close())
+            super().resize(new)
+            old, self._addr = self._addr, address(self)
+            vm.request("moved", old, self._addr, new)

@@ -55,7 +55,10 @@ class HardwareVM:
     """A client of a pager server: see the module docstring.
 
     The connection (``_sock``, ``_dead``, ``_seq``) is guarded by
-    ``_lock``, which a request holds from send to reply.  ``_maps`` (the
+    ``_lock``, which a request holds from send to reply.  ``space_lock``
+    (this process's mmap_sem) is held by a map from its mmap, munmap or
+    mremap until the server knows its new address, since the server names
+    maps by address (see ``HwMmap.close``).  ``_maps`` (the
     open maps, closed by :meth:`close`) is a WeakSet: a map dropped
     without close is closed by its ``__del__``.  ``closed`` is set once,
     by :meth:`close`; like a file object, a VM is not safe against a
@@ -67,6 +70,7 @@ class HardwareVM:
     def __init__(self, physmem: int | str | None = None, *, path: str | None = None) -> None:
         self.closed = False
         self._lock = threading.Lock()
+        self.space_lock = threading.RLock()  # the client's mmap_sem: see HwMmap
         self._maps: weakref.WeakSet[HwMmap] = weakref.WeakSet()
         self._server: subprocess.Popen[bytes] | None = None
         self._watchdog: subprocess.Popen[bytes] | None = None
@@ -319,6 +323,7 @@ class HardwareVM:
         space the fork event made.  The parent's connection, uffd and
         processes stay the parent's (we only close our copies)."""
         self._lock = threading.Lock()  # another thread may have held it at fork
+        self.space_lock = threading.RLock()
         self._seq = 0
         self._server = self._watchdog = None  # the parent's children, not ours
         parent, features = self.session, self.uffd.features

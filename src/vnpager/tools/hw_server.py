@@ -10,12 +10,7 @@ a plain server does not give:
   ENOSPC, short): only writes, since a failed read is SIGBUS in the client
   on this machine; SIGUSR1 clears the plan (a torture run's final check);
 * ``--profile PATH`` profiles every thread of the server (cProfile, one
-  profiler per thread) and dumps the merged stats to PATH at exit;
-* ``--no-pageout``: the page daemon's cleared references do not unmap the
-  client's PTEs (process_madvise MADV_PAGEOUT is not used), a work-around
-  for a bug of the uffd pmap that torture found (hw-status-tools.md: a
-  pageout queued for a map the client has closed fails with ENOMEM, and
-  the fault that flushes the queue is answered SIGBUS).
+  profiler per thread) and dumps the merged stats to PATH at exit.
 
 It prints ``ready`` on stdout once it accepts, and at exit one JSON line:
 the faults injected by kind.  :class:`Spawned` starts one and stops it.
@@ -36,30 +31,16 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable
 from typing import IO
 
 from vnpager.arch.uffd import Uffd
 from vnpager.server.serve import Server, listen, make_vm, watch_parent
-from vnpager.server.space import ClientSpace
 from vnpager.uvm.uvm import VM
 from vnpager.vfs.faultfs import FaultFS, FaultPlan
 from vnpager.vfs.hostfs import HostFS
 
 READY_TIMEOUT = 60.0  # seconds for the server to import vnpager, make its VM and listen
 STOP_TIMEOUT = 120.0  # seconds for it to write back and exit
-
-
-def space_factory(pageout: bool) -> Callable[[VM, Uffd, int], ClientSpace]:
-    """ClientSpaces, whose pmaps use no PAGEOUT unless *pageout*."""
-
-    def make(vm: VM, uffd: Uffd, pid: int) -> ClientSpace:
-        space = ClientSpace(vm, uffd, pid)
-        if not pageout:
-            space.pmap.process = None  # as where process_madvise is not allowed
-        return space
-
-    return make
 
 
 def write_faults(seed: int, rate: float) -> FaultPlan:
@@ -109,7 +90,7 @@ def serve(args: argparse.Namespace) -> Counter[str]:
         seed, rate = args.faults.split(":")
         plan = write_faults(int(seed), float(rate))
         vm.hostfs = vm.vfs.mount(FaultFS(HostFS(), plan), "faulty")  # every client's files come through it
-    server = Server(vm, listen(args.socket), space_factory(not args.no_pageout))
+    server = Server(vm, listen(args.socket))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.shutdown())
     if args.parent_pid is not None:
@@ -139,14 +120,12 @@ class Spawned:
     ``injected`` (faults by kind) is filled in by :meth:`stop`.
     """
 
-    def __init__(self, physmem: int | str, *, faults: str = "", profile: str = "",
-                 pageout: bool = True) -> None:
+    def __init__(self, physmem: int | str, *, faults: str = "", profile: str = "") -> None:
         self.path = f"@vnpager-tools-{os.getpid()}-{id(self):x}"
         cmd = [sys.executable, "-m", "vnpager.tools.hw_server", "--socket", self.path,
                "--physmem", str(physmem), "--parent-pid", str(os.getpid())]
         cmd += ["--faults", faults] if faults else []
         cmd += ["--profile", profile] if profile else []
-        cmd += [] if pageout else ["--no-pageout"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         self.injected: Counter[str] = Counter()
@@ -195,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--physmem", type=size_arg, default=None, metavar="SIZE")
     p.add_argument("--faults", default="", metavar="SEED:RATE", help="inject write-back faults")
     p.add_argument("--profile", default="", metavar="PATH", help="cProfile every thread, dump to PATH")
-    p.add_argument("--no-pageout", action="store_true", help="clear references without PAGEOUT")
     p.add_argument("--parent-pid", type=int, default=None, help="stop when this process exits")
     args = p.parse_args(argv)
     Uffd.open().close()  # UffdUnavailable, naming the fix, before anything else

@@ -66,12 +66,7 @@ class _HwWorker(Owner):
         return m
 
     def open_map(self, f: HwFile, flags: int = std_mmap.MAP_SHARED) -> Any:
-        with self.run_.map_lock:
-            return self.run_.vm.mmap(f.fd, f.size, flags=flags)
-
-    def close_map(self, m: Any) -> None:
-        with self.run_.map_lock:
-            m.close()
+        return self.run_.vm.mmap(f.fd, f.size, flags=flags)
 
     @contextmanager
     def another_map(self, f: HwFile, flags: int = std_mmap.MAP_SHARED) -> Iterator[Any]:
@@ -79,7 +74,7 @@ class _HwWorker(Owner):
         try:
             yield m
         finally:
-            self.close_map(m)
+            m.close()
 
     def _stripes(self, f: ModelFile) -> list[tuple[int, int, bytes]]:
         """My stripes in up to three pages from a random place, each with new data."""
@@ -149,7 +144,7 @@ class _HwWorker(Owner):
     def op_remap(self, i: int) -> None:
         m, self.maps[i] = self.maps[i], None
         if m is not None:
-            self.close_map(m)  # closed even when its write-back fails (then it raises)
+            m.close()  # closed even when its write-back fails (then it raises)
         self.mapping(i)
 
     def op_advise(self, i: int) -> None:
@@ -174,17 +169,11 @@ class HwTorture:
 
     def __init__(self, cfg: Config, directory: str) -> None:
         self.cfg = cfg
-        # no PAGEOUT: a work-around for the uffd pmap's bug told in hw_server's docstring
-        self.server = Spawned(cfg.physmem_pages * PAGE_SIZE, faults=f"{cfg.seed}:{cfg.fault_rate}",
-                              pageout=False)
+        self.server = Spawned(cfg.physmem_pages * PAGE_SIZE, faults=f"{cfg.seed}:{cfg.fault_rate}")
         from vnpager import VM
 
         self.vm = VM.connect(self.server.path)
         self.stop = threading.Event()
-        # held across a map's mmap and its server's "mapped", and a close's munmap and "unmap": without
-        # it, threads that map and close at once confuse maps that reuse an address (a bug of the client
-        # library's, told in hw-status-tools.md: ValueError, a hang, or SIGBUS)
-        self.map_lock = threading.Lock()
         rng = random.Random(cfg.seed)
         self.files: list[HwFile] = []
         for i in range(cfg.files):

@@ -55,6 +55,7 @@ imports ``uvm`` at run time.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
 from collections.abc import Callable
@@ -420,7 +421,7 @@ def _pageout_flush(pmap: Pmap) -> None:
         return
     try:
         for i in range(0, len(runs), IOV_MAX):
-            proc.madvise(runs[i : i + IOV_MAX], MADV_PAGEOUT)
+            _pageout(proc, runs[i : i + IOV_MAX])
     except OSError as e:
         if e.errno not in (*GONE, errno.EPERM, errno.EINVAL):
             raise
@@ -429,6 +430,21 @@ def _pageout_flush(pmap: Pmap) -> None:
         pmap.stats.pageouts_refused += len(vas)
         return
     pmap.stats.pageouts += len(vas)
+
+
+def _pageout(proc: Process, runs: list[tuple[int, int]]) -> None:
+    """PAGEOUT of *runs*.  The client may have unmapped some since their
+    references were cleared (ENOMEM for the whole call): then each run
+    alone, skipping the gone ones -- PAGEOUT is advice, and its failure
+    must never reach a fault as a read error."""
+    try:
+        proc.madvise(runs, MADV_PAGEOUT)
+    except OSError as e:
+        if e.errno != errno.ENOMEM:
+            raise
+        for run in runs:
+            with contextlib.suppress(OSError):
+                proc.madvise([run], MADV_PAGEOUT)
 
 
 def pmap_access(pmap: Pmap, va: int, end: int, access_type: int) -> None:
