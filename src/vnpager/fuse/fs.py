@@ -27,17 +27,17 @@ import errno
 import itertools
 import os
 import stat
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pyfuse3
 import trio
 
-from vnpager.fuse import pager
+from vnpager.fuse import pager, profile
 from vnpager.fuse.inodes import InodeTable, proc_path
-from vnpager.uvm.uvm_bio import ubc_read
 from vnpager.vnmap import FileObject
 
 if TYPE_CHECKING:
@@ -94,6 +94,19 @@ class VnpagerFS(pyfuse3.Operations):
         self.opens: Counter[int] = Counter()  # open files per inode
         self.dirs: dict[int, tuple[int, list[str]]] = {}  # directory handle -> inode, names
         self._fh = itertools.count(1)
+        self.profile = profile.RequestProfile() if profile.enabled() else None
+
+    async def _data(self, op: str, nbytes: int, fn: Callable[..., T], *args: Any) -> T:
+        """A data request's pager call, in a worker (:func:`_pager`), timed by
+        stage when profiling (see :mod:`vnpager.fuse.profile`)."""
+        prof = self.profile
+        if prof is None:
+            return await _pager(fn, *args)
+        t0 = time.perf_counter()
+        result, start, end = await _pager(prof.in_worker, fn, *args)
+        t1 = time.perf_counter()
+        prof.add(op, nbytes, {"hop in": start - t0, "pager": end - start, "hop out": t1 - end})
+        return result
 
     # attributes
     def _attr(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
@@ -319,13 +332,28 @@ class VnpagerFS(pyfuse3.Operations):
             raise
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await _pager(ubc_read, self.files[fh].file.uvn, size, off)
+        uvn = self.files[fh].file.uvn
+        t0 = time.perf_counter() if self.profile else 0.0
+        data: bytes | bytearray | None = pager.read_nowait(uvn, size, off)  # resident: no worker thread
+        if data is None:
+            data = await self._data("read", size, pager.read, uvn, size, off)
+        elif self.profile:
+            self.profile.add("read", size, {"loop": time.perf_counter() - t0}, inline=True)
+        return cast(bytes, data)  # pyfuse3 replies with any buffer: no copy to bytes
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await _pager(pager.write, self.files[fh].file, buf, off)
+        f = self.files[fh].file
+        t0 = time.perf_counter() if self.profile else 0.0
+        done = pager.write_nowait(f, buf, off)  # resident or free pages: no worker thread
+        if done < len(buf):
+            rest = memoryview(buf)[done:]
+            return done + await self._data("write", len(rest), pager.write, f, rest, off + done)
+        if self.profile:
+            self.profile.add("write", len(buf), {"loop": time.perf_counter() - t0}, inline=True)
+        return done
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await _pager(pager.fsync, self.files[fh].file)
+        await self._data("fsync", 0, pager.fsync, self.files[fh].file)
 
     async def release(self, fh: int) -> None:
         of = self.files.pop(fh)

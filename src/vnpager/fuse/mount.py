@@ -113,6 +113,8 @@ def _finish(fs: VnpagerFS, *, unmount: bool) -> None:
     pyfuse3.close(unmount=unmount)
     pager.shutdown(fs.vm, fs.open_objects())
     fs.inodes.close()
+    if fs.profile is not None:
+        print(fs.profile.report(), flush=True)
 
 
 async def _main() -> bool:
