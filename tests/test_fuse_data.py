@@ -77,17 +77,31 @@ def test_a_read_of_missing_pages_is_one_read_call(vm: VM, tmp_path: Path) -> Non
         f.close()
 
 
-def test_read_nowait_serves_resident_pages_only(vm: VM, tmp_path: Path) -> None:
+def test_read_nowait_reads_from_free_memory_only(tmp_path: Path) -> None:
+    """Without sleeping: missing pages are read while pages are free above
+    freemin (here no page daemon frees any), then only resident ones."""
+    vm = VM(physmem=64 * PS, pagedaemon=False)
+    path, data = _file(tmp_path, 128 * PS + 5)
+    f = pager.open_object(vm, str(path), write=False)
+    try:
+        got = 0
+        while (d := pager.read_nowait(f.uvn, PS, got * PS)) is not None:
+            assert d == data[got * PS:(got + 1) * PS]
+            got += 1
+        assert got == 64 - vm.freemin
+        assert pager.read_nowait(f.uvn, 2 * PS - 7, PS + 3) == data[PS + 3:3 * PS - 4]
+        assert pager.read_nowait(f.uvn, 2 * PS, (got - 1) * PS) is None  # its last page is not resident
+        assert pager.read_nowait(f.uvn, 100, 200 * PS) == b""  # past the end
+    finally:
+        f.close()
+        vm.close()
+
+
+def test_read_nowait_only_tries_the_object_lock(vm: VM, tmp_path: Path) -> None:
     path, data = _file(tmp_path, 10 * PS + 5)
     f = pager.open_object(vm, str(path), write=False)
     try:
-        assert pager.read_nowait(f.uvn, 3 * PS, PS) is None  # nothing resident
-        assert pager.read(f.uvn, 2 * PS, PS) == data[PS:3 * PS]
-        assert pager.read_nowait(f.uvn, 2 * PS - 7, PS + 3) == data[PS + 3:3 * PS - 4]
-        assert pager.read_nowait(f.uvn, 3 * PS, PS) is None  # its last page is not
-        assert pager.read(f.uvn, 100, 10 * PS) == data[10 * PS:]  # cut at the end
-        assert pager.read_nowait(f.uvn, 100, 10 * PS) == data[10 * PS:]
-        assert pager.read_nowait(f.uvn, 100, 11 * PS) == b""
+        assert pager.read_nowait(f.uvn, 100, 10 * PS) == data[10 * PS:]  # cut at the end
         held, done = threading.Event(), threading.Event()
 
         def holder() -> None:  # the lock is only tried: another thread holds it

@@ -33,6 +33,7 @@ from vnpager.uvm.uvm_page import (
     PG_BUSY,
     PG_CLEAN,
     PG_FAKE,
+    PQ_QUEUES,
     UVM_PAGE_OWN,
     VmPage,
     uvm_page_unbusy,
@@ -46,6 +47,7 @@ from vnpager.uvm.uvm_pager import (
     PGO_CLEANIT,
     PGO_FREE,
     PGO_LOCKED,
+    PGO_NOSLEEPALLOC,
     PGO_SYNCIO,
     VM_PAGER_ERROR,
     VM_PAGER_OK,
@@ -112,8 +114,11 @@ def _resident(uvn: UvmVnode, first: int, npages: int) -> list[VmPage] | None:
 
 
 def _copy_out(uvn: UvmVnode, pgs: list[VmPage], first: int, off: int, end: int) -> bytearray:
-    """The bytes [off, end) of the pages *pgs* (from *first*), which become
-    the most recently used.  => caller holds the object lock."""
+    """The bytes [off, end) of the pages *pgs* (from *first*).  A page found
+    resident becomes the most recently used (active); one just read in goes
+    to the tail of the inactive queue, so that a stream read once is freed
+    before the pages used twice, and without a pass over the active queue.
+    => caller holds the object lock."""
     ps = uvn.vm.page_size
     end = min(end, uvn.u_size)  # it may have shrunk while the lock was dropped
     buf = bytearray(max(0, end - off))
@@ -123,27 +128,28 @@ def _copy_out(uvn: UvmVnode, pgs: list[VmPage], first: int, off: int, end: int) 
             buf[lo - off:hi - off] = pg.data[lo - pg.offset:hi - pg.offset]
     with uvn.vm.pageqlock:
         for pg in pgs:
-            uvm_pageactivate(pg)
+            if pg.pg_flags & PQ_QUEUES:
+                uvm_pageactivate(pg)  # found resident: used again
+            else:
+                uvm_pagedeactivate(pg)  # just read in: used once, the first to go (as Linux's)
     uvn.u_ubc_ra.ra_next = first + len(pgs) * ps
     return buf
 
 
 @gated
 def read_nowait(uvn: UvmVnode, n: int, off: int) -> bytearray | None:
-    """Up to *n* bytes at *off* if every page of them is resident and the
-    object lock is free, without sleeping; None otherwise (ask :func:`read`).
+    """Up to *n* bytes at *off*, or None (ask :func:`read`) rather than
+    sleep: the object lock is only tried, the pages missing are read only
+    from free memory (PGO_NOSLEEPALLOC, after freeing clean pages, which
+    needs no sleep) and with the vnode lock free.  It may still wait as
+    long as a host call for a lock held over one (the kernel lock, the
+    object lock between two steps), as the event loop's host calls do.
 
     => caller holds a reference to the object (an open file) and no VM lock.
     """
-    end, first, npages = _span(uvn, n, off)
-    lock = uvn.vmobjlock
-    if not lock.rw_enter(RW_WRITE | RW_NOSLEEP):
+    if not uvn.vmobjlock.rw_enter(RW_WRITE | RW_NOSLEEP):
         return None
-    try:
-        pgs = _resident(uvn, first, npages)
-        return None if pgs is None else _copy_out(uvn, pgs, first, off, end)
-    finally:
-        lock.rw_exit()
+    return _read(uvn, n, off, PGO_NOSLEEPALLOC)
 
 
 @gated
@@ -154,30 +160,41 @@ def read(uvn: UvmVnode, n: int, off: int) -> bytearray | bytes:
 
     => caller holds a reference to the object and no VM lock.
     """
+    uvn.vmobjlock.rw_enter(RW_WRITE)
+    data = _read(uvn, n, off, 0)
+    # None: truncated, or the vnode lock busy: UBC's page at a time copes
+    return ubc_read(uvn, n, off) if data is None else data
+
+
+def _read(uvn: UvmVnode, n: int, off: int, flags: int) -> bytearray | None:
+    """The bytes of a read from the resident pages, or with those missing
+    read in (:func:`_page_in` with *flags*); None if that could not be done.
+
+    => caller holds the object lock; it is released on return.
+    """
     end, first, npages = _span(uvn, n, off)
-    lock = uvn.vmobjlock
-    lock.rw_enter(RW_WRITE)
     pgs = _resident(uvn, first, npages)
     if pgs is not None:
         try:
             return _copy_out(uvn, pgs, first, off, end)
         finally:
-            lock.rw_exit()
-    pgs = _page_in(uvn, first, npages)
-    if pgs is None:  # truncated, or the vnode lock busy: UBC's page at a time copes
-        return ubc_read(uvn, n, off)
+            uvn.vmobjlock.rw_exit()
+    pgs = _page_in(uvn, first, npages, flags)
+    if pgs is None:
+        return None
     try:
         return _copy_out(uvn, pgs, first, off, end)
     finally:
         uvm_page_unbusy(pgs)
-        lock.rw_exit()
+        uvn.vmobjlock.rw_exit()
 
 
-def _page_in(uvn: UvmVnode, first: int, npages: int) -> list[VmPage] | None:
+def _page_in(uvn: UvmVnode, first: int, npages: int, flags: int) -> list[VmPage] | None:
     """Every page of [first, first + npages pages), busy, those missing
     read in runs (one read call each; one for the lot when memory allows,
     and it is freed first, in our thread, as read-ahead does).  None if a
-    page is past the end or the vnode lock was busy (nothing is then held).
+    page is past the end, the vnode lock was busy, or (with *flags*
+    PGO_NOSLEEPALLOC) memory is short: nothing is then held.
     Raises OSError if a read failed.
 
     => caller holds the object lock; it is dropped and held again on return
@@ -192,7 +209,7 @@ def _page_in(uvn: UvmVnode, first: int, npages: int) -> list[VmPage] | None:
     if result == VM_PAGER_OK:
         return pps  # type: ignore[return-value]
     # the unlocked pass: waits for busy pages, allocates and reads the rest
-    result, _ = uvn_get(uvn, first, pps, npages, 0, PROT_READ, MADV_NORMAL, PGO_ALLPAGES)
+    result, _ = uvn_get(uvn, first, pps, npages, 0, PROT_READ, MADV_NORMAL, PGO_ALLPAGES | flags)
     lock.rw_enter(RW_WRITE)
     got = [p for p in pps if isinstance(p, VmPage)]
     if result == VM_PAGER_OK and len(got) == npages:
