@@ -23,6 +23,7 @@ writes (its free target is a few hundred pages: less than two 1 MiB writes).
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 from typing import TYPE_CHECKING
 
@@ -279,8 +280,11 @@ def _write_run(uvn: UvmVnode, src: memoryview, off: int, keep: int) -> int:
             pg.data[lo - pg.offset:hi - pg.offset] = src[lo - off:hi - off]
     with vm.pageqlock:
         for pg in pgs:
+            if pg.pg_flags & PQ_QUEUES:
+                uvm_pageactivate(pg)  # written again: in use
+            else:
+                uvm_pagedeactivate(pg)  # a fresh page: used once, the first to clean and free
             pg.pg_flags &= ~(PG_CLEAN | PG_FAKE)  # not written through a pmap: no modified bit
-            uvm_pageactivate(pg)
     uvm_page_unbusy(pgs)
     return pos - off
 
@@ -354,34 +358,49 @@ def write(f: FileObject, buf: bytes | memoryview, off: int) -> int:
 
 def _make_room(uvn: UvmVnode, npages: int) -> None:
     """Free memory for a write of up to *npages* new pages, in the writer's
-    thread, so that it does not sleep for the page daemon: clean pages
-    first (uvmpd_reserve), then, if that was not enough, the writer's own
-    oldest pages, written back in one synchronous flush and freed.
-
-    => caller holds the object lock; it may be dropped and taken again.
-    """
-    short = _reserve(uvn, npages)
-    if short > 0:
-        _clean_behind(uvn, max(short, CLEAN_AHEAD))
-
-
-def _clean_behind(uvn: UvmVnode, want: int) -> None:
-    """Write and free *want* pages of the object from its oldest one (the
-    head of the inactive queue if it is ours, else our oldest active page)
-    on: for a stream of writes, the run the page daemon would take next.
-    A write-back that fails leaves its pages dirty and the error on the
-    object (errseq), for fsync to report.
+    thread, so that it does not sleep for the page daemon.  If the page the
+    VM would reclaim next is one of ours and dirty (a stream of writes),
+    our oldest pages are written back in one synchronous flush and freed
+    first; then clean pages are freed (uvmpd_reserve), and if that was not
+    enough, our own oldest pages again.
 
     => caller holds the object lock; it may be dropped and taken again.
     """
     vm = uvn.vm
+    short = vm.freemin + npages - len(vm.page_free)
+    if short <= 0 or vm.pagedaemon is None:
+        return
     with vm.pageqlock:
-        oldest = next(iter(vm.page_inactive), None)
-        if oldest is None or oldest.uobject is not uvn:
-            oldest = next(iter(uvn.uo_active), None)
-    if oldest is not None:
-        uvn_flush(uvn, oldest.offset, oldest.offset + want * vm.page_size,
-                  PGO_CLEANIT | PGO_SYNCIO | PGO_FREE)
+        victim = next(iter(vm.page_inactive or vm.page_active), None)
+    if victim is not None and victim.uobject is uvn and not victim.pg_flags & PG_CLEAN:
+        _clean_behind(uvn, victim.offset, max(short, CLEAN_AHEAD))
+    short = _reserve(uvn, npages)
+    if short > 0:
+        oldest = _oldest(uvn)
+        if oldest is not None:
+            _clean_behind(uvn, oldest.offset, max(short, CLEAN_AHEAD))
+
+
+def _oldest(uvn: UvmVnode) -> VmPage | None:
+    """Our page nearest the head of the inactive queue (among its first
+    CLEAN_AHEAD pages), else our oldest active page."""
+    vm = uvn.vm
+    with vm.pageqlock:
+        for pg in itertools.islice(vm.page_inactive, CLEAN_AHEAD):
+            if pg.uobject is uvn:
+                return pg
+        return next(iter(uvn.uo_active), None)
+
+
+def _clean_behind(uvn: UvmVnode, start: int, want: int) -> None:
+    """Write and free *want* pages of the object from offset *start* on
+    (its oldest page): for a stream of writes, the run the page daemon
+    would take next.  A write-back that fails leaves its pages dirty and
+    the error on the object (errseq), for fsync to report.
+
+    => caller holds the object lock; it may be dropped and taken again.
+    """
+    uvn_flush(uvn, start, start + want * uvn.vm.page_size, PGO_CLEANIT | PGO_SYNCIO | PGO_FREE)
 
 
 def fsync(f: FileObject) -> None:

@@ -19,7 +19,10 @@ them is printed sorted by cumulative time: it splits *pager* into the
 copy, page allocation, waits for the page daemon (``uvm_wait``) and for
 object locks (``rw_enter``).  The time a request spends in the kernel and
 libfuse before pyfuse3 calls us is not seen here: compare the mean of
-*total* with the latency fio reports (``clat``).
+*total* with the latency fio reports (``clat``).  The table ends with the
+server's CPU time (all threads: the page daemon's and the aio daemon's
+too) per data request, which a machine shared with other jobs inflates
+less than it does the wall-clock stages.
 
 Off (the default), nothing is wrapped: :func:`enabled` is False and the
 file system calls its pager functions directly.
@@ -31,6 +34,7 @@ import cProfile
 import io
 import os
 import pstats
+import resource
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +44,11 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 MODE = os.environ.get("VNPAGER_FUSE_PROFILE", "")
 STAGES = ("loop", "hop in", "pager", "hop out")
+
+
+def _cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def enabled() -> bool:
@@ -69,6 +78,7 @@ class RequestProfile:
         self._local = threading.local()
         self._profilers: list[cProfile.Profile] = []
         self._lock = threading.Lock()  # guards _profilers
+        self._cpu0 = _cpu()  # the start-up's, left out
 
     def in_worker(self, fn: Callable[..., T], *args: Any) -> tuple[T, float, float]:
         """Run *fn* in this worker thread; return its result, start and end."""
@@ -100,6 +110,10 @@ class RequestProfile:
             lines.append(f"{op:<8}{s.n:>10}{s.nbytes / max(s.n, 1) / 1024:>9.1f}{s.inline:>8}"
                          + "".join(f"{s.seconds[k] / s.n * 1e6:>10.1f}" for k in STAGES)
                          + f"{total / s.n * 1e6:>10.1f}")
+        cpu = _cpu() - self._cpu0
+        requests = sum(s.n for s in self.ops.values())
+        lines.append(f"server CPU since mounting (all threads, user + system): {cpu:.2f} s, "
+                     f"{cpu / max(requests, 1) * 1e6:.0f} us per data request")
         if self._profilers:
             out = io.StringIO()
             with self._lock:
