@@ -101,7 +101,8 @@ class RequestProfile:
         for k, v in stages.items():
             s.seconds[k] += v
 
-    def report(self) -> str:
+    def report(self, counters: dict[str, int]) -> str:
+        """The table, the server's CPU time and the VM's *counters* (uvmexp's)."""
         lines = ["vnpager: request profile (mean microseconds per request)",
                  f"{'op':<8}{'requests':>10}{'KiB/req':>9}{'inline':>8}"
                  + "".join(f"{s:>10}" for s in STAGES) + f"{'total':>10}"]
@@ -114,6 +115,7 @@ class RequestProfile:
         requests = sum(s.n for s in self.ops.values())
         lines.append(f"server CPU since mounting (all threads, user + system): {cpu:.2f} s, "
                      f"{cpu / max(requests, 1) * 1e6:.0f} us per data request")
+        lines.append("VM: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
         if self._profilers:
             out = io.StringIO()
             with self._lock:
