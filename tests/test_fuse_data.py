@@ -10,10 +10,14 @@ against a model of the file, fsx's way), then checks SRC after unmount.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import random
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -232,3 +236,62 @@ def test_random_operations_through_the_mount(tmp_path: Path) -> None:
     buf.close()
     assert (src / "f").read_bytes() == model
     assert not os.path.ismount(mnt)
+
+
+_FAILING_SERVER = """
+import errno, sys
+from vnpager.fuse import pager, mount
+
+def page_in(uvn, *args):  # as a failed read would: the object lock given back
+    uvn.vmobjlock.rw_exit()
+    raise OSError(errno.EIO, "injected")
+
+def write_run(*args):
+    raise OSError(errno.EIO, "injected")
+
+pager._page_in, pager._write_run = page_in, write_run
+mount.serve(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+"""
+
+
+def test_an_error_on_the_event_loop_is_an_error_reply(tmp_path: Path) -> None:
+    """A read or write served on the event loop that fails (a server whose
+    page-ins and page copies fail) answers its request with the errno, and
+    the server goes on serving: the error must not escape into pyfuse3's
+    loop, which would end the server (and the caller would see ENOTCONN)."""
+    fuse_helpers = pytest.importorskip("fuse_helpers")
+    from vnpager.fuse.mount import server_pid
+
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    (src / "f").write_bytes(bytes(4 * PS))
+    proc = subprocess.Popen([sys.executable, "-c", _FAILING_SERVER, str(src), str(mnt),
+                             str(fuse_helpers.PHYSMEM)], stdout=subprocess.DEVNULL)
+    buf = mmap.mmap(-1, PS)  # page-aligned, for O_DIRECT
+    try:
+        deadline = time.monotonic() + fuse_helpers.MOUNT_WAIT
+        while server_pid(str(mnt)) != proc.pid:
+            assert proc.poll() is None and time.monotonic() < deadline, "the mount did not appear"
+            time.sleep(0.05)
+        fd = os.open(mnt / "f", os.O_RDWR | os.O_DIRECT)
+        try:
+            with pytest.raises(OSError) as read_error:
+                os.preadv(fd, [buf], 0)
+            with pytest.raises(OSError) as write_error:
+                os.pwritev(fd, [buf], PS)
+        finally:
+            os.close(fd)
+        assert read_error.value.errno == write_error.value.errno == errno.EIO
+        assert os.stat(mnt / "f").st_size == 4 * PS  # still served
+        assert proc.poll() is None
+    finally:
+        buf.close()
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False, timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, timeout=60)

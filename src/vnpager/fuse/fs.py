@@ -8,7 +8,10 @@ attaches the file's VM object, read and write copy to and from its pages,
 release detaches (the object persists with its pages for the next open),
 fsync flushes it.  Pager calls may sleep, so they
 run in worker threads (:func:`_pager`); plain host calls are short and run
-on the event loop.
+on the event loop.  So do a read or a write that the resident pages (and
+free memory) serve at once (``pager.read_nowait``, ``pager.write_nowait``,
+which never sleep): a hop to a worker thread and back costs more than such
+a request, and a worker's Python work holds the GIL the loop would need anyway.
 
 Kernel caching (see the README): by default the kernel's page cache is
 used, so that programs can mmap files on the mount, but only while a file
@@ -334,7 +337,7 @@ class VnpagerFS(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         uvn = self.files[fh].file.uvn
         t0 = time.perf_counter() if self.profile else 0.0
-        data: bytes | bytearray | None = pager.read_nowait(uvn, size, off)  # resident: no worker thread
+        data: bytes | bytearray | None = _host(pager.read_nowait, uvn, size, off)  # no worker thread
         if data is None:
             data = await self._data("read", size, pager.read, uvn, size, off)
         elif self.profile:
@@ -344,7 +347,7 @@ class VnpagerFS(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         f = self.files[fh].file
         t0 = time.perf_counter() if self.profile else 0.0
-        done = pager.write_nowait(f, buf, off)  # resident or free pages: no worker thread
+        done = _host(pager.write_nowait, f, buf, off)  # resident or free pages: no worker thread
         if done < len(buf):
             rest = memoryview(buf)[done:]
             return done + await self._data("write", len(rest), pager.write, f, rest, off + done)

@@ -73,7 +73,10 @@ from vnpager.vnmap import FileObject
 if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
 
-CLEAN_AHEAD = 64  # pages a writer short of memory frees at least, so that small writes share a flush
+# pages a request short of memory frees at least: the requests after it find them free (and
+# are served on the event loop), and small requests share one scan of the queues (each scan
+# lists a whole queue) or one flush
+FREE_AHEAD = 64
 
 
 def open_object(vm: VM, path: str, write: bool) -> FileObject:
@@ -227,7 +230,8 @@ def _page_in(uvn: UvmVnode, first: int, npages: int, flags: int) -> list[VmPage]
 
 def _reserve(uvn: UvmVnode, npages: int) -> int:
     """Free clean pages in our thread so that *npages* can be allocated
-    above vm.freemin (uvmpd_reserve); return how many are still short.
+    above vm.freemin (uvmpd_reserve), and at least FREE_AHEAD of them if
+    any are short; return how many are still short.
 
     => caller holds the object lock; it is dropped meanwhile.
     """
@@ -237,7 +241,7 @@ def _reserve(uvn: UvmVnode, npages: int) -> int:
         return 0
     uvn.vmobjlock.rw_exit()
     try:
-        return short - uvmpd_reserve(vm, short)
+        return max(0, short - uvmpd_reserve(vm, max(short, FREE_AHEAD)))
     finally:
         uvn.vmobjlock.rw_enter(RW_WRITE)
 
@@ -248,13 +252,15 @@ def _write_run(uvn: UvmVnode, src: memoryview, off: int, keep: int) -> int:
     """Copy *src* into the pages from *off* on for as long as that needs no
     sleep and no read: resident unbusy pages, and fresh pages for the whole
     pages not resident while more than *keep* pages are free.  Returns the
-    bytes copied (up to a page boundary, or all).  The pages are left dirty.
+    bytes copied (up to a page boundary, or all), and stops at the end of the
+    object (a truncation may have come since the caller grew it: UBC's
+    ``ubc_write`` grows it again).  The pages are left dirty.
 
-    => caller holds the object lock; the range lies inside the object.
+    => caller holds the object lock.
     """
     vm = uvn.vm
     ps = vm.page_size
-    end = off + len(src)
+    end = min(off + len(src), uvn.u_size)
     pgs: list[VmPage] = []
     pos = off
     while pos < end:
@@ -373,20 +379,20 @@ def _make_room(uvn: UvmVnode, npages: int) -> None:
     with vm.pageqlock:
         victim = next(iter(vm.page_inactive or vm.page_active), None)
     if victim is not None and victim.uobject is uvn and not victim.pg_flags & PG_CLEAN:
-        _clean_behind(uvn, victim.offset, max(short, CLEAN_AHEAD))
+        _clean_behind(uvn, victim.offset, max(short, FREE_AHEAD))
     short = _reserve(uvn, npages)
     if short > 0:
         oldest = _oldest(uvn)
         if oldest is not None:
-            _clean_behind(uvn, oldest.offset, max(short, CLEAN_AHEAD))
+            _clean_behind(uvn, oldest.offset, max(short, FREE_AHEAD))
 
 
 def _oldest(uvn: UvmVnode) -> VmPage | None:
     """Our page nearest the head of the inactive queue (among its first
-    CLEAN_AHEAD pages), else our oldest active page."""
+    FREE_AHEAD pages), else our oldest active page."""
     vm = uvn.vm
     with vm.pageqlock:
-        for pg in itertools.islice(vm.page_inactive, CLEAN_AHEAD):
+        for pg in itertools.islice(vm.page_inactive, FREE_AHEAD):
             if pg.uobject is uvn:
                 return pg
         return next(iter(uvn.uo_active), None)
