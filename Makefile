@@ -23,9 +23,9 @@ sysdeps:
 	  else echo "missing Debian packages:$$missing (run as root, or: sudo apt-get install$$missing)"; fi; \
 	fi
 
-# vnpager bench --mount compares with rclone mount: for the benchmark only, not the tests
+# vnpager bench --mount runs dbench and compares with rclone mount: for the benchmark only, not the tests
 bench-deps:
-	$(MAKE) sysdeps DEBS="$(DEBS) rclone"
+	$(MAKE) sysdeps DEBS="$(DEBS) rclone dbench"
 
 demo: $(STAMP)
 	$(BIN)/vnpager demo

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,3 +203,38 @@ def test_mount_and_vnpager_mmap_in_one_vm_stay_coherent(tmp_path: Path) -> None:
     # the unmount wrote every page, the mapping's and the mount's
     assert (src / "f").read_bytes() == model
     assert not os.path.ismount(mnt)
+
+
+def test_a_file_that_lost_its_name_through_the_mount_stops_persisting(tmp_path: Path) -> None:
+    """Unlink and rename over uncache the file's object after their reply:
+    each object still dies (no persisting pages of a file without its name),
+    while a file kept open across its unlink still reads its data.  Served
+    in-process to see the VM; this process touches the mount with
+    read/write/stat only."""
+    from vnpager.fuse import pager
+
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    vm = vnpager.VM(physmem=PHYSMEM)
+    with mounted(vm, str(src), str(mnt)):
+        keys = []
+        for name, data in (("gone", b"1" * 10_000), ("over", b"2" * 20_000), ("open", b"3" * 30_000)):
+            (mnt / name).write_bytes(data)
+            st = os.stat(src / name)
+            keys.append((st.st_dev, st.st_ino))
+            assert pager.cached_size(vm, keys[-1]) == len(data)  # closed: the object persists
+        (mnt / "new").write_bytes(b"new")
+        kept = os.open(mnt / "open", os.O_RDONLY)
+        try:
+            os.unlink(mnt / "gone")
+            os.rename(mnt / "new", mnt / "over")
+            os.unlink(mnt / "open")
+            deadline = time.monotonic() + 30
+            while any(pager.cached_size(vm, k) >= 0 for k in keys[:2]) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert [pager.cached_size(vm, k) for k in keys] == [-1, -1, 30_000]
+            assert os.pread(kept, 40_000, 0) == b"3" * 30_000
+        finally:
+            os.close(kept)
+        assert (mnt / "over").read_bytes() == b"new" and sorted(os.listdir(mnt)) == ["over"]

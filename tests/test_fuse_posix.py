@@ -307,6 +307,44 @@ def extended_attributes(d: str) -> list[Any]:
 
 
 @case
+def xattrs_absent_then_set(d: str) -> list[Any]:
+    """The mount remembers which names a file lacks: each set or remove
+    through it must show at once, on every name of the file."""
+    p, q = os.path.join(d, "f"), os.path.join(d, "g")
+    write_file(p, b"data")  # a write: the kernel asks for security.capability
+    out = [t(os.getxattr, p, "user.a"), t(os.getxattr, p, "security.x"), sorted(os.listxattr(p))]
+    os.link(p, q)
+    out += [t(os.setxattr, q, "user.a", b"1"), t(os.getxattr, p, "user.a"),
+            t(os.setxattr, p, "trusted.b", b"2"), t(os.getxattr, q, "trusted.b"),
+            t(os.removexattr, q, "user.a"), t(os.getxattr, p, "user.a"), sorted(os.listxattr(p)),
+            t(os.getxattr, p, "system.posix_acl_access")]
+    write_file(p, b"more")
+    return [*out, t(os.getxattr, q, "trusted.b")]
+
+
+@case
+def names_appear_after_absence(d: str) -> list[Any]:
+    """The kernel remembers that a name is absent: every way of making a
+    name through the mount must make it appear at once."""
+    def p(n: str) -> str:
+        return os.path.join(d, n)
+
+    names = ["f", "dir", "sym", "hard", "fifo", "moved", "x"]
+    out: list[Any] = [st(p(n)) for n in names]
+    write_file(p("f"))
+    os.mkdir(p("dir"))
+    os.symlink("f", p("sym"))
+    os.link(p("f"), p("hard"))
+    os.mkfifo(p("fifo"))
+    write_file(p("tmp"), b"moved")
+    os.rename(p("tmp"), p("moved"))
+    out += [st(p(n)) for n in names] + [read_file(p("moved")), st(p("tmp"))]
+    os.unlink(p("f"))
+    os.rename(p("dir"), p("x"))
+    return [*out, st(p("f")), st(p("dir")), st(p("x")), st(p("hard"))]
+
+
+@case
 def posix_fallocate(d: str) -> list[Any]:
     p = os.path.join(d, "f")
     write_file(p, b"keep")

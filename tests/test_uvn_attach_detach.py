@@ -161,13 +161,13 @@ def test_uvn_detach_last_visits_only_the_pages_used_since(monkeypatch: pytest.Mo
         uvn_detach(uvn)  # persists with 128 inactive pages
         assert all(pg.pg_flags & PQ_INACTIVE for pg in pgs)
         deactivated: list[VmPage] = []
-        real = uvm_vnode.uvm_pagedeactivate
+        real = uvm_vnode.uvm_pagedeactivate_run
 
-        def counting(pg: VmPage) -> None:
-            deactivated.append(pg)
-            real(pg)
+        def counting(pgs: list[VmPage]) -> None:
+            deactivated.extend(pgs)
+            real(pgs)
 
-        monkeypatch.setattr(uvm_vnode, "uvm_pagedeactivate", counting)
+        monkeypatch.setattr(uvm_vnode, "uvm_pagedeactivate_run", counting)
         assert vm.pread(vp, 4, 77 * PS) == bytes([78]) * 4
         assert deactivated == [pgs[77]]
         assert uvn.uo_refs == 0 and uvn.uo_npages == 128

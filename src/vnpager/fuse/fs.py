@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import errno
 import itertools
+import logging
 import os
 import stat
 import time
@@ -47,7 +48,18 @@ if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
 
 T = TypeVar("T")
-TIMEOUT = 1.0  # seconds the kernel may trust an entry or attributes
+log = logging.getLogger(__name__)
+# Seconds the kernel may trust an entry or a name's absence: long, because the
+# mount is SRC's only writer (see the README), so names change only through us,
+# and the kernel drops the entries our calls remove or make by itself.
+ENTRY_TIMEOUT = 300.0
+# Seconds it may trust attributes: short, because a program serving the mount
+# in-process (mount.mounted) may change a size through the VM (vm.pwrite), not
+# through the kernel, and the kernel reads no further than the size it trusts.
+ATTR_TIMEOUT = 1.0
+# xattr namespaces whose every name a listing shows us (trusted.*, listed only
+# to root, reads as absent to others anyway): an absent name needs no host call
+LISTED_XATTRS = (b"user.", b"trusted.", b"security.", b"system.posix_acl_")
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -115,7 +127,7 @@ class VnpagerFS(pyfuse3.Operations):
     def _attr(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
-        a.entry_timeout = a.attr_timeout = TIMEOUT
+        a.entry_timeout, a.attr_timeout = ENTRY_TIMEOUT, ATTR_TIMEOUT
         a.st_mode, a.st_nlink, a.st_uid, a.st_gid = st.st_mode, st.st_nlink, st.st_uid, st.st_gid
         a.st_rdev, a.st_size, a.st_blksize, a.st_blocks = st.st_rdev, st.st_size, st.st_blksize, st.st_blocks
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
@@ -127,6 +139,13 @@ class VnpagerFS(pyfuse3.Operations):
     def _stat(self, ino: int) -> os.stat_result:
         """The host attributes of *ino*, from its descriptor: with or without a name."""
         return _host(os.stat, self.inodes.fd(ino))
+
+    def _has_object(self, st: os.stat_result) -> bool:
+        """Whether the pager has an object of the regular file *st*: only then
+        is there something to flush or uncache, worth a worker thread's hop.
+        Read on the event loop, as :func:`pager.cached_size` allows: an open
+        making the object meanwhile is racing the caller's call anyway."""
+        return stat.S_ISREG(st.st_mode) and pager.cached_size(self.vm, (st.st_dev, st.st_ino)) >= 0
 
     def _lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
         """The entry of *name* in *parent* for a reply that the kernel counts as a lookup."""
@@ -160,7 +179,17 @@ class VnpagerFS(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
-        return self._lookup(parent_inode, name)
+        """An entry, or the name's absence for the kernel to remember (st_ino 0):
+        a name appears only through us, and the kernel drops the absence then."""
+        try:
+            ino, st = self.inodes.lookup(parent_inode, name)
+        except FileNotFoundError:
+            absent = pyfuse3.EntryAttributes()
+            absent.st_ino, absent.entry_timeout = 0, ENTRY_TIMEOUT
+            return absent
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from e
+        return self._attr(ino, st)
 
     async def forget(self, inode_list: Any) -> None:
         for ino, n in inode_list:
@@ -183,7 +212,7 @@ class VnpagerFS(pyfuse3.Operations):
             _host(os.chmod, where, stat.S_IMODE(attr.st_mode))
         if fields.update_atime or fields.update_mtime:
             st = self._stat(inode)
-            if stat.S_ISREG(st.st_mode):
+            if self._has_object(st):
                 await _pager(pager.flush_cached, self.vm, (st.st_dev, st.st_ino))
             ns = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
                   attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
@@ -200,15 +229,23 @@ class VnpagerFS(pyfuse3.Operations):
 
     # extended attributes: the host's, of the file itself (through its magic link)
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.inodes.xattrs_changed(inode)
         _host(os.setxattr, self.inodes.proc(inode), name, value)
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        """ENODATA from the inode table's list of names, for a name it proves
+        absent; the host's answer otherwise."""
+        if name.startswith(LISTED_XATTRS):
+            names = self.inodes.xattr_names(inode)
+            if names is not None and name not in names:
+                raise pyfuse3.FUSEError(errno.ENODATA)
         return _host(os.getxattr, self.inodes.proc(inode), name)
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return [os.fsencode(n) for n in _host(os.listxattr, self.inodes.proc(inode))]
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.inodes.xattrs_changed(inode)
         _host(os.removexattr, self.inodes.proc(inode), name)
 
     # names: each relative to its directory's descriptor
@@ -237,12 +274,28 @@ class VnpagerFS(pyfuse3.Operations):
         _host(os.link, self.inodes.proc(inode), new_name, dst_dir_fd=self.inodes.fd(new_parent_inode))
         return self._lookup(new_parent_inode, new_name)
 
+    def _lost_a_name(self, st: os.stat_result) -> None:
+        """The file *st* has just lost a name (unlink, rename over).  If the
+        pager has an object of it, stop the object persisting, so that it dies
+        now or at its last close: in a worker thread, after the reply, for no
+        caller needs to wait for it (its death may write dirty pages, to a file
+        whose other names and open files see the same pages meanwhile; the
+        object's vnode holds the file open, so its key names no other file).
+        Unmount waits for it: trio ends no run before its system tasks."""
+        if self._has_object(st):
+            trio.lowlevel.spawn_system_task(self._uncache, (st.st_dev, st.st_ino))
+
+    async def _uncache(self, key: tuple[int, int]) -> None:
+        try:
+            await trio.to_thread.run_sync(pager.uncache, self.vm, key)
+        except Exception:  # a system task that raises ends the loop: the mount with it
+            log.exception("uncache of the object of %s failed", key)
+
     async def _remove(self, parent: int, name: bytes, remove: Callable[..., None]) -> None:
         dir_fd = self.inodes.fd(parent)
         st = _host(os.stat, name, dir_fd=dir_fd, follow_symlinks=False)
-        if stat.S_ISREG(st.st_mode):
-            await _pager(pager.uncache, self.vm, (st.st_dev, st.st_ino))
         _host(remove, name, dir_fd=dir_fd)
+        self._lost_a_name(st)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._remove(parent_inode, name, os.unlink)
@@ -255,15 +308,13 @@ class VnpagerFS(pyfuse3.Operations):
         """renameat2 with the caller's flags: RENAME_NOREPLACE and RENAME_EXCHANGE
         are the host's, atomic.  A regular file renamed over loses a name."""
         old_fd, new_fd = self.inodes.fd(parent_inode_old), self.inodes.fd(parent_inode_new)
+        target = None
         if not flags & (pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE):
-            try:
+            with contextlib.suppress(OSError):  # no target (or a rename that is about to fail)
                 target = os.stat(name_new, dir_fd=new_fd, follow_symlinks=False)
-            except OSError:
-                pass  # no target (or a rename that is about to fail)
-            else:
-                if stat.S_ISREG(target.st_mode):
-                    await _pager(pager.uncache, self.vm, (target.st_dev, target.st_ino))
         _host(_renameat2, old_fd, name_old, new_fd, name_new, flags)
+        if target is not None:
+            self._lost_a_name(target)
 
     # directories
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:

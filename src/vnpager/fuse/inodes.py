@@ -11,6 +11,18 @@ resolved one component at a time relative to the parent's descriptor (the
 deep the tree; and renames need no bookkeeping.  The kernel's lookup count
 says how long to keep an entry: it grows with each entry we reply with and
 shrinks with each forget.
+
+Lookups cost one ``fstatat`` for a file the table holds already (the
+descriptor we hold pins its ``(st_dev, st_ino)``, so the name's stat names
+it), an ``openat`` and an ``fstat`` more for a new one.  Each entry also
+remembers the names of its host file's extended attributes once listed
+(:meth:`InodeTable.xattr_names`), so that the kernel's many questions for
+names a file does not have (``security.capability`` before each write,
+``security.selinux`` and ``system.posix_acl_access`` for each ``ls -l``)
+are answered without a host call: the mount is SRC's only writer, and
+through the mount only ``setxattr``/``removexattr`` add names (they forget
+the list); a name the host dropped by itself (the ``security.capability``
+that a write or ``chown`` removes) is still asked of the host.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ class Inode:
     fd: int  # O_PATH descriptor of the host file: names may go, this stays
     key: tuple[int, int]  # (st_dev, st_ino) of the host file
     nlookup: int = 0
+    xattrs: frozenset[bytes] | None = None  # the host file's xattr names, None: not listed yet
 
 
 def proc_path(fd: int) -> str:
@@ -64,7 +77,13 @@ class InodeTable:
     def lookup(self, parent: int, name: bytes) -> tuple[int, os.stat_result]:
         """The inode number and attributes of *name* in directory *parent*,
         counted as one lookup.  Raises OSError."""
-        return self.adopt(os.open(name, O_PATH_NOFOLLOW, dir_fd=self.fd(parent)))
+        dir_fd = self.fd(parent)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        ino = self._by_key.get((st.st_dev, st.st_ino))
+        if ino is not None:  # held: the name names our file, no descriptor to open
+            self._inodes[ino].nlookup += 1
+            return ino, st
+        return self.adopt(os.open(name, O_PATH_NOFOLLOW, dir_fd=dir_fd))
 
     def adopt(self, fd: int) -> tuple[int, os.stat_result]:
         """Like :meth:`lookup`, for the file open on the O_PATH descriptor
@@ -85,6 +104,26 @@ class InodeTable:
             os.close(fd)  # the inode we hold pins (st_dev, st_ino): it is the same file
         self._inodes[ino].nlookup += 1
         return ino, st
+
+    def xattr_names(self, ino: int) -> frozenset[bytes] | None:
+        """The names of the extended attributes of *ino*'s host file, listed
+        once and remembered until :meth:`xattrs_changed`; None if the host
+        cannot list them (then ask the host each time)."""
+        inode = self._inodes.get(ino)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        if inode.xattrs is None:
+            try:
+                inode.xattrs = frozenset(os.fsencode(n) for n in os.listxattr(proc_path(inode.fd)))
+            except OSError:
+                return None
+        return inode.xattrs
+
+    def xattrs_changed(self, ino: int) -> None:
+        """The mount set or removed an extended attribute of *ino*: list them anew."""
+        inode = self._inodes.get(ino)
+        if inode is not None:
+            inode.xattrs = None
 
     def forget(self, ino: int, n: int) -> None:
         inode = self._inodes.get(ino)

@@ -22,6 +22,18 @@ Address spaces and translations:
   PROT_NONE removes them all (before the page is freed or reused).
 * ``pmap_extract(pmap, va) -> (pg, prot) | None`` -- the translation at *va*.
 
+Run forms, for the cold path, which works per cluster (a read's pages are
+entered, protected and freed together): each does what the per-page call
+does to each page of a list, in order, under one hold of ``vm.pmap_lock``,
+so that a cluster costs the machine one call, not one per page.
+
+* ``pmap_enter_run(pmap, va, pgs, prot, access_type=PROT_NONE, *,
+  replace=True) -> int`` -- pmap_enter of ``pgs[i]`` at ``va + i *
+  page_size``; returns how many were entered.
+* ``pmap_page_protect_run(pgs, prot)``.
+* ``pmap_clear_modify_run(pgs) -> list[bool]``,
+  ``pmap_clear_reference_run(pgs) -> list[bool]``: what each bit was.
+
 The attribute bits, per page, as the MMU sets them on each access:
 
 * ``pmap_is_modified(pg)``, ``pmap_clear_modify(pg) -> was`` -- PG_MOD;
@@ -59,12 +71,16 @@ from vnpager.arch.soft.pmap import (
     Run,
     pmap_access,
     pmap_clear_modify,
+    pmap_clear_modify_run,
     pmap_clear_reference,
+    pmap_clear_reference_run,
     pmap_enter,
+    pmap_enter_run,
     pmap_extract,
     pmap_is_modified,
     pmap_is_referenced,
     pmap_page_protect,
+    pmap_page_protect_run,
     pmap_protect,
     pmap_remove,
     pmap_tlb_merge,
@@ -76,12 +92,16 @@ __all__ = [
     "Run",
     "pmap_access",
     "pmap_clear_modify",
+    "pmap_clear_modify_run",
     "pmap_clear_reference",
+    "pmap_clear_reference_run",
     "pmap_enter",
+    "pmap_enter_run",
     "pmap_extract",
     "pmap_is_modified",
     "pmap_is_referenced",
     "pmap_page_protect",
+    "pmap_page_protect_run",
     "pmap_protect",
     "pmap_remove",
     "pmap_tlb_merge",

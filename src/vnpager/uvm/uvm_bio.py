@@ -31,7 +31,7 @@ from vnpager.uvm.uvm_page import (
     UVM_PGA_ZERO,
     VmPage,
     uvm_page_unbusy,
-    uvm_pageactivate,
+    uvm_pageactivate_run,
     uvm_pagealloc,
     uvm_pagedeactivate,
     uvm_pagelookup,
@@ -125,10 +125,36 @@ def ubc_release(uvn: UvmVnode, pg: VmPage, dirty: bool) -> None:
     """
     if dirty:
         pg.pg_flags &= ~(PG_CLEAN | PG_FAKE)
-    with uvn.vm.pageqlock:
-        uvm_pageactivate(pg)
-    uvm_page_unbusy([pg])
+    ubc_release_run(uvn, [pg])
+
+
+def ubc_release_run(uvn: UvmVnode, pgs: list[VmPage]) -> None:
+    """Give back pages read (not written) by the caller: active (one hold
+    of the page queue lock), unbusy, unlocked.
+
+    => caller holds the object lock and owns *pgs* (busy); lock released.
+    """
+    uvm_pageactivate_run(pgs)
+    uvm_page_unbusy(pgs)
     uvn.vmobjlock.rw_exit()
+
+
+def _ubc_resident(uvn: UvmVnode, pgoff: int, npages: int) -> list[VmPage]:
+    """The run of resident, unbusy pages from *pgoff* on (at most *npages*,
+    none if *pgoff*'s page is not one), busy and owned by the caller: one
+    uvn_get with PGO_LOCKED for the run.
+
+    => caller holds the object lock.
+    """
+    pps: list[PageSlot] = [None] * npages
+    uvn_get(uvn, pgoff, pps, npages, 0, PROT_READ, 0, PGO_LOCKED)
+    run: list[VmPage] = []
+    for pg in pps:
+        if not isinstance(pg, VmPage):
+            break
+        run.append(pg)
+    uvm_page_unbusy([pg for pg in pps[len(run):] if isinstance(pg, VmPage)])  # past a gap: not ours
+    return run
 
 
 def _each_page(uvn: UvmVnode, off: int, end: int,
@@ -145,24 +171,38 @@ def _each_page(uvn: UvmVnode, off: int, end: int,
 def ubc_readinto(uvn: UvmVnode, buf: memoryview, off: int) -> int:
     """Read up to len(buf) bytes at *off* into *buf*; return how many.
 
-    Stops at the end of the object (0 at or past it).
+    Stops at the end of the object (0 at or past it).  Works a run of
+    resident pages at a time (one lock hold, one uvn_get, one release for
+    up to RA_WINSIZE_MAX of them); a page that is not resident is fetched
+    with the pages after it that the read wants (ubc_page), and the next
+    run finds them.
     """
     end = min(off + len(buf), uvn.u_size)
+    ps = uvn.vm.page_size
+    lock = uvn.vmobjlock
     done = 0
-
-    def step(pgoff: int, lo: int, hi: int) -> bool:
-        nonlocal done
-        pg = ubc_page(uvn, pgoff, FETCH, (end - hi + uvn.vm.page_size - 1) // uvn.vm.page_size)
-        if pg is None:  # truncated under us
-            return False
-        hi = min(hi, uvn.u_size)  # it may have shrunk since we looked
-        if hi > lo:
-            buf[lo - off:hi - off] = pg.data[lo - pgoff:hi - pgoff]
+    pgoff = uvn.vm.trunc_page(off)
+    while pgoff < end:
+        lock.rw_enter(RW_WRITE)
+        pgs = _ubc_resident(uvn, pgoff, min(-(-(end - pgoff) // ps), RA_WINSIZE_MAX // ps))
+        if pgs:
+            uvn.u_ubc_ra.ra_next = pgoff + len(pgs) * ps
+        else:
+            lock.rw_exit()
+            pg = ubc_page(uvn, pgoff, FETCH, -(-(end - min(end, pgoff + ps)) // ps))
+            if pg is None:  # truncated under us
+                break
+            pgs = [pg]
+        size = uvn.u_size  # it may have shrunk since we looked
+        for pg in pgs:
+            lo, hi = max(off, pg.offset), min(end, pg.offset + ps, size)
+            if hi <= lo:
+                end = 0  # truncated: stop after this run
+                break
+            buf[lo - off:hi - off] = pg.data[lo - pg.offset:hi - pg.offset]
             done = hi - off
-        ubc_release(uvn, pg, dirty=False)
-        return hi > lo
-
-    _each_page(uvn, off, end, step)
+        ubc_release_run(uvn, pgs)
+        pgoff += len(pgs) * ps
     return done
 
 

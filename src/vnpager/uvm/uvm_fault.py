@@ -29,7 +29,7 @@ from vnpager.kern.lock import RW_READ, RW_WRITE, gated
 from vnpager.kern.proc import curproc
 from vnpager.kern.synch import tsleep
 from vnpager.kern.trace import traced
-from vnpager.uvm.pmap import pmap_access, pmap_enter, pmap_extract, pmap_tlb_merge
+from vnpager.uvm.pmap import pmap_access, pmap_enter, pmap_enter_run, pmap_extract, pmap_tlb_merge
 from vnpager.uvm.uvm_map import MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, VmMapEntry, Vmspace
 from vnpager.uvm.uvm_page import (
     PG_CLEAN,
@@ -38,6 +38,7 @@ from vnpager.uvm.uvm_page import (
     VmPage,
     uvm_page_unbusy,
     uvm_pageactivate,
+    uvm_pageactivate_run,
     uvm_pagealloc,
     uvm_wait,
 )
@@ -182,11 +183,13 @@ def _ahead_slots(space: Vmspace, entry: VmMapEntry, lo: int, npages: int, center
     """pgo_get slots for the pages at [lo, lo + npages pages): PGO_DONTCARE
     for those other than the center that are mapped or have an anon."""
     ps = space.vm.page_size
-    pps: list[PageSlot] = [None] * npages
-    for i in range(npages):
-        nva = lo + i * ps
-        if i != centeridx and (pmap_extract(space.pmap, nva) is not None or _has_anon(entry, nva)):
-            pps[i] = PGO_DONTCARE
+    pmap = space.pmap
+    anons = entry.amap.slots if entry.amap is not None else ()
+    slot0 = entry.amap_offset - entry.start  # + va: the amap slot of va
+    pps: list[PageSlot] = [
+        PGO_DONTCARE if pmap_extract(pmap, va) is not None or slot0 + va in anons else None
+        for va in range(lo, lo + npages * ps, ps)]
+    pps[centeridx] = None
     return pps
 
 
@@ -198,17 +201,26 @@ def _map_ahead(space: Vmspace, entry: VmMapEntry, lo: int, pps: list[PageSlot], 
     """
     prot = entry.protection if entry.shared else entry.protection & ~PROT_WRITE
     ps = space.vm.page_size
+    runs: list[tuple[int, list[VmPage]]] = []  # (first index, consecutive pages): one pmap call each
     for i, pg in enumerate(pps):
         if i == centeridx or not isinstance(pg, VmPage):
             continue
         if pg.pg_flags & PG_RELEASED:
             uvm_page_unbusy([pg])
             pps[i] = None
-            continue
-        # another thread's fault may have mapped the address since the slots
+        elif runs and runs[-1][0] + len(runs[-1][1]) == i:
+            runs[-1][1].append(pg)
+        else:
+            runs.append((i, [pg]))
+    mapped: list[VmPage] = []
+    for i, run in runs:
+        # another thread's fault may have mapped an address since the slots
         # were chosen (in a private entry, perhaps its own copy): keep that
-        _enter(space, lo + i * ps, pg, prot, 0, replace=False)
-        space.vm.uvmexp.faultahead += 1
+        pmap_enter_run(space.pmap, lo + i * ps, run, prot, 0, replace=False)
+        mapped += run
+    uvm_pageactivate_run(mapped)
+    uvm_page_unbusy(mapped)
+    space.vm.uvmexp.faultahead += len(mapped)
 
 
 def _mapped_end(pps: list[PageSlot], centeridx: int) -> int:
@@ -231,10 +243,6 @@ def _sequential_behind(entry: VmMapEntry, uobj: UvmObject, off: int) -> None:
     lo = max(entry.offset, off - RA_WINSIZE_MAX)
     if lo < off:
         uobj.pgops.pgo_flush(uobj, lo, off, PGO_DEACTIVATE)
-
-
-def _has_anon(entry: VmMapEntry, va: int) -> bool:
-    return entry.amap is not None and entry.amap_offset + (va - entry.start) in entry.amap.slots
 
 
 def _enter(space: Vmspace, va: int, pg: VmPage, prot: int, access_type: int,

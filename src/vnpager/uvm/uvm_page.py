@@ -9,6 +9,14 @@ Queue membership is kept in ``pg_flags`` as OpenBSD does (PQ_ACTIVE,
 PQ_INACTIVE, PQ_FREE); the queues themselves are insertion-ordered dicts so
 that the oldest page is the first key and requeueing is O(1).
 
+The cold path works per cluster, not per page: beside the per-page calls
+are their run forms (:func:`uvm_pagealloc_run`, :func:`uvm_pageactivate_run`,
+:func:`uvm_pagedeactivate_run`, :func:`uvm_pagefree_run`), each the same as
+the per-page call on every page of a list, in order, under one hold of the
+page queue lock.  The KASSERTs of the per-page calls that the cold path
+makes for every page are tested only under VNPAGER_DEBUG (``if DEBUG``), so
+that without it they cost no call.
+
 => page queue changes require ``vm.pageqlock``; page identity changes
    (insert into or remove from an object) also require the object's lock.
 """
@@ -17,9 +25,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vnpager.kern.debug import KASSERT, panic
+from vnpager.kern.debug import DEBUG, KASSERT, panic
 from vnpager.kern.synch import rwsleep, wakeup
-from vnpager.uvm.pmap import pmap_clear_reference, pmap_is_modified, pmap_page_protect
+from vnpager.uvm.pmap import (
+    pmap_clear_reference,
+    pmap_clear_reference_run,
+    pmap_is_modified,
+    pmap_page_protect,
+    pmap_page_protect_run,
+)
 from vnpager.uvm.uvm_param import PROT_NONE
 
 if TYPE_CHECKING:
@@ -119,8 +133,9 @@ def uvm_pagelookup(uobj: UvmObject, off: int) -> VmPage | None:
 
 
 def uvm_pageinsert(pg: VmPage, uobj: UvmObject, off: int) -> None:
-    KASSERT((pg.pg_flags & PG_TABLED) == 0, "uvm_pageinsert: already tabled")
-    KASSERT(not pg.pg_flags & PQ_ACTIVE, "uvm_pageinsert: active page")  # uo_active would miss it
+    if DEBUG:
+        KASSERT((pg.pg_flags & PG_TABLED) == 0, "uvm_pageinsert: already tabled")
+        KASSERT(not pg.pg_flags & PQ_ACTIVE, "uvm_pageinsert: active page")  # uo_active would miss it
     if off in uobj.memt:
         panic(f"uvm_pageinsert: page already at offset {off:#x}")
     pg.uobject = uobj
@@ -131,8 +146,9 @@ def uvm_pageinsert(pg: VmPage, uobj: UvmObject, off: int) -> None:
 
 def uvm_pageremove(pg: VmPage) -> None:
     uobj = pg.uobject
-    KASSERT(pg.pg_flags & PG_TABLED and uobj is not None, "uvm_pageremove: not tabled")
-    KASSERT(not pg.pg_flags & PQ_ACTIVE, "uvm_pageremove: active page")  # dequeue it first
+    if DEBUG:
+        KASSERT(pg.pg_flags & PG_TABLED and uobj is not None, "uvm_pageremove: not tabled")
+        KASSERT(not pg.pg_flags & PQ_ACTIVE, "uvm_pageremove: active page")  # dequeue it first
     assert uobj is not None
     del uobj.memt[pg.offset]
     pg.pg_flags &= ~PG_TABLED
@@ -152,24 +168,49 @@ def uvm_pagealloc(vm: VM, uobj: UvmObject | None, off: int, flags: int = 0) -> V
 
     => caller holds the object lock (when *uobj* is given).
     """
+    pgs = uvm_pagealloc_run(vm, uobj, off, 1, flags)
+    return pgs[0] if pgs else None
+
+
+def uvm_pagealloc_run(vm: VM, uobj: UvmObject | None, off: int, npages: int, flags: int = 0,
+                      owner: str = "new") -> list[VmPage]:
+    """Take up to *npages* free frames under one hold of the page queue
+    lock and, with *uobj*, insert them at *off*, *off* + page_size, ...
+
+    Each page comes back as from uvm_pagealloc (PG_BUSY|PG_CLEAN|PG_FAKE,
+    on no queue, owned by the caller, tagged *owner*).  Fewer pages, or
+    none, come back when fewer are free, and with UVM_PGA_NORESERVE when
+    fewer are free above vm.freemin; without it, an allocation that finds
+    no frame at all counts (allocfail) and wakes the page daemon.
+
+    => caller holds the object lock (when *uobj* is given); no page of the
+       run is resident.
+    """
     with vm.pageqlock:
-        if flags & UVM_PGA_NORESERVE and len(vm.page_free) <= vm.freemin:
-            return None
-        if not vm.page_free:
-            vm.uvmexp.allocfail += 1
-            wakeup(vm.pagedaemon_chan)
-            return None
-        pg = vm.page_free.pop()
-        pg.pg_flags = PG_BUSY | PG_CLEAN | PG_FAKE
+        free = vm.page_free
+        avail = len(free) - vm.freemin if flags & UVM_PGA_NORESERVE else len(free)
+        n = max(0, min(npages, avail))
+        if n == 0:
+            if not free and not flags & UVM_PGA_NORESERVE:
+                vm.uvmexp.allocfail += 1
+                wakeup(vm.pagedaemon_chan)
+            return []
+        pgs = free[:-n - 1:-1]  # pop() order: the lowest frame first
+        del free[-n:]
+        for pg in pgs:
+            pg.pg_flags = PG_BUSY | PG_CLEAN | PG_FAKE
         if vm.npages_free_low():
             wakeup(vm.pagedaemon_chan)
-    pg.owner = "new"
-    pg.attrs = 0
-    if flags & UVM_PGA_ZERO:
-        pg.data[:] = vm.zero_page
-    if uobj is not None:
-        uvm_pageinsert(pg, uobj, off)
-    return pg
+    ps = vm.page_size
+    for pg in pgs:  # the pages are the caller's: out of the page queue lock
+        pg.owner = owner
+        pg.attrs = 0
+        if flags & UVM_PGA_ZERO:
+            pg.data[:] = vm.zero_page
+        if uobj is not None:
+            uvm_pageinsert(pg, uobj, off)
+            off += ps
+    return pgs
 
 
 def uvm_pagewant_ra(vm: VM, npages: int) -> None:
@@ -204,8 +245,9 @@ def uvm_pageclean(pg: VmPage) -> None:
 
     => caller holds the object lock and the page queue lock.
     """
-    KASSERT(pg.vm.pageqlock.held(), "uvm_pageclean: pageq not locked")
-    KASSERT(not pg.pv, "uvm_pageclean: page still mapped")
+    if DEBUG:
+        KASSERT(pg.vm.pageqlock.held(), "uvm_pageclean: pageq not locked")
+        KASSERT(not pg.pv, "uvm_pageclean: page still mapped")
     _pagedequeue(pg.vm, pg)  # while pg.uobject still names the object (uo_active)
     if pg.pg_flags & PG_TABLED:
         uvm_pageremove(pg)
@@ -234,6 +276,30 @@ def uvm_pagefree(pg: VmPage) -> None:
     uvm_pageclean(pg)
     _pagefree_locked(pg)
     wakeup(pg.vm.free_chan)
+
+
+def uvm_pagefree_run(pgs: list[VmPage]) -> None:
+    """uvm_pagefree of each page of *pgs*: unmapped in one pmap call, then
+    freed under one hold of the page queue lock, with one wakeup.
+
+    => caller holds the pages' object lock, not the page queue lock.
+    """
+    if not pgs:
+        return
+    pmap_page_protect_run([pg for pg in pgs if pg.pv], PROT_NONE)
+    vm = pgs[0].vm
+    with vm.pageqlock:
+        # highest frame first: the free list pops them lowest first, so that
+        # the next run allocated lies on consecutive frames wherever these
+        # were, and the TLB joins the pages of the next read into one run
+        for pg in sorted(pgs, key=_frame, reverse=True):
+            uvm_pageclean(pg)
+            _pagefree_locked(pg)
+    wakeup(vm.free_chan)
+
+
+def _frame(pg: VmPage) -> int:
+    return pg.frame
 
 
 def uvm_pglistfree(pgs: list[VmPage]) -> None:
@@ -273,13 +339,39 @@ def uvm_pagedeactivate(pg: VmPage) -> None:
     KASSERT(vm.pageqlock.held(), "uvm_pagedeactivate: pageq not locked")
     if pg.pg_flags & PQ_INACTIVE or pg.wire_count:
         return
+    _pagedeactivate_dequeue(vm, pg)
+    pmap_clear_reference(pg)
+    vm.page_inactive[pg] = None
+    pg.pg_flags |= PQ_INACTIVE
+
+
+def _pagedeactivate_dequeue(vm: VM, pg: VmPage) -> None:
+    """uvm_pagedeactivate's first step: off the active queue, PG_CLEAN synced."""
     if pg.pg_flags & PQ_ACTIVE:
         _active_remove(vm, pg)
     if pg.pg_flags & PG_CLEAN and pmap_is_modified(pg):
         pg.pg_flags &= ~PG_CLEAN
-    pmap_clear_reference(pg)
-    vm.page_inactive[pg] = None
-    pg.pg_flags |= PQ_INACTIVE
+
+
+def uvm_pagedeactivate_run(pgs: list[VmPage]) -> None:
+    """uvm_pagedeactivate of each page of *pgs*, the references cleared in
+    one pmap call.
+
+    => caller holds the page queue lock.
+    """
+    if not pgs:
+        return
+    vm = pgs[0].vm
+    if DEBUG:
+        KASSERT(vm.pageqlock.held(), "uvm_pagedeactivate_run: pageq not locked")
+    pgs = [pg for pg in pgs if not (pg.pg_flags & PQ_INACTIVE or pg.wire_count)]
+    for pg in pgs:
+        _pagedeactivate_dequeue(vm, pg)
+    pmap_clear_reference_run(pgs)
+    inactive = vm.page_inactive
+    for pg in pgs:
+        inactive[pg] = None
+        pg.pg_flags |= PQ_INACTIVE
 
 
 def uvm_pageactivate(pg: VmPage) -> None:
@@ -287,15 +379,32 @@ def uvm_pageactivate(pg: VmPage) -> None:
 
     => caller holds the page queue lock.
     """
-    vm = pg.vm
-    KASSERT(vm.pageqlock.held(), "uvm_pageactivate: pageq not locked")
-    if pg.wire_count:
-        return
-    _pagedequeue(vm, pg)
-    vm.page_active[pg] = None
-    if pg.uobject is not None:
-        pg.uobject.uo_active[pg] = None
-    pg.pg_flags |= PQ_ACTIVE
+    _pageactivate_locked([pg])
+
+
+def uvm_pageactivate_run(pgs: list[VmPage]) -> None:
+    """uvm_pageactivate of each page of *pgs*, under one hold of the page
+    queue lock.  => caller holds the pages' object lock, not the page
+    queue lock."""
+    if pgs:
+        with pgs[0].vm.pageqlock:
+            _pageactivate_locked(pgs)
+
+
+def _pageactivate_locked(pgs: list[VmPage]) -> None:
+    """=> caller holds the page queue lock."""
+    vm = pgs[0].vm
+    if DEBUG:
+        KASSERT(vm.pageqlock.held(), "uvm_pageactivate: pageq not locked")
+    active = vm.page_active
+    for pg in pgs:
+        if pg.wire_count:
+            continue
+        _pagedequeue(vm, pg)
+        active[pg] = None
+        if pg.uobject is not None:
+            pg.uobject.uo_active[pg] = None
+        pg.pg_flags |= PQ_ACTIVE
 
 
 def uvm_page_unbusy(pgs: list[VmPage]) -> None:

@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import groupby, islice
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from vnpager.kern.lock import RW_NOSLEEP, RW_WRITE, fork_gate
 from vnpager.kern.synch import rwsleep, wakeup
 from vnpager.uvm.pmap import (
     pmap_clear_modify,
-    pmap_clear_reference,
+    pmap_clear_reference_run,
     pmap_is_modified,
     pmap_is_referenced,
     pmap_page_protect,
+    pmap_page_protect_run,
 )
 from vnpager.uvm.uvm_page import (
     PG_BUSY,
@@ -41,8 +45,9 @@ from vnpager.uvm.uvm_page import (
     UVM_PAGE_OWN,
     VmPage,
     uvm_pageactivate,
-    uvm_pagedeactivate,
-    uvm_pagefree,
+    uvm_pageactivate_run,
+    uvm_pagedeactivate_run,
+    uvm_pagefree_run,
 )
 from vnpager.uvm.uvm_pager import (
     PGO_ALLPAGES,
@@ -56,6 +61,7 @@ from vnpager.uvm.uvm_param import MAXBSIZE, PROT_NONE, PROT_READ
 
 if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
+    from vnpager.uvm.uvm_object import UvmObject
 
 IDLE_TIMEOUT = 1.0  # seconds between checks that the VM still exists
 BACKOFF = 0.005  # seconds to wait after a scan that could not free enough
@@ -72,69 +78,123 @@ def uvmpd_scan_inactive(vm: VM, shortage: int, clean_only: bool = False) -> int:
     """Free up to *shortage* pages from the inactive queue; return how many.
 
     With *clean_only* (read-ahead making room, uvm_ra_reserve) dirty pages
-    are left as they are, unwritten, and those already known dirty are not
-    even looked at: a queue of dirty anonymous pages would otherwise cost
-    every read-ahead a lock and an unmap per page.  => caller holds no lock.
+    are left as they are, unwritten, and those already known dirty are
+    passed over before any unmap: a queue of dirty anonymous pages would
+    otherwise cost every read-ahead an unmap per page.
+
+    The queue is taken in runs of pages of one object (a sequential read
+    leaves its pages in order), each run with one try of the object lock,
+    one pmap call and one hold of the page queue lock: per page, the scan
+    is only its tests.  => caller holds no lock.
     """
     with vm.pageqlock:
         candidates = list(vm.page_inactive)
     freed = 0
-    for pg in candidates:
+    for uobj, pages in groupby(candidates, key=attrgetter("uobject")):
         if freed >= shortage:
             break
-        if clean_only and not pg.pg_flags & PG_CLEAN:  # read without the lock: a hint
-            continue
-        freed += _reclaim(vm, pg, clean_only)
+        freed += _reclaim_run(vm, uobj, pages, shortage - freed, clean_only)
     return freed
 
 
-def _reclaim(vm: VM, pg: VmPage, clean_only: bool) -> int:
-    """Try to free one inactive page; return the pages freed (0 or 1)."""
-    uobj = pg.uobject
+def _reclaim_run(vm: VM, uobj: UvmObject | None, pages: Iterator[VmPage], want: int,
+                 clean_only: bool) -> int:
+    """Try to free up to *want* of *pages*, inactive pages of *uobj* as
+    listed without its lock; return how many were freed.  They are looked
+    at *want* at a time, so that the pages visited are those a scan page by
+    page would visit.  => caller holds no lock."""
     if uobj is None or not uobj.vmobjlock.rw_enter(RW_WRITE | RW_NOSLEEP):
         return 0
+    # still an unbusy inactive page of the object (and, clean_only, clean)?
+    mask = PG_BUSY | PQ_ACTIVE | PQ_INACTIVE | (PG_CLEAN if clean_only else 0)
+    want_flags = PQ_INACTIVE | (PG_CLEAN if clean_only else 0)
+    freed = 0
     try:
-        if pg.uobject is not uobj or pg.pg_flags & (PG_BUSY | PQ_ACTIVE) or not pg.pg_flags & PQ_INACTIVE:
-            return 0  # changed hands or state since we listed it
-        if pmap_is_referenced(pg):
-            with vm.pageqlock:  # second chance
-                uvm_pageactivate(pg)
-            return 0
-        pmap_page_protect(pg, PROT_NONE)
-        if pg.pg_flags & PG_CLEAN and pmap_is_modified(pg):
-            pg.pg_flags &= ~PG_CLEAN
-        if not pg.pg_flags & PG_CLEAN:
-            if clean_only:
-                return 0  # unmapped, still dirty: the next access refaults it, no I/O
-            pg.pg_flags |= PG_BUSY
-            UVM_PAGE_OWN(pg, "pdaemon")
-            pmap_page_protect(pg, PROT_READ)
-            # ALLPAGES: the cluster may take any dirty inactive neighbour
-            result, _ = uvm_pager_put(uobj, pg, MAXBSIZE // vm.page_size,
-                                      PGO_ALLPAGES | PGO_PDFREECLUST, 0, 0)
-            if result == VM_PAGER_PEND:
-                # the daemon never waits for a write: aiodone cleans the
-                # pages and wakes us, and a later scan frees them
-                vm.uvmexp.pdpageouts += 1
-                return 0
-            _unbusy(pg)
-            if result == VM_PAGER_AGAIN:  # no pager map just now: next scan
-                return 0
-            if result != VM_PAGER_OK:
-                with vm.pageqlock:  # keep it dirty; uvn_io recorded the error
-                    uvm_pageactivate(pg)
-                return 0
-            pg.pg_flags |= PG_CLEAN
-            pmap_clear_modify(pg)
-            vm.uvmexp.pdpageouts += 1
-            if pmap_is_referenced(pg) or pg.pv:
-                return 0  # touched while we wrote it
-        with vm.pageqlock:
-            uvm_pagefree(pg)
-        vm.uvmexp.pdfreed += 1
-        return 1
+        while freed < want and (chunk := list(islice(pages, want - freed))):
+            freed += _reclaim_batch(vm, uobj, [pg for pg in chunk if pg.uobject is uobj and
+                                               pg.pg_flags & mask == want_flags], clean_only)
     finally:
         uobj.vmobjlock.rw_exit()
+    return freed
+
+
+def _reclaimable(pg: VmPage, uobj: UvmObject) -> bool:
+    """Still an unbusy inactive page of *uobj*?  (It may have changed hands or
+    state since it was listed.)  => caller holds *uobj*'s lock."""
+    return pg.uobject is uobj and pg.pg_flags & (PG_BUSY | PQ_ACTIVE | PQ_INACTIVE) == PQ_INACTIVE
+
+
+def _reclaim_batch(vm: VM, uobj: UvmObject, batch: list[VmPage], clean_only: bool) -> int:
+    """Free the pages of *batch* that can be: a referenced one gets its
+    second chance (back to the active queue), the others are unmapped (one
+    pmap call), the clean ones freed (one page queue lock hold), and the
+    dirty ones written one by one (or, *clean_only*, left unmapped and
+    dirty: the next access refaults them, with no I/O).  Returns how many
+    were freed.  => caller holds the object lock."""
+    again: list[VmPage] = []
+    idle: list[VmPage] = []
+    for pg in batch:
+        (again if pmap_is_referenced(pg) else idle).append(pg)
+    uvm_pageactivate_run(again)
+    pmap_page_protect_run(idle, PROT_NONE)
+    clean: list[VmPage] = []
+    dirty: list[VmPage] = []
+    for pg in idle:
+        if pg.pg_flags & PG_CLEAN and pmap_is_modified(pg):
+            pg.pg_flags &= ~PG_CLEAN
+        (clean if pg.pg_flags & PG_CLEAN else dirty).append(pg)
+    uvm_pagefree_run(clean)  # before a write below drops the object lock
+    freed = len(clean)
+    if not clean_only:
+        freed += sum(_reclaim_page(vm, uobj, pg) for pg in dirty)
+    vm.uvmexp.pdfreed += freed
+    return freed
+
+
+def _reclaim_page(vm: VM, uobj: UvmObject, pg: VmPage) -> int:
+    """Try to free one inactive page, writing it if it is dirty; return the
+    pages freed (0 or 1).  It is looked at afresh: an earlier page's write
+    may have dropped the object lock, or taken this page into its cluster.
+    => caller holds the object lock."""
+    if not _reclaimable(pg, uobj):
+        return 0
+    if pmap_is_referenced(pg):
+        uvm_pageactivate_run([pg])  # second chance
+        return 0
+    pmap_page_protect(pg, PROT_NONE)
+    if pg.pg_flags & PG_CLEAN and pmap_is_modified(pg):
+        pg.pg_flags &= ~PG_CLEAN
+    if not pg.pg_flags & PG_CLEAN and not _pageout(vm, uobj, pg):
+        return 0
+    uvm_pagefree_run([pg])
+    return 1
+
+
+def _pageout(vm: VM, uobj: UvmObject, pg: VmPage) -> bool:
+    """Write the dirty, unmapped inactive page *pg* (clustered with its
+    dirty inactive neighbours); True if it is clean and untouched after, to
+    be freed.  => caller holds the object lock (the write may drop it)."""
+    pg.pg_flags |= PG_BUSY
+    UVM_PAGE_OWN(pg, "pdaemon")
+    pmap_page_protect(pg, PROT_READ)
+    # ALLPAGES: the cluster may take any dirty inactive neighbour
+    result, _ = uvm_pager_put(uobj, pg, MAXBSIZE // vm.page_size, PGO_ALLPAGES | PGO_PDFREECLUST, 0, 0)
+    if result == VM_PAGER_PEND:
+        # the daemon never waits for a write: aiodone cleans the pages and
+        # wakes us, and a later scan frees them
+        vm.uvmexp.pdpageouts += 1
+        return False
+    _unbusy(pg)
+    if result == VM_PAGER_AGAIN:  # no pager map just now: next scan
+        return False
+    if result != VM_PAGER_OK:
+        with vm.pageqlock:  # keep it dirty; uvn_io recorded the error
+            uvm_pageactivate(pg)
+        return False
+    pg.pg_flags |= PG_CLEAN
+    pmap_clear_modify(pg)
+    vm.uvmexp.pdpageouts += 1
+    return not (pmap_is_referenced(pg) or pg.pv)  # else touched while we wrote it
 
 
 def _unbusy(pg: VmPage) -> None:
@@ -147,33 +207,45 @@ def _unbusy(pg: VmPage) -> None:
 def uvmpd_scan_active(vm: VM, want: int) -> None:
     """Move up to *want* of the oldest active pages to the inactive queue.
 
-    Each page's object lock is only tried, as in _reclaim: pg_flags holds
-    bits the object lock guards (PG_BUSY, PG_CLEAN) beside the queue bits,
-    and a read-modify-write of it under the page queue lock alone could
-    lose a concurrent change made under the object lock.
+    Each page's object lock is only tried, as in _reclaim_run: pg_flags
+    holds bits the object lock guards (PG_BUSY, PG_CLEAN) beside the queue
+    bits, and a read-modify-write of it under the page queue lock alone
+    could lose a concurrent change made under the object lock.  As there,
+    the pages go in runs of one object, one pmap call for each step.
     """
     with vm.pageqlock:
-        candidates = list(vm.page_active)[: want * 2]
+        candidates = list(islice(vm.page_active, want * 2))
     moved = 0
-    for pg in candidates:
+    for uobj, pages in groupby(candidates, key=attrgetter("uobject")):
         if moved >= want:
             break
-        uobj = pg.uobject
         if uobj is None or not uobj.vmobjlock.rw_enter(RW_WRITE | RW_NOSLEEP):
             continue
         try:
-            if pg.uobject is not uobj or not pg.pg_flags & PQ_ACTIVE or pg.pg_flags & PG_BUSY:
-                continue  # changed hands or state since we listed it
-            with vm.pageqlock:
-                if pmap_clear_reference(pg):
-                    uvm_pageactivate(pg)  # used lately: to the tail
-                    continue
-            pmap_page_protect(pg, PROT_NONE)
-            with vm.pageqlock:
-                uvm_pagedeactivate(pg)
-            moved += 1
+            while moved < want and (chunk := list(islice(pages, want - moved))):
+                # still an unbusy active page of the object? (listed without its lock)
+                moved += _deactivate_batch(vm, [pg for pg in chunk if pg.uobject is uobj and
+                                                pg.pg_flags & (PQ_ACTIVE | PG_BUSY) == PQ_ACTIVE])
         finally:
             uobj.vmobjlock.rw_exit()
+
+
+def _deactivate_batch(vm: VM, batch: list[VmPage]) -> int:
+    """Deactivate the pages of *batch* not referenced since the last scan
+    (unmapped first); the others, their reference cleared, go to the tail
+    of the active queue.  Returns how many were deactivated.
+    => caller holds the pages' object lock."""
+    if not batch:
+        return 0
+    used = pmap_clear_reference_run(batch)
+    idle = [pg for pg, ref in zip(batch, used, strict=True) if not ref]
+    pmap_page_protect_run(idle, PROT_NONE)
+    with vm.pageqlock:
+        for pg, ref in zip(batch, used, strict=True):
+            if ref:
+                uvm_pageactivate(pg)  # used lately: to the tail
+        uvm_pagedeactivate_run(idle)
+    return len(idle)
 
 
 def uvmpd_reserve(vm: VM, want: int) -> int:

@@ -46,7 +46,10 @@ Cost
   the seed's flush changed nothing for them, and a ``vm.pread`` (attach,
   copy, detach) cost in proportion to the pages cached.
 * uvn_get reads a run of missing pages in one read, not page by page, and
-  fills the caller's read-ahead slots from free memory only.
+  fills the caller's read-ahead slots from free memory only; the run is
+  allocated in one call (uvm_pagealloc_run) and a flush that only
+  deactivates takes its range as one run (one pmap call, one hold of the
+  page queue lock), as the page daemon and the last detach do.
 
 Life and locks
 * the legal ``u_flags`` states and moves are data (UVN_STATES,
@@ -105,7 +108,13 @@ from vnpager.kern.lock import (
 from vnpager.kern.proc import curproc
 from vnpager.kern.synch import rwsleep, wakeup
 from vnpager.kern.trace import traced
-from vnpager.uvm.pmap import pmap_clear_modify, pmap_is_modified, pmap_page_protect
+from vnpager.uvm.pmap import (
+    pmap_clear_modify,
+    pmap_clear_modify_run,
+    pmap_is_modified,
+    pmap_page_protect,
+    pmap_page_protect_run,
+)
 from vnpager.uvm.uvm_object import UvmObject
 from vnpager.uvm.uvm_page import (
     PG_BUSY,
@@ -118,9 +127,12 @@ from vnpager.uvm.uvm_page import (
     UVM_PGA_NORESERVE,
     VmPage,
     uvm_pagealloc,
+    uvm_pagealloc_run,
     uvm_pageclean,
     uvm_pagedeactivate,
+    uvm_pagedeactivate_run,
     uvm_pagefree,
+    uvm_pagefree_run,
     uvm_pagelookup,
     uvm_pagewait,
     uvm_pagewant_ra,
@@ -563,11 +575,9 @@ def _uvn_deactivate_active(uvn: UvmVnode) -> None:
     vm = uvn.vm
     with vm.pageqlock:
         active = list(uvn.uo_active)
-    for pg in active:
-        pmap_page_protect(pg, PROT_NONE)
+    pmap_page_protect_run(active, PROT_NONE)
     with vm.pageqlock:
-        for pg in active:
-            uvm_pagedeactivate(pg)
+        uvm_pagedeactivate_run(active)
 
 
 def _terminate_has(uvn: UvmVnode) -> bool:
@@ -701,6 +711,9 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
         start = vm.trunc_page(start)
         stop = min(vm.round_page(stop), vm.round_page(uvn.u_size))
     fl = _Flush(uvn, flags, start, stop)
+    if flags & (PGO_CLEANIT | PGO_FREE | PGO_DEACTIVATE) == PGO_DEACTIVATE:
+        _flush_deactivate(fl)  # nothing to write or wait for: the pages as one run
+        return True
     if flags & PGO_CLEANIT:
         _flush_clearchk(fl)
     _flush_pass(fl, wait_busy=False)
@@ -728,6 +741,19 @@ class _Flush:
     was_busy: set[int] = field(default_factory=set)  # offsets of those pages
     failed: SortedList = field(default_factory=SortedList)  # offsets whose write failed here
     dead: list[VmPage] = field(default_factory=list)  # taken apart, freed at the end
+
+
+def _flush_deactivate(fl: _Flush) -> None:
+    """A flush that only deactivates (MADV_SEQUENTIAL behind a scan): what
+    the main loop's disposal does to each page of the range, busy or not,
+    in one pmap call and one hold of the page queue lock.
+
+    => caller holds the object lock, not the page queue lock.
+    """
+    pgs = [pg for pg in fl.uvn.pages_in(fl.start, fl.stop) if pg.wire_count == 0]
+    pmap_page_protect_run(pgs, PROT_NONE)
+    with fl.uvn.vm.pageqlock:
+        uvm_pagedeactivate_run(pgs)
 
 
 def _flush_clearchk(fl: _Flush) -> None:
@@ -903,7 +929,7 @@ def _flush_iosync(uvn: UvmVnode) -> None:
 
 def _next_page(uobj: UvmObject, curoff: int, stop: int) -> VmPage | None:
     """The resident page with the lowest offset in [curoff, stop)."""
-    for off in uobj.memt.irange(curoff, stop, inclusive=(True, False)):
+    for off in uobj.memt.irange(curoff, stop):
         return uobj.memt[off]
     return None
 
@@ -1026,17 +1052,15 @@ def uvn_get(uobj: UvmObject, offset: int, pps: list[PageSlot], npages: int,
         if result != VM_PAGER_OK:
             for pg in run:
                 pager_unbusy(pg)
-            with uobj.vm.pageqlock:
-                for pg in run:
-                    uvm_pagefree(pg)
+            uvm_pagefree_run(run)
             lock.rw_exit()
             return result, 0
 
         for pg in run:
             pg.pg_flags &= ~PG_FAKE
-            pmap_clear_modify(pg)
-            pps[lcv] = pg
-            lcv += 1
+        pmap_clear_modify_run(run)
+        pps[lcv:lcv + len(run)] = run
+        lcv += len(run)
 
     lock.rw_exit()
     return VM_PAGER_OK, npages
@@ -1051,19 +1075,20 @@ def _uvn_getrun(uvn: UvmVnode, first: VmPage, pps: list[PageSlot], lcv: int, sto
        the caller, and in offset order.
     """
     vm = uvn.vm
-    eof = vm.round_page(uvn.u_size)
-    run = [first]
-    off = first.offset + vm.page_size
-    while lcv < stop and pps[lcv] is None and off < eof and uvm_pagelookup(uvn, off) is None:
-        pg = uvm_pagealloc(vm, uvn, off, UVM_PGA_NORESERVE)
-        if pg is None:  # memory is short: read what was asked for, not more
-            uvm_pagewant_ra(vm, stop - lcv)
-            break
-        UVM_PAGE_OWN(pg, "uvn_get3")
-        run.append(pg)
-        off += vm.page_size
-        lcv += 1
-    return run
+    ps = vm.page_size
+    stop = min(stop, lcv + (vm.round_page(uvn.u_size) - first.offset) // ps - 1)  # u_size's last page
+    memt = uvn.memt
+    off = first.offset + ps
+    n = 0
+    while lcv + n < stop and pps[lcv + n] is None and off + n * ps not in memt:
+        n += 1
+    if n == 0:
+        return [first]
+    # the whole run in one allocation (one hold of the page queue lock)
+    more = uvm_pagealloc_run(vm, uvn, off, n, UVM_PGA_NORESERVE, owner="uvn_get3")
+    if len(more) < n:  # memory is short: read what was asked for, not more
+        uvm_pagewant_ra(vm, stop - lcv - len(more))
+    return [first, *more]
 
 
 @traced

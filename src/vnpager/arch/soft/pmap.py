@@ -126,20 +126,33 @@ def pmap_enter(pmap: Pmap, va: int, pg: VmPage, prot: int, access_type: int = PR
     False returned): fault-ahead must not undo what a concurrent fault on
     that address mapped, such as a copy-on-write page.
     """
-    with pg.vm.pmap_lock:
-        if not replace and va in pmap.pm_pte:
-            return False
-        _tlb_invalidate(pmap, va)
-        old = pmap.pm_pte.get(va)
-        if old is not None and old[0] is not pg:
-            del old[0].pv[(pmap, va)]
-        pmap.pm_pte[va] = (pg, prot)
-        pg.pv[(pmap, va)] = None
-        if access_type & PROT_WRITE:
-            pg.attrs |= PG_REF | PG_MOD
-        elif access_type:
-            pg.attrs |= PG_REF
-    return True
+    return pmap_enter_run(pmap, va, [pg], prot, access_type, replace=replace) == 1
+
+
+def pmap_enter_run(pmap: Pmap, va: int, pgs: list[VmPage], prot: int, access_type: int = PROT_NONE, *,
+                   replace: bool = True) -> int:
+    """pmap_enter of ``pgs[i]`` at ``va + i * page_size`` for each i, under
+    one hold of the lock; returns how many were entered."""
+    if not pgs:
+        return 0
+    ps = pmap.vm.page_size
+    bits = PG_REF | PG_MOD if access_type & PROT_WRITE else PG_REF if access_type else 0
+    pte = pmap.pm_pte
+    n = 0
+    with pmap.vm.pmap_lock:
+        for pg in pgs:
+            old = pte.get(va)
+            if old is None or replace:
+                if old is not None:
+                    _tlb_invalidate(pmap, va)  # no run holds an address without a translation
+                    if old[0] is not pg:
+                        del old[0].pv[(pmap, va)]
+                pte[va] = (pg, prot)
+                pg.pv[(pmap, va)] = None
+                pg.attrs |= bits
+                n += 1
+            va += ps
+    return n
 
 
 def pmap_remove(pmap: Pmap, sva: int, eva: int) -> None:
@@ -171,16 +184,30 @@ def pmap_protect(pmap: Pmap, sva: int, eva: int, prot: int) -> None:
 def pmap_page_protect(pg: VmPage, prot: int) -> None:
     """Lower every mapping of *pg*: PROT_NONE removes them all."""
     with pg.vm.pmap_lock:
-        if prot == PROT_NONE:
-            _tlb_shootdown(pg, loads=True)
-            for pmap, va in pg.pv:
-                del pmap.pm_pte[va]
-            pg.pv.clear()
-        elif not prot & PROT_WRITE:
-            _tlb_shootdown(pg, loads=False)
-            for pmap, va in pg.pv:
-                entry = pmap.pm_pte[va]
-                pmap.pm_pte[va] = (pg, entry[1] & ~PROT_WRITE)
+        _page_protect(pg, prot)
+
+
+def pmap_page_protect_run(pgs: list[VmPage], prot: int) -> None:
+    """pmap_page_protect of each page of *pgs*, under one hold of the lock."""
+    if pgs:
+        with pgs[0].vm.pmap_lock:
+            for pg in pgs:
+                if pg.pv:
+                    _page_protect(pg, prot)
+
+
+def _page_protect(pg: VmPage, prot: int) -> None:
+    """=> caller holds vm.pmap_lock."""
+    if prot == PROT_NONE:
+        _tlb_shootdown(pg, loads=True)
+        for pmap, va in pg.pv:
+            del pmap.pm_pte[va]
+        pg.pv.clear()
+    elif not prot & PROT_WRITE:
+        _tlb_shootdown(pg, loads=False)
+        for pmap, va in pg.pv:
+            entry = pmap.pm_pte[va]
+            pmap.pm_pte[va] = (pg, entry[1] & ~PROT_WRITE)
 
 
 def pmap_extract(pmap: Pmap, va: int) -> tuple[VmPage, int] | None:
@@ -193,10 +220,28 @@ def pmap_is_modified(pg: VmPage) -> bool:
 
 def pmap_clear_modify(pg: VmPage) -> bool:
     """Clear PG_MOD; the page's store runs go, so the next store sets it."""
-    with pg.vm.pmap_lock:
-        was = bool(pg.attrs & PG_MOD)
-        pg.attrs &= ~PG_MOD
-        _tlb_shootdown(pg, loads=False)
+    return _clear_attr_run([pg], PG_MOD)[0]
+
+
+def pmap_clear_modify_run(pgs: list[VmPage]) -> list[bool]:
+    """pmap_clear_modify of each page of *pgs*, under one hold of the lock."""
+    return _clear_attr_run(pgs, PG_MOD)
+
+
+def _clear_attr_run(pgs: list[VmPage], bit: int) -> list[bool]:
+    """Clear PG_MOD or PG_REF on each page and drop the runs that rely on
+    it (the store runs for PG_MOD, all for PG_REF); return whether each
+    was set."""
+    if not pgs:
+        return []
+    loads = bit == PG_REF
+    was = []
+    with pgs[0].vm.pmap_lock:
+        for pg in pgs:
+            was.append(bool(pg.attrs & bit))
+            pg.attrs &= ~bit
+            if pg.pv:
+                _tlb_shootdown(pg, loads)
     return was
 
 
@@ -206,11 +251,12 @@ def pmap_is_referenced(pg: VmPage) -> bool:
 
 def pmap_clear_reference(pg: VmPage) -> bool:
     """Clear PG_REF; all the page's runs go, so the next access sets it."""
-    with pg.vm.pmap_lock:
-        was = bool(pg.attrs & PG_REF)
-        pg.attrs &= ~PG_REF
-        _tlb_shootdown(pg, loads=True)
-    return was
+    return _clear_attr_run([pg], PG_REF)[0]
+
+
+def pmap_clear_reference_run(pgs: list[VmPage]) -> list[bool]:
+    """pmap_clear_reference of each page of *pgs*, under one hold of the lock."""
+    return _clear_attr_run(pgs, PG_REF)
 
 
 def pmap_access(pmap: Pmap, va: int, end: int, access_type: int) -> Run | None:
