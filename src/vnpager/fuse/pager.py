@@ -38,9 +38,10 @@ from vnpager.uvm.uvm_page import (
     UVM_PAGE_OWN,
     VmPage,
     uvm_page_unbusy,
-    uvm_pageactivate,
+    uvm_pageactivate_run,
     uvm_pagealloc,
     uvm_pagedeactivate,
+    uvm_pagedeactivate_run,
     uvm_pagelookup,
 )
 from vnpager.uvm.uvm_pager import (
@@ -130,14 +131,22 @@ def _copy_out(uvn: UvmVnode, pgs: list[VmPage], first: int, off: int, end: int) 
         lo, hi = max(off, pg.offset), min(end, pg.offset + ps)
         if hi > lo:
             buf[lo - off:hi - off] = pg.data[lo - pg.offset:hi - pg.offset]
-    with uvn.vm.pageqlock:
-        for pg in pgs:
-            if pg.pg_flags & PQ_QUEUES:
-                uvm_pageactivate(pg)  # found resident: used again
-            else:
-                uvm_pagedeactivate(pg)  # just read in: used once, the first to go (as Linux's)
+    _requeue(pgs)
     uvn.u_ubc_ra.ra_next = first + len(pgs) * ps
     return buf
+
+
+def _requeue(pgs: list[VmPage]) -> None:
+    """Pages found resident (on a queue) to the tail of the active queue,
+    used again; pages just brought in (on none) to the tail of the inactive
+    one, used once, the first to go (as Linux's).  A run of each, under one
+    hold of the page queue lock each.  => caller holds the pages' object lock."""
+    if not pgs:
+        return
+    again = [pg for pg in pgs if pg.pg_flags & PQ_QUEUES]
+    with pgs[0].vm.pageqlock:
+        uvm_pagedeactivate_run([pg for pg in pgs if not pg.pg_flags & PQ_QUEUES])
+    uvm_pageactivate_run(again)
 
 
 @gated
@@ -284,13 +293,9 @@ def _write_run(uvn: UvmVnode, src: memoryview, off: int, keep: int) -> int:
         for pg in pgs:
             lo, hi = max(off, pg.offset), min(end, pg.offset + ps)
             pg.data[lo - pg.offset:hi - pg.offset] = src[lo - off:hi - off]
-    with vm.pageqlock:
-        for pg in pgs:
-            if pg.pg_flags & PQ_QUEUES:
-                uvm_pageactivate(pg)  # written again: in use
-            else:
-                uvm_pagedeactivate(pg)  # a fresh page: used once, the first to clean and free
-            pg.pg_flags &= ~(PG_CLEAN | PG_FAKE)  # not written through a pmap: no modified bit
+    _requeue(pgs)  # before PG_CLEAN goes: deactivating syncs it from the pmap, and only clears it
+    for pg in pgs:
+        pg.pg_flags &= ~(PG_CLEAN | PG_FAKE)  # not written through a pmap: no modified bit
     uvm_page_unbusy(pgs)
     return pos - off
 
