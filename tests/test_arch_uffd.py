@@ -127,16 +127,21 @@ class Server:
         self.on_fault(uffd, msg)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.sock.send(json.dumps({"op": "exit"}).encode())
-                self.proc.wait(timeout=DEADLINE)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(timeout=DEADLINE)
+        stop_client(self.sock, self.proc)
         self.sock.close()
         for uffd in self.uffds:
             uffd.close()
+
+
+def stop_client(sock: socket.socket, proc: subprocess.Popen[bytes]) -> None:
+    """Ask a client subprocess to exit; kill it if it does not, in time."""
+    if proc.poll() is None:
+        try:
+            sock.send(json.dumps({"op": "exit"}).encode())
+            proc.wait(timeout=DEADLINE)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait(timeout=DEADLINE)
 
 
 @pytest.fixture

@@ -5,11 +5,14 @@ stdlib module) is replaced by a module holding vnpager's class and
 constants, so every ``mmap.mmap(...)`` in it makes a vnpager map in the
 default VM.  Tests the stdlib skips on Linux (Windows-only ones) stay
 skipped; every test that passes for the stdlib on Linux passes here, with
-one adaptation, listed in ``ADAPTED``.
+one adaptation, listed in ``ADAPTED``.  With ``VNPAGER_MMU=hardware`` the
+default VM is a hardware one, whose maps are memory: then nothing is
+adapted (test_hw_stdlib_mmap.py runs this module so, in a subprocess).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import types
@@ -25,8 +28,10 @@ cpython = pytest.importorskip("test.test_mmap", reason="this Python has no test 
 
 _vn_mmap_module = sys.modules["vnpager.mmap"]
 
+HARDWARE = os.environ.get("VNPAGER_MMU") == "hardware"
+
 # test name -> why it cannot run unchanged
-ADAPTED = {
+ADAPTED = {} if HARDWARE else {
     "test_basic": "re.search(pattern, m) needs the buffer protocol, which a paged map cannot "
                   "offer (its pages are not contiguous): the test's `re` searches m[:] instead",
 }
@@ -47,7 +52,8 @@ def _shim() -> types.ModuleType:
 
 
 cpython.mmap = _shim()
-cpython.re = types.SimpleNamespace(compile=re.compile, search=_search)
+if not HARDWARE:
+    cpython.re = types.SimpleNamespace(compile=re.compile, search=_search)
 assert cpython.PAGESIZE == vnpager.PAGESIZE
 
 # collected by pytest as unittest cases
@@ -60,5 +66,6 @@ def _in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Non
     """The stdlib tests make their files (TESTFN) in the working directory;
     afterwards the default VM must still be consistent."""
     monkeypatch.chdir(tmp_path)
+    assert (vnpager.default_vm().mmu == "hardware") == HARDWARE
     yield
-    vnpager.default_vm().check_invariants()
+    vnpager.default_vm().check_invariants()  # a hardware VM's server checks its own

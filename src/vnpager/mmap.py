@@ -6,6 +6,13 @@ pages live in a :class:`~vnpager.VM` of bounded size (``vm=``, by default
 :func:`default_vm`), are read and written by the vnode pager, and every
 access goes through the VM's address space and fault handler.
 
+On a hardware VM (``vm=vnpager.VM(mmu="hardware")``, or ``VNPAGER_MMU=
+hardware`` for the default VM) this returns a :class:`vnpager.client.HwMmap`
+instead: CPython's own mmap object over the file's pages in the pager
+server, with the buffer protocol and the kernel's failure semantics
+(SIGBUS); the list below is the software MMU's (see the README's "Two
+machines").
+
 Differences from CPython's mmap, each on purpose or forced:
 
 * **No buffer protocol.**  The mapped pages are not contiguous memory, so
@@ -105,6 +112,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any, NoReturn, SupportsIndex
 
+from vnpager.client import HardwareVM
 from vnpager.kern.lock import Mutex
 from vnpager.uvm.uvm_fault import uvm_copyin, uvm_copyout, uvm_load, uvm_store
 from vnpager.uvm.uvm_map import (
@@ -155,18 +163,19 @@ _INT_MAX = 2**31 - 1
 
 # ---------------------------------------------------------------- the default VM
 
-_default_vm: VM | None = None
+_default_vm: VM | HardwareVM | None = None
 _default_vm_lock = Mutex("default_vm")  # a kern lock: remade in a forked child
 
 
-def default_vm() -> VM:
+def default_vm() -> VM | HardwareVM:
     """The VM that mappings use unless given one: made on first use as
     ``VM()`` makes it (``VNPAGER_PHYSMEM`` bytes, 256 MiB when unset), and
-    closed at exit so that dirty pages reach their files."""
+    closed at exit so that dirty pages reach their files.
+    ``VNPAGER_MMU=hardware`` makes it a hardware VM (a private server)."""
     global _default_vm
     with _default_vm_lock:
         if _default_vm is None or _default_vm.closed:
-            _default_vm = VM()
+            _default_vm = VM(mmu=os.environ.get("VNPAGER_MMU") or "software")
             atexit.register(_default_vm.close)
         return _default_vm
 
@@ -252,7 +261,12 @@ class mmap:  # noqa: N801 - the stdlib's name
 
     def __new__(cls, fileno: SupportsIndex | Vnode, length: SupportsIndex, flags: SupportsIndex = MAP_SHARED,
                 prot: SupportsIndex = PROT_WRITE | PROT_READ, access: SupportsIndex = ACCESS_DEFAULT,
-                offset: SupportsIndex = 0, *, trackfd: bool = True, vm: VM | None = None) -> mmap:
+                offset: SupportsIndex = 0, *, trackfd: bool = True, vm: VM | HardwareVM | None = None) -> Any:
+        vm = vm if vm is not None else default_vm()
+        if isinstance(vm, HardwareVM):  # an mmap.mmap over real memory (vnpager.client.hwmmap)
+            if isinstance(fileno, Vnode):
+                raise TypeError("a hardware VM maps descriptors of host files, not vnodes")
+            return vm.mmap(fileno, length, flags, prot, access, offset, trackfd=trackfd)
         vnode, fd = (fileno, -1) if isinstance(fileno, Vnode) else (None, _cint(fileno))
         size, flags, prot, access = _ssize(length), _cint(flags), _cint(prot), _cint(access)
         off = operator.index(offset)
@@ -279,7 +293,6 @@ class mmap:  # noqa: N801 - the stdlib's name
         if regular:
             size = _fit(size, off, file_size)
 
-        vm = vm if vm is not None else default_vm()
         # what the kernel's mmap(2) checks, in its order; it ignores the
         # descriptor of a MAP_ANONYMOUS map
         sharing = flags & (MAP_SHARED | MAP_PRIVATE)

@@ -5,12 +5,17 @@ the front ends that a user of the library calls on a machine, so that the
 UVM layer never imports what sits above it.  Each takes a *target*: a host
 path, a descriptor of an open host file, or a vnode of this VM (see
 :mod:`vnpager.vnmap`).
+
+``VM(mmu="hardware")`` is the other machine: a
+:class:`~vnpager.client.HardwareVM`, whose kernel state lives in a pager
+server process and whose maps are real memory (issue 10);
+``VM.connect(PATH)`` attaches to a shared server.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vnpager import ubc
 from vnpager.uvm import uvm
@@ -20,13 +25,43 @@ from vnpager.vfs.vnode import Vnode
 from vnpager.vnmap import Target
 
 if TYPE_CHECKING:
+    from vnpager.client import HardwareVM
     from vnpager.mmap import mmap
+
+MMUS = ("software", "hardware")
 
 
 class VM(uvm.VM):
     """A machine with *physmem* bytes of page frames (see uvm.VM), and file
     I/O through its pages: ``map``, ``pread``, ``pwrite`` and ``open`` see
-    the same pages."""
+    the same pages.
+
+    *mmu* picks the machine: ``"software"`` (this class, the default) or
+    ``"hardware"``, which makes a HardwareVM with a private server of
+    *physmem* bytes instead (it takes no other argument).  UffdUnavailable,
+    naming the fix, where userfaultfd is not permitted."""
+
+    mmu = "software"
+
+    def __new__(cls, *args: Any, mmu: str = "software", **kwargs: Any) -> Any:
+        if mmu == "hardware":
+            from vnpager.client import HardwareVM
+
+            return HardwareVM(*args, **kwargs)
+        if mmu != "software":
+            raise ValueError(f"mmu must be one of {', '.join(MMUS)}, not {mmu!r}")
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, mmu: str = "software", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def connect(path: str) -> HardwareVM:
+        """A client of the shared pager server at *path* (``vnpager serve
+        --socket PATH``; ``@name`` is an abstract socket)."""
+        from vnpager.client import HardwareVM
+
+        return HardwareVM.connect(path)
 
     def map(self, target: Target, length: int = 0, flags: int = MAP_SHARED,
             prot: int = PROT_READ | PROT_WRITE, access: int = 0, offset: int = 0) -> mmap:

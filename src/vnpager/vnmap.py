@@ -148,13 +148,15 @@ class FileObject:
         if err or seen:
             raise _oserror(err or seen)
 
-    def map(self, space: Vmspace, size: int, offset: int, prot: int, maxprot: int, flags: int) -> int:
+    def map(self, space: Vmspace, size: int, offset: int, prot: int, maxprot: int, flags: int,
+            va: int | None = None) -> int:
         """Map *size* bytes of the object from *offset* into *space* (an
-        entry with a reference of its own); return the address."""
+        entry with a reference of its own), at *va* if given; return the
+        address."""
         uvn = self.uvn
         uvn.pgops.pgo_reference(uvn)
         try:
-            va = uvm_map(space, size, uvn, offset, prot, maxprot, flags)
+            va = uvm_map(space, size, uvn, offset, prot, maxprot, flags, va=va)
         except BaseException:
             uvn.pgops.pgo_detach(uvn)
             raise

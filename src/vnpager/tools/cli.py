@@ -22,7 +22,7 @@ from typing import Any
 from vnpager.uvm.uvm_param import parse_size
 
 SUBCOMMAND_MODULES = ("vnpager.tools.demo", "vnpager.tools.bench", "vnpager.tools.mount",
-                      "vnpager.tools.torture")
+                      "vnpager.tools.torture", "vnpager.tools.serve")
 
 # :func:`~vnpager.mmap`, :mod:`x`: the name (the last part of it after a ~)
 _ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")

@@ -67,7 +67,7 @@ from vnpager.kern.synch import (
     synch_fork_prepare,
     tsleep,
 )
-from vnpager.uvm.pmap import Frames, pmap_clear_modify, pmap_is_modified
+from vnpager.uvm.pmap import machine_module, pmap_clear_modify, pmap_is_modified
 from vnpager.uvm.uvm_map import Vmspace
 from vnpager.uvm.uvm_page import PG_BUSY, PG_CLEAN, PG_TABLED, PQ_ACTIVE, PQ_FREE, PQ_INACTIVE, VmPage
 from vnpager.uvm.uvm_pager import AioDaemon, PagerMap
@@ -136,6 +136,7 @@ class VmStats(Uvmexp):
     pages, taken without stopping the machine (the numbers need not add up
     exactly while it runs)."""
 
+    frames_resident: Annotated[int, "pages the machine's frames hold (uffd: resident in all the memfds)"] = 0
     resident: Annotated[int, "pages holding data now (all but the free ones)"] = 0
     free: Annotated[int, "free page frames"] = 0
     active: Annotated[int, "pages on the active queue"] = 0
@@ -157,13 +158,18 @@ class VM:
     Anonymous memory pages out to files in *swapdir* (``VNPAGER_SWAPDIR``,
     else the system's temporary directory; see ``vfs/swapfs.py``).  After a
     fork, the child has a VM of its own (see :func:`_fork_prepare`).
+
+    *machine* is the MMU and frames under the MI code (``vm.machine``, see
+    ``uvm/pmap.py``): "soft", the software MMU, or "uffd", the host's MMU
+    for the client processes of a pager server (``vnpager.server``; Linux
+    userfaultfd, page_size must be the host's; not usable across a fork).
     """
 
     @gated  # a VM half made when fork comes would have no daemons in the child
     def __init__(self, physmem: int | str | None = None, page_size: int = PAGE_SIZE, *,
                  desiredvnodes: int = 4096, pager_map_slots: int = 16,
                  pagedaemon: bool = True, async_pageout: bool = True,
-                 swapdir: str | None = None) -> None:
+                 swapdir: str | None = None, machine: str = "soft") -> None:
         if page_size < 512 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 512, not {page_size}")
         if MAXBSIZE % page_size:
@@ -177,7 +183,8 @@ class VM:
         self.npages = npages
         self.physmem = npages * page_size
         self.zero_page = bytes(page_size)
-        self.frames = Frames(npages, page_size)  # the machine's (private: a forked child's are its own)
+        self.machine = machine_module(machine)
+        self.frames = self.machine.Frames(npages, page_size)  # soft: private, a forked child's are its own
         self.pages = [VmPage(self, i, self.frames.frame(i)) for i in range(npages)]
         self.page_free: list[VmPage] = self.pages[::-1]  # pop() takes frame 0 first
         self.page_active: dict[VmPage, None] = {}
@@ -325,7 +332,7 @@ class VM:
         free = len(self.page_free)
         return VmStats(**self.counters(), resident=self.npages - free, free=free,
                        active=len(self.page_active), inactive=len(self.page_inactive),
-                       persisting=persisting)
+                       persisting=persisting, frames_resident=self.frames.resident(free))
 
     def check_invariants(self) -> None:
         """Panic unless the page accounting of this VM is consistent.
@@ -357,6 +364,9 @@ class VM:
                         panic(f"page {pg!r}: its object's uo_active and PQ_ACTIVE disagree")
                 if q == PQ_FREE and (tabled or pg.pv or pg.pg_flags & PG_BUSY):
                     panic(f"page {pg!r}: free but in use")
+            problem = self.frames.check(self.pages)
+            if problem:
+                panic(f"frames: {problem}")
 
 
 # ---------------------------------------------------------------- fork

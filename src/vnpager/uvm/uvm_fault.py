@@ -29,7 +29,14 @@ from vnpager.kern.lock import RW_READ, RW_WRITE, gated
 from vnpager.kern.proc import curproc
 from vnpager.kern.synch import tsleep
 from vnpager.kern.trace import traced
-from vnpager.uvm.pmap import pmap_access, pmap_enter, pmap_enter_run, pmap_extract, pmap_tlb_merge
+from vnpager.uvm.pmap import (
+    pmap_access,
+    pmap_enter,
+    pmap_enter_run,
+    pmap_extract,
+    pmap_tlb_merge,
+    pmap_update,
+)
 from vnpager.uvm.uvm_map import MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, VmMapEntry, Vmspace
 from vnpager.uvm.uvm_page import (
     PG_CLEAN,
@@ -94,6 +101,7 @@ def uvm_fault(space: Vmspace, vaddr: int, access_type: int) -> None:
             except _Refault:
                 pass
         finally:
+            pmap_update(space.pmap)  # the machine maps what was entered (uffd: CONTINUE per run)
             space.lock.rw_exit()
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from sortedcontainers import SortedDict
 
 from vnpager.kern.lock import LK_EXCLUSIVE, LK_RETRY, RW_READ, RW_WRITE, RWLock, gated, kernel_lock
-from vnpager.uvm.pmap import Pmap, pmap_is_modified, pmap_page_protect, pmap_protect, pmap_remove
+from vnpager.uvm.pmap import pmap_create, pmap_is_modified, pmap_page_protect, pmap_protect, pmap_remove
 from vnpager.uvm.uvm_page import PG_BUSY, PG_CLEAN, uvm_pagedeactivate, uvm_pagefree
 from vnpager.uvm.uvm_pager import PGO_CLEANIT, PGO_FREE, PGO_SYNCIO
 from vnpager.uvm.uvm_param import (
@@ -94,7 +94,7 @@ class Vmspace:
 
     def __init__(self, vm: VM) -> None:
         self.vm = vm
-        self.pmap = Pmap(vm)
+        self.pmap = pmap_create(vm)
         self.lock = RWLock("vm_map")
         self.entries: SortedDict[int, VmMapEntry] = SortedDict()
         self.timestamp = 0
@@ -147,11 +147,14 @@ class Vmspace:
 
 @gated
 def uvm_map(space: Vmspace, size: int, uobj: UvmObject | None, uoffset: int, prot: int,
-            maxprot: int, flags: int, advice: int = MADV_NORMAL) -> int:
+            maxprot: int, flags: int, advice: int = MADV_NORMAL, *, va: int | None = None) -> int:
     """Map *size* bytes of *uobj* from *uoffset*; return the address.
 
     The entry takes over the caller's reference to *uobj*.  A MAP_PRIVATE
     entry gets an amap whose anonymous object the caller need not know of.
+    With *va* the entry goes at that address (a page boundary; the uffd
+    machine's clients choose their addresses), and a range overlapping an
+    entry is refused (EEXIST, as MAP_FIXED_NOREPLACE): unmap it first.
     """
     vm = space.vm
     size = vm.round_page(size)
@@ -163,18 +166,27 @@ def uvm_map(space: Vmspace, size: int, uobj: UvmObject | None, uoffset: int, pro
         raise OSError(errno.EINVAL, f"object offset {uoffset:#x} is not a page boundary")
     if prot & ~maxprot:
         raise PermissionError(errno.EACCES, "protection exceeds the maximum protection")
+    if va is not None and (va < 0 or va % vm.page_size):
+        raise OSError(errno.EINVAL, f"address {va:#x} is not a page boundary")
     amap = None
     if flags & MAP_PRIVATE:
         amap = Amap(uvm_anon_object(vm, size))
     space.lock.rw_enter(RW_WRITE)
     try:
-        va = space._next_va
-        space._next_va += size + vm.page_size  # a guard page between mappings
-        space.entries[va] = VmMapEntry(va, va + size, uobj, uoffset, prot, maxprot, advice,
-                                       shared=not flags & MAP_PRIVATE, amap=amap)
-        space.timestamp += 1
+        if va is None:
+            va = space._next_va
+            space._next_va += size + vm.page_size  # a guard page between mappings
+        overlaps = bool(space.entries_in(va, va + size))
+        if not overlaps:
+            space.entries[va] = VmMapEntry(va, va + size, uobj, uoffset, prot, maxprot, advice,
+                                           shared=not flags & MAP_PRIVATE, amap=amap)
+            space.timestamp += 1
     finally:
         space.lock.rw_exit()
+    if overlaps:
+        if amap is not None:  # not under the map lock: detach may sleep
+            amap.obj.pgops.pgo_detach(amap.obj)
+        raise FileExistsError(errno.EEXIST, f"[{va:#x}, {va + size:#x}) overlaps a mapping")
     return va
 
 

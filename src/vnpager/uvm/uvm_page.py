@@ -142,6 +142,7 @@ def uvm_pageinsert(pg: VmPage, uobj: UvmObject, off: int) -> None:
     pg.offset = off
     uobj.memt[off] = pg
     pg.pg_flags |= PG_TABLED
+    pg.vm.frames.bind(pg)  # the uffd machine's frames are the object's memfd pages
 
 
 def uvm_pageremove(pg: VmPage) -> None:
@@ -150,6 +151,7 @@ def uvm_pageremove(pg: VmPage) -> None:
         KASSERT(pg.pg_flags & PG_TABLED and uobj is not None, "uvm_pageremove: not tabled")
         KASSERT(not pg.pg_flags & PQ_ACTIVE, "uvm_pageremove: active page")  # dequeue it first
     assert uobj is not None
+    pg.vm.frames.unbind(pg)  # the uffd machine punches the page out of the object's memfd
     del uobj.memt[pg.offset]
     pg.pg_flags &= ~PG_TABLED
     pg.uobject = None
@@ -205,11 +207,11 @@ def uvm_pagealloc_run(vm: VM, uobj: UvmObject | None, off: int, npages: int, fla
     for pg in pgs:  # the pages are the caller's: out of the page queue lock
         pg.owner = owner
         pg.attrs = 0
-        if flags & UVM_PGA_ZERO:
-            pg.data[:] = vm.zero_page
         if uobj is not None:
             uvm_pageinsert(pg, uobj, off)
             off += ps
+        if flags & UVM_PGA_ZERO:  # after the insert, which may have moved pg.data (frames.bind)
+            pg.data[:] = vm.zero_page
     return pgs
 
 

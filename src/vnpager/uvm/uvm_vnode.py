@@ -1328,6 +1328,7 @@ def uvm_vnp_setsize(vp: Vnode, newsize: int) -> None:
             uvn_flush(uvn, vm.round_page(newsize), uvn.u_size, PGO_FREE)
             _zero_tail(uvn, newsize)
         uvn.u_size = newsize
+        uvn.vm.frames.setsize(uvn, newsize)  # the uffd machine's memfd follows the object
     lock.rw_exit()
 
 

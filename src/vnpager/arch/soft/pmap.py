@@ -62,6 +62,8 @@ from __future__ import annotations
 from mmap import PROT_READ, PROT_WRITE  # sys/mman.h's, as uvm_param's are
 from typing import TYPE_CHECKING
 
+from .frames import Frames
+
 if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
     from vnpager.uvm.uvm_page import VmPage
@@ -69,6 +71,8 @@ if TYPE_CHECKING:
 PROT_NONE = 0x0
 PG_REF = 0x1
 PG_MOD = 0x2
+
+__all__ = ["Frames"]  # the machine's frames, beside its pmap (vm.machine.Frames)
 
 Run = tuple[int, int, memoryview, int]  # start va, end va, the bytes of its frames, first frame
 Tlb = dict[int, Run]  # every virtual page of each run -> the run
@@ -212,6 +216,10 @@ def _page_protect(pg: VmPage, prot: int) -> None:
 
 def pmap_extract(pmap: Pmap, va: int) -> tuple[VmPage, int] | None:
     return pmap.pm_pte.get(va)
+
+
+def pmap_update(pmap: Pmap) -> None:
+    """Nothing is deferred on this machine: every operation is done at once."""
 
 
 def pmap_is_modified(pg: VmPage) -> bool:

@@ -11,6 +11,10 @@
 * :mod:`.remote` -- a client's pidfd and process_madvise(MADV_PAGEOUT):
   clearing referenced bits, so that a re-reference is a MINOR fault;
 * :mod:`.fdpass` -- fds over a Unix socket (SCM_RIGHTS);
+* :mod:`.frames`, :mod:`.pmap` -- the uffd machine of ``uvm.VM(machine=
+  "uffd")``: page frames as a memfd per object, and the pmap interface
+  over a client's page tables (these two take uvm's types under
+  TYPE_CHECKING only, as arch/soft does);
 * :mod:`.errors` -- UffdUnavailable, naming the fix;
 * :mod:`.libc`, :mod:`.fdobject` -- ctypes calls with their errno, and
   the owner of an fd.
@@ -23,9 +27,10 @@ from .errors import UffdUnavailable
 from .pagemap import Pagemap
 from .remote import Process
 from .shm import PAGE_SIZE, MemFile, SharedMapping
-from .userfaultfd import OPTIONAL_FEATURES, SERVER_FEATURES, Uffd, UffdMsg
+from .userfaultfd import MACHINE_FEATURES, OPTIONAL_FEATURES, SERVER_FEATURES, Uffd, UffdMsg
 
 __all__ = [
+    "MACHINE_FEATURES",
     "OPTIONAL_FEATURES",
     "PAGE_SIZE",
     "SERVER_FEATURES",

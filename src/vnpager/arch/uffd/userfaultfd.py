@@ -43,6 +43,10 @@ SERVER_FEATURES = (
     | uapi.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
     | uapi.UFFD_FEATURE_WP_ASYNC
 )
+#: What a client of the uffd machine (``uvm.VM(machine="uffd")``) opens its
+#: uffd with: the server's features but WP_ASYNC, so that a store to a
+#: write-protected page is a synchronous fault the server sees (PG_MOD).
+MACHINE_FEATURES = SERVER_FEATURES & ~uapi.UFFD_FEATURE_WP_ASYNC
 #: Taken when the kernel has them: POISON turns a read error into SIGBUS
 #: for the faulting access; THREAD_ID names the faulting thread.
 OPTIONAL_FEATURES = uapi.UFFD_FEATURE_POISON | uapi.UFFD_FEATURE_THREAD_ID
