@@ -8,7 +8,10 @@ attaches the file's VM object, read and write copy to and from its pages,
 release detaches (the object persists with its pages for the next open),
 fsync flushes it.  Pager calls may sleep, so they
 run in worker threads (:func:`_pager`); plain host calls are short and run
-on the event loop.
+on the event loop.  So do a read or a write that the resident pages (and
+free memory) serve at once (``pager.read_nowait``, ``pager.write_nowait``,
+which never sleep): a hop to a worker thread and back costs more than such
+a request, and a worker's Python work holds the GIL the loop would need anyway.
 
 Kernel caching (see the README): by default the kernel's page cache is
 used, so that programs can mmap files on the mount, but only while a file
@@ -28,17 +31,17 @@ import itertools
 import logging
 import os
 import stat
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pyfuse3
 import trio
 
-from vnpager.fuse import pager
+from vnpager.fuse import pager, profile
 from vnpager.fuse.inodes import InodeTable, proc_path
-from vnpager.uvm.uvm_bio import ubc_read
 from vnpager.vnmap import FileObject
 
 if TYPE_CHECKING:
@@ -106,6 +109,19 @@ class VnpagerFS(pyfuse3.Operations):
         self.opens: Counter[int] = Counter()  # open files per inode
         self.dirs: dict[int, tuple[int, list[str]]] = {}  # directory handle -> inode, names
         self._fh = itertools.count(1)
+        self.profile = profile.RequestProfile() if profile.enabled() else None
+
+    async def _data(self, op: str, nbytes: int, fn: Callable[..., T], *args: Any) -> T:
+        """A data request's pager call, in a worker (:func:`_pager`), timed by
+        stage when profiling (see :mod:`vnpager.fuse.profile`)."""
+        prof = self.profile
+        if prof is None:
+            return await _pager(fn, *args)
+        t0 = time.perf_counter()
+        result, start, end = await _pager(prof.in_worker, fn, *args)
+        t1 = time.perf_counter()
+        prof.add(op, nbytes, {"hop in": start - t0, "pager": end - start, "hop out": t1 - end})
+        return result
 
     # attributes
     def _attr(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
@@ -370,13 +386,28 @@ class VnpagerFS(pyfuse3.Operations):
             raise
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await _pager(ubc_read, self.files[fh].file.uvn, size, off)
+        uvn = self.files[fh].file.uvn
+        t0 = time.perf_counter() if self.profile else 0.0
+        data: bytes | bytearray | None = _host(pager.read_nowait, uvn, size, off)  # no worker thread
+        if data is None:
+            data = await self._data("read", size, pager.read, uvn, size, off)
+        elif self.profile:
+            self.profile.add("read", size, {"loop": time.perf_counter() - t0}, inline=True)
+        return cast(bytes, data)  # pyfuse3 replies with any buffer: no copy to bytes
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await _pager(pager.write, self.files[fh].file, buf, off)
+        f = self.files[fh].file
+        t0 = time.perf_counter() if self.profile else 0.0
+        done = _host(pager.write_nowait, f, buf, off)  # resident or free pages: no worker thread
+        if done < len(buf):
+            rest = memoryview(buf)[done:]
+            return done + await self._data("write", len(rest), pager.write, f, rest, off + done)
+        if self.profile:
+            self.profile.add("write", len(buf), {"loop": time.perf_counter() - t0}, inline=True)
+        return done
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await _pager(pager.fsync, self.files[fh].file)
+        await self._data("fsync", 0, pager.fsync, self.files[fh].file)
 
     async def release(self, fh: int) -> None:
         of = self.files.pop(fh)

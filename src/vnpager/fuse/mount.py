@@ -33,6 +33,9 @@ from vnpager.fuse.fs import VnpagerFS
 from vnpager.uvm.uvm import VM
 
 FSNAME_PREFIX = "vnpager:"
+# the VM's counters a request profile ends with (VNPAGER_FUSE_PROFILE)
+PROFILE_COUNTERS = ("read_ios", "pageins", "write_ios", "pageouts", "waits",
+                    "pdwoke", "pdfreed", "pdpageouts")
 
 
 def serve(src: str, mnt: str, physmem: int, *, direct_io: bool = False) -> None:
@@ -111,8 +114,13 @@ def _finish(fs: VnpagerFS, *, unmount: bool) -> None:
     """The loop has ended: unmount if still mounted, then write every dirty
     page, terminate every object, close the VM and the inodes' descriptors."""
     pyfuse3.close(unmount=unmount)
+    if fs.profile is not None:  # before the unmount's write-back adds its own
+        stats = fs.vm.stats()
+        counters = {k: getattr(stats, k) for k in PROFILE_COUNTERS}
     pager.shutdown(fs.vm, fs.open_objects())
     fs.inodes.close()
+    if fs.profile is not None:
+        print(fs.profile.report(counters), flush=True)
 
 
 async def _main() -> bool:
