@@ -179,9 +179,6 @@ class Session(threading.Thread):
         if op == "map":
             grant = space.map(fds[0], *args)
             return {"id": grant.id, "size": grant.size}, [grant.memfd]
-        if op == "release":  # a grant the client could not map (hw-status-server.md)
-            release = getattr(space, "release", None)
-            return (release(*args) if release is not None else None), []
         method: Callable[..., Any] = getattr(space, op)
         return method(*args), []
 
