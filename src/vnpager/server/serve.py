@@ -329,14 +329,15 @@ def watch_parent(server: Server, parent_pid: int) -> None:
 
 def serve(path: str | None = None, physmem: int | str | None = None, *, listen_fd: int | None = None,
           parent_pid: int | None = None, space_factory: SpaceFactory = client_space,
-          ready: Callable[[], None] | None = None) -> None:
+          ready: Callable[[], None] | None = None, vm: uvm.VM | None = None) -> None:
     """Run a server until SIGTERM/SIGINT (or its parent's death, with
     *parent_pid*), at *path* or on the listening socket *listen_fd* (an
-    embedded server's, made by its parent).  *ready* is called once it
-    accepts."""
+    embedded server's, made by its parent), over *vm* (by default a new
+    one of *physmem*, see make_vm), which it closes at the end.  *ready*
+    is called once it accepts."""
     listener = socket.socket(fileno=listen_fd) if listen_fd is not None else listen(path or "")
     try:
-        vm = make_vm(physmem)
+        vm = vm if vm is not None else make_vm(physmem)
     except BaseException:
         listener.close()
         raise

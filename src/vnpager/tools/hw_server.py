@@ -34,7 +34,8 @@ from collections import Counter
 from typing import IO
 
 from vnpager.arch.uffd import Uffd
-from vnpager.server.serve import Server, listen, make_vm, watch_parent
+from vnpager.server import serve as server
+from vnpager.server.serve import make_vm
 from vnpager.uvm.uvm import VM
 from vnpager.vfs.faultfs import FaultFS, FaultPlan
 from vnpager.vfs.hostfs import HostFS
@@ -90,16 +91,10 @@ def serve(args: argparse.Namespace) -> Counter[str]:
         seed, rate = args.faults.split(":")
         plan = write_faults(int(seed), float(rate))
         vm.hostfs = vm.vfs.mount(FaultFS(HostFS(), plan), "faulty")  # every client's files come through it
-    server = Server(vm, listen(args.socket))
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: server.shutdown())
-    if args.parent_pid is not None:
-        watch_parent(server, args.parent_pid)
     if plan is not None:
         signal.signal(signal.SIGUSR1, lambda *_: _clear(plan))
-    print("ready", flush=True)
     try:
-        server.serve_forever()
+        server.serve(args.socket, vm=vm, parent_pid=args.parent_pid, ready=lambda: print("ready", flush=True))
     finally:
         if profiles is not None:
             profiles.dump(args.profile)
