@@ -18,7 +18,8 @@ import pytest
 
 from objfs_helpers import MOTO_MIN_PART, moto_server, new_bucket, new_s3fs, s3_client, slow_and_failing
 from vnpager import VM
-from vnpager.uvm.uvm_param import MADV_RANDOM
+from vnpager.uvm.uvm_param import MADV_RANDOM, MADV_WILLNEED
+from vnpager.uvm.uvm_readahead import RA_WINSIZE_MAX
 from vnpager.vfs.objfs import ObjMount
 from vnpager.vfs.objstore import PartPolicy
 from vnpager.vnmap import vnode_of
@@ -249,3 +250,68 @@ def test_objfs_http_read_only(vm: VM, moto_endpoint: str, bucket: str) -> None:
     assert 0 < http.statistics()["gets"] < 32
     with pytest.raises(PermissionError):
         vm.open(url, "r+b")
+
+
+def test_objfs_last_flush_wins(moto_endpoint: str) -> None:
+    """Two VMs write one object: the later publish is the object, whole
+    (its clean ranges copied from the version it opened: a versioned bucket)."""
+    bucket = new_bucket(moto_endpoint, versioned=True)
+    size = 8 * MOTO_MIN_PART
+    base = random.Random(9).randbytes(size)
+    put(moto_endpoint, bucket, "two", base)
+    url = f"s3://{bucket}/two"
+    vms = [VM(physmem=64 * PS), VM(physmem=64 * PS)]
+    try:
+        for v in vms:
+            v.mount_objects(new_s3fs(moto_endpoint), policy=POLICY)
+        a, b = (v.open(url, "r+b") for v in vms)
+        a.write(b"A" * PS)
+        b.seek(MOTO_MIN_PART)
+        b.write(b"B" * PS)
+        a.close()
+        b.close()
+    finally:
+        for v in vms:
+            v.close()
+    want = base[:MOTO_MIN_PART] + b"B" * PS + base[MOTO_MIN_PART + PS:]
+    assert get(moto_endpoint, bucket, "two") == want
+
+
+def test_objfs_truncate_then_extend_reads_zeros(vm: VM, s3: ObjMount, moto_endpoint: str,
+                                                bucket: str) -> None:
+    data = random.Random(10).randbytes(8 * PS)
+    put(moto_endpoint, bucket, "t", data)
+    url = f"s3://{bucket}/t"
+    with vm.open(url, "r+b") as f:
+        f.truncate(2 * PS + 7)
+        f.seek(6 * PS)
+        f.write(b"end")
+        f.seek(0)
+        seen = f.read()
+    want = data[:2 * PS + 7] + bytes(4 * PS - 7) + b"end"
+    assert seen == want
+    assert get(moto_endpoint, bucket, "t") == want
+
+
+def test_objfs_willneed_windows_in_flight_at_once(s3: ObjMount, moto_endpoint: str, bucket: str) -> None:
+    """MADV_WILLNEED of a range of several windows: the read-ahead daemon's
+    threads have several window GETs in flight at once."""
+    size = 2 << 20
+    data = random.Random(11).randbytes(size)
+    put(moto_endpoint, bucket, "ra", data)
+    vm = VM(physmem=4 * size)
+    try:
+        mp = vm.mount_objects(new_s3fs(moto_endpoint), policy=POLICY)
+        undo = slow_and_failing(mp.fs, delay={"get_object": 0.2})
+        with vm.map(f"s3://{bucket}/ra", 0, prot=1) as m:
+            m.madvise(MADV_WILLNEED)
+            assert vm.readahead.drain()
+            gets = mp.statistics()["gets"]
+            assert m[:] == data
+            assert mp.statistics()["gets"] == gets  # all read ahead
+        undo()
+        st = mp.statistics()
+        assert st["bytes_fetched"] == size and st["gets"] == size // RA_WINSIZE_MAX
+        assert st["max_gets_in_flight"] >= 3
+    finally:
+        vm.close()

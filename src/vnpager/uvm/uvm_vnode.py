@@ -77,6 +77,12 @@ Life and locks
 * shrinking a file keeps the bytes before the new end in its last, partial
   page and zeroes the rest of that page (the seed frees the whole page).
 
+Object stores (issue 12)
+* a filesystem whose ops say ``unlocked_read`` (objfs: its reads are
+  network requests) is read through VOP_STRATEGY without the vnode lock, so
+  that several reads of one vnode are in flight; the pages are busy, so
+  terminate still waits for them.
+
 Pageout without PGO_SYNCIO is asynchronous, as the seed's long comment
 above uvn_flush designs it: uvn_io starts the write on the VM's aio daemon
 and returns VM_PAGER_PEND, and :func:`uvn_aiodone` finishes the pages.

@@ -154,12 +154,12 @@ def plan_parts(size: int, clean_end: int, dirty: list[tuple[int, int]], policy: 
     if clean_end < size:
         runs.append((clean_end, size))
     ups: list[list[int]] = []
-    for a, b in runs:
+    for a, b in sorted(runs):
         if b - a < m:  # grow to a part: to the right, or left at the end
             b = min(a + m, size)
             a = min(a, b - m)
         if ups and a - ups[-1][1] < m:  # overlapping, or a gap too short to copy
-            ups[-1][1] = max(ups[-1][1], b)
+            ups[-1][0], ups[-1][1] = min(ups[-1][0], a), max(ups[-1][1], b)
         else:
             ups.append([a, b])
     if ups and ups[0][0] < m:
@@ -186,6 +186,8 @@ def _within_max_parts(ups: list[list[int]], size: int, policy: PartPolicy) -> li
             else:
                 merged.append(ups[i])
         ups = merged
+    if _count(ups, size, policy.max_part) > policy.max_parts:
+        ups = [[0, size]]  # the gaps at the ends too: one upload of everything
     if _count(ups, size, policy.max_part) > policy.max_parts:
         raise ValueError(f"an object of {size} bytes does not fit {policy}")
     return ups
