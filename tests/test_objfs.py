@@ -315,3 +315,22 @@ def test_objfs_willneed_windows_in_flight_at_once(s3: ObjMount, moto_endpoint: s
         assert st["max_gets_in_flight"] >= 3
     finally:
         vm.close()
+
+
+def test_objfs_any_fsspec_filesystem(vm: VM) -> None:
+    """fsspec's memory filesystem: no server-side copy, so a publish writes
+    the object whole; reads are ranged as on S3."""
+    mem = fsspec.filesystem("memory", skip_instance_cache=True)
+    data = random.Random(12).randbytes(32 * PS)
+    mem.pipe_file("/objfs-test/m", data)
+    mp = vm.mount_objects(mem)
+    with vm.open("memory://objfs-test/m", "r+b") as f:
+        assert f.read(PS) == data[:PS]
+        f.seek(10 * PS)
+        f.write(b"mem")
+    want = data[:10 * PS] + b"mem" + data[10 * PS + 3:]
+    assert mem.cat_file("/objfs-test/m") == want
+    st = mp.statistics()
+    assert st["puts"] == 1 and st["bytes_uploaded"] == len(data)
+    mem.pipe_file("/objfs-test/m", b"replaced")  # outside: close-to-open
+    assert vm.pread("memory://objfs-test/m", 100, 0) == b"replaced"

@@ -47,7 +47,8 @@ def test_plan_parts_obeys_the_limits(npages: int, data: st.DataObject, min_pages
     pages = data.draw(st.lists(st.integers(0, npages - 1), max_size=40))
     size = npages * PS - data.draw(st.integers(0, PS - 1))
     clean_end = max(0, size - shrink * PS)
-    policy = PartPolicy(min_part=min_pages * PS, max_part=max(min_pages * PS, 64 * PS), max_parts=max_parts)
+    policy = PartPolicy(min_part=min_pages * PS, max_part=max(min_pages * PS, 64 * PS), max_parts=max_parts,
+                        upload_part=data.draw(st.integers(1, 32)) * PS)
     dirty = _runs(pages)
     try:
         parts = plan_parts(size, clean_end, dirty, policy)
@@ -85,3 +86,10 @@ def test_part_policy_rejects_nonsense() -> None:
         PartPolicy(min_part=0)
     with pytest.raises(ValueError):
         PartPolicy(min_part=2 * PS, max_part=PS)
+
+
+def test_plan_parts_cut_a_new_object_into_upload_parts() -> None:
+    policy = PartPolicy(min_part=PS, upload_part=16 * PS, max_parts=10)
+    parts = plan_parts(100 * PS, 0, [], policy)
+    _check(parts, 100 * PS, 0, [], policy)
+    assert len(parts) == 6 and not any(p.copy for p in parts)  # 100 // 16 pieces, no more

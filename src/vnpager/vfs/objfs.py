@@ -81,13 +81,13 @@ class Staging:
     """
 
     def __init__(self, directory: str | None) -> None:
-        self._dir = directory
+        self.directory = directory
         self._file: Any = None
         self.runs: SortedDict = SortedDict()  # start -> end, disjoint, not touching
 
     def fileno(self) -> int:
         if self._file is None:
-            self._file = tempfile.TemporaryFile(dir=self._dir, prefix="vnpager-objfs-")  # noqa: SIM115
+            self._file = tempfile.TemporaryFile(dir=self.directory, prefix="vnpager-objfs-")  # noqa: SIM115
         return int(self._file.fileno())
 
     def write(self, offset: int, bufs: list[memoryview]) -> int:
@@ -228,7 +228,7 @@ class ObjFS(VnodeOps):
             if end <= start:
                 return 0  # at the end: the pager sees resid left
             try:
-                data = self._fetch(node, base, start, end, clean_end, runs)
+                data = self._fetch(node.path, base, staging, start, end, clean_end, runs)
             except OSError as e:
                 if e.errno == errno.ESTALE and node.base is not base:
                     continue
@@ -237,19 +237,19 @@ class ObjFS(VnodeOps):
             return 0
         return errno.ESTALE
 
-    def _fetch(self, node: ObjNode, base: ObjInfo | None, start: int, end: int, clean_end: int,
-               runs: list[tuple[int, int]]) -> bytearray:
-        """The bytes [start, end): the version's below *clean_end* where no
+    def _fetch(self, path: str, base: ObjInfo | None, staging: Staging, start: int, end: int,
+               clean_end: int, runs: list[tuple[int, int]]) -> bytearray:
+        """The bytes [start, end): version *base*'s below *clean_end* where no
         staged run covers them (one GET, from the first such byte to the
-        last), zeros past it, the staged *runs* over all.  Raises OSError."""
+        last), zeros past it, the *staging*'s *runs* over all.  Raises OSError."""
         buf = bytearray(end - start)
         lo, hi = _uncovered(start, clean_end, runs)
         if lo < hi:
-            got = self.store.get(node.path, lo, hi, base)
+            got = self.store.get(path, lo, hi, base)
             buf[lo - start:lo - start + len(got)] = got
         view = memoryview(buf)
         for a, b in runs:
-            node.staging.pread_into(view[a - start:b - start], a)
+            staging.pread_into(view[a - start:b - start], a)
         return buf
 
     def write(self, vp: Vnode, uio: Uio, ioflag: int) -> int:
@@ -299,18 +299,19 @@ class ObjFS(VnodeOps):
             with node.lock:
                 if not node.dirty:
                     return
-                base, size, clean_end = node.base, node.size, node.clean_end
-                dirty = list(node.staging.runs.items())
+                base, size, clean_end, staging = node.base, node.size, node.clean_end, node.staging
+                dirty = list(staging.runs.items())
 
             def view(a: int, b: int) -> bytes:
                 with node.lock:
-                    runs = node.staging.within(a, b)
-                return bytes(self._fetch(node, base, a, b, min(b, clean_end), runs))
+                    runs = staging.within(a, b)
+                return bytes(self._fetch(node.path, base, staging, a, b, min(b, clean_end), runs))
 
             info = self.store.publish(node.path, base, size, clean_end, dirty, view)
             with node.lock:
-                node.staging.close()
-                node.staging = Staging(node.staging._dir)
+                # not closed here: a read may still be copying from it (it
+                # closes when the last reference goes)
+                node.staging = Staging(staging.directory)
                 node.take_up(info)
 
     def reclaim(self, vp: Vnode) -> None:
@@ -319,6 +320,8 @@ class ObjFS(VnodeOps):
         node: ObjNode | None = vp.v_data
         if node is None:
             return
+        if node.base is None and node.size == 0:
+            return  # a new object never written (or a vnode that lost a race to be made)
         try:
             self.publish(node)
         except OSError as e:

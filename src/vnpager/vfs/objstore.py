@@ -34,7 +34,9 @@ import contextlib
 import datetime
 import errno
 import hashlib
+import itertools
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -119,7 +121,10 @@ class PartPolicy:
     min_part: int = 5 * MiB
     max_part: int = 5 * GiB
     max_parts: int = 10_000
-    concurrency: int = 16  # parts uploaded or copied at once
+    concurrency: int = 8  # parts uploaded or copied at once
+    # longer uploads are cut into parts of about this size, while max_parts
+    # allows: each is read into memory whole, so concurrency of them at most
+    upload_part: int = 8 * MiB
 
     def __post_init__(self) -> None:
         if not 0 < self.min_part <= self.max_part or self.max_parts < 1 or self.concurrency < 1:
@@ -165,7 +170,26 @@ def plan_parts(size: int, clean_end: int, dirty: list[tuple[int, int]], policy: 
     if ups and ups[0][0] < m:
         ups[0][0] = 0  # a leading gap too short to be a part
     ups = _within_max_parts(ups, size, policy)
-    return _split(_with_gaps(ups, size), policy.max_part)
+    parts = _split(_with_gaps(ups, size), policy.max_part)
+    return _chunk_uploads(parts, policy)
+
+
+def _chunk_uploads(parts: list[Part], policy: PartPolicy) -> list[Part]:
+    """Cut uploads longer than upload_part (min_part at least) into pieces,
+    as far as max_parts allows."""
+    chunk = max(policy.min_part, policy.upload_part)
+    spare = policy.max_parts - len(parts)
+    out: list[Part] = []
+    for p in parts:
+        n = min(1 + spare, (p.end - p.start) // chunk) if not p.copy else 1
+        if n <= 1:
+            out.append(p)
+            continue
+        spare -= n - 1
+        step = (p.end - p.start) // n  # >= chunk >= min_part
+        cuts = [p.start + i * step for i in range(n)] + [p.end]
+        out.extend(Part(a, b, False) for a, b in itertools.pairwise(cuts))
+    return out
 
 
 def _count(ups: list[list[int]], size: int, max_part: int) -> int:
@@ -333,35 +357,48 @@ class S3Store(FsspecStore):
                 dirty: list[tuple[int, int]], view: ViewReader) -> ObjInfo:
         """A new version of *path*, *size* bytes: below *clean_end* the
         *base* version's bytes except the *dirty* runs, the rest from
-        *view*.  Small objects, and new ones, are one PUT; others a
-        multipart upload that copies clean ranges server-side.  Raises
+        *view*.  An object smaller than a part is one PUT; others a
+        multipart upload that copies clean ranges server-side (a new
+        object's parts are all uploaded, upload_part each).  Raises
         OSError (ESTALE if *base* was replaced meanwhile, on a bucket
         without versioning); a failed upload is aborted."""
-        if base is None or clean_end == 0 or size < self.policy.min_part:
-            self.put_whole(path, size, view)
+        if size < self.policy.min_part:
+            resp = self._put(path, size, view)
         else:
-            self._multipart(path, base, plan_parts(size, clean_end, dirty, self.policy), view)
-        return self.stat(path)
+            clean_end = clean_end if base is not None else 0  # a new object: all uploaded
+            resp = self._multipart(path, base, plan_parts(size, clean_end, dirty, self.policy), view)
+        self.stats.add(publishes=1)
+        return self._published(path, size, resp)
 
-    def put_whole(self, path: str, size: int, view: ViewReader) -> None:
+    def _published(self, path: str, size: int, resp: dict[str, Any]) -> ObjInfo:
+        """The version our PUT or upload made (its response names it); its
+        mtime from a HEAD, unless someone replaced it already."""
+        info = self.stat(path)
+        etag, version = str(resp.get("ETag", "")), resp.get("VersionId")
+        if (info.etag, info.version) == (etag, version):
+            return info
+        return ObjInfo(size, etag, version, time.time_ns())
+
+    def _put(self, path: str, size: int, view: ViewReader) -> dict[str, Any]:
         data = view(0, size)
-        self._call("put_object", **self._bk(path), Body=data)
-        self.stats.add(puts=1, bytes_uploaded=len(data), publishes=1)
+        resp = self._call("put_object", **self._bk(path), Body=data)
+        self.stats.add(puts=1, bytes_uploaded=len(data))
+        return dict(resp)
 
-    def _multipart(self, path: str, base: ObjInfo, parts: list[Part], view: ViewReader) -> None:
+    def _multipart(self, path: str, base: ObjInfo | None, parts: list[Part],
+                   view: ViewReader) -> dict[str, Any]:
         bk = self._bk(path)
         upload_id = self._call("create_multipart_upload", **bk)["UploadId"]
         try:
             etags = self._run(self._parts(bk, upload_id, base, parts, view))
-            self._call("complete_multipart_upload", **bk, UploadId=upload_id, MultipartUpload={
-                "Parts": [{"ETag": t, "PartNumber": i + 1} for i, t in enumerate(etags)]})
+            return dict(self._call("complete_multipart_upload", **bk, UploadId=upload_id, MultipartUpload={
+                "Parts": [{"ETag": t, "PartNumber": i + 1} for i, t in enumerate(etags)]}))
         except BaseException:
             with contextlib.suppress(Exception):
                 self._call("abort_multipart_upload", **bk, UploadId=upload_id)
             raise
-        self.stats.add(publishes=1)
 
-    async def _parts(self, bk: dict[str, str], upload_id: str, base: ObjInfo, parts: list[Part],
+    async def _parts(self, bk: dict[str, str], upload_id: str, base: ObjInfo | None, parts: list[Part],
                      view: ViewReader) -> list[str]:
         """Upload or copy every part, policy.concurrency at once; their ETags."""
         sem = asyncio.Semaphore(self.policy.concurrency)
