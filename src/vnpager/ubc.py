@@ -2,7 +2,9 @@
 
 These are the library's front end to UBC (:mod:`vnpager.uvm.uvm_bio`).  A
 file is named by a host path (looked up on the VM's hostfs), a descriptor
-of an open host file, or a vnode the caller holds a reference to.
+of an open host file, the URL of an object (:mod:`vnpager.vfs.objfs`: its
+writes reach the store at ``sync`` and ``close``), or a vnode the caller
+holds a reference to.
 ``pread``/``pwrite`` attach the file's object for the one call; the object
 then persists with its pages, so the next call finds them.  ``vm.open``
 returns a :class:`UbcFile`, an ``io.RawIOBase`` that keeps the object
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from vnpager.uvm.uvm_bio import ubc_read, ubc_readinto, ubc_write
 from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
+from vnpager.vfs.objfs import is_url
 from vnpager.vfs.vnode import Vnode
 from vnpager.vnmap import FileObject, Target
 
@@ -70,10 +73,12 @@ class UbcFile(io.RawIOBase):
         self._readable = kind == "r" or "+" in mode
         self._writable = kind != "r" or "+" in mode
         self._append = bool(flags & os.O_APPEND)
-        if flags & os.O_CREAT:
+        url = is_url(target)  # an object: the store makes it at the first sync
+        if flags & os.O_CREAT and not url:
             _create(target, flags)
         self._file: FileObject | None = FileObject.open(
-            vm, target, PROT_READ | (PROT_WRITE if self._writable else 0))
+            vm, target, PROT_READ | (PROT_WRITE if self._writable else 0),
+            create=url and bool(flags & os.O_CREAT), excl=url and bool(flags & os.O_EXCL))
         self._pos = 0
         if flags & os.O_TRUNC:
             self._file.setsize(0)

@@ -21,8 +21,10 @@ from vnpager import ubc
 from vnpager.uvm import uvm
 from vnpager.uvm.uvm_map import MAP_SHARED
 from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
+from vnpager.vfs.objfs import ObjMount, is_url, objfs_mounts, objfs_publish_all
+from vnpager.vfs.objstore import PartPolicy
 from vnpager.vfs.vnode import Vnode
-from vnpager.vnmap import Target
+from vnpager.vnmap import Target, vnode_of
 
 if TYPE_CHECKING:
     from vnpager.client import HardwareVM
@@ -72,6 +74,12 @@ class VM(uvm.VM):
 
         if isinstance(target, Vnode | int):
             return mmap(target, length, flags, prot, access, offset, vm=self)
+        if is_url(target):
+            vp = vnode_of(self, target)
+            try:
+                return mmap(vp, length, flags, prot, access, offset, vm=self)
+            finally:
+                self.vfs.vrele(vp)
         try:
             fd = os.open(target, os.O_RDWR | os.O_CLOEXEC)
         except PermissionError:
@@ -80,6 +88,34 @@ class VM(uvm.VM):
             return mmap(fd, length, flags, prot, access, offset, vm=self)
         finally:
             os.close(fd)
+
+    def mount_objects(self, fs: Any, policy: PartPolicy | None = None, staging_dir: str | None = None,
+                      **storage_options: Any) -> ObjMount:
+        """The objects of an object store as this VM's files: *fs* is an
+        fsspec filesystem, or a protocol or URL (``"s3"``, ``"s3://bucket"``)
+        to make one with *storage_options* (``fsspec.filesystem``'s:
+        ``endpoint_url``, ``key``, ``secret``, ``anon``, ...).  From then on
+        URLs of its protocol (``vm.open("s3://bucket/key")``, ``vm.map``,
+        ``vm.pread``) are its objects; a protocol never mounted gets one
+        with fsspec's defaults (the environment, AWS config) at its first
+        URL.  *policy* is the server's multipart limits (PartPolicy: AWS's
+        by default); *staging_dir* where written pages wait for their
+        publish (the system's temporary directory by default).  The mount's
+        ``statistics()`` counts its requests."""
+        if isinstance(fs, str):
+            import fsspec
+
+            fs = fsspec.filesystem(fs.split("://", 1)[0], **storage_options)
+        elif storage_options:
+            raise TypeError("storage_options make a filesystem: pass a protocol, not one")
+        return objfs_mounts(self.vfs).mount(fs, policy, staging_dir)
+
+    def close(self) -> None:
+        """Write back every dirty page (see uvm.VM.close) and publish what
+        the VM's objects have staged (a failure is logged)."""
+        if not self.closed:
+            super().close()
+            objfs_publish_all(self.vfs)
 
     def pread(self, target: Target, n: int, off: int) -> bytes:
         """Up to *n* bytes at *off* of *target*, through the pages."""

@@ -22,8 +22,12 @@ open file description does for a kernel's callers:
   **close**: sync if asked, unmap what is still mapped, detach.
 
 A target is a host path (looked up on the VM's hostfs), a descriptor of an
-open host file, or a vnode the caller holds a reference to;
-:func:`vnode_of` is where a name becomes a vnode (issue 12 adds URLs there).
+open host file, a URL of an object (``s3://bucket/key``, ``https://...``:
+a vnode of the objfs mount of its protocol, :mod:`vnpager.vfs.objfs`), or a
+vnode the caller holds a reference to; :func:`vnode_of` is where a name
+becomes a vnode.  A filesystem that ``commits`` (objfs) gets VOP_COMMIT
+after every sync's flush: that is when its writes reach other users, and a
+failed commit is a write-back error like any other (errseq).
 """
 
 from __future__ import annotations
@@ -40,13 +44,16 @@ from vnpager.uvm.uvm_param import PROT_WRITE
 from vnpager.uvm.uvm_vnode import (
     UVM_VNODE_VALID,
     UvmVnode,
+    uvm_vnp_wrote,
     uvn_attach,
     uvn_errseq_check,
     uvn_errseq_sample,
     uvn_flush,
+    uvn_record_error,
 )
 from vnpager.vfs.hostfs import HostNode, hostfs_vget_fd, hostfs_vget_path
-from vnpager.vfs.vnode import Vnode
+from vnpager.vfs.objfs import is_url, objfs_vget_url
+from vnpager.vfs.vnode import VOP_COMMIT, Vnode
 
 if TYPE_CHECKING:
     from vnpager.uvm.uvm import VM
@@ -58,15 +65,23 @@ def _oserror(err: int, what: str = "") -> OSError:
     return OSError(err, os.strerror(err) + (f": {what}" if what else ""))
 
 
-def vnode_of(vm: VM, target: Target) -> Vnode:
+def vnode_of(vm: VM, target: Target, create: bool = False, excl: bool = False) -> Vnode:
     """The vnode *target* names, with a reference for the caller.  Raises
-    OSError (the host's, for a path or descriptor)."""
+    OSError (the host's, for a path or descriptor; the store's, for a URL).
+    *create* and *excl* are O_CREAT and O_EXCL, for a URL only (a host file
+    is made by the host: ubc's _create)."""
     if isinstance(target, Vnode):
         vm.vfs.vref(target)
         return target
     if isinstance(target, int):
         return hostfs_vget_fd(vm.vfs, vm.hostfs, target)
+    if is_url(target):
+        return objfs_vget_url(vm.vfs, str(target), create, excl)
     return hostfs_vget_path(vm.vfs, vm.hostfs, os.fspath(target))
+
+
+def _read_only(vp: Vnode) -> bool:
+    return vp.v_op.readonly or (isinstance(vp.v_data, HostNode) and not vp.v_data.writable)
 
 
 class FileObject:
@@ -89,11 +104,13 @@ class FileObject:
         self._maps = {}
 
     @classmethod
-    def open(cls, vm: VM, target: Target, prot: int) -> FileObject:
-        """Attach the object of *target* (see :meth:`attach`)."""
-        vp = vnode_of(vm, target)
+    def open(cls, vm: VM, target: Target, prot: int, create: bool = False,
+             excl: bool = False) -> FileObject:
+        """Attach the object of *target* (see :meth:`attach`; *create* and
+        *excl* as for :func:`vnode_of`)."""
+        vp = vnode_of(vm, target, create, excl)
         try:
-            if prot & PROT_WRITE and isinstance(vp.v_data, HostNode) and not vp.v_data.writable:
+            if prot & PROT_WRITE and _read_only(vp):
                 raise _oserror(errno.EACCES, f"{target!r} is read-only")
             return cls.attach(vp, prot)
         finally:
@@ -144,6 +161,8 @@ class FileObject:
         with uvn.vmobjlock:
             ok = uvn_flush(uvn, start, stop or 0, PGO_CLEANIT | PGO_SYNCIO | whole)
             err = 0 if ok else uvn.u_error or errno.EIO
+        if not err and uvn.u_vnode.v_op.commits:
+            err = _commit(uvn)
         seen, self._cursor = uvn_errseq_check(uvn, self._cursor)
         if err or seen:
             raise _oserror(err or seen)
@@ -180,3 +199,17 @@ class FileObject:
                 self.unmap(space, va)
             uvn = self.uvn
             uvn.pgops.pgo_detach(uvn)
+
+
+def _commit(uvn: UvmVnode) -> int:
+    """VOP_COMMIT the object's vnode: 0, or its errno, recorded as a
+    write-back error (errseq).  Success records the file's new mtime, so
+    that the next attach keeps our pages.  => caller holds no VM lock."""
+    vp = uvn.u_vnode
+    err = VOP_COMMIT(vp)
+    if err:
+        with uvn.vmobjlock:
+            uvn_record_error(uvn, err)
+    else:
+        uvm_vnp_wrote(vp)
+    return err

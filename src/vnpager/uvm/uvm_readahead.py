@@ -10,8 +10,8 @@ them from free memory only: see UVM_PGA_NORESERVE); the caller then sets
 MADV_SEQUENTIAL always reads the largest window, MADV_RANDOM only the page
 that missed.
 
-MADV_WILLNEED hands a range to the VM's :class:`RaDaemon`, one thread that
-reads the missing pages of queued ranges in the background, from free
+MADV_WILLNEED hands a range to the VM's :class:`RaDaemon`, whose threads
+read the missing pages of queued ranges in the background, a window each, from free
 memory only and never sleeping for it; what it reads waits on the inactive
 queue, unmapped: if nobody maps it, it goes before any page in active use.
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 RA_WINSIZE_INIT = 16 * 1024  # bytes: the first window of a sequential stream
 RA_WINSIZE_MAX = 256 * 1024  # bytes: the largest, and MADV_SEQUENTIAL's
 RA_QUEUE_MAX = 32  # WILLNEED ranges queued per VM; more are dropped (advice)
+RA_THREADS = 4  # WILLNEED readers per VM: windows of a range in flight at once
 
 
 @dataclass(eq=False)
@@ -93,21 +94,35 @@ def uvm_ra_reserve(vm: VM, npages: int, lock: RWLock) -> None:
     lock.rw_enter(RW_WRITE)
 
 
-class RaDaemon:
-    """The WILLNEED reader of one VM: one thread, started on first use.
+@dataclass(eq=False)
+class _RaStream:
+    """One WILLNEED request, cut into windows that several threads read."""
 
+    stopped: bool = False  # a window could not be read: the rest is dropped
+
+
+class RaDaemon:
+    """The WILLNEED reader of one VM: RA_THREADS threads, started on first use.
+
+    A queued range is read a window (RA_WINSIZE_MAX) at a time: the thread
+    that takes a range puts the rest back at the head of the queue before it
+    reads, so the next thread reads the next window meanwhile, and a store
+    whose reads are requests (objfs) has several in flight.  The first
+    window that cannot be read (no free memory, an error) stops its range.
     Each queued range holds a reference to its object, dropped when the
-    range is done (or dropped at stop).  The thread holds the VM weakly
+    range is done (or dropped at stop).  The threads hold the VM weakly
     while idle, so a VM dropped without close() is still collected.
+
+    => ``_cv`` guards the queue, ``_active``, ``_stop`` and ``_threads``.
     """
 
     def __init__(self, vm: VM) -> None:
         self._vm = weakref.ref(vm)
         self._cv = threading.Condition()
-        self._q: deque[tuple[UvmObject, int, int]] = deque()
-        self._busy = False
+        self._q: deque[tuple[UvmObject, int, int, _RaStream]] = deque()
+        self._active = 0  # ranges being read now
         self._stop = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def request(self, uobj: UvmObject, start: int, end: int) -> bool:
         """Queue [start, end) of *uobj* for reading; False if the queue is
@@ -119,61 +134,78 @@ class RaDaemon:
             if self._stop or len(self._q) >= RA_QUEUE_MAX:
                 return False
             uobj.pgops.pgo_reference(uobj)
-            self._q.append((uobj, start, end))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="readahead", daemon=True)
-                self._thread.start()
+            self._q.append((uobj, start, end, _RaStream()))
+            while len(self._threads) < RA_THREADS:
+                t = threading.Thread(target=self._run, name="readahead", daemon=True)
+                self._threads.append(t)
+                t.start()
             self._cv.notify()
         return True
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Wait until every queued range is done; False on timeout."""
         with self._cv:
-            return self._cv.wait_for(lambda: not self._q and not self._busy, timeout)
+            return self._cv.wait_for(lambda: not self._q and not self._active, timeout)
 
     def stop(self) -> None:
-        """Stop the thread; ranges not started are dropped unread."""
+        """Stop the threads; ranges not started are dropped unread."""
         with self._cv:
             self._stop = True
             dropped = list(self._q)
             self._q.clear()
             self._cv.notify_all()
-            thread = self._thread
-        for uobj, _, _ in dropped:
+            threads = list(self._threads)
+        for uobj, _, _, _ in dropped:
             uobj.pgops.pgo_detach(uobj)
-        if thread is not None:
-            thread.join(timeout=10)
+        for t in threads:
+            t.join(timeout=10)
 
     def after_fork_child(self) -> None:
-        """In a forked child: the parent's thread is not here (fork drained
+        """In a forked child: the parent's threads are not here (fork drained
         the queue first); start ours on the next request."""
         self._cv = threading.Condition()
-        self._busy = False
-        self._thread = None
+        self._active = 0
+        self._threads = []
 
     def _run(self) -> None:
         with fork_gate.exempt():  # fork waits for threads that may wait for us
             self._serve()
 
+    def _take(self) -> tuple[UvmObject, int, int, _RaStream] | None:
+        """The next window to read (the rest of its range put back first),
+        or None when the daemon stops or its VM is gone.  => _cv held."""
+        while not self._q and not self._stop:
+            if not self._cv.wait(timeout=1.0) and self._vm() is None:
+                return None
+        if self._stop:
+            return None
+        uobj, start, end, stream = self._q.popleft()
+        cut = start - start % RA_WINSIZE_MAX + RA_WINSIZE_MAX
+        if cut < end and not stream.stopped:
+            uobj.pgops.pgo_reference(uobj)  # the rest holds a reference of its own
+            self._q.appendleft((uobj, cut, end, stream))
+            self._cv.notify()
+            end = cut
+        self._active += 1
+        return uobj, start, end, stream
+
     def _serve(self) -> None:
         while True:
             with self._cv:
-                self._busy = False
-                self._cv.notify_all()
-                while not self._q and not self._stop:
-                    if not self._cv.wait(timeout=1.0) and self._vm() is None:
-                        return
-                if self._stop:
-                    return
-                uobj, start, end = self._q.popleft()
-                self._busy = True
+                work = self._take()
+            if work is None:
+                return
+            uobj, start, end, stream = work
             try:
-                uvm_ra_fill(uobj, start, end)
+                if not stream.stopped and not _ra_fill(uobj, start, end)[1]:
+                    stream.stopped = True
             finally:
                 uobj.pgops.pgo_detach(uobj)
-                # else the idle wait above keeps the VM alive, and so never
-                # finds it gone
-                del uobj
+                # else the idle wait keeps the VM alive, and so never finds it gone
+                del uobj, work
+                with self._cv:
+                    self._active -= 1
+                    self._cv.notify_all()
 
 
 def uvm_ra_fill(uobj: UvmObject, start: int, end: int) -> int:
@@ -187,6 +219,11 @@ def uvm_ra_fill(uobj: UvmObject, start: int, end: int) -> int:
 
     => caller holds a reference to *uobj* and no VM lock.
     """
+    return _ra_fill(uobj, start, end)[0]
+
+
+def _ra_fill(uobj: UvmObject, start: int, end: int) -> tuple[int, bool]:
+    """uvm_ra_fill: (pages read, whether every missing page was read)."""
     vm = uobj.vm
     ps = vm.page_size
     lock = uobj.vmobjlock
@@ -203,7 +240,7 @@ def uvm_ra_fill(uobj: UvmObject, start: int, end: int) -> int:
         pps: list[PageSlot] = [None] * n
         result, _ = uobj.pgops.pgo_get(uobj, off, pps, n, 0, PROT_READ, MADV_WILLNEED, PGO_NOSLEEPALLOC)
         if result != VM_PAGER_OK:  # the object lock is released whatever the result
-            break
+            return nread, False
         got = [pg for pg in pps if isinstance(pg, VmPage)]
         lock.rw_enter(RW_WRITE)
         with vm.pageqlock:
@@ -213,4 +250,4 @@ def uvm_ra_fill(uobj: UvmObject, start: int, end: int) -> int:
         lock.rw_exit()
         off += len(got) * ps
         nread += len(got)
-    return nread
+    return nread, True

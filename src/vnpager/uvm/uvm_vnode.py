@@ -77,6 +77,12 @@ Life and locks
 * shrinking a file keeps the bytes before the new end in its last, partial
   page and zeroes the rest of that page (the seed frees the whole page).
 
+Object stores (issue 12)
+* a filesystem whose ops say ``unlocked_read`` (objfs: its reads are
+  network requests) is read through VOP_STRATEGY without the vnode lock, so
+  that several reads of one vnode are in flight; the pages are busy, so
+  terminate still waits for them.
+
 Pageout without PGO_SYNCIO is asynchronous, as the seed's long comment
 above uvn_flush designs it: uvn_io starts the write on the VM's aio daemon
 and returns VM_PAGER_PEND, and :func:`uvn_aiodone` finishes the pages.
@@ -1153,17 +1159,22 @@ def uvn_io(uvn: UvmVnode, pps: list[VmPage], npages: int, flags: int, rw: int) -
         # waits for its busy pages (or, unlocked, race the reclaim): the
         # vnode is going dead, so its I/O fails now.
         vnislocked = bool(uvn.u_flags & UVM_VNODE_VNISLOCKED)
+        # a filesystem whose reads are requests (objfs) reads unlocked, so
+        # that several are in flight; terminate still waits for their pages
+        unlocked = rw == UIO_READ and vn.v_op.unlocked_read
         if vnislocked and not vn.v_lock.held():
             result = errno.EIO
-        elif not vnislocked:
+        elif not vnislocked and not unlocked:
             result = vn_lock(vn, LK_EXCLUSIVE | LK_RECURSEFAIL
                              | (LK_NOWAIT if flags & PGO_NOWAIT else 0))
         if result == 0:
-            if rw == UIO_READ:
+            if unlocked:
+                result = VOP_STRATEGY(vn, uio)
+            elif rw == UIO_READ:
                 result = VOP_READ(vn, uio, 0)
             else:
                 result = VOP_WRITE(vn, uio, IO_NOCACHE if flags & PGO_PDFREECLUST else 0)
-            if not vnislocked:
+            if not vnislocked and not unlocked:
                 VOP_UNLOCK(vn)
 
     if result == 0:

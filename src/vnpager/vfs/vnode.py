@@ -102,6 +102,13 @@ class VnodeOps:
     """
 
     name = "deadfs"
+    # reads need not the vnode lock (uvn_io then reads through VOP_STRATEGY),
+    # so several can be in flight on one vnode: objfs, whose reads are requests
+    unlocked_read = False
+    # writes reach the file's other users only at VOP_COMMIT (objfs
+    # publishes a new version): the front ends' sync commits after its flush
+    commits = False
+    readonly = False  # no vnode of it may be opened for writing
 
     def getattr(self, vp: Vnode, vap: Vattr) -> int:
         return errno.EBADF
@@ -120,6 +127,11 @@ class VnodeOps:
 
     def fsync(self, vp: Vnode) -> int:
         return errno.EIO
+
+    def commit(self, vp: Vnode) -> int:
+        """Make what VOP_WRITE wrote visible to the file's other users (as
+        NFS's COMMIT).  A local filesystem has nothing to do."""
+        return 0
 
     def reclaim(self, vp: Vnode) -> None:
         """Release the filesystem's private data of *vp*."""
@@ -200,12 +212,15 @@ def VOP_WRITE(vp: Vnode, uio: Uio, ioflag: int = 0) -> int:
 
 
 def VOP_STRATEGY(vp: Vnode, uio: Uio) -> int:
-    """Write *uio* as a buffer write does: without the vnode lock.
+    """Transfer *uio* as a buffer I/O does: without the vnode lock.
 
-    Asynchronous pageout uses it, so that a write in flight never waits for
-    a vnode lock whose holder (terminate, say) is waiting for that write.
+    Asynchronous pageout writes through it, so that a write in flight never
+    waits for a vnode lock whose holder (terminate, say) is waiting for that
+    write; so do the reads of a filesystem with ``unlocked_read``.
     """
     with kernel_lock.dropped():
+        if uio.rw == UIO_READ:
+            return vp.v_op.read(vp, uio, 0)
         return vp.v_op.write(vp, uio, IO_NOCACHE)
 
 
@@ -215,3 +230,7 @@ def VOP_IOCTL(vp: Vnode, cmd: int, data: dict[str, Any]) -> int:
 
 def VOP_FSYNC(vp: Vnode) -> int:
     return vp.v_op.fsync(vp)
+
+
+def VOP_COMMIT(vp: Vnode) -> int:
+    return vp.v_op.commit(vp)

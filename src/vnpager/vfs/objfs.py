@@ -1,0 +1,487 @@
+"""objfs: objects of an object store (S3, HTTP, any fsspec filesystem) as vnodes.
+
+An objfs mount (:class:`ObjMount`) serves the objects of one fsspec
+filesystem; a vnode is one object, named by its URL (``s3://bucket/key``,
+``https://host/path``), and the vnode pager pages it as it pages a file:
+
+* **reads**: ``VOP_READ`` of a cluster or read-ahead window (one uvn_io) is
+  one ranged GET of the bytes the pager asked for, whatever their number of
+  pages, pinned to the version the vnode shows (:mod:`vnpager.vfs.objstore`).
+  objfs reads without the vnode lock (``unlocked_read``: uvn_io then calls
+  VOP_STRATEGY), so the reads of several threads, on one object or many,
+  are requests in flight at once.
+* **attributes**: ``VOP_GETATTR`` is the size, and an mtime that is the
+  object's Last-Modified in whole milliseconds plus, in its last six
+  digits, a digest of its ETag and VersionId (``va_filerev`` in BSD's
+  vattr): two versions made in one millisecond differ, which the pager's
+  close-to-open check (size and mtime, uvm_vnp_revalidate) needs.  They
+  are the store's as of the last lookup of the URL (one HEAD): a map or
+  open of a URL looks it up, and mmap's size checks cost no request.
+* **writes**: objects are immutable, so a page the pager writes back
+  (``VOP_WRITE``, or VOP_STRATEGY from its aio daemon) goes into the
+  vnode's **staging**, a sparse file on local disk (:class:`Staging`), and
+  ``VOP_COMMIT`` (the front ends' sync, flush and close of a writer,
+  vm.close) **publishes** a new version: the old version's clean ranges
+  copied server-side, the staged ranges uploaded (S3: multipart upload with
+  UploadPartCopy; other filesystems: the whole object).  A page written
+  back is clean in the VM and may be freed, so the memory budget holds with
+  any amount of unpublished data; reads see the staging over the old
+  version.  A failed publish keeps the staging for the next commit and is
+  reported through the object's errseq at that sync, to every map and open
+  file once, as a failed write-back is (``vnpager.vnmap``).
+* **consistency**: close-to-open.  A lookup of a URL whose vnode nobody in
+  the VM holds takes up the store's current version, so an attach that
+  finds the old version's pages persisting drops them (their mtime
+  differs).  While the vnode is held, it shows the version it was opened
+  at.  Two writers of an object: the last publish wins, whole; a publish
+  whose old version is gone (replaced by someone else, on a bucket without
+  versioning) fails with ESTALE rather than mix two versions, and keeps its
+  staging.
+
+=> ``ObjNode.lock`` guards a node's fields; ``ObjNode.wlock`` orders the
+   staging's writers (VOP_WRITE, setsize) against a publish, which holds it
+   throughout, so a publish sees one staging from start to end.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from sortedcontainers import SortedDict
+
+from vnpager.vfs.mount import Mount, Vfs
+from vnpager.vfs.objstore import FsspecStore, ObjInfo, PartPolicy, store_for
+from vnpager.vfs.vnode import VREG, Uio, Vattr, Vnode, VnodeOps
+
+log = logging.getLogger("vnpager.objfs")
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def is_url(target: object) -> bool:
+    """Whether *target* names an object (``scheme://...``), not a host path."""
+    return isinstance(target, str) and _URL.match(target) is not None
+
+
+class Staging:
+    """The bytes written since the last publish: a sparse temporary file
+    (same offsets as the object) and its written runs, merged.
+
+    => the owner's ``ObjNode.lock`` guards ``runs``; the file is read and
+       written with positional I/O, outside it.
+    """
+
+    def __init__(self, directory: str | None) -> None:
+        self.directory = directory
+        self._file: Any = None
+        self.runs: SortedDict = SortedDict()  # start -> end, disjoint, not touching
+
+    def fileno(self) -> int:
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(dir=self.directory, prefix="vnpager-objfs-")  # noqa: SIM115
+        return int(self._file.fileno())
+
+    def write(self, offset: int, bufs: list[memoryview]) -> int:
+        """Write *bufs* at *offset*; the bytes written.  Raises OSError.
+        => caller adds the run (:meth:`add`) under the node's lock."""
+        done = 0
+        while bufs:
+            n = os.pwritev(self.fileno(), bufs, offset + done)
+            done += n
+            bufs = _after(bufs, n)
+        return done
+
+    def add(self, a: int, b: int) -> None:
+        """Record [a, b) as written, merging it with the runs it meets."""
+        runs = self.runs
+        i = runs.bisect_right(a) - 1
+        if i >= 0 and runs.peekitem(i)[1] >= a:
+            a = runs.peekitem(i)[0]
+        for start in list(runs.irange(a, b)):
+            b = max(b, runs.pop(start))
+        runs[a] = b
+
+    def cut(self, size: int) -> None:
+        """Forget what lies at or past *size*."""
+        for start in list(self.runs.irange(size, None)):
+            del self.runs[start]
+        i = self.runs.bisect_left(size) - 1
+        if i >= 0:
+            start, end = self.runs.peekitem(i)
+            self.runs[start] = min(end, size)
+
+    def within(self, a: int, b: int) -> list[tuple[int, int]]:
+        """The written runs' parts inside [a, b), in order."""
+        out = []
+        i = max(0, self.runs.bisect_right(a) - 1)
+        for start, end in self.runs.items()[i:]:
+            if start >= b:
+                break
+            if end > a:
+                out.append((max(start, a), min(end, b)))
+        return out
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        """Fill *buf* with the staged bytes at *offset* (written ones only)."""
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self.fileno(), [buf[done:]], offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, "objfs staging file shorter than its runs")
+            done += n
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _after(bufs: list[memoryview], n: int) -> list[memoryview]:
+    """*bufs* without their first *n* bytes."""
+    out = list(bufs)
+    while out and n >= len(out[0]):
+        n -= len(out.pop(0))
+    if out and n:
+        out[0] = out[0][n:]
+    return out
+
+
+@dataclass(eq=False)
+class ObjNode:
+    """The private data of an objfs vnode.
+
+    * ``base``: the version the vnode shows (None: a new object, never
+      published); its bytes below ``clean_end`` are the object's, except
+      where the staging has some (a truncation lowers ``clean_end``: bytes
+      past it read as zeros until written).
+    * ``size``: the object's size as the pager sees it.
+    * ``dirty``: something to publish (a write, a size change, a new object).
+    """
+
+    path: str
+    base: ObjInfo | None
+    staging: Staging
+    size: int = 0
+    clean_end: int = 0
+    dirty: bool = False
+    created_ns: int = field(default_factory=time.time_ns)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    wlock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.base is None:
+            self.dirty = True
+        else:
+            self.size = self.clean_end = self.base.size
+
+    def take_up(self, info: ObjInfo) -> None:
+        """Show version *info* from now on (a lookup, or our own publish).
+        => caller holds ``lock``; nothing is staged."""
+        self.base, self.size, self.clean_end, self.dirty = info, info.size, info.size, False
+
+
+def _mtime(node: ObjNode) -> int:
+    """The vnode's mtime (see the module docstring).  => caller holds node.lock."""
+    if node.base is None:
+        return node.created_ns
+    return node.base.mtime_ns // 1_000_000 * 1_000_000 + node.base.filerev % 1_000_000
+
+
+class ObjFS(VnodeOps):
+    """The vnode operations of the objects of one store."""
+
+    name = "objfs"
+    unlocked_read = True
+    commits = True
+
+    def __init__(self, store: FsspecStore) -> None:
+        self.store = store
+        self.readonly = store.readonly
+
+    def getattr(self, vp: Vnode, vap: Vattr) -> int:
+        node: ObjNode = vp.v_data
+        with node.lock:
+            vap.va_type, vap.va_size, vap.va_mtime_ns = VREG, node.size, _mtime(node)
+            vap.va_mode = 0o444 if self.readonly else 0o644
+        return 0
+
+    def read(self, vp: Vnode, uio: Uio, ioflag: int) -> int:
+        """One ranged GET of what the staging lacks of [offset, offset + resid).
+
+        A read that meets our own publish replacing the version it pinned
+        (ESTALE) is read again from the new one."""
+        node: ObjNode = vp.v_data
+        for _ in range(2):
+            with node.lock:
+                base, staging = node.base, node.staging
+                start, end = uio.offset, min(uio.offset + uio.resid, node.size)
+                clean_end, runs = min(end, node.clean_end), staging.within(uio.offset, end)
+            if end <= start:
+                return 0  # at the end: the pager sees resid left
+            try:
+                data = self._fetch(node.path, base, staging, start, end, clean_end, runs)
+            except OSError as e:
+                if e.errno == errno.ESTALE and node.base is not base:
+                    continue
+                return e.errno or errno.EIO
+            _scatter(uio, data)
+            return 0
+        return errno.ESTALE
+
+    def _fetch(self, path: str, base: ObjInfo | None, staging: Staging, start: int, end: int,
+               clean_end: int, runs: list[tuple[int, int]]) -> bytearray:
+        """The bytes [start, end): version *base*'s below *clean_end* where no
+        staged run covers them (one GET, from the first such byte to the
+        last), zeros past it, the *staging*'s *runs* over all.  Raises OSError."""
+        buf = bytearray(end - start)
+        lo, hi = _uncovered(start, clean_end, runs)
+        if lo < hi:
+            got = self.store.get(path, lo, hi, base)
+            buf[lo - start:lo - start + len(got)] = got
+        view = memoryview(buf)
+        for a, b in runs:
+            staging.pread_into(view[a - start:b - start], a)
+        return buf
+
+    def write(self, vp: Vnode, uio: Uio, ioflag: int) -> int:
+        """Stage the pages; they reach the store at the next commit."""
+        if self.readonly:
+            return errno.EROFS
+        node: ObjNode = vp.v_data
+        off = uio.offset
+        with node.wlock:
+            try:
+                n = node.staging.write(off, uio.buffers())
+            except OSError as e:
+                return e.errno or errno.EIO
+            with node.lock:
+                node.staging.add(off, off + n)
+                node.size, node.dirty = max(node.size, off + n), True
+        uio.advance(n)
+        return 0
+
+    def setsize(self, vp: Vnode, size: int) -> int:
+        if self.readonly:
+            return errno.EROFS
+        node: ObjNode = vp.v_data
+        with node.wlock, node.lock:
+            if size < node.size:
+                node.staging.cut(size)
+                node.clean_end = min(node.clean_end, size)
+            node.size, node.dirty = size, True
+        return 0
+
+    def commit(self, vp: Vnode) -> int:
+        """Publish what was staged as a new version (see the module docstring)."""
+        node: ObjNode = vp.v_data
+        try:
+            self.publish(node)
+        except OSError as e:
+            return e.errno or errno.EIO
+        return 0
+
+    def fsync(self, vp: Vnode) -> int:
+        return self.commit(vp)
+
+    def publish(self, node: ObjNode) -> None:
+        """Publish *node* if it is dirty.  Raises OSError; the staging is
+        then kept for the next try."""
+        with node.wlock:
+            with node.lock:
+                if not node.dirty:
+                    return
+                base, size, clean_end, staging = node.base, node.size, node.clean_end, node.staging
+                dirty = list(staging.runs.items())
+
+            def view(a: int, b: int) -> bytes:
+                with node.lock:
+                    runs = staging.within(a, b)
+                return bytes(self._fetch(node.path, base, staging, a, b, min(b, clean_end), runs))
+
+            info = self.store.publish(node.path, base, size, clean_end, dirty, view)
+            with node.lock:
+                # not closed here: a read may still be copying from it (it
+                # closes when the last reference goes)
+                node.staging = Staging(staging.directory)
+                node.take_up(info)
+
+    def reclaim(self, vp: Vnode) -> None:
+        """Publish what is left (a vnode recycled with staged data), then let
+        the staging go; a failure is logged: nobody is left to tell."""
+        node: ObjNode | None = vp.v_data
+        if node is None:
+            return
+        if node.base is None and node.size == 0:
+            return  # a new object never written (or a vnode that lost a race to be made)
+        try:
+            self.publish(node)
+        except OSError as e:
+            log.warning("objfs: %s: unpublished writes lost at reclaim: %s", node.path, e)
+        node.staging.close()
+
+
+def _uncovered(start: int, end: int, runs: list[tuple[int, int]]) -> tuple[int, int]:
+    """The smallest range holding every byte of [start, end) outside *runs*
+    (sorted, disjoint); empty (lo >= hi) if they cover it all."""
+    lo, hi = start, end
+    for a, b in runs:
+        if a <= lo < b:
+            lo = b
+    for a, b in reversed(runs):
+        if a < hi <= b:
+            hi = a
+    return lo, hi
+
+
+def _scatter(uio: Uio, data: bytes | bytearray) -> None:
+    """Copy *data* into uio's buffers and account for it."""
+    pos = 0
+    for buf in uio.buffers():
+        n = min(len(buf), len(data) - pos)
+        buf[:n] = data[pos:pos + n]
+        pos += n
+        if pos >= len(data):
+            break
+    uio.advance(len(data))
+
+
+class ObjMount:
+    """An objfs mount: the objects of one fsspec filesystem in one Vfs.
+
+    ``statistics()`` counts the requests made (objstore.ObjStats).
+    """
+
+    def __init__(self, vfs: Vfs, fs: Any, policy: PartPolicy | None = None,
+                 staging_dir: str | None = None) -> None:
+        self.fs = fs
+        self.store = store_for(fs, policy)
+        self.ops = ObjFS(self.store)
+        self.staging_dir = staging_dir
+        self.mount: Mount = vfs.mount(self.ops, f"objfs:{_protocol(fs)}")
+
+    def statistics(self) -> dict[str, int]:
+        return self.store.stats.snapshot()
+
+    def path_of(self, url: str) -> str:
+        return str(self.fs._strip_protocol(url))
+
+    def vget(self, url: str, create: bool = False, excl: bool = False) -> Vnode:
+        """The vnode of *url*, referenced, looked up in the store (one HEAD):
+        close-to-open, a vnode nobody holds takes up the current version.
+        *create*: a missing object is made (published at the first commit);
+        with *excl*, an object that exists is EEXIST.  Raises OSError."""
+        vfs, mp, path = self.mount.mnt_vfs, self.mount, self.path_of(url)
+        try:
+            info: ObjInfo | None = self.store.stat(path)
+        except FileNotFoundError:
+            info = None
+        if info is not None and excl:
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), url)
+        vp = vfs.lookup(mp, path)
+        if vp is not None:
+            node: ObjNode = vp.v_data
+            with node.lock:
+                if info is None and node.base is not None and not create:
+                    vfs.vrele(vp)
+                    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), url)
+                # held by nobody but us, nothing staged: close-to-open
+                if info is not None and vp.v_usecount == 1 and not node.dirty:
+                    node.take_up(info)
+            return vp
+        if info is None and not create:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), url)
+        if info is None and self.ops.readonly:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), url)
+        return vfs.getnewvnode(mp, VREG, path, ObjNode(path, info, Staging(self.staging_dir)))
+
+    def publish_all(self) -> list[tuple[str, OSError]]:
+        """Publish every vnode's staging; the failures, by path."""
+        failed = []
+        for vp in list(self.mount.mnt_vnodes.values()):
+            node = vp.v_data
+            if isinstance(node, ObjNode):
+                try:
+                    self.ops.publish(node)
+                except OSError as e:
+                    failed.append((node.path, e))
+        return failed
+
+
+def _protocol(fs: Any) -> str:
+    p = fs.protocol
+    return p if isinstance(p, str) else p[0]
+
+
+class ObjMounts:
+    """The objfs mounts of one Vfs: by filesystem, and the one each protocol
+    uses for URLs (the last mounted, else one made with fsspec's defaults:
+    credentials and endpoints from the environment and AWS config)."""
+
+    def __init__(self, vfs: Vfs) -> None:
+        self._vfs = weakref.ref(vfs)
+        self._lock = threading.Lock()
+        self.by_fs: dict[int, ObjMount] = {}
+        self.by_protocol: dict[str, ObjMount] = {}
+
+    def mount(self, fs: Any, policy: PartPolicy | None = None, staging_dir: str | None = None) -> ObjMount:
+        """The mount of *fs* (made once per filesystem), now the one its protocols' URLs use."""
+        vfs = self._vfs()
+        assert vfs is not None
+        with self._lock:
+            om = self.by_fs.get(id(fs))
+            if om is None or policy is not None or staging_dir is not None:
+                om = self.by_fs[id(fs)] = ObjMount(vfs, fs, policy, staging_dir)
+            protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+            for p in protocols:
+                self.by_protocol[p] = om
+            return om
+
+    def for_url(self, url: str) -> ObjMount:
+        protocol = url.split("://", 1)[0]
+        with self._lock:
+            om = self.by_protocol.get(protocol)
+        if om is not None:
+            return om
+        import fsspec
+
+        return self.mount(fsspec.filesystem(protocol))
+
+    def all(self) -> list[ObjMount]:
+        with self._lock:
+            return list(self.by_fs.values())
+
+
+_registries: weakref.WeakKeyDictionary[Vfs, ObjMounts] = weakref.WeakKeyDictionary()
+_registries_lock = threading.Lock()
+
+
+def objfs_mounts(vfs: Vfs) -> ObjMounts:
+    """The objfs mounts of *vfs* (made on first use)."""
+    with _registries_lock:
+        reg = _registries.get(vfs)
+        if reg is None:
+            reg = _registries[vfs] = ObjMounts(vfs)
+        return reg
+
+
+def objfs_vget_url(vfs: Vfs, url: str, create: bool = False, excl: bool = False) -> Vnode:
+    """The vnode of *url* on its protocol's mount, referenced (ObjMount.vget)."""
+    return objfs_mounts(vfs).for_url(url).vget(url, create, excl)
+
+
+def objfs_publish_all(vfs: Vfs) -> None:
+    """Publish every objfs vnode of *vfs* (at vm.close); failures are logged."""
+    with _registries_lock:
+        reg = _registries.get(vfs)
+    for om in reg.all() if reg is not None else []:
+        for path, e in om.publish_all():
+            log.warning("objfs: %s: not published: %s", path, e)

@@ -1,0 +1,461 @@
+"""The object stores under objfs: an fsspec filesystem as versions of objects.
+
+objfs (:mod:`vnpager.vfs.objfs`) asks three things of a store, each a
+request or a few, and counts every one in :class:`ObjStats`:
+
+* ``stat(path)``: an :class:`ObjInfo` (size, ETag, VersionId, mtime), one
+  HEAD;
+* ``get(path, start, end, pin)``: bytes [start, end) of the version *pin*,
+  one ranged GET, whatever the length;
+* ``publish(path, ...)``: a new version made of the old one's clean ranges
+  and the dirty bytes staged since, returning its ObjInfo.
+
+:class:`FsspecStore` does it for any fsspec filesystem: ``info``,
+``cat_file(path, start, end)`` and, to publish, ``pipe_file`` of the whole
+object (a filesystem with no server-side copy has nothing better).
+:class:`S3Store` does it for s3fs through the S3 API itself: a GET pinned
+to its version (VersionId on a versioned bucket, else ``If-Match`` the
+ETag: a replaced object fails with ESTALE instead of mixing two versions),
+and a publish whose cost follows the dirty data: a multipart upload whose
+clean ranges are UploadPartCopy of the old version (CopySourceRange,
+pinned by VersionId or CopySourceIfMatch) and whose dirty ranges are
+uploaded (:func:`plan_parts`, under a :class:`PartPolicy`).
+
+Requests are made on the calling thread for a synchronous filesystem and,
+for an asynchronous one (s3fs), as coroutines on fsspec's IO loop, the
+calling thread waiting for its own: callers on several threads (the
+pager's faulting threads, its aio daemon) have as many requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import errno
+import hashlib
+import itertools
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ObjInfo:
+    """One version of an object, as a HEAD gives it."""
+
+    size: int
+    etag: str = ""  # "" where the server gives none
+    version: str | None = None  # the VersionId, on a versioned bucket
+    mtime_ns: int = 0
+
+    @property
+    def filerev(self) -> int:
+        """A number that changes with the version (BSD's va_filerev): a
+        digest of the ETag and VersionId."""
+        digest = hashlib.blake2b(f"{self.etag}\0{self.version}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big")
+
+
+@dataclass
+class ObjStats:
+    """What a store asked of its server.  => ``lock`` guards every field."""
+
+    gets: int = 0  # ranged GETs (reads of pages, and of clean bytes a publish uploads)
+    bytes_fetched: int = 0
+    heads: int = 0
+    puts: int = 0  # whole-object PUTs
+    parts_uploaded: int = 0
+    bytes_uploaded: int = 0  # bodies of PUTs and of uploaded parts
+    parts_copied: int = 0  # UploadPartCopy: server-side copies of clean ranges
+    bytes_copied: int = 0
+    publishes: int = 0  # new versions made
+    errors: int = 0  # requests that failed
+    in_flight: int = 0  # requests under way now
+    max_in_flight: int = 0  # the most ever at once
+    gets_in_flight: int = 0  # GETs of pages under way now
+    max_gets_in_flight: int = 0  # the most ever at once (readers overlapping)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters as a dict (a copy)."""
+        with self.lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    @contextlib.contextmanager
+    def request(self, get: bool = False) -> Iterator[None]:
+        """Count one request (a GET of pages, with *get*) in flight for as
+        long as it runs, and its failure."""
+        g = int(get)
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.gets_in_flight += g
+            self.max_gets_in_flight = max(self.max_gets_in_flight, self.gets_in_flight)
+        try:
+            yield
+        except BaseException:
+            self.add(errors=1)
+            raise
+        finally:
+            self.add(in_flight=-1, gets_in_flight=-g)
+
+
+@dataclass(frozen=True)
+class PartPolicy:
+    """The server's limits on a multipart upload (AWS's by default): every
+    part but the last at least *min_part* bytes, at most *max_part*, at most
+    *max_parts* parts.  Ceph's RGW takes others (rgw_multipart_min_part_size,
+    rgw_multipart_part_upload_limit)."""
+
+    min_part: int = 5 * MiB
+    max_part: int = 5 * GiB
+    max_parts: int = 10_000
+    concurrency: int = 8  # parts uploaded or copied at once
+    # longer uploads are cut into parts of about this size, while max_parts
+    # allows: each is read into memory whole, so concurrency of them at most
+    upload_part: int = 8 * MiB
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_part <= self.max_part or self.max_parts < 1 or self.concurrency < 1:
+            raise ValueError(f"bad part policy {self}")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a new version: [start, end), copied from the old version
+    or uploaded (its clean bytes read from the old version, its dirty bytes
+    from the staging)."""
+
+    start: int
+    end: int
+    copy: bool
+
+
+def plan_parts(size: int, clean_end: int, dirty: list[tuple[int, int]], policy: PartPolicy) -> list[Part]:
+    """The parts of a new version of *size* bytes, whose bytes below
+    *clean_end* are the old version's except the *dirty* runs (sorted,
+    disjoint); bytes at or past *clean_end* are uploaded.
+
+    Each dirty run grows to a part of min_part bytes (into its clean
+    neighbours); clean gaps too short to be a part of their own (all but
+    the last must be min_part) join the uploads around them; and while the
+    parts are more than max_parts, the shortest clean gaps join too.  So the
+    bytes uploaded are the dirty bytes plus what the limits force.
+    => *size* >= policy.min_part.
+    """
+    m = policy.min_part
+    runs = [(a, min(b, size)) for a, b in dirty if a < min(b, size)]
+    if clean_end < size:
+        runs.append((clean_end, size))
+    ups: list[list[int]] = []
+    for a, b in sorted(runs):
+        if b - a < m:  # grow to a part: to the right, or left at the end
+            b = min(a + m, size)
+            a = min(a, b - m)
+        if ups and a - ups[-1][1] < m:  # overlapping, or a gap too short to copy
+            ups[-1][0], ups[-1][1] = min(ups[-1][0], a), max(ups[-1][1], b)
+        else:
+            ups.append([a, b])
+    if ups and ups[0][0] < m:
+        ups[0][0] = 0  # a leading gap too short to be a part
+    ups = _within_max_parts(ups, size, policy)
+    parts = _split(_with_gaps(ups, size), policy.max_part)
+    return _chunk_uploads(parts, policy)
+
+
+def _chunk_uploads(parts: list[Part], policy: PartPolicy) -> list[Part]:
+    """Cut uploads longer than upload_part (min_part at least) into pieces,
+    as far as max_parts allows."""
+    chunk = max(policy.min_part, policy.upload_part)
+    spare = policy.max_parts - len(parts)
+    out: list[Part] = []
+    for p in parts:
+        n = min(1 + spare, (p.end - p.start) // chunk) if not p.copy else 1
+        if n <= 1:
+            out.append(p)
+            continue
+        spare -= n - 1
+        step = (p.end - p.start) // n  # >= chunk >= min_part
+        cuts = [p.start + i * step for i in range(n)] + [p.end]
+        out.extend(Part(a, b, False) for a, b in itertools.pairwise(cuts))
+    return out
+
+
+def _count(ups: list[list[int]], size: int, max_part: int) -> int:
+    return len(_split(_with_gaps(ups, size), max_part))
+
+
+def _within_max_parts(ups: list[list[int]], size: int, policy: PartPolicy) -> list[list[int]]:
+    """Join the shortest gaps between uploads until the parts fit max_parts.
+    Raises ValueError if even one upload of everything is too many parts."""
+    while len(ups) > 1 and _count(ups, size, policy.max_part) > policy.max_parts:
+        excess = _count(ups, size, policy.max_part) - policy.max_parts
+        gaps = sorted(range(len(ups) - 1), key=lambda i: ups[i + 1][0] - ups[i][1])
+        join = set(gaps[:max(1, -(-excess // 2))])  # each join saves a gap and an upload
+        merged = [ups[0]]
+        for i in range(1, len(ups)):
+            if i - 1 in join:
+                merged[-1] = [merged[-1][0], ups[i][1]]
+            else:
+                merged.append(ups[i])
+        ups = merged
+    if _count(ups, size, policy.max_part) > policy.max_parts:
+        ups = [[0, size]]  # the gaps at the ends too: one upload of everything
+    if _count(ups, size, policy.max_part) > policy.max_parts:
+        raise ValueError(f"an object of {size} bytes does not fit {policy}")
+    return ups
+
+
+def _with_gaps(ups: list[list[int]], size: int) -> list[Part]:
+    """The uploads and the copies of the gaps between them, in order."""
+    parts, pos = [], 0
+    for a, b in ups:
+        if pos < a:
+            parts.append(Part(pos, a, True))
+        parts.append(Part(a, b, False))
+        pos = b
+    if pos < size:
+        parts.append(Part(pos, size, True))
+    return parts
+
+
+def _split(parts: list[Part], max_part: int) -> list[Part]:
+    """Parts of at most *max_part* bytes, each cut into equal pieces."""
+    out: list[Part] = []
+    for p in parts:
+        n = -(-(p.end - p.start) // max_part)
+        step = -(-(p.end - p.start) // n)
+        out.extend(Part(a, min(a + step, p.end), p.copy) for a in range(p.start, p.end, step))
+    return out
+
+
+# the bytes of a new version, [start, end): the staging's over the old version's
+ViewReader = Callable[[int, int], bytes]
+
+
+def _mtime_ns(info: dict[str, Any]) -> int:
+    """An fsspec info dict's modification time, in ns (0 if it has none)."""
+    for key in ("LastModified", "last_modified", "mtime", "Last-Modified", "created"):
+        value = info.get(key)
+        if isinstance(value, datetime.datetime):
+            return int(value.timestamp() * 1_000_000) * 1000
+        if isinstance(value, int | float):
+            return int(value * 1e9)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                from email.utils import parsedate_to_datetime
+
+                return int(parsedate_to_datetime(value).timestamp()) * 1_000_000_000
+    return 0
+
+
+class FsspecStore:
+    """The objects of any fsspec filesystem *fs*; paths are the filesystem's
+    own (``fs._strip_protocol(url)``)."""
+
+    readonly = False
+
+    def __init__(self, fs: Any, policy: PartPolicy | None = None) -> None:
+        self.fs = fs
+        self.policy = policy or PartPolicy()
+        self.stats = ObjStats()
+        # HTTP(S) has no way to write an object: its mounts are read-only
+        self.readonly = "http" in _protocols(fs)
+
+    def stat(self, path: str) -> ObjInfo:
+        """The object's current version.  Raises OSError (FileNotFoundError)."""
+        with self.stats.request():
+            info = self.fs.info(path)
+        self.stats.add(heads=1)
+        if info.get("type", "file") != "file":
+            raise IsADirectoryError(errno.EISDIR, "not an object", path)
+        etag = str(info.get("ETag") or info.get("etag") or "")
+        version = info.get("VersionId") or None
+        return ObjInfo(int(info["size"] or 0), etag, version, _mtime_ns(info))
+
+    def get(self, path: str, start: int, end: int, pin: ObjInfo | None) -> bytes:
+        """Bytes [start, end) of the object, in one ranged GET."""
+        with self.stats.request(get=True):
+            data = bytes(self.fs.cat_file(path, start=start, end=end))
+        self.stats.add(gets=1, bytes_fetched=len(data))
+        return data
+
+    def publish(self, path: str, base: ObjInfo | None, size: int, clean_end: int,
+                dirty: list[tuple[int, int]], view: ViewReader) -> ObjInfo:
+        """Write the new version (whole: no server-side copy here)."""
+        self.put_whole(path, size, view)
+        return self.stat(path)
+
+    def put_whole(self, path: str, size: int, view: ViewReader) -> None:
+        data = view(0, size)
+        with self.stats.request():
+            self.fs.pipe_file(path, data)
+        self.stats.add(puts=1, bytes_uploaded=len(data), publishes=1)
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+class S3Store(FsspecStore):
+    """The objects of an s3fs filesystem, through the S3 API (see the module
+    docstring): pinned GETs, and publishing by multipart copy."""
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        """One S3 request, run on fsspec's loop; counted in flight."""
+        return self._run(self.fs._call_s3(method, **kwargs))
+
+    def _run(self, coro: Coroutine[Any, Any, Any], get: bool = False) -> Any:
+        from fsspec.asyn import sync
+
+        try:
+            with self.stats.request(get):
+                return sync(self.fs.loop, lambda: coro)
+        except Exception as e:  # s3fs's OSErrors, botocore's ClientError and the like
+            err = _s3_oserror(e)
+            if err is e:
+                raise
+            raise err from e
+
+    def _bk(self, path: str) -> dict[str, str]:
+        bucket, key, _ = self.fs.split_path(path)
+        return {"Bucket": bucket, "Key": key}
+
+    def stat(self, path: str) -> ObjInfo:
+        head = self._call("head_object", **self._bk(path))
+        self.stats.add(heads=1)
+        mtime = head.get("LastModified")
+        return ObjInfo(int(head["ContentLength"]), str(head.get("ETag", "")), head.get("VersionId"),
+                       _mtime_ns({"LastModified": mtime}))
+
+    def get(self, path: str, start: int, end: int, pin: ObjInfo | None) -> bytes:
+        data = self._run(self._get(path, start, end, pin), get=True)
+        self.stats.add(gets=1, bytes_fetched=len(data))
+        return data
+
+    async def _get(self, path: str, start: int, end: int, pin: ObjInfo | None) -> bytes:
+        resp = await self.fs._call_s3("get_object", **self._bk(path), Range=f"bytes={start}-{end - 1}",
+                                      **_pin(pin, "VersionId", "IfMatch"))
+        try:
+            return bytes(await resp["Body"].read())
+        finally:
+            resp["Body"].close()
+
+    def publish(self, path: str, base: ObjInfo | None, size: int, clean_end: int,
+                dirty: list[tuple[int, int]], view: ViewReader) -> ObjInfo:
+        """A new version of *path*, *size* bytes: below *clean_end* the
+        *base* version's bytes except the *dirty* runs, the rest from
+        *view*.  An object smaller than a part is one PUT; others a
+        multipart upload that copies clean ranges server-side (a new
+        object's parts are all uploaded, upload_part each).  Raises
+        OSError (ESTALE if *base* was replaced meanwhile, on a bucket
+        without versioning); a failed upload is aborted."""
+        if size < self.policy.min_part:
+            resp = self._put(path, size, view)
+        else:
+            clean_end = clean_end if base is not None else 0  # a new object: all uploaded
+            resp = self._multipart(path, base, plan_parts(size, clean_end, dirty, self.policy), view)
+        self.stats.add(publishes=1)
+        return self._published(path, size, resp)
+
+    def _published(self, path: str, size: int, resp: dict[str, Any]) -> ObjInfo:
+        """The version our PUT or upload made (its response names it); its
+        mtime from a HEAD, unless someone replaced it already."""
+        info = self.stat(path)
+        etag, version = str(resp.get("ETag", "")), resp.get("VersionId")
+        if (info.etag, info.version) == (etag, version):
+            return info
+        return ObjInfo(size, etag, version, time.time_ns())
+
+    def _put(self, path: str, size: int, view: ViewReader) -> dict[str, Any]:
+        data = view(0, size)
+        resp = self._call("put_object", **self._bk(path), Body=data)
+        self.stats.add(puts=1, bytes_uploaded=len(data))
+        return dict(resp)
+
+    def _multipart(self, path: str, base: ObjInfo | None, parts: list[Part],
+                   view: ViewReader) -> dict[str, Any]:
+        bk = self._bk(path)
+        upload_id = self._call("create_multipart_upload", **bk)["UploadId"]
+        try:
+            etags = self._run(self._parts(bk, upload_id, base, parts, view))
+            return dict(self._call("complete_multipart_upload", **bk, UploadId=upload_id, MultipartUpload={
+                "Parts": [{"ETag": t, "PartNumber": i + 1} for i, t in enumerate(etags)]}))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._call("abort_multipart_upload", **bk, UploadId=upload_id)
+            raise
+
+    async def _parts(self, bk: dict[str, str], upload_id: str, base: ObjInfo | None, parts: list[Part],
+                     view: ViewReader) -> list[str]:
+        """Upload or copy every part, policy.concurrency at once; their ETags."""
+        sem = asyncio.Semaphore(self.policy.concurrency)
+        loop = asyncio.get_running_loop()
+        source = {**bk, **_pin(base, "VersionId", "")}
+
+        async def one(number: int, p: Part) -> str:
+            async with sem:
+                common = {**bk, "UploadId": upload_id, "PartNumber": number}
+                if p.copy:
+                    resp = await self.fs._call_s3(
+                        "upload_part_copy", **common, CopySource=source,
+                        CopySourceRange=f"bytes={p.start}-{p.end - 1}",
+                        **_pin(base, "", "CopySourceIfMatch"))
+                    self.stats.add(parts_copied=1, bytes_copied=p.end - p.start)
+                    return str(resp["CopyPartResult"]["ETag"])
+                # the view may GET clean bytes: off the loop, on a worker thread
+                body = await loop.run_in_executor(None, view, p.start, p.end)
+                resp = await self.fs._call_s3("upload_part", **common, Body=body)
+                self.stats.add(parts_uploaded=1, bytes_uploaded=len(body))
+                return str(resp["ETag"])
+
+        return list(await asyncio.gather(*(one(i + 1, p) for i, p in enumerate(parts))))
+
+
+def _pin(info: ObjInfo | None, version_key: str, etag_key: str) -> dict[str, str]:
+    """The arguments that pin a request to version *info*: its VersionId
+    where it has one, else If-Match its ETag (under the names given; an
+    empty name: not that way)."""
+    if info is None:
+        return {}
+    if info.version and version_key:
+        return {version_key: info.version}
+    if info.etag and etag_key and not info.version:
+        return {etag_key: info.etag}
+    return {}
+
+
+def _s3_oserror(e: Exception) -> OSError:
+    """An OSError for a failed S3 request: ESTALE for a failed pin, else
+    s3fs's own (which it made from botocore's ClientError), or one of ours."""
+    response = getattr(e, "response", None) or getattr(e.__cause__, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code in ("PreconditionFailed", "NoSuchVersion") or status == 412:
+        return OSError(errno.ESTALE, f"the object changed: {e}")
+    if isinstance(e, OSError):
+        return e
+    if code in ("NoSuchKey", "404", "NoSuchBucket") or status == 404:
+        return FileNotFoundError(errno.ENOENT, str(e))
+    if code in ("AccessDenied", "403") or status == 403:
+        return PermissionError(errno.EACCES, str(e))
+    return OSError(errno.EIO, f"{type(e).__name__}: {e}")
+
+
+def store_for(fs: Any, policy: PartPolicy | None = None) -> FsspecStore:
+    """The store of fsspec filesystem *fs*: S3Store for s3fs, else FsspecStore."""
+    if "s3" in _protocols(fs) and hasattr(fs, "_call_s3"):
+        return S3Store(fs, policy)
+    return FsspecStore(fs, policy)
