@@ -506,6 +506,10 @@ def run_bench(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         return run_mount_bench(args, console)
+    if args.s3:  # an object on Ceph's RADOS Gateway: vnpager.tools.bench_s3
+        from vnpager.tools.bench_s3 import run_s3_bench
+
+        return run_s3_bench(args, console)
     if args.mmu == "hardware":  # the hardware MMU's targets: vnpager.tools.bench_hw
         from vnpager.tools.bench_hw import run_hw_bench
 
@@ -540,6 +544,8 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller file, shorter measurements")
     p.add_argument("--mount", action="store_true",
                    help="fio, dbench and sqlite3 on a vnpager mount, on its SRC directly and on rclone")
+    p.add_argument("--s3", action="store_true",
+                   help="an object on Ceph's RADOS Gateway (localhost): vnpager against s3fs and rclone")
     p.add_argument("--mmu", choices=("software", "hardware"), default="software",
                    help="hardware: the hardware MMU's targets (a pager server, userfaultfd)")
     out = p.add_mutually_exclusive_group()

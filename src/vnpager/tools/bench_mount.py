@@ -222,12 +222,12 @@ def measure(job: Job, target: str, where: str, cfg: MountConfig) -> Row:
 
 
 @contextlib.contextmanager
-def serving(argv: list[str], mnt: str, log: str) -> Iterator[None]:
-    """Run the FUSE server *argv* (in the foreground) until it has mounted
-    *mnt*; at the end unmount, wait for it to write back and exit, and make
-    sure neither it nor the mount is left behind."""
+def serving(argv: list[str], mnt: str, log: str, env: dict[str, str] | None = None) -> Iterator[None]:
+    """Run the FUSE server *argv* (in the foreground, in *env*) until it has
+    mounted *mnt*; at the end unmount, wait for it to write back and exit,
+    and make sure neither it nor the mount is left behind."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + MOUNT_WAIT
         while mount_source(mnt) is None:

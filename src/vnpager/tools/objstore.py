@@ -278,6 +278,12 @@ rgw_multipart_part_upload_limit = 1048576
 rgw_max_put_param_size = 134217728
 rgw_dns_name = localhost
 rgw_enable_usage_log = false
+# Every request RGW serves, with its bytes, one JSON line each in a file of
+# the work directory (CephRGW.ops_log): the benchmark counts every reader's
+# GETs and bytes with it, the same way whoever the client is.
+rgw_enable_ops_log = true
+rgw_ops_log_rados = false
+rgw_ops_log_file_path = {dir}/ops.log
 debug_rgw = 1
 """
 
@@ -294,6 +300,7 @@ class CephRGW(_Server):
         super().__init__(latency=latency, timeout=timeout)
         self.store_bytes = store_bytes
         self.conf = self.workdir / "ceph.conf"
+        self.ops_log = self.workdir / "ops.log"  # one JSON line per request served
         self._user: S3User | None = None
 
     @property

@@ -1,0 +1,409 @@
+"""``vnpager bench --s3``: readers and a writer of one object on Ceph's RADOS
+Gateway on localhost (:class:`vnpager.tools.objstore.CephRGW`), vnpager
+against what fsspec users have today.  A benchmark, not a test.
+
+The readers, each from a cold start (a new VM, filesystem or mount):
+
+* **vnpager**: ``vm.open(url)`` of a software VM of *physmem* bytes (its
+  clusters and read-ahead windows are ranged GETs);
+* **s3fs readahead**: s3fs's default file (its read-ahead cache, 50 MiB blocks);
+* **s3fs blockcache**: s3fs's block cache (``cache_type="blockcache"``);
+* **rclone**: an ``rclone mount`` of the bucket with ``--vfs-cache-mode full``.
+
+The cases: a sequential read of the whole object in 1 MiB reads; random
+page-aligned 4 KiB reads (the same offsets for every reader); and a write of
+random 4 KiB pages into the object, then the flush that publishes it
+(vnpager) against downloading and re-uploading the object whole (what a
+program on s3fs does to change a few pages: objects are immutable).
+
+Every request is counted by the server itself: RGW's ops log
+(``CephRGW.ops_log``) names each request with its bytes, so GETs per MiB
+read and bytes fetched per byte used are the same measure for every reader,
+rclone's included; uploads are the bytes of the parts' bodies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from rich.console import Console
+from rich.table import Table
+
+from vnpager.tools.bench import emit, machine, measured
+from vnpager.tools.objstore import CephRGW, S3User
+from vnpager.tools.show import human
+
+MiB = 1 << 20
+PAGE = 4096
+OPS_SETTLE = 0.5  # seconds of no new ops-log entry before a count is taken
+OPS_WAIT = 30.0  # seconds for RGW to log the requests of a case
+
+
+@dataclass(frozen=True)
+class Obj:
+    """The object measured: its server's user, bucket and key."""
+
+    user: S3User
+    bucket: str
+    key: str = "object.bin"
+
+    @property
+    def path(self) -> str:
+        return f"{self.bucket}/{self.key}"
+
+
+@dataclass(frozen=True)
+class S3Config:
+    object_size: int
+    physmem: int
+    random_reads: int  # 4 KiB reads at random pages
+    dirty_pages: int  # 4 KiB pages written at random, then published
+    chunk: int = MiB  # a sequential reader's read size
+
+
+QUICK = S3Config(object_size=64 * MiB, physmem=16 * MiB, random_reads=300, dirty_pages=256)
+FULL = S3Config(object_size=1024 * MiB, physmem=16 * MiB, random_reads=2000, dirty_pages=16384)
+
+
+@dataclass
+class Row:
+    case: str
+    reader: str
+    rate: float  # MB/s (10**6 bytes a second), or operations a second
+    unit: str
+    used: int  # bytes the program read or wrote
+    gets: int = 0  # GET requests the server answered (HEADs not counted)
+    fetched: int = 0  # bytes the server sent for them
+    uploaded: int = 0  # bytes of part and object bodies the server received
+    ratio: float | None = None  # to the case's baseline
+    baseline: str = ""
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+
+    @property
+    def gets_per_mib(self) -> float:
+        return self.gets / (self.used / MiB) if self.used else 0.0
+
+    @property
+    def fetched_per_used(self) -> float:
+        return self.fetched / self.used if self.used else 0.0
+
+
+@dataclass
+class S3Report:
+    machine: dict[str, Any]
+    config: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+
+    def case(self, name: str) -> dict[str, Row]:
+        return {r.reader: r for r in self.rows if r.case == name}
+
+
+# --- the server's count of requests ---------------------------------------------
+
+class OpsLog:
+    """RGW's ops log: one JSON line per request it served, with its bytes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def mark(self) -> int:
+        """Where the requests from now on begin (wait for the log to settle first)."""
+        self._settled()
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def since(self, mark: int) -> list[dict[str, Any]]:
+        """The requests logged after *mark*, once RGW has logged them all."""
+        self._settled()
+        with open(self.path, "rb") as f:
+            f.seek(mark)
+            text = f.read().decode()
+        entries, decoder, pos = [], json.JSONDecoder(), 0
+        while (pos := _skip_space(text, pos)) < len(text):  # RGW does not always end an entry's line
+            entry, pos = decoder.raw_decode(text, pos)
+            entries.append(entry)
+        return entries
+
+    def _settled(self) -> None:
+        deadline = time.monotonic() + OPS_WAIT
+        size = -1
+        while time.monotonic() < deadline:
+            now = self.path.stat().st_size if self.path.exists() else 0
+            if now == size:
+                return
+            size = now
+            time.sleep(OPS_SETTLE)
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
+
+
+def count(row: Row, ops: Iterable[dict[str, Any]]) -> Row:
+    """Put the server's figures for *ops* into *row*."""
+    for op in ops:
+        if op["uri"].startswith("GET ") and op["operation"] == "get_obj":
+            row.gets += 1
+            row.fetched += int(op["bytes_sent"])
+        if op["uri"].startswith(("PUT ", "POST ")):
+            row.uploaded += int(op["bytes_received"])
+    return row
+
+
+# --- readers ---------------------------------------------------------------------
+
+class Reader(Protocol):
+    def seek(self, pos: int) -> int: ...
+    def readinto(self, b: Any) -> int | None: ...
+
+
+Open = Callable[[], contextlib.AbstractContextManager[Reader]]
+
+
+@contextlib.contextmanager
+def _vnpager_file(obj: Obj, cfg: S3Config, mode: str = "rb") -> Iterator[Any]:
+    import vnpager
+    from vnpager.vfs.objstore import PartPolicy
+
+    vm = vnpager.VM(physmem=cfg.physmem)
+    try:
+        # the parts RGW is configured to take (objstore's ceph.conf)
+        vm.mount_objects("s3", policy=PartPolicy(min_part=PAGE, max_parts=1 << 20),
+                         **obj.user.storage_options())
+        with vm.open(f"s3://{obj.path}", mode) as f:
+            yield f
+    finally:
+        vm.close()
+
+
+def _s3fs(user: S3User) -> Any:
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, **user.storage_options())
+
+
+@contextlib.contextmanager
+def _s3fs_file(obj: Obj, cache_type: str) -> Iterator[Any]:
+    with _s3fs(obj.user).open(obj.path, "rb", cache_type=cache_type) as f:
+        yield f
+
+
+@contextlib.contextmanager
+def _rclone_file(obj: Obj, tmp: str) -> Iterator[Any]:
+    from vnpager.tools.bench_mount import serving
+
+    mnt, cache = os.path.join(tmp, "rclone"), os.path.join(tmp, "rclone-cache")
+    os.makedirs(mnt, exist_ok=True)
+    shutil.rmtree(cache, ignore_errors=True)  # cold: nothing cached from an earlier case
+    user = obj.user
+    remote = (f":s3,provider=Ceph,env_auth=false,access_key_id={user.access_key},"
+              f"secret_access_key={user.secret_key},endpoint='{user.url}':{obj.bucket}")
+    argv = ["rclone", "mount", remote, mnt, "--config", os.devnull, "--vfs-cache-mode", "full",
+            "--cache-dir", cache]
+    # a CA bundle the environment names for AWS makes rclone 1.60 refuse plain HTTP
+    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+    with serving(argv, mnt, os.path.join(tmp, "rclone.log"), env), open(os.path.join(mnt, obj.key), "rb",
+                                                                     buffering=0) as f:
+        yield f
+
+
+def readers(obj: Obj, cfg: S3Config, tmp: str) -> dict[str, Open]:
+    out: dict[str, Open] = {
+        "vnpager": lambda: _vnpager_file(obj, cfg),
+        "s3fs readahead": lambda: _s3fs_file(obj, "readahead"),
+        "s3fs blockcache": lambda: _s3fs_file(obj, "blockcache"),
+    }
+    if shutil.which("rclone") and shutil.which("fusermount3"):
+        out["rclone"] = lambda: _rclone_file(obj, tmp)
+    return out
+
+
+def sequential(f: Reader, cfg: S3Config) -> int:
+    buf = bytearray(cfg.chunk)
+    total = 0
+    while n := f.readinto(buf):
+        total += n
+    return total
+
+
+def scattered(f: Reader, offsets: list[int]) -> int:
+    buf = bytearray(PAGE)
+    total = 0
+    for off in offsets:
+        f.seek(off)
+        total += f.readinto(buf) or 0
+    return total
+
+
+def measure(case: str, reader: str, opener: Open, work: Callable[[Reader], int], ops: OpsLog,
+            per_op: int = 0) -> Row:
+    """One reader's row of *case*: its rate (MB/s, or operations a second
+    with *per_op* bytes an operation) and the server's count."""
+    mark = ops.mark()
+    start = time.perf_counter()
+    with opener() as f:
+        used = work(f)
+    elapsed = time.perf_counter() - start
+    rate, unit = (used / per_op / elapsed, "ops/s") if per_op else (used / elapsed / 1e6, "MB/s")
+    return count(Row(case, reader, rate, unit, used), ops.since(mark))
+
+
+# --- the write case --------------------------------------------------------------
+
+def _write_pages(f: Any, offsets: list[int], rng: random.Random) -> int:
+    for off in offsets:
+        f.seek(off)
+        f.write(rng.randbytes(PAGE))
+    return len(offsets) * PAGE
+
+
+def write_rows(obj: Obj, cfg: S3Config, ops: OpsLog, offsets: list[int]) -> list[Row]:
+    """vnpager writes the pages and publishes; s3fs rewrites the object whole."""
+    rows = []
+    mark = ops.mark()
+    start = time.perf_counter()
+    with _vnpager_file(obj, cfg, "r+b") as f:
+        dirty = _write_pages(f, offsets, random.Random(7))
+    # the close published the new version
+    elapsed = time.perf_counter() - start
+    rows.append(count(Row("write pages, publish", "vnpager", dirty / elapsed / 1e6, "MB/s", dirty),
+                      ops.since(mark)))
+    mark = ops.mark()
+    start = time.perf_counter()
+    fs = _s3fs(obj.user)
+    data = bytearray(fs.cat_file(obj.path))
+    rng = random.Random(7)
+    for off in offsets:
+        data[off:off + PAGE] = rng.randbytes(PAGE)
+    fs.pipe_file(obj.path, bytes(data))
+    elapsed = time.perf_counter() - start
+    rows.append(count(Row("write pages, publish", "s3fs whole object", dirty / elapsed / 1e6, "MB/s",
+                          dirty), ops.since(mark)))
+    return rows
+
+
+# --- targets -----------------------------------------------------------------------
+
+def targets(report: S3Report) -> None:
+    """Ratios to each case's baseline, and the issue's targets on vnpager's rows."""
+    seq = report.case("sequential read")
+    best = max((r for name, r in seq.items() if name.startswith("s3fs")), key=lambda r: r.rate)
+    _ratios(seq, best.reader)
+    v = seq["vnpager"]
+    checks = [(f"MB/s >= {best.reader}'s", v.rate >= best.rate)]
+    if "rclone" in seq:
+        checks.append(("MB/s >= rclone's", v.rate >= seq["rclone"].rate))
+    _want(v, checks)
+    rnd = report.case("random 4 KiB reads")
+    _ratios(rnd, "s3fs blockcache")
+    v = rnd["vnpager"]
+    _want(v, [("ops/s >= s3fs blockcache's", v.rate >= rnd["s3fs blockcache"].rate),
+              ("fetched <= 2 x used", v.fetched <= 2 * v.used)])
+    wr = report.case("write pages, publish")
+    _ratios(wr, "s3fs whole object")
+    v = wr["vnpager"]
+    _want(v, [("uploaded <= 2 x dirty", v.uploaded <= 2 * v.used)])
+
+
+def _ratios(rows: dict[str, Row], baseline: str) -> None:
+    for r in rows.values():
+        r.baseline, r.ratio = baseline, r.rate / rows[baseline].rate
+
+
+def _want(row: Row, checks: list[tuple[str, bool]]) -> None:
+    row.target = "; ".join(what for what, _ in checks)
+    row.met = all(ok for _, ok in checks)
+    row.note = ", ".join(f"{'met' if ok else 'MISSED'}: {what}" for what, ok in checks)
+
+
+# --- the run -------------------------------------------------------------------------
+
+def _upload(obj: Obj, cfg: S3Config) -> None:
+    fs = _s3fs(obj.user)
+    fs.mkdir(obj.bucket)
+    with fs.open(obj.path, "wb", block_size=64 * MiB) as f:
+        rng = random.Random(1)
+        for off in range(0, cfg.object_size, 16 * MiB):
+            f.write(rng.randbytes(min(16 * MiB, cfg.object_size - off)))
+
+
+def run(cfg: S3Config, log: Callable[[str], None], rgw: CephRGW | None = None) -> S3Report:
+    """Measure every case on *rgw*, or on a CephRGW of its own."""
+    report = S3Report(machine(), asdict(cfg))
+    rng = random.Random(3)
+    npages = cfg.object_size // PAGE
+    offsets = [rng.randrange(npages) * PAGE for _ in range(cfg.random_reads)]
+    dirty = sorted(rng.sample(range(npages), cfg.dirty_pages))
+    with tempfile.TemporaryDirectory(prefix="vnpager-bench-s3-") as tmp, \
+            contextlib.nullcontext(rgw) if rgw else CephRGW() as rgw:
+        ops = OpsLog(rgw.ops_log)
+        log(f"uploading a {human(cfg.object_size)} object")
+        obj = Obj(rgw.user, f"vnpager-bench-{uuid.uuid4().hex[:8]}")
+        _upload(obj, cfg)
+        for name, opener in readers(obj, cfg, tmp).items():
+            log(f"{name}: sequential read")
+            report.rows.append(measure("sequential read", name, opener, lambda f: sequential(f, cfg), ops))
+            log(f"{name}: random 4 KiB reads")
+            report.rows.append(measure("random 4 KiB reads", name, opener,
+                                       lambda f: scattered(f, offsets), ops, per_op=PAGE))
+        log("writing pages")
+        report.rows.extend(write_rows(obj, cfg, ops, [p * PAGE for p in dirty]))
+    targets(report)
+    return report
+
+
+# --- output --------------------------------------------------------------------------
+
+HEADER = ["case", "reader", "rate", "ratio", "to", "GETs/MiB", "fetched/used", "uploaded/written",
+          "outcome"]
+
+
+def _cells(r: Row) -> list[str]:
+    return [r.case, r.reader, f"{r.rate:,.1f} {r.unit}", "" if r.ratio is None else f"{r.ratio:.2f}",
+            r.baseline, f"{r.gets_per_mib:.2f}", f"{r.fetched_per_used:.2f}",
+            f"{r.uploaded / r.used:.2f}" if r.uploaded else "", r.note]
+
+
+def table(report: S3Report) -> Table:
+    m, c = report.machine, report.config
+    t = Table(title=f"vnpager bench --s3: a {human(c['object_size'])} object on RGW (localhost), vnpager "
+                    f"physmem {human(c['physmem'])}; {m['nproc']} x {m['cpu']}, {m['date']}",
+              title_justify="left")
+    for h in HEADER:
+        t.add_column(h, justify="left" if h in ("case", "reader", "to", "outcome") else "right")
+    for r in report.rows:
+        t.add_row(*_cells(r))
+    return t
+
+
+def markdown(report: S3Report) -> Iterable[str]:
+    yield "| " + " | ".join(HEADER) + " |"
+    yield "|---|---|---:|---:|---|---:|---:|---:|---|"
+    for r in report.rows:
+        yield "| " + " | ".join(_cells(r)) + " |"
+
+
+def run_s3_bench(args: argparse.Namespace, console: Console) -> int:
+    if os.geteuid() != 0 or not shutil.which("radosgw"):
+        print("vnpager bench --s3 runs Ceph's RADOS Gateway: as root, with Debian's radosgw, "
+              "ceph-mon, ceph-mgr and ceph-osd installed (make sysdeps)", file=sys.stderr)
+        return 1
+    cfg = QUICK if args.quick else FULL
+    emit(args, console, measured(lambda log: run(cfg, log)), markdown, table)
+    return 0
