@@ -261,7 +261,10 @@ memstore_device_bytes = {store_bytes}
 osd_memory_target = 1073741824
 
 [client.rgw]
-rgw_frontends = beast endpoint=127.0.0.1:{rgw_port}
+# tcp_nodelay: without it a small response on a kept-alive connection (a
+# ranged GET of a page or two) waits ~40 ms, the server's Nagle algorithm
+# against the client's delayed ACK: 43 ms a 4 KiB GET through aiohttp, 2.6 with it.
+rgw_frontends = beast endpoint=127.0.0.1:{rgw_port} tcp_nodelay=1
 # radosgw's own default is "secure" alone, which auth none cannot offer.
 ms_mon_client_mode = crc
 rgw_thread_pool_size = 64
