@@ -14,10 +14,11 @@ os.environ.setdefault("VNPAGER_DEBUG", "1")
 import itertools
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from objstore_helpers import LATENCY, Bucket, WebDir
+from objstore_helpers import LATENCY, Bucket, WebDir, remove_bucket
 from vnpager import VM
 from vnpager.kern.debug import DEBUG
 from vnpager.kern.synch import sleepers
@@ -53,30 +54,36 @@ def rgw() -> Iterator[CephRGW]:
 _buckets = itertools.count()
 
 
-def _bucket(rgw: CephRGW, *, versioned: bool) -> Iterator[Bucket]:
+@pytest.fixture(scope="session")
+def rgw_s3fs(rgw: CephRGW) -> dict[bool, Any]:
+    """The session's s3fs filesystems on RGW, keyed by version-awareness (the buckets
+    share them: making one costs half a second, botocore loading its models)."""
     import s3fs
 
+    return {versioned: s3fs.S3FileSystem(**rgw.user.storage_options(), version_aware=versioned,
+                                         skip_instance_cache=True)
+            for versioned in (False, True)}
+
+
+def _bucket(rgw: CephRGW, fs: Any, *, versioned: bool) -> Iterator[Bucket]:
     name = f"test-{next(_buckets)}-{uuid.uuid4().hex[:8]}"
-    fs = s3fs.S3FileSystem(**rgw.user.storage_options(), version_aware=versioned, skip_instance_cache=True)
-    fs.mkdir(name)
+    fs.call_s3("create_bucket", Bucket=name)
     if versioned:
         fs.call_s3("put_bucket_versioning", Bucket=name, VersioningConfiguration={"Status": "Enabled"})
     yield Bucket(name, rgw.user, fs)
-    # Objects live in the OSD's memory: free them (every version, and unfinished uploads).
-    # Not --bypass-gc: Ceph 16.2.15's radosgw-admin crashes with it on an unfinished upload.
-    rgw.admin("bucket", "rm", "--bucket", name, "--purge-objects")
+    remove_bucket(fs, name)
 
 
 @pytest.fixture
-def s3_bucket(rgw: CephRGW) -> Iterator[Bucket]:
+def s3_bucket(rgw: CephRGW, rgw_s3fs: dict[bool, Any]) -> Iterator[Bucket]:
     """An empty bucket on the session's RGW, removed with its objects after the test."""
-    yield from _bucket(rgw, versioned=False)
+    yield from _bucket(rgw, rgw_s3fs[False], versioned=False)
 
 
 @pytest.fixture
-def s3_versioned_bucket(rgw: CephRGW) -> Iterator[Bucket]:
+def s3_versioned_bucket(rgw: CephRGW, rgw_s3fs: dict[bool, Any]) -> Iterator[Bucket]:
     """As s3_bucket, with versioning on: ``info()`` gives each object's VersionId."""
-    yield from _bucket(rgw, versioned=True)
+    yield from _bucket(rgw, rgw_s3fs[True], versioned=True)
 
 
 @pytest.fixture

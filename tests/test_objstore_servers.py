@@ -159,17 +159,51 @@ def test_nginx_stop_leaves_nothing(tmp_path: Path) -> None:
 
 
 def test_failed_start_reports_logs_and_stops_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """nginx cannot bind a port already taken: start raises with nginx's log and leaves nothing."""
+    """nginx refuses its configuration: start raises with nginx's message and leaves nothing."""
+    monkeypatch.setattr(objstore, "_NGINX_CONF", "no_such_directive on;\n" + objstore._NGINX_CONF)
+    server = Nginx(tmp_path, timeout=30)
+    with pytest.raises(ServerError, match=r'(?s)nginx exited.*unknown directive "no_such_directive"'):
+        server.start()
+    assert not server.daemons.procs
+    assert not server.workdir.exists()
+
+
+def test_rgw_failing_late_stops_the_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """radosgw cannot bind its port (taken), after the monitor, manager and OSD are up:
+    start raises with radosgw's log, and every daemon of the cluster is gone."""
+    started: list[int] = []
+    spawn = objstore._Daemons.spawn
+
+    def spawn_and_note(self: objstore._Daemons, name: str, argv: list[str]) -> Any:
+        proc = spawn(self, name, argv)
+        started.append(proc.pid)
+        return proc
+
+    monkeypatch.setattr(objstore._Daemons, "spawn", spawn_and_note)
     with socket.socket() as taken:
-        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        monkeypatch.setattr(objstore, "free_port", lambda: taken.getsockname()[1])
-        server = Nginx(tmp_path, timeout=30)
-        with pytest.raises(ServerError, match=r"(?s)nginx exited.*Address already in use"):
+        ports = iter([taken.getsockname()[1]])
+        real_free_port = objstore.free_port
+        monkeypatch.setattr(objstore, "free_port", lambda: next(ports, None) or real_free_port())
+        server = CephRGW(timeout=60)
+        with pytest.raises(ServerError, match=r"(?s)client.rgw exited.*--- client.rgw.log"):
             server.start()
-        assert not server.daemons.procs
-        assert not server.workdir.exists()
+    assert len(started) == 4
+    for pid in started:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not server.workdir.exists()
+
+
+def test_rgw_counters_count_requests(rgw: CephRGW, s3_bucket: Bucket) -> None:
+    """The server's own count: a ranged GET of 64 KiB is one GET of 64 KiB (Ceph 16: one byte short)."""
+    s3_bucket.fs.pipe_file(s3_bucket.path("obj"), DATA)
+    before = rgw.counters()
+    s3_bucket.fs.cat_file(s3_bucket.path("obj"), start=16 * PAGE, end=32 * PAGE)
+    after = rgw.counters()
+    assert after["get"] - before["get"] == 1
+    assert after["get_b"] - before["get_b"] in (16 * PAGE - 1, 16 * PAGE)
 
 
 def test_rgw_daemons_run_and_bind_localhost_only(rgw: CephRGW) -> None:
