@@ -36,7 +36,8 @@ filesystem; a vnode is one object, named by its URL (``s3://bucket/key``,
   at.  Two writers of an object: the last publish wins, whole; a publish
   whose old version is gone (replaced by someone else, on a bucket without
   versioning) fails with ESTALE rather than mix two versions, and keeps its
-  staging.
+  staging until nothing holds the vnode: the next lookup then drops it
+  (logged) and takes up the current version, as NFS's reopen after ESTALE.
 
 => ``ObjNode.lock`` guards a node's fields; ``ObjNode.wlock`` orders the
    staging's writers (VOP_WRITE, setsize) against a publish, which holds it
@@ -173,6 +174,7 @@ class ObjNode:
     size: int = 0
     clean_end: int = 0
     dirty: bool = False
+    stale: bool = False  # the last publish found the base replaced (ESTALE)
     created_ns: int = field(default_factory=time.time_ns)
     lock: threading.Lock = field(default_factory=threading.Lock)
     wlock: threading.Lock = field(default_factory=threading.Lock)
@@ -186,7 +188,8 @@ class ObjNode:
     def take_up(self, info: ObjInfo) -> None:
         """Show version *info* from now on (a lookup, or our own publish).
         => caller holds ``lock``; nothing is staged."""
-        self.base, self.size, self.clean_end, self.dirty = info, info.size, info.size, False
+        self.base, self.size, self.clean_end = info, info.size, info.size
+        self.dirty = self.stale = False
 
 
 def _mtime(node: ObjNode) -> int:
@@ -307,7 +310,11 @@ class ObjFS(VnodeOps):
                     runs = staging.within(a, b)
                 return bytes(self._fetch(node.path, base, staging, a, b, min(b, clean_end), runs))
 
-            info = self.store.publish(node.path, base, size, clean_end, dirty, view)
+            try:
+                info = self.store.publish(node.path, base, size, clean_end, dirty, view)
+            except OSError as e:
+                node.stale = e.errno == errno.ESTALE
+                raise
             with node.lock:
                 # not closed here: a read may still be copying from it (it
                 # closes when the last reference goes)
@@ -325,7 +332,8 @@ class ObjFS(VnodeOps):
         try:
             self.publish(node)
         except OSError as e:
-            log.warning("objfs: %s: unpublished writes lost at reclaim: %s", node.path, e)
+            log.warning("objfs: %s: unpublished writes lost at reclaim: %s", node.path,
+                        os.strerror(e.errno or errno.EIO))
         node.staging.close()
 
 
@@ -393,8 +401,13 @@ class ObjMount:
                 if info is None and node.base is not None and not create:
                     vfs.vrele(vp)
                     raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), url)
-                # held by nobody but us, nothing staged: close-to-open
-                if info is not None and vp.v_usecount == 1 and not node.dirty:
+                # held by nobody but us, nothing staged: close-to-open; staged
+                # writes that can never be published (their base is gone) go
+                if info is not None and vp.v_usecount == 1 and (not node.dirty or node.stale):
+                    if node.dirty:
+                        log.warning("objfs: %s: unpublished writes dropped: the object was "
+                                    "replaced since they were made", url)
+                    node.staging = Staging(self.staging_dir)
                     node.take_up(info)
             return vp
         if info is None and not create:
@@ -484,4 +497,4 @@ def objfs_publish_all(vfs: Vfs) -> None:
         reg = _registries.get(vfs)
     for om in reg.all() if reg is not None else []:
         for path, e in om.publish_all():
-            log.warning("objfs: %s: not published: %s", path, e)
+            log.warning("objfs: %s: not published: %s", path, os.strerror(e.errno or errno.EIO))

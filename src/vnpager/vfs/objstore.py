@@ -391,12 +391,23 @@ class S3Store(FsspecStore):
         upload_id = self._call("create_multipart_upload", **bk)["UploadId"]
         try:
             etags = self._run(self._parts(bk, upload_id, base, parts, view))
+            self._check_base(path, base, parts)
             return dict(self._call("complete_multipart_upload", **bk, UploadId=upload_id, MultipartUpload={
                 "Parts": [{"ETag": t, "PartNumber": i + 1} for i, t in enumerate(etags)]}))
         except BaseException:
             with contextlib.suppress(Exception):
                 self._call("abort_multipart_upload", **bk, UploadId=upload_id)
             raise
+
+    def _check_base(self, path: str, base: ObjInfo | None, parts: list[Part]) -> None:
+        """ESTALE if the copies may have read another version than *base*:
+        without a VersionId the copies are pinned by ETag only, which some
+        servers ignore in UploadPartCopy (Ceph 16's RGW does), so look once
+        they are done; a version seen now was the one they copied."""
+        if base is None or base.version or not any(p.copy for p in parts):
+            return
+        if self.stat(path).etag != base.etag:
+            raise OSError(errno.ESTALE, f"{path} was replaced since it was opened")
 
     async def _parts(self, bk: dict[str, str], upload_id: str, base: ObjInfo | None, parts: list[Part],
                      view: ViewReader) -> list[str]:
