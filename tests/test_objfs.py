@@ -16,7 +16,15 @@ from collections.abc import Iterator
 import fsspec
 import pytest
 
-from objfs_helpers import MOTO_MIN_PART, moto_server, new_bucket, new_s3fs, s3_client, slow_and_failing
+from objfs_helpers import (
+    MOTO_MIN_PART,
+    checked_vm,
+    moto_server,
+    new_bucket,
+    new_s3fs,
+    s3_client,
+    slow_and_failing,
+)
 from vnpager import VM
 from vnpager.uvm.uvm_param import MADV_RANDOM, MADV_WILLNEED
 from vnpager.uvm.uvm_readahead import RA_WINSIZE_MAX
@@ -40,10 +48,7 @@ def bucket(moto_endpoint: str) -> str:
 
 @pytest.fixture
 def vm() -> Iterator[VM]:
-    machine = VM(physmem=256 * PS)
-    yield machine
-    machine.close()
-    machine.check_invariants()
+    yield from checked_vm(256 * PS)
 
 
 @pytest.fixture

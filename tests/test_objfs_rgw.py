@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import s3fs
 
-from objfs_helpers import slow_and_failing
+from objfs_helpers import checked_vm, slow_and_failing
 from objstore_helpers import Bucket, WebDir
 from vnpager import VM
 from vnpager.tools.objstore import S3User
@@ -35,10 +35,7 @@ def _fs(user: S3User, **kwargs: Any) -> s3fs.S3FileSystem:
 
 @pytest.fixture
 def vm() -> Iterator[VM]:
-    machine = VM(physmem=256 * PS)
-    yield machine
-    machine.close()
-    machine.check_invariants()
+    yield from checked_vm(256 * PS)
 
 
 @pytest.fixture
