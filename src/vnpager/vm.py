@@ -22,7 +22,7 @@ from vnpager import ubc
 from vnpager.uvm import uvm
 from vnpager.uvm.uvm_map import MAP_SHARED
 from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
-from vnpager.vfs.objfs import ObjMount, is_url, objfs_mounts, objfs_publish_all
+from vnpager.vfs.objfs import ObjMount, is_url, objfs_mounts
 from vnpager.vfs.objstore import PartPolicy
 from vnpager.vfs.vnode import Vnode
 from vnpager.vnmap import Target, vnode_of
@@ -112,13 +112,6 @@ class VM(uvm.VM):
         elif storage_options:
             raise TypeError("storage_options make a filesystem: pass a protocol, not one")
         return objfs_mounts(self.vfs).mount(fs, policy, staging_dir)
-
-    def close(self) -> None:
-        """Write back every dirty page (see uvm.VM.close) and publish what
-        the VM's objects have staged (a failure is logged)."""
-        if not self.closed:
-            super().close()
-            objfs_publish_all(self.vfs)
 
     def pread(self, target: Target, n: int, off: int) -> bytes:
         """Up to *n* bytes at *off* of *target*, through the pages."""

@@ -35,6 +35,7 @@ import datetime
 import errno
 import hashlib
 import itertools
+import os
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -267,11 +268,24 @@ class FsspecStore:
     readonly = False
 
     def __init__(self, fs: Any, policy: PartPolicy | None = None) -> None:
-        self.fs = fs
+        self._fs, self._pid = fs, os.getpid()
         self.policy = policy or PartPolicy()
         self.stats = ObjStats()
         # HTTP(S) has no way to write an object: its mounts are read-only
         self.readonly = "http" in _protocols(fs)
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem.  In a forked child an asynchronous one is
+        made anew from the same arguments: its IO loop and connections are
+        the parent's (fsspec's are not fork-safe: a request would wait for a
+        loop thread the child has not), and fsspec's instance cache is per
+        process."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            if getattr(self._fs, "async_impl", False):
+                self._fs = type(self._fs)(*self._fs.storage_args, **self._fs.storage_options)
+        return self._fs
 
     def stat(self, path: str) -> ObjInfo:
         """The object's current version.  Raises OSError (FileNotFoundError)."""
