@@ -60,7 +60,7 @@ from typing import Any
 from sortedcontainers import SortedDict
 
 from vnpager.vfs.mount import Mount, Vfs
-from vnpager.vfs.objstore import FsspecStore, ObjInfo, PartPolicy, store_for
+from vnpager.vfs.objstore import FsspecStore, ObjInfo, PartPolicy, protocols, store_for
 from vnpager.vfs.vnode import VREG, Uio, Vattr, Vnode, VnodeOps
 
 log = logging.getLogger("vnpager.objfs")
@@ -408,7 +408,7 @@ class ObjMount:
         self.store = store_for(fs, policy)
         self.ops = ObjFS(self.store)
         self.staging_dir = staging_dir
-        self.mount: Mount = vfs.mount(self.ops, f"objfs:{_protocol(fs)}")
+        self.mount: Mount = vfs.mount(self.ops, f"objfs:{protocols(fs)[0]}")
 
     @property
     def fs(self) -> Any:
@@ -456,11 +456,6 @@ class ObjMount:
         return vfs.getnewvnode(mp, VREG, path, ObjNode(path, info, Staging(self.staging_dir)))
 
 
-def _protocol(fs: Any) -> str:
-    p = fs.protocol
-    return p if isinstance(p, str) else p[0]
-
-
 class ObjMounts:
     """The objfs mounts of one Vfs: by filesystem, and the one each protocol
     uses for URLs (the last mounted, else one made with fsspec's defaults:
@@ -480,8 +475,7 @@ class ObjMounts:
             om = self.by_fs.get(id(fs))
             if om is None or policy is not None or staging_dir is not None:
                 om = self.by_fs[id(fs)] = ObjMount(vfs, fs, policy, staging_dir)
-            protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-            for p in protocols:
+            for p in protocols(fs):
                 self.by_protocol[p] = om
             return om
 
@@ -494,10 +488,6 @@ class ObjMounts:
         import fsspec
 
         return self.mount(fsspec.filesystem(protocol))
-
-    def all(self) -> list[ObjMount]:
-        with self._lock:
-            return list(self.by_fs.values())
 
 
 _registries: weakref.WeakKeyDictionary[Vfs, ObjMounts] = weakref.WeakKeyDictionary()

@@ -272,7 +272,7 @@ class FsspecStore:
         self.policy = policy or PartPolicy()
         self.stats = ObjStats()
         # HTTP(S) has no way to write an object: its mounts are read-only
-        self.readonly = "http" in _protocols(fs)
+        self.readonly = "http" in protocols(fs)
 
     @property
     def fs(self) -> Any:
@@ -318,7 +318,8 @@ class FsspecStore:
         self.stats.add(puts=1, bytes_uploaded=len(data), publishes=1)
 
 
-def _protocols(fs: Any) -> tuple[str, ...]:
+def protocols(fs: Any) -> tuple[str, ...]:
+    """The protocols fsspec filesystem *fs* serves."""
     p = fs.protocol
     return (p,) if isinstance(p, str) else tuple(p)
 
@@ -481,6 +482,6 @@ def _s3_oserror(e: Exception) -> OSError:
 
 def store_for(fs: Any, policy: PartPolicy | None = None) -> FsspecStore:
     """The store of fsspec filesystem *fs*: S3Store for s3fs, else FsspecStore."""
-    if "s3" in _protocols(fs) and hasattr(fs, "_call_s3"):
+    if "s3" in protocols(fs) and hasattr(fs, "_call_s3"):
         return S3Store(fs, policy)
     return FsspecStore(fs, policy)
