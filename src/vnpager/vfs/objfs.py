@@ -36,7 +36,8 @@ filesystem; a vnode is one object, named by its URL (``s3://bucket/key``,
   at.  Two writers of an object: the last publish wins, whole; a publish
   whose old version is gone (replaced by someone else, on a bucket without
   versioning) fails with ESTALE rather than mix two versions, and keeps its
-  staging.
+  staging until nothing holds the vnode: the next lookup then drops it
+  (logged) and takes up the current version, as NFS's reopen after ESTALE.
 
 => ``ObjNode.lock`` guards a node's fields; ``ObjNode.wlock`` orders the
    staging's writers (VOP_WRITE, setsize) against a publish, which holds it
@@ -59,7 +60,7 @@ from typing import Any
 from sortedcontainers import SortedDict
 
 from vnpager.vfs.mount import Mount, Vfs
-from vnpager.vfs.objstore import FsspecStore, ObjInfo, PartPolicy, store_for
+from vnpager.vfs.objstore import FsspecStore, ObjInfo, PartPolicy, protocols, store_for
 from vnpager.vfs.vnode import VREG, Uio, Vattr, Vnode, VnodeOps
 
 log = logging.getLogger("vnpager.objfs")
@@ -84,6 +85,7 @@ class Staging:
         self.directory = directory
         self._file: Any = None
         self.runs: SortedDict = SortedDict()  # start -> end, disjoint, not touching
+        _stagings.add(self)
 
     def fileno(self) -> int:
         if self._file is None:
@@ -132,17 +134,48 @@ class Staging:
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         """Fill *buf* with the staged bytes at *offset* (written ones only)."""
-        done = 0
-        while done < len(buf):
-            n = os.preadv(self.fileno(), [buf[done:]], offset + done)
-            if n == 0:
-                raise OSError(errno.EIO, "objfs staging file shorter than its runs")
-            done += n
+        _pread_full(self.fileno(), buf, offset)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def copy_file(self) -> None:
+        """Write on a copy of the file from now on (a forked child: the
+        parent's file is the parent's).  => no write or read is under way."""
+        if self._file is None:
+            return
+        old, self._file = self._file, None
+        for a, b in self.runs.items():
+            buf = bytearray(b - a)
+            _pread_full(old.fileno(), memoryview(buf), a)
+            self.write(a, [memoryview(buf)])
+        old.close()
+
+
+def _pread_full(fd: int, buf: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, "objfs staging file shorter than its runs")
+        done += n
+
+
+# every staging of this process, so that a forked child copies them (the fork
+# gate has stopped every VM call: nothing writes them meanwhile).  The parent
+# publishes before it forks (uvm.VM._fork_quiesce), so only what could not be
+# published is copied.
+_stagings: weakref.WeakSet[Staging] = weakref.WeakSet()
+
+
+def _fork_child() -> None:
+    for staging in list(_stagings):
+        staging.copy_file()
+
+
+os.register_at_fork(after_in_child=_fork_child)
 
 
 def _after(bufs: list[memoryview], n: int) -> list[memoryview]:
@@ -173,6 +206,7 @@ class ObjNode:
     size: int = 0
     clean_end: int = 0
     dirty: bool = False
+    stale: bool = False  # the last publish found the base replaced (ESTALE)
     created_ns: int = field(default_factory=time.time_ns)
     lock: threading.Lock = field(default_factory=threading.Lock)
     wlock: threading.Lock = field(default_factory=threading.Lock)
@@ -186,7 +220,8 @@ class ObjNode:
     def take_up(self, info: ObjInfo) -> None:
         """Show version *info* from now on (a lookup, or our own publish).
         => caller holds ``lock``; nothing is staged."""
-        self.base, self.size, self.clean_end, self.dirty = info, info.size, info.size, False
+        self.base, self.size, self.clean_end = info, info.size, info.size
+        self.dirty = self.stale = False
 
 
 def _mtime(node: ObjNode) -> int:
@@ -202,6 +237,9 @@ class ObjFS(VnodeOps):
     name = "objfs"
     unlocked_read = True
     commits = True
+    # a window is one request: a few MiB make a request's latency small
+    # beside its transfer (the pager takes at most an eighth of its memory)
+    ra_winsize_max = 4 << 20
 
     def __init__(self, store: FsspecStore) -> None:
         self.store = store
@@ -307,7 +345,11 @@ class ObjFS(VnodeOps):
                     runs = staging.within(a, b)
                 return bytes(self._fetch(node.path, base, staging, a, b, min(b, clean_end), runs))
 
-            info = self.store.publish(node.path, base, size, clean_end, dirty, view)
+            try:
+                info = self.store.publish(node.path, base, size, clean_end, dirty, view)
+            except OSError as e:
+                node.stale = e.errno == errno.ESTALE
+                raise
             with node.lock:
                 # not closed here: a read may still be copying from it (it
                 # closes when the last reference goes)
@@ -325,7 +367,8 @@ class ObjFS(VnodeOps):
         try:
             self.publish(node)
         except OSError as e:
-            log.warning("objfs: %s: unpublished writes lost at reclaim: %s", node.path, e)
+            log.warning("objfs: %s: unpublished writes lost at reclaim: %s", node.path,
+                        os.strerror(e.errno or errno.EIO))
         node.staging.close()
 
 
@@ -362,11 +405,15 @@ class ObjMount:
 
     def __init__(self, vfs: Vfs, fs: Any, policy: PartPolicy | None = None,
                  staging_dir: str | None = None) -> None:
-        self.fs = fs
         self.store = store_for(fs, policy)
         self.ops = ObjFS(self.store)
         self.staging_dir = staging_dir
-        self.mount: Mount = vfs.mount(self.ops, f"objfs:{_protocol(fs)}")
+        self.mount: Mount = vfs.mount(self.ops, f"objfs:{protocols(fs)[0]}")
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem (made anew in a forked child)."""
+        return self.store.fs
 
     def statistics(self) -> dict[str, int]:
         return self.store.stats.snapshot()
@@ -393,8 +440,13 @@ class ObjMount:
                 if info is None and node.base is not None and not create:
                     vfs.vrele(vp)
                     raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), url)
-                # held by nobody but us, nothing staged: close-to-open
-                if info is not None and vp.v_usecount == 1 and not node.dirty:
+                # held by nobody but us, nothing staged: close-to-open; staged
+                # writes that can never be published (their base is gone) go
+                if info is not None and vp.v_usecount == 1 and (not node.dirty or node.stale):
+                    if node.dirty:
+                        log.warning("objfs: %s: unpublished writes dropped: the object was "
+                                    "replaced since they were made", url)
+                    node.staging = Staging(self.staging_dir)
                     node.take_up(info)
             return vp
         if info is None and not create:
@@ -402,23 +454,6 @@ class ObjMount:
         if info is None and self.ops.readonly:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), url)
         return vfs.getnewvnode(mp, VREG, path, ObjNode(path, info, Staging(self.staging_dir)))
-
-    def publish_all(self) -> list[tuple[str, OSError]]:
-        """Publish every vnode's staging; the failures, by path."""
-        failed = []
-        for vp in list(self.mount.mnt_vnodes.values()):
-            node = vp.v_data
-            if isinstance(node, ObjNode):
-                try:
-                    self.ops.publish(node)
-                except OSError as e:
-                    failed.append((node.path, e))
-        return failed
-
-
-def _protocol(fs: Any) -> str:
-    p = fs.protocol
-    return p if isinstance(p, str) else p[0]
 
 
 class ObjMounts:
@@ -440,8 +475,7 @@ class ObjMounts:
             om = self.by_fs.get(id(fs))
             if om is None or policy is not None or staging_dir is not None:
                 om = self.by_fs[id(fs)] = ObjMount(vfs, fs, policy, staging_dir)
-            protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-            for p in protocols:
+            for p in protocols(fs):
                 self.by_protocol[p] = om
             return om
 
@@ -454,10 +488,6 @@ class ObjMounts:
         import fsspec
 
         return self.mount(fsspec.filesystem(protocol))
-
-    def all(self) -> list[ObjMount]:
-        with self._lock:
-            return list(self.by_fs.values())
 
 
 _registries: weakref.WeakKeyDictionary[Vfs, ObjMounts] = weakref.WeakKeyDictionary()
@@ -476,12 +506,3 @@ def objfs_mounts(vfs: Vfs) -> ObjMounts:
 def objfs_vget_url(vfs: Vfs, url: str, create: bool = False, excl: bool = False) -> Vnode:
     """The vnode of *url* on its protocol's mount, referenced (ObjMount.vget)."""
     return objfs_mounts(vfs).for_url(url).vget(url, create, excl)
-
-
-def objfs_publish_all(vfs: Vfs) -> None:
-    """Publish every objfs vnode of *vfs* (at vm.close); failures are logged."""
-    with _registries_lock:
-        reg = _registries.get(vfs)
-    for om in reg.all() if reg is not None else []:
-        for path, e in om.publish_all():
-            log.warning("objfs: %s: not published: %s", path, e)
