@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 from vnpager.kern.lock import RW_NOSLEEP, RW_WRITE, fork_gate
 from vnpager.kern.synch import rwsleep, wakeup
 from vnpager.uvm.pmap import (
+    PG_MOD,
+    PG_REF,
     pmap_clear_modify,
     pmap_clear_reference_run,
     pmap_is_modified,
@@ -65,6 +67,7 @@ if TYPE_CHECKING:
 
 IDLE_TIMEOUT = 1.0  # seconds between checks that the VM still exists
 BACKOFF = 0.005  # seconds to wait after a scan that could not free enough
+SCAN_SLACK = 64  # inactive pages an inactive scan lists beyond twice its target, at first
 
 
 def uvmpd_targets(vm: VM) -> tuple[int, int]:
@@ -86,16 +89,34 @@ def uvmpd_scan_inactive(vm: VM, shortage: int, clean_only: bool = False) -> int:
     leaves its pages in order), each run with one try of the object lock,
     one pmap call and one hold of the page queue lock: per page, the scan
     is only its tests.  Pages whose pageout it started count toward
-    *shortage* (see _InactiveScan).  => caller holds no lock.
+    *shortage* (see _InactiveScan).
+
+    The oldest pages are listed first, a few more than *shortage*: a copy
+    of the whole queue cost each read-ahead's scan (uvmpd_reserve, per
+    fault) more than the pages it freed.  Only if they are not enough is
+    the whole queue listed (its first pages again: those passed over are
+    tested again, the others are gone from it).  => caller holds no lock.
     """
-    with vm.pageqlock:
-        candidates = list(vm.page_inactive)
     scan = _InactiveScan(shortage, clean_only)
+    limit = 2 * shortage + SCAN_SLACK
+    with vm.pageqlock:
+        whole = len(vm.page_inactive) <= limit
+        candidates = list(islice(vm.page_inactive, limit))
+    _reclaim_candidates(vm, candidates, scan)
+    if scan.short() > 0 and not whole:
+        with vm.pageqlock:
+            candidates = list(vm.page_inactive)
+        _reclaim_candidates(vm, candidates, scan)
+    return scan.freed
+
+
+def _reclaim_candidates(vm: VM, candidates: list[VmPage], scan: _InactiveScan) -> None:
+    """Free what *scan* wants from *candidates*, listed from the inactive
+    queue, in runs of one object's pages.  => caller holds no lock."""
     for uobj, pages in groupby(candidates, key=attrgetter("uobject")):
         if scan.short() <= 0:
             break
         _reclaim_run(vm, uobj, pages, scan)
-    return scan.freed
 
 
 @dataclass
@@ -152,14 +173,14 @@ def _reclaim_batch(vm: VM, uobj: UvmObject, batch: list[VmPage], scan: _Inactive
     => caller holds the object lock."""
     again: list[VmPage] = []
     idle: list[VmPage] = []
-    for pg in batch:
-        (again if pmap_is_referenced(pg) else idle).append(pg)
+    for pg in batch:  # pmap_is_referenced, inline (pg.attrs on every machine)
+        (again if pg.attrs & PG_REF else idle).append(pg)
     uvm_pageactivate_run(again)
     pmap_page_protect_run(idle, PROT_NONE)
     clean: list[VmPage] = []
     dirty: list[VmPage] = []
     for pg in idle:
-        if pg.pg_flags & PG_CLEAN and pmap_is_modified(pg):
+        if pg.pg_flags & PG_CLEAN and pg.attrs & PG_MOD:  # pmap_is_modified
             pg.pg_flags &= ~PG_CLEAN
         (clean if pg.pg_flags & PG_CLEAN else dirty).append(pg)
     uvm_pagefree_run(clean)  # before a write below drops the object lock
@@ -265,10 +286,8 @@ def _deactivate_batch(vm: VM, batch: list[VmPage]) -> int:
     used = pmap_clear_reference_run(batch)
     idle = [pg for pg, ref in zip(batch, used, strict=True) if not ref]
     pmap_page_protect_run(idle, PROT_NONE)
+    uvm_pageactivate_run([pg for pg, ref in zip(batch, used, strict=True) if ref])  # used lately: to the tail
     with vm.pageqlock:
-        for pg, ref in zip(batch, used, strict=True):
-            if ref:
-                uvm_pageactivate(pg)  # used lately: to the tail
         uvm_pagedeactivate_run(idle)
     return len(idle)
 
