@@ -7,7 +7,7 @@ so that flush and sync visit only the pages that exist, in offset order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from sortedcontainers import SortedList
@@ -39,16 +39,16 @@ class PageTree:
     => guarded by the owning object's lock (see UvmObject).
     """
 
-    __slots__ = ("_chunks", "_masks", "_pages", "_shift")
+    __slots__ = ("_chunks", "_masks", "_pages", "_shift", "get")
 
     def __init__(self, page_size: int) -> None:
         self._shift = page_size.bit_length() - 1  # offset >> _shift: the page's number
         self._pages: dict[int, VmPage] = {}
         self._masks: dict[int, int] = {}  # chunk -> bit i set: its page i is here
         self._chunks: SortedList = SortedList()  # the chunks whose mask is not 0
-
-    def get(self, off: int) -> VmPage | None:
-        return self._pages.get(off)
+        # get(off): the page at off, or None; the dict's own method, so that
+        # a lookup (per page of a fault's window) costs no Python call
+        self.get: Callable[[int], VmPage | None] = self._pages.get
 
     def __getitem__(self, off: int) -> VmPage:
         return self._pages[off]

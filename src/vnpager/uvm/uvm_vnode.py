@@ -999,10 +999,11 @@ def uvn_get(uobj: UvmObject, offset: int, pps: list[PageSlot], npages: int,
     if flags & PGO_LOCKED:
         gotpages = 0
         done = True
+        lookup = uobj.memt.get  # uvm_pagelookup, with no call per page
         for lcv in range(npages):
             if pps[lcv] is PGO_DONTCARE:
                 continue
-            ptmp = uvm_pagelookup(uobj, offset + lcv * page_size)
+            ptmp = lookup(offset + lcv * page_size)
             if ptmp is None or ptmp.pg_flags & PG_BUSY:
                 if lcv == centeridx or flags & PGO_ALLPAGES:
                     done = False
