@@ -201,8 +201,8 @@ class Runner(threading.Thread):
         except BaseException as e:  # reported by join_ok
             self.error = e
 
-    def join_ok(self) -> Any:
-        self.join(WAIT)
+    def join_ok(self, timeout: float = WAIT) -> Any:
+        self.join(timeout)
         assert not self.is_alive(), f"{self.name} did not finish"
         if self.error is not None:
             raise self.error

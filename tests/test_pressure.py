@@ -8,13 +8,16 @@ import random
 import struct
 import threading
 
-from helpers import start
+from helpers import WAIT, start
 from vnpager import MAP_PRIVATE, MAP_SHARED, VM
 from vnpager.vfs.memfs import memfs_create
 
 PS = 8192  # 8 pages of 8 KiB hold one 64 KiB cluster: the smallest VM there is
 NFILES, FILE_PAGES = 4, 2500  # 10,000 pages in all
 NTHREADS = 4
+# a bound on the threads' run, not a measure: 10,000 faults with invariant
+# checks took 38 to 46 s at a load of 9 to 11 on 2 cores (past the 30 s of WAIT)
+RUN_WAIT = 4 * WAIT
 STAMP = struct.Struct("<QQ")  # (file, page) at the start of each page
 
 
@@ -61,7 +64,7 @@ def test_ten_thousand_pages_through_eight() -> None:
         runners = [start(lambda t=t: work(t), f"pressure-{t}") for t in range(NTHREADS)]
         flushing = start(flusher, "flusher")
         try:
-            assert sum(r.join_ok() for r in runners) == NFILES * FILE_PAGES
+            assert sum(r.join_ok(RUN_WAIT) for r in runners) == NFILES * FILE_PAGES
         finally:
             done.set()
         assert flushing.join_ok() > 0

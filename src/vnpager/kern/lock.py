@@ -221,52 +221,63 @@ def _take(lk: Mutex | KernelLock, me: int) -> None:
 
 
 class RWLock:
-    """A readers-writer lock (``struct rwlock``)."""
+    """A readers-writer lock (``struct rwlock``).
 
-    __slots__ = ("__weakref__", "_cv", "_readers", "_writer", "name")
+    Taking and releasing a free lock is one Python call each, with the
+    condition's lock taken directly (its ``with`` is two more calls) and
+    no notify when nobody waits (``_waiting``): the cold path takes an
+    object lock a few times per fault, and UBC once per page.
+    => ``_lock`` (the condition's) guards ``_writer``, ``_readers`` and
+       ``_waiting``.
+    """
+
+    __slots__ = ("__weakref__", "_cv", "_lock", "_readers", "_waiting", "_writer", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._cv = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
         self._writer: int | None = None
         self._readers = 0
+        self._waiting = 0  # threads asleep in _rw_wait
         _register(self)
 
     def rw_enter(self, flags: int = RW_WRITE) -> bool:
         """Take the lock; with RW_NOSLEEP return False instead of waiting."""
+        me = threading.get_ident()
         while True:
-            if not self._rw_enter(flags):
-                return False
-            if fork_gate.admit(self):
+            with self._lock:
+                if self._writer == me:
+                    panic(f"rw_enter: {self.name} locking against myself")
+                free = self._writer is None and (flags & RW_READ or not self._readers)
+                if free:
+                    if flags & RW_READ:
+                        self._readers += 1
+                    else:
+                        self._writer = me
+                elif flags & RW_NOSLEEP:
+                    return False
+            if not free:
+                self._rw_wait(me, flags & RW_READ)
+            if not fork_gate.closing or fork_gate.admit(self):
                 return True
             self.rw_exit()
             fork_gate.wait_open()
 
-    def _rw_enter(self, flags: int) -> bool:
-        me = threading.get_ident()
-        read = flags & RW_READ
-        with self._cv:
-            if self._writer == me:
-                panic(f"rw_enter: {self.name} locking against myself")
-            if self._writer is None and (read or not self._readers):
-                self._take(me, read)
-                return True
-            if flags & RW_NOSLEEP:
-                return False
+    def _rw_wait(self, me: int, read: int) -> None:
+        """Sleep until the lock is free for us, and take it."""
         with kernel_lock.dropped(), self._cv:
+            self._waiting += 1
             while self._writer is not None or (not read and self._readers):
                 self._cv.wait()
-            self._take(me, read)
-        return True
-
-    def _take(self, me: int, read: int) -> None:
-        if read:
-            self._readers += 1
-        else:
-            self._writer = me
+            self._waiting -= 1
+            if read:
+                self._readers += 1
+            else:
+                self._writer = me
 
     def rw_exit(self) -> None:
-        with self._cv:
+        with self._lock:
             if self._writer is not None:
                 if self._writer != threading.get_ident():
                     panic(f"rw_exit: {self.name} not held by me")
@@ -275,7 +286,8 @@ class RWLock:
                 self._readers -= 1
             else:
                 panic(f"rw_exit: {self.name} not held")
-            self._cv.notify_all()
+            if self._waiting:
+                self._cv.notify_all()
 
     def rw_write_held(self) -> bool:
         return self._writer == threading.get_ident()
@@ -288,7 +300,9 @@ class RWLock:
         return self._writer if self._writer is not None else (0 if self._readers else None)
 
     def after_fork_child(self) -> None:
-        self._cv = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._waiting = 0
         if self._writer != threading.get_ident():
             self._writer, self._readers = None, 0
 
@@ -325,9 +339,17 @@ class Mutex:
         me = threading.get_ident()
         if self._owner == me:
             panic(f"mtx_enter: {self.name} locking against myself")
-        _take(self, me)
+        if fork_gate.closing:
+            _take(self, me)
+            return
+        self._lock.acquire()  # _take, inline: no call when no fork is under way
+        self._owner = me
+        if fork_gate.closing:  # it began meanwhile: _take's checks
+            self._owner = None
+            self._lock.release()
+            _take(self, me)
 
-    def exit(self) -> None:
+    def exit(self, *_exc: object) -> None:
         if self._owner != threading.get_ident():
             panic(f"mtx_leave: {self.name} not held by me")
         self._owner = None
@@ -344,9 +366,7 @@ class Mutex:
             self._lock, self._owner = threading.Lock(), None
 
     __enter__ = enter
-
-    def __exit__(self, *exc: object) -> None:
-        self.exit()
+    __exit__ = exit  # a ``with`` costs two calls, not three
 
     def statistics(self) -> LockStatistics:
         """Who holds the mutex (its threading.Lock counts no waiters: None)."""

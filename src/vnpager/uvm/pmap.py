@@ -30,7 +30,10 @@ Address spaces and translations:
   *prot* (PROT_NONE removes them).
 * ``pmap_page_protect(pg, prot)`` -- lower every mapping of *pg*;
   PROT_NONE removes them all (before the page is freed or reused).
-* ``pmap_extract(pmap, va) -> (pg, prot) | None`` -- the translation at *va*.
+* ``pmap_extract(pmap, va) -> (pg, prot) | None`` -- the translation at *va*;
+  every machine keeps its translations in ``pmap.pm_pte`` (va -> (pg, prot)),
+  so that this is a lookup there, with no dispatch, and the fault's test of
+  a window's pages is one lookup each.
 * ``pmap_update(pmap)`` -- BSD's name: the operations the machine deferred
   are done now.  uvm_fault calls it once at the end of each fault (a no-op
   on the software machine; the uffd machine maps the fault's pages there,
@@ -174,8 +177,8 @@ def pmap_page_protect_run(pgs: list[VmPage], prot: int) -> None:
 
 
 def pmap_extract(pmap: Pmap, va: int) -> tuple[VmPage, int] | None:
-    found: tuple[VmPage, int] | None = pmap.vm.machine.pmap_extract(pmap, va)
-    return found
+    """A lookup in ``pm_pte``, which every machine keeps: no dispatch."""
+    return pmap.pm_pte.get(va)
 
 
 def pmap_update(pmap: Pmap) -> None:

@@ -33,7 +33,6 @@ from vnpager.uvm.pmap import (
     pmap_access,
     pmap_enter,
     pmap_enter_run,
-    pmap_extract,
     pmap_tlb_merge,
     pmap_update,
 )
@@ -191,12 +190,12 @@ def _ahead_slots(space: Vmspace, entry: VmMapEntry, lo: int, npages: int, center
     """pgo_get slots for the pages at [lo, lo + npages pages): PGO_DONTCARE
     for those other than the center that are mapped or have an anon."""
     ps = space.vm.page_size
-    pmap = space.pmap
-    anons = entry.amap.slots if entry.amap is not None else ()
-    slot0 = entry.amap_offset - entry.start  # + va: the amap slot of va
-    pps: list[PageSlot] = [
-        PGO_DONTCARE if pmap_extract(pmap, va) is not None or slot0 + va in anons else None
-        for va in range(lo, lo + npages * ps, ps)]
+    vas = range(lo, lo + npages * ps, ps)
+    # pmap_extract of each page: a lookup in pm_pte (see pmap), with no call per page
+    pps: list[PageSlot] = [None if pte is None else PGO_DONTCARE for pte in map(space.pmap.pm_pte.get, vas)]
+    if entry.amap is not None and entry.amap.slots:
+        anons, slot0 = entry.amap.slots, entry.amap_offset - entry.start  # + va: the amap slot of va
+        pps = [PGO_DONTCARE if slot0 + va in anons else pp for pp, va in zip(pps, vas, strict=True)]
     pps[centeridx] = None
     return pps
 

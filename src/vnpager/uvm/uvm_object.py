@@ -7,11 +7,12 @@ so that flush and sync visit only the pages that exist, in offset order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from sortedcontainers import SortedList
 
+from vnpager.kern.debug import panic
 from vnpager.kern.lock import RWLock
 
 if TYPE_CHECKING:
@@ -38,16 +39,16 @@ class PageTree:
     => guarded by the owning object's lock (see UvmObject).
     """
 
-    __slots__ = ("_chunks", "_masks", "_pages", "_shift")
+    __slots__ = ("_chunks", "_masks", "_pages", "_shift", "get")
 
     def __init__(self, page_size: int) -> None:
         self._shift = page_size.bit_length() - 1  # offset >> _shift: the page's number
         self._pages: dict[int, VmPage] = {}
         self._masks: dict[int, int] = {}  # chunk -> bit i set: its page i is here
         self._chunks: SortedList = SortedList()  # the chunks whose mask is not 0
-
-    def get(self, off: int) -> VmPage | None:
-        return self._pages.get(off)
+        # get(off): the page at off, or None; the dict's own method, so that
+        # a lookup (per page of a fault's window) costs no Python call
+        self.get: Callable[[int], VmPage | None] = self._pages.get
 
     def __getitem__(self, off: int) -> VmPage:
         return self._pages[off]
@@ -70,15 +71,79 @@ class PageTree:
         pages[off] = pg
 
     def __delitem__(self, off: int) -> None:
-        del self._pages[off]
-        pn = off >> self._shift
-        c = pn >> CHUNK_SHIFT
-        mask = self._masks[c] & ~(1 << (pn & 63))
+        self.remove_run([off])
+
+    def absent_run(self, off: int, limit: int) -> int:
+        """How many pages from *off* on, up to *limit*, are not resident:
+        the length of the gap a read there may fill."""
+        pages = self._pages
+        step = 1 << self._shift
+        n = 0
+        while n < limit and off not in pages:
+            n += 1
+            off += step
+        return n
+
+    def insert_run(self, off: int, pgs: list[VmPage]) -> None:
+        """Insert ``pgs[i]`` at ``off + i`` pages for each i: a chunk's mask
+        is stored once for the pages in it.  An offset that holds a page
+        already is a bug (panic)."""
+        pages, masks, shift = self._pages, self._masks, self._shift
+        pn = off >> shift
+        step = 1 << shift
+        c, mask = -1, 0
+        for pg in pgs:
+            if pn >> CHUNK_SHIFT != c:
+                if c >= 0:
+                    masks[c] = mask
+                c = pn >> CHUNK_SHIFT
+                mask = masks.get(c, 0)
+                if not mask:
+                    self._chunks.add(c)
+            mask |= 1 << (pn & 63)
+            if off in pages:
+                panic(f"uvm_pageinsert: page already at offset {off:#x}")
+            pages[off] = pg
+            off += step
+            pn += 1
+        if c >= 0:
+            masks[c] = mask
+
+    def remove_run(self, offs: list[int]) -> None:
+        """Remove the pages at *offs* (each resident): a chunk's mask is
+        stored once for a stretch of offsets in it."""
+        pages, masks, shift = self._pages, self._masks, self._shift
+        c, mask = -1, 0
+        for off in offs:
+            del pages[off]
+            pn = off >> shift
+            if pn >> CHUNK_SHIFT != c:
+                if c >= 0:
+                    self._store_mask(c, mask)
+                c = pn >> CHUNK_SHIFT
+                mask = masks[c]
+            mask &= ~(1 << (pn & 63))
+        if c >= 0:
+            self._store_mask(c, mask)
+
+    def _store_mask(self, c: int, mask: int) -> None:
         if mask:
             self._masks[c] = mask
         else:
             del self._masks[c]
             self._chunks.remove(c)
+
+    def pages_in(self, lo: int, hi: int) -> list[VmPage]:
+        """The pages with lo <= offset < hi, in order.  A range of a few
+        chunks is looked up page by page (one dict lookup each, no
+        generator: deactivate-behind and flushes of a window), a longer one
+        walked through the chunks."""
+        step = 1 << self._shift
+        if hi - lo <= (2 * step) << CHUNK_SHIFT or len(self._pages) * step >= hi - lo:
+            lo = max(0, -(-lo // step) * step)  # the first page at or after lo
+            return [pg for pg in map(self._pages.get, range(lo, hi, step)) if pg is not None]
+        pages = self._pages
+        return [pages[off] for off in self.irange(lo, hi)]
 
     def irange(self, lo: int, hi: int) -> Iterator[int]:
         """The offsets of the pages with lo <= offset < hi, in order."""
@@ -142,5 +207,4 @@ class UvmObject:
         A snapshot: the caller may drop the lock while it works through it,
         and must then check that each page is still in the object.
         """
-        memt = self.memt
-        return [memt[off] for off in memt.irange(start, stop)]
+        return self.memt.pages_in(start, stop)

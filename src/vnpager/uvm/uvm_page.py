@@ -23,11 +23,14 @@ that without it they cost no call.
 
 from __future__ import annotations
 
+from itertools import groupby
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from vnpager.kern.debug import DEBUG, KASSERT, panic
 from vnpager.kern.synch import rwsleep, wakeup
 from vnpager.uvm.pmap import (
+    PG_MOD,
     pmap_clear_reference,
     pmap_clear_reference_run,
     pmap_is_modified,
@@ -203,16 +206,37 @@ def uvm_pagealloc_run(vm: VM, uobj: UvmObject | None, off: int, npages: int, fla
             pg.pg_flags = PG_BUSY | PG_CLEAN | PG_FAKE
         if vm.npages_free_low():
             wakeup(vm.pagedaemon_chan)
-    ps = vm.page_size
-    for pg in pgs:  # the pages are the caller's: out of the page queue lock
-        pg.owner = owner
-        pg.attrs = 0
-        if uobj is not None:
-            uvm_pageinsert(pg, uobj, off)
-            off += ps
-        if flags & UVM_PGA_ZERO:  # after the insert, which may have moved pg.data (frames.bind)
+    # the pages are the caller's: out of the page queue lock
+    if uobj is not None:
+        _pageinsert_run(pgs, uobj, off, owner)
+    else:
+        for pg in pgs:
+            pg.owner = owner
+            pg.attrs = 0
+    if flags & UVM_PGA_ZERO:  # after the insert, which may have moved pg.data (frames.bind)
+        for pg in pgs:
             pg.data[:] = vm.zero_page
     return pgs
+
+
+def _pageinsert_run(pgs: list[VmPage], uobj: UvmObject, off: int, owner: str) -> None:
+    """uvm_pageinsert of ``pgs[i]`` at ``off + i`` pages, new pages of
+    uvm_pagealloc_run, tagged *owner*: the object's tree takes the run in
+    one call.  => caller holds the object lock and owns the pages."""
+    if DEBUG:
+        for pg in pgs:
+            KASSERT((pg.pg_flags & PG_TABLED) == 0, "uvm_pageinsert: already tabled")
+    uobj.memt.insert_run(off, pgs)
+    ps = uobj.vm.page_size
+    bind = uobj.vm.frames.bind
+    for pg in pgs:
+        pg.owner = owner
+        pg.attrs = 0
+        pg.uobject = uobj
+        pg.offset = off
+        pg.pg_flags |= PG_TABLED
+        bind(pg)  # the uffd machine's frames are the object's memfd pages
+        off += ps
 
 
 def uvm_pagewant_ra(vm: VM, npages: int) -> None:
@@ -290,18 +314,65 @@ def uvm_pagefree_run(pgs: list[VmPage]) -> None:
         return
     pmap_page_protect_run([pg for pg in pgs if pg.pv], PROT_NONE)
     vm = pgs[0].vm
+    # highest frame first: the free list pops them lowest first, so that
+    # the next run allocated lies on consecutive frames wherever these
+    # were, and the TLB joins the pages of the next read into one run
+    pgs = sorted(pgs, key=_FRAME, reverse=True)
     with vm.pageqlock:
-        # highest frame first: the free list pops them lowest first, so that
-        # the next run allocated lies on consecutive frames wherever these
-        # were, and the TLB joins the pages of the next read into one run
-        for pg in sorted(pgs, key=_frame, reverse=True):
-            uvm_pageclean(pg)
-            _pagefree_locked(pg)
+        if DEBUG:
+            KASSERT(not any(pg.pv for pg in pgs), "uvm_pagefree_run: page still mapped")
+        _pagedequeue_run(vm, pgs)
+        _pageremove_run([pg for pg in pgs if pg.pg_flags & PG_TABLED])
+        free = vm.page_free
+        for pg in pgs:
+            if pg.pg_flags & PG_WANTED:
+                wakeup(pg)
+            pg.pg_flags = PQ_FREE
+            pg.wire_count = 0
+            pg.uanon = None
+            pg.owner = None
+            pg.attrs = 0
+        free.extend(pgs)
+        vm.uvmexp.frees += len(pgs)
     wakeup(vm.free_chan)
 
 
-def _frame(pg: VmPage) -> int:
-    return pg.frame
+_FRAME = attrgetter("frame")
+
+
+def _pagedequeue_run(vm: VM, pgs: list[VmPage]) -> None:
+    """_pagedequeue of each page of *pgs*.  => caller holds the page queue lock."""
+    active, inactive = vm.page_active, vm.page_inactive
+    for pg in pgs:
+        flags = pg.pg_flags
+        if flags & PQ_ACTIVE:
+            del active[pg]
+            if pg.uobject is not None:
+                del pg.uobject.uo_active[pg]
+        elif flags & PQ_INACTIVE:
+            del inactive[pg]
+        pg.pg_flags = flags & ~(PQ_ACTIVE | PQ_INACTIVE)
+
+
+def _pageremove_run(pgs: list[VmPage]) -> None:
+    """uvm_pageremove of each page of *pgs*, each object's tree told once
+    per stretch of its pages.  => caller holds the pages' object locks."""
+    if not pgs:
+        return
+    unbind = pgs[0].vm.frames.unbind
+    for uobj, stretch in groupby(pgs, key=_UOBJECT):
+        run = list(stretch)
+        if DEBUG:
+            KASSERT(uobj is not None and not any(pg.pg_flags & PQ_ACTIVE for pg in run),
+                    "uvm_pageremove: active page")
+        for pg in run:
+            unbind(pg)  # the uffd machine punches the page out of the object's memfd
+            pg.pg_flags &= ~PG_TABLED
+            pg.uobject = None
+        uobj.memt.remove_run([pg.offset for pg in run])
+
+
+_UOBJECT = attrgetter("uobject")
 
 
 def uvm_pglistfree(pgs: list[VmPage]) -> None:
@@ -367,8 +438,17 @@ def uvm_pagedeactivate_run(pgs: list[VmPage]) -> None:
     if DEBUG:
         KASSERT(vm.pageqlock.held(), "uvm_pagedeactivate_run: pageq not locked")
     pgs = [pg for pg in pgs if not (pg.pg_flags & PQ_INACTIVE or pg.wire_count)]
-    for pg in pgs:
-        _pagedeactivate_dequeue(vm, pg)
+    active = vm.page_active
+    for pg in pgs:  # _pagedeactivate_dequeue, inline
+        flags = pg.pg_flags
+        if flags & PQ_ACTIVE:
+            del active[pg]
+            if pg.uobject is not None:
+                del pg.uobject.uo_active[pg]
+            flags &= ~PQ_ACTIVE
+        if flags & PG_CLEAN and pg.attrs & PG_MOD:
+            flags &= ~PG_CLEAN
+        pg.pg_flags = flags
     pmap_clear_reference_run(pgs)
     inactive = vm.page_inactive
     for pg in pgs:
@@ -398,15 +478,22 @@ def _pageactivate_locked(pgs: list[VmPage]) -> None:
     vm = pgs[0].vm
     if DEBUG:
         KASSERT(vm.pageqlock.held(), "uvm_pageactivate: pageq not locked")
-    active = vm.page_active
-    for pg in pgs:
+    active, inactive = vm.page_active, vm.page_inactive
+    for pg in pgs:  # _pagedequeue, inline
         if pg.wire_count:
             continue
-        _pagedequeue(vm, pg)
+        flags = pg.pg_flags
+        uobj = pg.uobject
+        if flags & PQ_ACTIVE:
+            del active[pg]
+            if uobj is not None:
+                del uobj.uo_active[pg]
+        elif flags & PQ_INACTIVE:
+            del inactive[pg]
         active[pg] = None
-        if pg.uobject is not None:
-            pg.uobject.uo_active[pg] = None
-        pg.pg_flags |= PQ_ACTIVE
+        if uobj is not None:
+            uobj.uo_active[pg] = None
+        pg.pg_flags = (flags & ~PQ_INACTIVE) | PQ_ACTIVE
 
 
 def uvm_page_unbusy(pgs: list[VmPage]) -> None:

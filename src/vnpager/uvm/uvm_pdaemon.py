@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 from vnpager.kern.lock import RW_NOSLEEP, RW_WRITE, fork_gate
 from vnpager.kern.synch import rwsleep, wakeup
 from vnpager.uvm.pmap import (
+    PG_MOD,
+    PG_REF,
     pmap_clear_modify,
     pmap_clear_reference_run,
     pmap_is_modified,
@@ -65,6 +67,7 @@ if TYPE_CHECKING:
 
 IDLE_TIMEOUT = 1.0  # seconds between checks that the VM still exists
 BACKOFF = 0.005  # seconds to wait after a scan that could not free enough
+SCAN_SLACK = 64  # inactive pages an inactive scan lists beyond twice its target, at first
 
 
 def uvmpd_targets(vm: VM) -> tuple[int, int]:
@@ -85,37 +88,74 @@ def uvmpd_scan_inactive(vm: VM, shortage: int, clean_only: bool = False) -> int:
     The queue is taken in runs of pages of one object (a sequential read
     leaves its pages in order), each run with one try of the object lock,
     one pmap call and one hold of the page queue lock: per page, the scan
-    is only its tests.  => caller holds no lock.
+    is only its tests.  Pages whose pageout it started count toward
+    *shortage* (see _InactiveScan).
+
+    The oldest pages are listed first, a few more than *shortage*: a copy
+    of the whole queue cost each read-ahead's scan (uvmpd_reserve, per
+    fault) more than the pages it freed.  Only if they are not enough is
+    the whole queue listed (its first pages again: those passed over are
+    tested again, the others are gone from it).  => caller holds no lock.
     """
+    scan = _InactiveScan(shortage, clean_only)
+    limit = 2 * shortage + SCAN_SLACK
     with vm.pageqlock:
-        candidates = list(vm.page_inactive)
-    freed = 0
+        whole = len(vm.page_inactive) <= limit
+        candidates = list(islice(vm.page_inactive, limit))
+    _reclaim_candidates(vm, candidates, scan)
+    if scan.short() > 0 and not whole:
+        with vm.pageqlock:
+            candidates = list(vm.page_inactive)
+        _reclaim_candidates(vm, candidates, scan)
+    return scan.freed
+
+
+def _reclaim_candidates(vm: VM, candidates: list[VmPage], scan: _InactiveScan) -> None:
+    """Free what *scan* wants from *candidates*, listed from the inactive
+    queue, in runs of one object's pages.  => caller holds no lock."""
     for uobj, pages in groupby(candidates, key=attrgetter("uobject")):
-        if freed >= shortage:
+        if scan.short() <= 0:
             break
-        freed += _reclaim_run(vm, uobj, pages, shortage - freed, clean_only)
-    return freed
+        _reclaim_run(vm, uobj, pages, scan)
 
 
-def _reclaim_run(vm: VM, uobj: UvmObject | None, pages: Iterator[VmPage], want: int,
-                 clean_only: bool) -> int:
-    """Try to free up to *want* of *pages*, inactive pages of *uobj* as
-    listed without its lock; return how many were freed.  They are looked
-    at *want* at a time, so that the pages visited are those a scan page by
-    page would visit.  => caller holds no lock."""
+@dataclass
+class _InactiveScan:
+    """What one inactive scan has done toward its target.
+
+    Pages being written (a pageout started, VM_PAGER_PEND) count toward
+    it, as uvmexp.paging does in the BSD daemon: they are free once their
+    write is done, and a scan that did not count them would start a
+    pageout for every dirty page of the queue, holding each object's lock
+    for the whole walk.  Once the pager map is full (VM_PAGER_AGAIN) the
+    scan frees clean pages only: every further put would fail the same way.
+    """
+
+    target: int
+    clean_only: bool  # no pageouts: read-ahead's scan, or the pager map is full
+    freed: int = 0
+    paging: int = 0  # pages of the pageouts this scan started, still being written
+
+    def short(self) -> int:
+        return self.target - self.freed - self.paging
+
+
+def _reclaim_run(vm: VM, uobj: UvmObject | None, pages: Iterator[VmPage], scan: _InactiveScan) -> None:
+    """Try to free what *scan* still wants of *pages*, inactive pages of
+    *uobj* as listed without its lock.  They are looked at as many at a
+    time as are still wanted, so that the pages visited are those a scan
+    page by page would visit.  => caller holds no lock."""
     if uobj is None or not uobj.vmobjlock.rw_enter(RW_WRITE | RW_NOSLEEP):
-        return 0
-    # still an unbusy inactive page of the object (and, clean_only, clean)?
-    mask = PG_BUSY | PQ_ACTIVE | PQ_INACTIVE | (PG_CLEAN if clean_only else 0)
-    want_flags = PQ_INACTIVE | (PG_CLEAN if clean_only else 0)
-    freed = 0
+        return
     try:
-        while freed < want and (chunk := list(islice(pages, want - freed))):
-            freed += _reclaim_batch(vm, uobj, [pg for pg in chunk if pg.uobject is uobj and
-                                               pg.pg_flags & mask == want_flags], clean_only)
+        while (want := scan.short()) > 0 and (chunk := list(islice(pages, want))):
+            # still an unbusy inactive page of the object (and, clean_only, clean)?
+            clean = PG_CLEAN if scan.clean_only else 0
+            mask, want_flags = PG_BUSY | PQ_ACTIVE | PQ_INACTIVE | clean, PQ_INACTIVE | clean
+            _reclaim_batch(vm, uobj, [pg for pg in chunk if pg.uobject is uobj and
+                                      pg.pg_flags & mask == want_flags], scan)
     finally:
         uobj.vmobjlock.rw_exit()
-    return freed
 
 
 def _reclaimable(pg: VmPage, uobj: UvmObject) -> bool:
@@ -124,68 +164,74 @@ def _reclaimable(pg: VmPage, uobj: UvmObject) -> bool:
     return pg.uobject is uobj and pg.pg_flags & (PG_BUSY | PQ_ACTIVE | PQ_INACTIVE) == PQ_INACTIVE
 
 
-def _reclaim_batch(vm: VM, uobj: UvmObject, batch: list[VmPage], clean_only: bool) -> int:
+def _reclaim_batch(vm: VM, uobj: UvmObject, batch: list[VmPage], scan: _InactiveScan) -> None:
     """Free the pages of *batch* that can be: a referenced one gets its
     second chance (back to the active queue), the others are unmapped (one
     pmap call), the clean ones freed (one page queue lock hold), and the
-    dirty ones written one by one (or, *clean_only*, left unmapped and
-    dirty: the next access refaults them, with no I/O).  Returns how many
-    were freed.  => caller holds the object lock."""
+    dirty ones written one by one while *scan* wants more (or, clean_only,
+    left unmapped and dirty: the next access refaults them, with no I/O).
+    => caller holds the object lock."""
     again: list[VmPage] = []
     idle: list[VmPage] = []
-    for pg in batch:
-        (again if pmap_is_referenced(pg) else idle).append(pg)
+    for pg in batch:  # pmap_is_referenced, inline (pg.attrs on every machine)
+        (again if pg.attrs & PG_REF else idle).append(pg)
     uvm_pageactivate_run(again)
     pmap_page_protect_run(idle, PROT_NONE)
     clean: list[VmPage] = []
     dirty: list[VmPage] = []
     for pg in idle:
-        if pg.pg_flags & PG_CLEAN and pmap_is_modified(pg):
+        if pg.pg_flags & PG_CLEAN and pg.attrs & PG_MOD:  # pmap_is_modified
             pg.pg_flags &= ~PG_CLEAN
         (clean if pg.pg_flags & PG_CLEAN else dirty).append(pg)
     uvm_pagefree_run(clean)  # before a write below drops the object lock
-    freed = len(clean)
-    if not clean_only:
-        freed += sum(_reclaim_page(vm, uobj, pg) for pg in dirty)
-    vm.uvmexp.pdfreed += freed
-    return freed
+    scan.freed += len(clean)
+    vm.uvmexp.pdfreed += len(clean)
+    for pg in dirty:
+        if scan.clean_only or scan.short() <= 0:
+            break
+        _reclaim_page(vm, uobj, pg, scan)
 
 
-def _reclaim_page(vm: VM, uobj: UvmObject, pg: VmPage) -> int:
-    """Try to free one inactive page, writing it if it is dirty; return the
-    pages freed (0 or 1).  It is looked at afresh: an earlier page's write
-    may have dropped the object lock, or taken this page into its cluster.
+def _reclaim_page(vm: VM, uobj: UvmObject, pg: VmPage, scan: _InactiveScan) -> None:
+    """Try to free one dirty inactive page, writing it, and count it in
+    *scan*.  It is looked at afresh: an earlier page's write may have
+    dropped the object lock, or taken this page into its cluster.
     => caller holds the object lock."""
     if not _reclaimable(pg, uobj):
-        return 0
+        return
     if pmap_is_referenced(pg):
         uvm_pageactivate_run([pg])  # second chance
-        return 0
+        return
     pmap_page_protect(pg, PROT_NONE)
     if pg.pg_flags & PG_CLEAN and pmap_is_modified(pg):
         pg.pg_flags &= ~PG_CLEAN
-    if not pg.pg_flags & PG_CLEAN and not _pageout(vm, uobj, pg):
-        return 0
+    if not pg.pg_flags & PG_CLEAN and not _pageout(vm, uobj, pg, scan):
+        return
     uvm_pagefree_run([pg])
-    return 1
+    scan.freed += 1
+    vm.uvmexp.pdfreed += 1
 
 
-def _pageout(vm: VM, uobj: UvmObject, pg: VmPage) -> bool:
+def _pageout(vm: VM, uobj: UvmObject, pg: VmPage, scan: _InactiveScan) -> bool:
     """Write the dirty, unmapped inactive page *pg* (clustered with its
     dirty inactive neighbours); True if it is clean and untouched after, to
-    be freed.  => caller holds the object lock (the write may drop it)."""
+    be freed.  A write started (VM_PAGER_PEND) counts its pages in *scan*;
+    a full pager map (VM_PAGER_AGAIN) ends the scan's pageouts.
+    => caller holds the object lock (the write may drop it)."""
     pg.pg_flags |= PG_BUSY
     UVM_PAGE_OWN(pg, "pdaemon")
     pmap_page_protect(pg, PROT_READ)
     # ALLPAGES: the cluster may take any dirty inactive neighbour
-    result, _ = uvm_pager_put(uobj, pg, MAXBSIZE // vm.page_size, PGO_ALLPAGES | PGO_PDFREECLUST, 0, 0)
+    result, cluster = uvm_pager_put(uobj, pg, MAXBSIZE // vm.page_size, PGO_ALLPAGES | PGO_PDFREECLUST, 0, 0)
     if result == VM_PAGER_PEND:
         # the daemon never waits for a write: aiodone cleans the pages and
         # wakes us, and a later scan frees them
         vm.uvmexp.pdpageouts += 1
+        scan.paging += len(cluster)
         return False
     _unbusy(pg)
     if result == VM_PAGER_AGAIN:  # no pager map just now: next scan
+        scan.clean_only = True
         return False
     if result != VM_PAGER_OK:
         with vm.pageqlock:  # keep it dirty; uvn_io recorded the error
@@ -240,10 +286,8 @@ def _deactivate_batch(vm: VM, batch: list[VmPage]) -> int:
     used = pmap_clear_reference_run(batch)
     idle = [pg for pg, ref in zip(batch, used, strict=True) if not ref]
     pmap_page_protect_run(idle, PROT_NONE)
+    uvm_pageactivate_run([pg for pg, ref in zip(batch, used, strict=True) if ref])  # used lately: to the tail
     with vm.pageqlock:
-        for pg, ref in zip(batch, used, strict=True):
-            if ref:
-                uvm_pageactivate(pg)  # used lately: to the tail
         uvm_pagedeactivate_run(idle)
     return len(idle)
 

@@ -115,6 +115,7 @@ from vnpager.kern.proc import curproc
 from vnpager.kern.synch import rwsleep, wakeup
 from vnpager.kern.trace import traced
 from vnpager.uvm.pmap import (
+    PG_MOD,
     pmap_clear_modify,
     pmap_clear_modify_run,
     pmap_is_modified,
@@ -1004,10 +1005,11 @@ def uvn_get(uobj: UvmObject, offset: int, pps: list[PageSlot], npages: int,
     if flags & PGO_LOCKED:
         gotpages = 0
         done = True
+        lookup = uobj.memt.get  # uvm_pagelookup, with no call per page
         for lcv in range(npages):
             if pps[lcv] is PGO_DONTCARE:
                 continue
-            ptmp = uvm_pagelookup(uobj, offset + lcv * page_size)
+            ptmp = lookup(offset + lcv * page_size)
             if ptmp is None or ptmp.pg_flags & PG_BUSY:
                 if lcv == centeridx or flags & PGO_ALLPAGES:
                     done = False
@@ -1064,7 +1066,9 @@ def uvn_get(uobj: UvmObject, offset: int, pps: list[PageSlot], npages: int,
 
         for pg in run:
             pg.pg_flags &= ~PG_FAKE
-        pmap_clear_modify_run(run)
+        # the seed's pmap_clear_modify, called where the bit is set (pg.attrs is
+        # exact on every machine): for the new, unmapped pages of a read, none
+        pmap_clear_modify_run([pg for pg in run if pg.attrs & PG_MOD])
         pps[lcv:lcv + len(run)] = run
         lcv += len(run)
 
@@ -1083,11 +1087,11 @@ def _uvn_getrun(uvn: UvmVnode, first: VmPage, pps: list[PageSlot], lcv: int, sto
     vm = uvn.vm
     ps = vm.page_size
     stop = min(stop, lcv + (vm.round_page(uvn.u_size) - first.offset) // ps - 1)  # u_size's last page
-    memt = uvn.memt
     off = first.offset + ps
-    n = 0
-    while lcv + n < stop and pps[lcv + n] is None and off + n * ps not in memt:
+    n = 0  # the empty slots from lcv on
+    while lcv + n < stop and pps[lcv + n] is None:
         n += 1
+    n = uvn.memt.absent_run(off, n)
     if n == 0:
         return [first]
     # the whole run in one allocation (one hold of the page queue lock)

@@ -115,11 +115,23 @@ def _tlb_invalidate(pmap: Pmap, va: int) -> None:
 def _tlb_shootdown(pg: VmPage, loads: bool) -> None:
     """Drop the store runs (and with *loads* the load runs) over every
     mapping of *pg*.  => caller holds vm.pmap_lock."""
-    ps = pg.vm.page_size
-    for pmap, va in pg.pv:
-        _tlb_drop(pmap.pm_wtlb, va, ps)
-        if loads:
-            _tlb_drop(pmap.pm_rtlb, va, ps)
+    _tlb_shootdown_run([pg], loads)
+
+
+def _tlb_shootdown_run(pgs: list[VmPage], loads: bool) -> None:
+    """_tlb_shootdown of each page of *pgs*, with no call per page or
+    mapping (the cold path unmaps and clears whole clusters).
+    => caller holds vm.pmap_lock."""
+    if not pgs:
+        return
+    ps = pgs[0].vm.page_size
+    for pg in pgs:
+        for pmap, va in pg.pv:
+            for tlb in (pmap.pm_wtlb, pmap.pm_rtlb) if loads else (pmap.pm_wtlb,):
+                run = tlb.get(va)  # _tlb_drop, inline
+                if run is not None:
+                    for v in range(run[0], run[1], ps):
+                        del tlb[v]
 
 
 def pmap_enter(pmap: Pmap, va: int, pg: VmPage, prot: int, access_type: int = PROT_NONE, *,
@@ -193,11 +205,20 @@ def pmap_page_protect(pg: VmPage, prot: int) -> None:
 
 def pmap_page_protect_run(pgs: list[VmPage], prot: int) -> None:
     """pmap_page_protect of each page of *pgs*, under one hold of the lock."""
-    if pgs:
-        with pgs[0].vm.pmap_lock:
+    if not pgs:
+        return
+    with pgs[0].vm.pmap_lock:
+        if prot != PROT_NONE:
             for pg in pgs:
                 if pg.pv:
                     _page_protect(pg, prot)
+            return
+        mapped = [pg for pg in pgs if pg.pv]
+        _tlb_shootdown_run(mapped, loads=True)
+        for pg in mapped:  # the rest of _page_protect(pg, PROT_NONE)
+            for pmap, va in pg.pv:
+                del pmap.pm_pte[va]
+            pg.pv.clear()
 
 
 def _page_protect(pg: VmPage, prot: int) -> None:
@@ -242,14 +263,12 @@ def _clear_attr_run(pgs: list[VmPage], bit: int) -> list[bool]:
     was set."""
     if not pgs:
         return []
-    loads = bit == PG_REF
     was = []
     with pgs[0].vm.pmap_lock:
         for pg in pgs:
             was.append(bool(pg.attrs & bit))
             pg.attrs &= ~bit
-            if pg.pv:
-                _tlb_shootdown(pg, loads)
+        _tlb_shootdown_run([pg for pg in pgs if pg.pv], loads=bit == PG_REF)
     return was
 
 
