@@ -35,6 +35,7 @@ def test_a_tiny_run_measures_every_reader_and_counts_what_the_server_served(rgw:
     for row in seq.values():
         assert row.used == TINY.object_size  # each read the object whole
         assert row.gets >= 1 and row.fetched >= row.used  # and the server sent every byte
+    assert set(report.case("random 4 KiB reads")) == set(seq) - set(bench_s3.SEQUENTIAL_ONLY)
     for row in report.case("random 4 KiB reads").values():
         assert row.used == TINY.random_reads * bench_s3.PAGE and row.gets >= 1
     write = report.case("write pages, publish")
