@@ -206,6 +206,16 @@ class S3User:
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
                 "AWS_ENDPOINT_URL": self.url, "AWS_DEFAULT_REGION": REGION}
 
+    def rclone_env(self, remote: str = "rgw") -> dict[str, str]:
+        """Environment variables that define rclone's remote ``REMOTE:`` on this endpoint
+        (``rclone mount rgw:bucket MNT``, the benchmark's baseline), with no config file."""
+        prefix = f"RCLONE_CONFIG_{remote.upper()}_"
+        # An AWS_CA_BUNDLE in the environment makes rclone 1.60's S3 backend fail to start
+        # (LoadCustomCABundleError), and plain HTTP on loopback has no use for one.
+        return {"AWS_CA_BUNDLE": "", prefix + "TYPE": "s3", prefix + "PROVIDER": "Ceph",
+                prefix + "ENDPOINT": self.url, prefix + "REGION": REGION,
+                prefix + "ACCESS_KEY_ID": self.access_key, prefix + "SECRET_ACCESS_KEY": self.secret_key}
+
 
 # The cluster's ceph.conf.  Why each non-default knob is set:
 _CEPH_CONF = """\
@@ -391,11 +401,11 @@ class CephRGW(_Server):
     def _make_user(self) -> S3User:
         out = json.loads(self.admin("user", "create", "--uid", "vnpager", "--display-name", "vnpager tests"))
         keys = out["keys"][0]
-        return S3User(self.url or f"http://127.0.0.1:{self.port}", keys["access_key"], keys["secret_key"])
+        return S3User(f"http://127.0.0.1:{self.port}", keys["access_key"], keys["secret_key"])
 
     def start(self) -> None:
         super().start()
-        # The user's endpoint is the proxy's when there is one (start set url after the user was made).
+        # The user's endpoint is the proxy's when there is one (url is set after _serve made the user).
         self._user = S3User(self.url, self.user.access_key, self.user.secret_key)
 
 
