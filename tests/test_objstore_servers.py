@@ -6,6 +6,8 @@ start and stop."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import json
 import os
 import socket
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fsspec.asyn import sync
 
 from objstore_helpers import LATENCY, Bucket, WebDir
 from vnpager.tools import objstore
@@ -42,6 +45,7 @@ def test_ranged_get_is_one_request_of_the_range(s3_bucket: Bucket) -> None:
     r = _client_call(s3_bucket, "get_object", Key="obj", Range=f"bytes={PAGE}-{2 * PAGE - 1}")
     assert r["ContentLength"] == PAGE
     assert r["ContentRange"] == f"bytes {PAGE}-{2 * PAGE - 1}/{len(DATA)}"
+    assert sync(s3_bucket.fs.loop, r["Body"].read) == DATA[PAGE:2 * PAGE]
 
 
 def test_info_etag_and_mtime_change_on_replace(s3_bucket: Bucket) -> None:
@@ -233,6 +237,14 @@ def test_rgw_daemons_run_and_bind_localhost_only(rgw: CephRGW) -> None:
         socket.create_connection((_other_address(), rgw.port), timeout=2).close()
 
 
+def test_rgw_cluster_has_no_health_check_for_its_shape(rgw: CephRGW) -> None:
+    """One OSD with pools of one copy and a trimmed manager is the intended shape:
+    no health check about it (none blocks I/O, but they would hide a real one)."""
+    checks = json.loads(rgw.ceph("health", "detail", "-f", "json")).get("checks", {})
+    assert not set(checks) & {"POOL_NO_REDUNDANCY", "MGR_MODULE_ERROR", "MON_DISK_LOW", "TOO_MANY_PGS",
+                              "AUTH_INSECURE_GLOBAL_ID_RECLAIM_ALLOWED", "OSD_DOWN"}
+
+
 def _other_address() -> str:
     """An address of this host that is not loopback (so a server bound to 127.0.0.1 is not on it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -274,3 +286,21 @@ def test_latency_proxy_overlaps_connections() -> None:
             server.close()
 
     assert asyncio.run(main()) == [b"all 8"] * 8
+
+
+def test_latency_proxy_stops_with_connections_open(caplog: pytest.LogCaptureFixture) -> None:
+    """Stopping the proxy with a connection open ends that connection's tasks: none
+    is left pending for the garbage collector to report in some later test."""
+    with socket.socket() as target:
+        target.bind(("127.0.0.1", 0))
+        target.listen()
+        proxy = objstore.LatencyProxy(target.getsockname()[1], 0.01)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+            client.sendall(b"hello")
+            conn, _ = target.accept()
+            with conn:
+                conn.settimeout(30)
+                assert conn.recv(5) == b"hello"
+                proxy.stop()
+    gc.collect()
+    assert not [r for r in caplog.records if r.name == "asyncio"]

@@ -21,8 +21,11 @@ each request without serialising them (the bytes of many connections are
 in flight at once, as on a real link), so parallel readers overlap their
 waits as they would against a distant server.
 
-=> run as root (the daemons need no more, but Debian's packages put their
-   data under root-owned paths and the tests install them as root).
+=> call start() from a thread that lives as long as the server (the daemons'
+   death signal is tied to it); the tests and the benchmark use the main thread.
+=> written for root, as the tests run (make test installs the Debian packages
+   as root); not tried as another user, though every file is in the private
+   directory and every port above 1024.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -50,7 +54,8 @@ START_TIMEOUT = 120.0  # seconds for a cluster or server to answer
 COMMAND_TIMEOUT = 60.0  # seconds for one ceph / radosgw-admin command
 STOP_TIMEOUT = 10.0  # seconds for a killed daemon (or the proxy's thread) to be gone
 LOG_TAIL = 30  # lines of each log in a start-up failure's message
-# The ops the RGW user's keys sign with; RGW checks the signature, not the region name.
+# RGW's default zonegroup: s3fs sends its region as a new bucket's LocationConstraint,
+# which RGW refuses unless it names the zonegroup (requests sign with it too).
 REGION = "default"
 
 
@@ -121,7 +126,7 @@ class _Daemons:
         self._outs.clear()
 
 
-def _wait(what: str, ready: Any, daemons: _Daemons, timeout: float) -> None:
+def _wait(what: str, ready: Callable[[], bool], daemons: _Daemons, timeout: float) -> None:
     """Poll ``ready()`` until it is true; a daemon's exit or the timeout raises with the logs."""
     deadline = time.monotonic() + timeout
     while True:
@@ -275,7 +280,6 @@ paxos_min_wait = 0.01
 # memory (device_bytes is only the capacity it reports, not an allocation).
 osd_objectstore = memstore
 memstore_device_bytes = {store_bytes}
-osd_memory_target = 1073741824
 
 [client.rgw]
 # tcp_nodelay: without it a small ranged GET's reply waits out the client's
@@ -483,13 +487,19 @@ class LatencyProxy:
         self._loop.close()
 
     async def _connection(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        swriter: asyncio.StreamWriter | None = None
         try:
             sreader, swriter = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
+            await asyncio.gather(self._delayed(creader, swriter), self._pipe(sreader, cwriter),
+                                 return_exceptions=True)
+        except (OSError, asyncio.CancelledError):
+            # Cancelled by stop(): end quietly, for Python 3.11's start_server logs a
+            # connection's cancelled task as an error in its callback.
+            pass
+        finally:
             cwriter.close()
-            return
-        await asyncio.gather(self._delayed(creader, swriter), self._pipe(sreader, cwriter),
-                             return_exceptions=True)
+            if swriter is not None:
+                swriter.close()
 
     async def _delayed(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Client to server: each chunk queued with its due time, a second task sends when due."""
@@ -531,9 +541,12 @@ class LatencyProxy:
         async def close() -> None:
             if self._server is not None:
                 self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            # Cancel every connection's tasks and let them finish, or the loop's
+            # close would leave them pending (logged as destroyed when collected).
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         if self._loop.is_running():
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(STOP_TIMEOUT)
