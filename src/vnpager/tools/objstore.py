@@ -227,7 +227,10 @@ _CEPH_CONF = """\
 [global]
 fsid = {fsid}
 mon_host = {mon_addr}
+# Both of the OSD's networks on loopback: without cluster_addr its cluster and
+# back heartbeat sockets listen on 0.0.0.0.
 public_addr = 127.0.0.1
+cluster_addr = 127.0.0.1
 ms_bind_msgr1 = false
 ms_bind_ipv6 = false
 # No cephx: a throwaway cluster on 127.0.0.1 in a root-only directory has
