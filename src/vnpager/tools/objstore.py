@@ -21,8 +21,11 @@ each request without serialising them (the bytes of many connections are
 in flight at once, as on a real link), so parallel readers overlap their
 waits as they would against a distant server.
 
-=> run as root (the daemons need no more, but Debian's packages put their
-   data under root-owned paths and the tests install them as root).
+=> call start() from a thread that lives as long as the server (the daemons'
+   death signal is tied to it); the tests and the benchmark use the main thread.
+=> written for root, as the tests run (make test installs the Debian packages
+   as root); not tried as another user, though every file is in the private
+   directory and every port above 1024.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -50,7 +54,8 @@ START_TIMEOUT = 120.0  # seconds for a cluster or server to answer
 COMMAND_TIMEOUT = 60.0  # seconds for one ceph / radosgw-admin command
 STOP_TIMEOUT = 10.0  # seconds for a killed daemon (or the proxy's thread) to be gone
 LOG_TAIL = 30  # lines of each log in a start-up failure's message
-# The ops the RGW user's keys sign with; RGW checks the signature, not the region name.
+# RGW's default zonegroup: s3fs sends its region as a new bucket's LocationConstraint,
+# which RGW refuses unless it names the zonegroup (requests sign with it too).
 REGION = "default"
 
 
@@ -121,7 +126,7 @@ class _Daemons:
         self._outs.clear()
 
 
-def _wait(what: str, ready: Any, daemons: _Daemons, timeout: float) -> None:
+def _wait(what: str, ready: Callable[[], bool], daemons: _Daemons, timeout: float) -> None:
     """Poll ``ready()`` until it is true; a daemon's exit or the timeout raises with the logs."""
     deadline = time.monotonic() + timeout
     while True:
@@ -206,13 +211,26 @@ class S3User:
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
                 "AWS_ENDPOINT_URL": self.url, "AWS_DEFAULT_REGION": REGION}
 
+    def rclone_env(self, remote: str = "rgw") -> dict[str, str]:
+        """Environment variables that define rclone's remote ``REMOTE:`` on this endpoint
+        (``rclone mount rgw:bucket MNT``, the benchmark's baseline), with no config file."""
+        prefix = f"RCLONE_CONFIG_{remote.upper()}_"
+        # An AWS_CA_BUNDLE in the environment makes rclone 1.60's S3 backend fail to start
+        # (LoadCustomCABundleError), and plain HTTP on loopback has no use for one.
+        return {"AWS_CA_BUNDLE": "", prefix + "TYPE": "s3", prefix + "PROVIDER": "Ceph",
+                prefix + "ENDPOINT": self.url, prefix + "REGION": REGION,
+                prefix + "ACCESS_KEY_ID": self.access_key, prefix + "SECRET_ACCESS_KEY": self.secret_key}
+
 
 # The cluster's ceph.conf.  Why each non-default knob is set:
 _CEPH_CONF = """\
 [global]
 fsid = {fsid}
 mon_host = {mon_addr}
+# Both of the OSD's networks on loopback: without cluster_addr its cluster and
+# back heartbeat sockets listen on 0.0.0.0.
 public_addr = 127.0.0.1
+cluster_addr = 127.0.0.1
 ms_bind_msgr1 = false
 ms_bind_ipv6 = false
 # No cephx: a throwaway cluster on 127.0.0.1 in a root-only directory has
@@ -265,7 +283,6 @@ paxos_min_wait = 0.01
 # memory (device_bytes is only the capacity it reports, not an allocation).
 osd_objectstore = memstore
 memstore_device_bytes = {store_bytes}
-osd_memory_target = 1073741824
 
 [client.rgw]
 # tcp_nodelay: without it a small ranged GET's reply waits out the client's
@@ -398,11 +415,11 @@ class CephRGW(_Server):
     def _make_user(self) -> S3User:
         out = json.loads(self.admin("user", "create", "--uid", "vnpager", "--display-name", "vnpager tests"))
         keys = out["keys"][0]
-        return S3User(self.url or f"http://127.0.0.1:{self.port}", keys["access_key"], keys["secret_key"])
+        return S3User(f"http://127.0.0.1:{self.port}", keys["access_key"], keys["secret_key"])
 
     def start(self) -> None:
         super().start()
-        # The user's endpoint is the proxy's when there is one (start set url after the user was made).
+        # The user's endpoint is the proxy's when there is one (url is set after _serve made the user).
         self._user = S3User(self.url, self.user.access_key, self.user.secret_key)
 
 
@@ -480,13 +497,19 @@ class LatencyProxy:
         self._loop.close()
 
     async def _connection(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        swriter: asyncio.StreamWriter | None = None
         try:
             sreader, swriter = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
+            await asyncio.gather(self._delayed(creader, swriter), self._pipe(sreader, cwriter),
+                                 return_exceptions=True)
+        except (OSError, asyncio.CancelledError):
+            # Cancelled by stop(): end quietly, for Python 3.11's start_server logs a
+            # connection's cancelled task as an error in its callback.
+            pass
+        finally:
             cwriter.close()
-            return
-        await asyncio.gather(self._delayed(creader, swriter), self._pipe(sreader, cwriter),
-                             return_exceptions=True)
+            if swriter is not None:
+                swriter.close()
 
     async def _delayed(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Client to server: each chunk queued with its due time, a second task sends when due."""
@@ -528,9 +551,12 @@ class LatencyProxy:
         async def close() -> None:
             if self._server is not None:
                 self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            # Cancel every connection's tasks and let them finish, or the loop's
+            # close would leave them pending (logged as destroyed when collected).
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         if self._loop.is_running():
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(STOP_TIMEOUT)
