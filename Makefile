@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the tests drive: FUSE, and real programs to run on a mount;
-# the object stores' real servers (vnpager.tools.objstore): a one-node Ceph
+# the object stores' real servers (vnpager.tools.objservers): a one-node Ceph
 # cluster with RADOS Gateway, and nginx
 DEBS := fuse3 libfuse3-dev pkg-config sqlite3 fio \
 	ceph-mon ceph-mgr ceph-osd ceph-common radosgw nginx

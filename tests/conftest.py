@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from objstore_helpers import LATENCY, Bucket, WebDir, remove_bucket
+from objservers_helpers import LATENCY, Bucket, WebDir, remove_bucket
 from vnpager import VM
 from vnpager.kern.debug import DEBUG
 from vnpager.kern.synch import sleepers
-from vnpager.tools.objstore import CephRGW, LatencyProxy, Nginx, S3User
+from vnpager.tools.objservers import CephRGW, LatencyProxy, Nginx, S3User
 
 assert DEBUG, "the test suite runs with VNPAGER_DEBUG=1"
 
@@ -36,7 +36,7 @@ def vm() -> Iterator[VM]:
     machine.close()
 
 
-# Real object stores (vnpager.tools.objstore): one Ceph cluster with RADOS
+# Real object stores (vnpager.tools.objservers): one Ceph cluster with RADOS
 # Gateway and one nginx a session, started by the first test that asks and
 # stopped at the session's end; each test gets its own bucket or directory.
 # Their start-up is bounded below pytest-timeout's 120 s, so that a server

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from vnpager.tools import bench_s3
-from vnpager.tools.objstore import CephRGW
+from vnpager.tools.objservers import CephRGW
 
 TINY = bench_s3.S3Config(object_size=2 << 20, physmem=1 << 20, random_reads=16, dirty_pages=8)
 

@@ -1,5 +1,5 @@
 """objfs against a real object store: Ceph's RADOS Gateway (and nginx for
-HTTP), started by the session's fixtures (conftest.py, vnpager.tools.objstore).
+HTTP), started by the session's fixtures (conftest.py, vnpager.tools.objservers).
 
 RGW here takes parts of 4 KiB (rgw_multipart_min_part_size), so a publish
 uploads the dirty pages alone and copies the rest server-side; it honours
@@ -19,9 +19,9 @@ import pytest
 import s3fs
 
 from objfs_helpers import checked_vm, slow_and_failing
-from objstore_helpers import Bucket, WebDir
+from objservers_helpers import Bucket, WebDir
 from vnpager import VM
-from vnpager.tools.objstore import S3User
+from vnpager.tools.objservers import S3User
 from vnpager.vfs.objfs import ObjMount
 from vnpager.vfs.objstore import MiB, PartPolicy
 

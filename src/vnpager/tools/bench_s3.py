@@ -1,5 +1,5 @@
 """``vnpager bench --s3``: readers and a writer of one object on Ceph's RADOS
-Gateway on localhost (:class:`vnpager.tools.objstore.CephRGW`), vnpager
+Gateway on localhost (:class:`vnpager.tools.objservers.CephRGW`), vnpager
 against what fsspec users have today.  A benchmark, not a test.
 
 The readers, each from a cold start (a new VM, filesystem or mount):
@@ -43,7 +43,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vnpager.tools.bench import emit, machine, measured
-from vnpager.tools.objstore import CephRGW, S3User
+from vnpager.tools.objservers import CephRGW, S3User
 from vnpager.tools.show import human
 
 MiB = 1 << 20
@@ -186,7 +186,7 @@ def _vnpager_file(obj: Obj, cfg: S3Config, mode: str = "rb") -> Iterator[Any]:
 
     vm = vnpager.VM(physmem=cfg.physmem)
     try:
-        # the parts RGW is configured to take (objstore's ceph.conf)
+        # the parts RGW is configured to take (objservers' ceph.conf)
         vm.mount_objects("s3", policy=PartPolicy(min_part=PAGE, max_parts=1 << 20),
                          **obj.user.storage_options())
         with vm.open(f"s3://{obj.path}", mode) as f:
@@ -214,15 +214,11 @@ def _rclone_file(obj: Obj, tmp: str) -> Iterator[Any]:
     mnt, cache = os.path.join(tmp, "rclone"), os.path.join(tmp, "rclone-cache")
     os.makedirs(mnt, exist_ok=True)
     shutil.rmtree(cache, ignore_errors=True)  # cold: nothing cached from an earlier case
-    user = obj.user
-    remote = (f":s3,provider=Ceph,env_auth=false,access_key_id={user.access_key},"
-              f"secret_access_key={user.secret_key},endpoint='{user.url}':{obj.bucket}")
-    argv = ["rclone", "mount", remote, mnt, "--config", os.devnull, "--vfs-cache-mode", "full",
+    argv = ["rclone", "mount", f"rgw:{obj.bucket}", mnt, "--config", os.devnull, "--vfs-cache-mode", "full",
             "--cache-dir", cache]
-    # a CA bundle the environment names for AWS makes rclone 1.60 refuse plain HTTP
-    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
-    with serving(argv, mnt, os.path.join(tmp, "rclone.log"), env), open(os.path.join(mnt, obj.key), "rb",
-                                                                     buffering=0) as f:
+    env = {**os.environ, **obj.user.rclone_env("rgw")}
+    with serving(argv, mnt, os.path.join(tmp, "rclone.log"), env), \
+            open(os.path.join(mnt, obj.key), "rb", buffering=0) as f:
         yield f
 
 

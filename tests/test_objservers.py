@@ -1,4 +1,4 @@
-"""The real servers under the object filesystem (vnpager.tools.objstore): what the
+"""The real servers under the object filesystem (vnpager.tools.objservers): what the
 S3 and HTTP vnodes rely on, checked against Ceph's RADOS Gateway through s3fs
 and against nginx through fsspec's HTTP filesystem, and the servers' own
 start and stop."""
@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from fsspec.asyn import sync
 
-from objstore_helpers import LATENCY, Bucket, WebDir
-from vnpager.tools import objstore
-from vnpager.tools.objstore import CephRGW, Nginx, S3User, ServerError
+from objservers_helpers import LATENCY, Bucket, WebDir
+from vnpager.tools import objservers
+from vnpager.tools.objservers import CephRGW, Nginx, S3User, ServerError
 
 PAGE = 4096
 LOOPBACK = "0100007F"  # 127.0.0.1 as /proc/net/tcp writes it
@@ -187,7 +187,7 @@ def test_nginx_behind_latency_and_stop_leaves_nothing(tmp_path: Path) -> None:
 
 def test_failed_start_reports_logs_and_stops_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """nginx refuses its configuration: start raises with nginx's message and leaves nothing."""
-    monkeypatch.setattr(objstore, "_NGINX_CONF", "no_such_directive on;\n" + objstore._NGINX_CONF)
+    monkeypatch.setattr(objservers, "_NGINX_CONF", "no_such_directive on;\n" + objservers._NGINX_CONF)
     server = Nginx(tmp_path, timeout=30)
     with pytest.raises(ServerError, match=r'(?s)nginx exited.*unknown directive "no_such_directive"'):
         server.start()
@@ -199,20 +199,20 @@ def test_rgw_failing_late_stops_the_cluster(monkeypatch: pytest.MonkeyPatch) -> 
     """radosgw cannot bind its port (taken), after the monitor, manager and OSD are up:
     start raises with radosgw's log, and every daemon of the cluster is gone."""
     started: list[int] = []
-    spawn = objstore._Daemons.spawn
+    spawn = objservers._Daemons.spawn
 
-    def spawn_and_note(self: objstore._Daemons, name: str, argv: list[str]) -> Any:
+    def spawn_and_note(self: objservers._Daemons, name: str, argv: list[str]) -> Any:
         proc = spawn(self, name, argv)
         started.append(proc.pid)
         return proc
 
-    monkeypatch.setattr(objstore._Daemons, "spawn", spawn_and_note)
+    monkeypatch.setattr(objservers._Daemons, "spawn", spawn_and_note)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         ports = iter([taken.getsockname()[1]])
-        real_free_port = objstore.free_port
-        monkeypatch.setattr(objstore, "free_port", lambda: next(ports, None) or real_free_port())
+        real_free_port = objservers.free_port
+        monkeypatch.setattr(objservers, "free_port", lambda: next(ports, None) or real_free_port())
         server = CephRGW(timeout=60)
         with pytest.raises(ServerError, match=r"(?s)client.rgw exited.*--- client.rgw.log"):
             server.start()
@@ -285,7 +285,7 @@ def test_latency_proxy_overlaps_connections() -> None:
             w.close()
 
         server = await asyncio.start_server(barrier, "127.0.0.1", 0)
-        proxy = objstore.LatencyProxy(server.sockets[0].getsockname()[1], 0.2)
+        proxy = objservers.LatencyProxy(server.sockets[0].getsockname()[1], 0.2)
         try:
             async def one(i: int) -> bytes:
                 r, w = await asyncio.open_connection("127.0.0.1", proxy.port)
@@ -309,7 +309,7 @@ def test_latency_proxy_stops_with_connections_open(caplog: pytest.LogCaptureFixt
     with socket.socket() as target:
         target.bind(("127.0.0.1", 0))
         target.listen()
-        proxy = objstore.LatencyProxy(target.getsockname()[1], 0.01)
+        proxy = objservers.LatencyProxy(target.getsockname()[1], 0.01)
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
             client.sendall(b"hello")
             conn, _ = target.accept()

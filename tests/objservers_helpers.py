@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vnpager.tools.objstore import S3User
+from vnpager.tools.objservers import S3User
 
 LATENCY = 0.05  # seconds added to each request by the rgw_latency fixture
 
