@@ -5,8 +5,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian packages the tests drive: FUSE, and real programs to run on a mount
-DEBS := fuse3 libfuse3-dev pkg-config sqlite3 fio
+# Debian packages the tests drive: FUSE, and real programs to run on a mount;
+# the object stores' real servers (vnpager.tools.objstore): a one-node Ceph
+# cluster with RADOS Gateway, and nginx
+DEBS := fuse3 libfuse3-dev pkg-config sqlite3 fio \
+	ceph-mon ceph-mgr ceph-osd ceph-common radosgw nginx
 
 .PHONY: demo test lint typecheck cover sysdeps bench-deps clean
 
@@ -19,7 +22,7 @@ $(STAMP): pyproject.toml | sysdeps
 sysdeps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  else echo "missing Debian packages:$$missing (run as root, or: sudo apt-get install$$missing)"; fi; \
 	fi
 

@@ -7,7 +7,7 @@ host path (see :mod:`vnpager.fuse.inodes`); file data never does: open
 attaches the file's VM object, read and write copy to and from its pages,
 release detaches (the object persists with its pages for the next open),
 fsync flushes it.  Pager calls may sleep, so they
-run in worker threads (:func:`_pager`); plain host calls are short and run
+run in worker threads (:meth:`VnpagerFS._pager`); plain host calls are short and run
 on the event loop.  So do a read or a write that the resident pages (and
 free memory) serve at once (``pager.read_nowait``, ``pager.write_nowait``,
 which never sleep): a hop to a worker thread and back costs more than such
@@ -31,7 +31,6 @@ import itertools
 import logging
 import os
 import stat
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,11 +39,12 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import pyfuse3
 import trio
 
-from vnpager.fuse import pager, profile
+from vnpager.fuse import pager
 from vnpager.fuse.inodes import InodeTable, proc_path
 from vnpager.vnmap import FileObject
 
 if TYPE_CHECKING:
+    from vnpager.fuse.profile import RequestProfile
     from vnpager.uvm.uvm import VM
 
 T = TypeVar("T")
@@ -72,14 +72,6 @@ def _renameat2(old_fd: int, old: bytes, new_fd: int, new: bytes, flags: int) -> 
         raise OSError(err, os.strerror(err))
 
 
-async def _pager(fn: Callable[..., T], *args: Any) -> T:
-    """Run a pager call in a worker thread; its OSError becomes a FUSEError."""
-    try:
-        return await trio.to_thread.run_sync(fn, *args)
-    except OSError as e:
-        raise pyfuse3.FUSEError(e.errno or errno.EIO) from e
-
-
 def _host(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """A host call; its OSError becomes a FUSEError."""
     try:
@@ -99,7 +91,8 @@ class VnpagerFS(pyfuse3.Operations):
 
     enable_writeback_cache = False  # writes must reach the pager at once
 
-    def __init__(self, vm: VM, src: str, direct_io: bool = False) -> None:
+    def __init__(self, vm: VM, src: str, direct_io: bool = False,
+                 profile: RequestProfile | None = None) -> None:
         super().__init__()
         self.vm = vm
         self.src = os.path.realpath(src)
@@ -109,19 +102,22 @@ class VnpagerFS(pyfuse3.Operations):
         self.opens: Counter[int] = Counter()  # open files per inode
         self.dirs: dict[int, tuple[int, list[str]]] = {}  # directory handle -> inode, names
         self._fh = itertools.count(1)
-        self.profile = profile.RequestProfile() if profile.enabled() else None
+        self.profile = profile  # times every request (see vnpager.fuse.profile)
+        if profile is not None:
+            profile.install(self)
 
-    async def _data(self, op: str, nbytes: int, fn: Callable[..., T], *args: Any) -> T:
-        """A data request's pager call, in a worker (:func:`_pager`), timed by
-        stage when profiling (see :mod:`vnpager.fuse.profile`)."""
-        prof = self.profile
-        if prof is None:
-            return await _pager(fn, *args)
-        t0 = time.perf_counter()
-        result, start, end = await _pager(prof.in_worker, fn, *args)
-        t1 = time.perf_counter()
-        prof.add(op, nbytes, {"hop in": start - t0, "pager": end - start, "hop out": t1 - end})
-        return result
+    async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run *fn* in a worker thread (timed, when profiling)."""
+        if self.profile is not None:
+            return await self.profile.hop(fn, *args)
+        return await trio.to_thread.run_sync(fn, *args)
+
+    async def _pager(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a pager call in a worker thread; its OSError becomes a FUSEError."""
+        try:
+            return await self._thread(fn, *args)
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from e
 
     # attributes
     def _attr(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
@@ -204,7 +200,7 @@ class VnpagerFS(pyfuse3.Operations):
         where = self.inodes.proc(inode)
         if fields.update_size:
             of = self.files.get(fh) if fh is not None else None
-            await _pager(pager.truncate, self.vm, where, attr.st_size, of.file if of else None)
+            await self._pager(pager.truncate, self.vm, where, attr.st_size, of.file if of else None)
         if fields.update_uid or fields.update_gid:
             _host(os.chown, where, attr.st_uid if fields.update_uid else -1,
                   attr.st_gid if fields.update_gid else -1)
@@ -213,7 +209,7 @@ class VnpagerFS(pyfuse3.Operations):
         if fields.update_atime or fields.update_mtime:
             st = self._stat(inode)
             if self._has_object(st):
-                await _pager(pager.flush_cached, self.vm, (st.st_dev, st.st_ino))
+                await self._pager(pager.flush_cached, self.vm, (st.st_dev, st.st_ino))
             ns = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
                   attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
             _host(os.utime, where, ns=ns)
@@ -287,7 +283,7 @@ class VnpagerFS(pyfuse3.Operations):
 
     async def _uncache(self, key: tuple[int, int]) -> None:
         try:
-            await trio.to_thread.run_sync(pager.uncache, self.vm, key)
+            await self._thread(pager.uncache, self.vm, key)
         except Exception:  # a system task that raises ends the loop: the mount with it
             log.exception("uncache of the object of %s failed", key)
 
@@ -357,12 +353,12 @@ class VnpagerFS(pyfuse3.Operations):
     async def _open(self, ino: int, flags: int) -> pyfuse3.FileInfo:
         write = flags & os.O_ACCMODE != os.O_RDONLY
         # hostfs opens the file itself through its magic link: named or not
-        f = await _pager(pager.open_object, self.vm, self.inodes.proc(ino), write)
+        f = await self._pager(pager.open_object, self.vm, self.inodes.proc(ino), write)
         if flags & os.O_TRUNC:
             try:
-                await _pager(pager.truncate, self.vm, self.inodes.proc(ino), 0, f)
+                await self._pager(pager.truncate, self.vm, self.inodes.proc(ino), 0, f)
             except pyfuse3.FUSEError:
-                await _pager(f.close)
+                await self._pager(f.close)
                 raise
         return self._file_info(ino, f)
 
@@ -387,37 +383,31 @@ class VnpagerFS(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         uvn = self.files[fh].file.uvn
-        t0 = time.perf_counter() if self.profile else 0.0
         data: bytes | bytearray | None = _host(pager.read_nowait, uvn, size, off)  # no worker thread
         if data is None:
-            data = await self._data("read", size, pager.read, uvn, size, off)
-        elif self.profile:
-            self.profile.add("read", size, {"loop": time.perf_counter() - t0}, inline=True)
+            data = await self._pager(pager.read, uvn, size, off)
         return cast(bytes, data)  # pyfuse3 replies with any buffer: no copy to bytes
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         f = self.files[fh].file
-        t0 = time.perf_counter() if self.profile else 0.0
         done = _host(pager.write_nowait, f, buf, off)  # resident or free pages: no worker thread
         if done < len(buf):
             rest = memoryview(buf)[done:]
-            return done + await self._data("write", len(rest), pager.write, f, rest, off + done)
-        if self.profile:
-            self.profile.add("write", len(buf), {"loop": time.perf_counter() - t0}, inline=True)
+            return done + await self._pager(pager.write, f, rest, off + done)
         return done
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._data("fsync", 0, pager.fsync, self.files[fh].file)
+        await self._pager(pager.fsync, self.files[fh].file)
 
     async def release(self, fh: int) -> None:
         of = self.files.pop(fh)
-        await _pager(of.file.close)
+        await self._pager(of.file.close)
         self.opens[of.ino] -= 1
         if not self.opens[of.ino]:
             del self.opens[of.ino]
             if not self.direct_io:
                 # the last close: the pager's pages are the cache from now on
-                await trio.to_thread.run_sync(_drop_kernel_cache, of.ino)
+                await self._thread(_drop_kernel_cache, of.ino)
 
     def open_objects(self) -> list[FileObject]:
         """Take over the objects of the files still open (unmount time)."""

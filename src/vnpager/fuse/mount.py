@@ -30,6 +30,7 @@ import trio
 
 from vnpager.fuse import pager
 from vnpager.fuse.fs import VnpagerFS
+from vnpager.fuse.profile import RequestProfile, from_environment
 from vnpager.uvm.uvm import VM
 
 FSNAME_PREFIX = "vnpager:"
@@ -47,7 +48,7 @@ def serve(src: str, mnt: str, physmem: int, *, direct_io: bool = False) -> None:
         raise OSError(errno.ENOTDIR, f"{src}: not a directory")
     where = os.path.realpath(mnt)  # not once mounted: that would ask us, not yet serving
     vm = VM(physmem=physmem)
-    fs = VnpagerFS(vm, src, direct_io=direct_io)
+    fs = VnpagerFS(vm, src, direct_io=direct_io, profile=from_environment())
     pyfuse3.init(fs, mnt, _options())
     unmounted = False
     try:
@@ -63,8 +64,8 @@ def serve(src: str, mnt: str, physmem: int, *, direct_io: bool = False) -> None:
 
 
 @contextmanager
-def mounted(vm: VM, src: str, mnt: str, *, direct_io: bool = False,
-            timeout: float = 60.0) -> Iterator[VnpagerFS]:
+def mounted(vm: VM, src: str, mnt: str, *, direct_io: bool = False, timeout: float = 60.0,
+            profile: RequestProfile | None = None) -> Iterator[VnpagerFS]:
     """Mount *src* at *mnt* with the pages of *vm*, served by a thread of
     this process, for the duration of the ``with`` block.
 
@@ -76,8 +77,11 @@ def mounted(vm: VM, src: str, mnt: str, *, direct_io: bool = False,
     => this process must never touch a kernel mapping (mmap.mmap) of a file
        on the mount: the page fault would hold the GIL that the server
        thread needs to serve it.  read/write/stat release the GIL: fine.
+
+    With a *profile*, every request is timed and the table printed at the
+    end (see :mod:`vnpager.fuse.profile`).
     """
-    fs = VnpagerFS(vm, src, direct_io=direct_io)
+    fs = VnpagerFS(vm, src, direct_io=direct_io, profile=profile)
     pyfuse3.init(fs, mnt, _options())
     loop = threading.Thread(target=trio.run, args=(pyfuse3.main,), name="vnpager-fuse", daemon=True)
     loop.start()
