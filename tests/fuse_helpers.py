@@ -26,9 +26,10 @@ MOUNT_WAIT = 20.0
 
 
 class Server:
-    """One ``vnpager mount`` server process and its mount point."""
+    """One ``vnpager mount`` server process and its mount point (*src* a
+    directory, or a bucket's URL)."""
 
-    def __init__(self, src: Path, mnt: Path, *extra: str) -> None:
+    def __init__(self, src: Path | str, mnt: Path, *extra: str) -> None:
         self.src, self.mnt = src, mnt
         self.output = ""
         self.proc = subprocess.Popen(

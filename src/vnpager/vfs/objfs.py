@@ -175,6 +175,7 @@ class ObjNode:
     clean_end: int = 0
     dirty: bool = False
     stale: bool = False  # the last publish found the base replaced (ESTALE)
+    removed: bool = False  # its object was deleted through us (ObjMount.removed): never published
     created_ns: int = field(default_factory=time.time_ns)
     lock: threading.Lock = field(default_factory=threading.Lock)
     wlock: threading.Lock = field(default_factory=threading.Lock)
@@ -300,7 +301,7 @@ class ObjFS(VnodeOps):
         then kept for the next try."""
         with node.wlock:
             with node.lock:
-                if not node.dirty:
+                if not node.dirty or node.removed:
                     return
                 base, size, clean_end, staging = node.base, node.size, node.clean_end, node.staging
                 dirty = list(staging.runs.items())
@@ -415,6 +416,21 @@ class ObjMount:
         if info is None and self.ops.readonly:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), url)
         return vfs.getnewvnode(mp, VREG, path, ObjNode(path, info, Staging(self.staging_dir)))
+
+    def removed(self, url: str) -> None:
+        """The object *url* was deleted by its caller (a FUSE mount's unlink or
+        rename): its vnode, if any, answers to the name no more (the name's
+        next lookup makes a new one) and never publishes; those holding it
+        keep its pages and staging, as the open files of an unlinked file do."""
+        vfs = self.mount.mnt_vfs
+        vp = vfs.lookup(self.mount, self.path_of(url))
+        if vp is None:
+            return
+        node: ObjNode = vp.v_data
+        with node.lock:
+            node.removed = True
+        vfs.vunhash(vp)
+        vfs.vrele(vp)
 
     def publish_all(self) -> list[tuple[str, OSError]]:
         """Publish every vnode's staging; the failures, by path."""

@@ -1,0 +1,234 @@
+"""vnpager mount s3://bucket/prefix: real programs (cp, tar, sqlite3) on a
+mount of a bucket of the session's Ceph RADOS Gateway, whose pager has
+less memory than the data; names as the store has them; close-to-open
+after an outside replace; a publish that fails is fsync's and close's error.
+
+Each server runs in a subprocess (``python -m vnpager mount URL MNT
+--foreground``), credentials in its environment and the endpoint on its
+command line, as a user gives them; the fixtures always unmount and reap it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fuse_helpers import PHYSMEM, Server
+from objstore_helpers import Bucket
+
+
+def _mount(bucket: Bucket, mnt: Path, prefix: str = "") -> Server:
+    mnt.mkdir(exist_ok=True)
+    env = bucket.user.env()
+    endpoint = env.pop("AWS_ENDPOINT_URL")
+    os.environ.update(env)  # the server's credentials and region, as boto finds them
+    url = f"{bucket.url}/{prefix}" if prefix else bucket.url
+    return Server(url, mnt, "--endpoint-url", endpoint)
+
+
+@pytest.fixture
+def server(s3_bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    """A mount of the test's bucket (under the prefix ``top``)."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(var, raising=False)  # restored after: _mount sets them
+    s = _mount(s3_bucket, tmp_path / "mnt", "top")
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def _keys(bucket: Bucket, prefix: str = "top/") -> set[str]:
+    """The bucket's keys under *prefix* (without it), listed without a delimiter."""
+    listing = bucket.fs.call_s3("list_objects_v2", Bucket=bucket.name, Prefix=prefix)
+    return {c["Key"][len(prefix):] for c in listing.get("Contents", [])}
+
+
+def _object(bucket: Bucket, key: str) -> bytes:
+    bucket.fs.invalidate_cache()
+    return bytes(bucket.fs.cat_file(bucket.path(key)))
+
+
+def _put(bucket: Bucket, key: str, data: bytes) -> None:
+    bucket.fs.call_s3("put_object", Bucket=bucket.name, Key=key, Body=data)
+
+
+def test_cp_in_and_out(server: Server, s3_bucket: Bucket, tmp_path: Path) -> None:
+    data = random.Random(1).randbytes(3 * PHYSMEM + 12_345)  # a multipart upload, through a small VM
+    (tmp_path / "in").write_bytes(data)
+    subprocess.run(["cp", str(tmp_path / "in"), str(server.mnt / "f")], check=True, timeout=60)
+    assert _object(s3_bucket, "top/f") == data  # published at cp's close
+    subprocess.run(["cp", str(server.mnt / "f"), str(tmp_path / "out")], check=True, timeout=60)
+    assert (tmp_path / "out").read_bytes() == data
+    assert os.path.getsize(server.mnt / "f") == len(data)
+    assert os.listdir(server.mnt) == ["f"]
+
+
+def _make_tree(root: Path) -> set[str]:
+    """A small tree of directories and files; the keys it should become."""
+    rng = random.Random(7)
+    keys = set()
+    for d in range(3):
+        sub = root / f"dir{d}" / f"sub{d % 2}"
+        sub.mkdir(parents=True)
+        keys |= {f"dir{d}/", f"dir{d}/sub{d % 2}/"}
+        for f in range(4):
+            (sub / f"file{f}.bin").write_bytes(rng.randbytes(rng.choice([0, 1, 4096, 70_000, 300_001])))
+            keys.add(f"dir{d}/sub{d % 2}/file{f}.bin")
+    (root / "empty").mkdir()
+    (root / "top.txt").write_text("at the top\n")
+    return keys | {"empty/", "top.txt"}
+
+
+def test_tar_extract_diff_and_remount(server: Server, s3_bucket: Bucket, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    keys = _make_tree(tree)
+    archive = tmp_path / "tree.tar"
+    subprocess.run(["tar", "cf", str(archive), "-C", str(tree), "."], check=True, timeout=60)
+    dest = server.mnt / "x"
+    dest.mkdir()
+    subprocess.run(["tar", "xf", str(archive), "-C", str(dest)], check=True, timeout=120)
+    subprocess.run(["diff", "-r", str(tree), str(dest)], check=True, timeout=60)
+    assert _keys(s3_bucket, "top/x/") == keys | {""}  # every file an object, every directory a marker
+    # the modes and times tar set are the mount's, for its life
+    assert os.stat(dest / "top.txt").st_mtime_ns // 10**9 == os.stat(tree / "top.txt").st_mtime_ns // 10**9
+    assert server.stop() == 0, server.output
+    again = _mount(s3_bucket, tmp_path / "mnt2", "top")
+    try:
+        subprocess.run(["diff", "-r", str(tree), str(again.mnt / "x")], check=True, timeout=60)
+    finally:
+        again.stop()
+
+
+def _sqlite(db: Path, sql: str) -> str:
+    return subprocess.run(["sqlite3", str(db)], input=sql, capture_output=True, text=True,
+                          check=True, timeout=120).stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("sqlite3") is None, reason="sqlite3 CLI not installed (make sysdeps)")
+def test_sqlite_then_a_new_mount_reads_it_back(server: Server, s3_bucket: Bucket, tmp_path: Path) -> None:
+    db = server.mnt / "test.db"
+    _sqlite(db, "CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB);")
+    batches, rows = 8, 300
+    for b in range(batches):
+        _sqlite(db, "BEGIN; " + "".join(
+            f"INSERT INTO t (v) VALUES (randomblob({300 + (b * rows + i) % 400}));" for i in range(rows))
+            + " COMMIT;")
+    _sqlite(db, "DELETE FROM t WHERE id % 7 = 0; CREATE INDEX tv ON t (v);")
+    expected = batches * rows - batches * rows // 7
+    assert int(_sqlite(db, "SELECT count(*) FROM t;")) == expected
+    assert os.path.getsize(db) > PHYSMEM
+    assert server.stop(signal.SIGTERM) == 0, server.output
+    assert _keys(s3_bucket) == {"test.db"}  # the journal came and went
+    again = _mount(s3_bucket, tmp_path / "mnt2", "top")
+    try:
+        db = again.mnt / "test.db"
+        assert _sqlite(db, "PRAGMA integrity_check;") == "ok"
+        assert int(_sqlite(db, "SELECT count(*) FROM t;")) == expected
+    finally:
+        again.stop()
+
+
+def test_names_mkdir_rmdir_rename_unlink(server: Server, s3_bucket: Bucket) -> None:
+    m = server.mnt
+    (m / "d").mkdir()
+    assert _keys(s3_bucket) == {"d/"}
+    (m / "d" / "f").write_bytes(b"first")
+    with pytest.raises(OSError) as e:
+        os.rmdir(m / "d")
+    assert e.value.errno == errno.ENOTEMPTY
+    os.rename(m / "d" / "f", m / "d" / "g")  # a copy and a delete
+    assert _keys(s3_bucket) == {"d/", "d/g"} and (m / "d" / "g").read_bytes() == b"first"
+    (m / "h").write_bytes(b"second, longer")
+    os.rename(m / "h", m / "d" / "g")  # over a file
+    assert _object(s3_bucket, "top/d/g") == (m / "d" / "g").read_bytes() == b"second, longer"
+    with pytest.raises(OSError) as e:
+        os.rename(m / "d", m / "e")
+    assert e.value.errno == errno.EXDEV  # a non-empty directory: mv copies it instead
+    subprocess.run(["mv", str(m / "d"), str(m / "e")], check=True, timeout=60)
+    assert _keys(s3_bucket) == {"e/", "e/g"} and sorted(os.listdir(m)) == ["e"]
+    (m / "empty").mkdir()
+    os.rename(m / "empty", m / "moved")  # an empty directory: its marker moves
+    assert _keys(s3_bucket) == {"e/", "e/g", "moved/"}
+    os.unlink(m / "e" / "g")
+    assert os.listdir(m / "e") == [] and _keys(s3_bucket) == {"e/", "moved/"}
+    os.rmdir(m / "e")
+    os.rmdir(m / "moved")
+    assert _keys(s3_bucket) == set() and os.listdir(m) == []
+    for call in (lambda: os.link(m / "x", m / "y"), lambda: os.symlink("x", m / "y"),
+                 lambda: os.mkfifo(m / "y")):
+        (m / "x").write_bytes(b"x")
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.EPERM
+    with pytest.raises(OSError) as e:
+        os.setxattr(m / "x", "user.a", b"1")
+    assert e.value.errno == errno.EOPNOTSUPP
+
+
+def test_a_directory_that_was_only_a_prefix_stays_when_emptied(server: Server, s3_bucket: Bucket) -> None:
+    _put(s3_bucket, "top/implicit/only", b"1")  # no marker: a common prefix
+    assert os.listdir(server.mnt) == ["implicit"]
+    os.unlink(server.mnt / "implicit" / "only")
+    assert os.path.isdir(server.mnt / "implicit")
+    assert _keys(s3_bucket) == {"implicit/"}  # made a marker, as rmdir has not been asked
+
+
+def test_a_file_unlinked_while_open_is_not_published_again(server: Server, s3_bucket: Bucket) -> None:
+    path = server.mnt / "tmp"
+    with open(path, "w+b") as f:
+        f.write(b"a" * 10_000)
+        f.flush()
+        os.fsync(f.fileno())
+        assert _object(s3_bucket, "top/tmp") == b"a" * 10_000
+        os.unlink(path)
+        assert _keys(s3_bucket) == set()
+        f.write(b"b" * 10_000)  # still a file, to its holder
+        f.flush()
+        os.fsync(f.fileno())
+        assert os.pread(f.fileno(), 6, 9_997) == b"aaabbb"
+    assert _keys(s3_bucket) == set() and not path.exists()
+    path.write_bytes(b"new")  # the name again: a new object, not the old one's pages
+    assert path.read_bytes() == b"new" and _object(s3_bucket, "top/tmp") == b"new"
+
+
+def test_an_outside_replace_is_seen_at_the_next_open(server: Server, s3_bucket: Bucket) -> None:
+    path = server.mnt / "f"
+    path.write_bytes(b"old " * 5000)
+    assert path.read_bytes() == b"old " * 5000  # its pages now persist in the VM
+    os.stat(path)
+    new = random.Random(3).randbytes(30_001)
+    _put(s3_bucket, "top/f", new)  # by somebody else
+    assert path.read_bytes() == new  # close-to-open: the new version, of its own size
+    assert os.path.getsize(path) == len(new)
+
+
+def test_a_publish_over_a_replaced_object_fails_with_estale(server: Server, s3_bucket: Bucket) -> None:
+    """On a bucket without versioning the publish copies the clean bytes of
+    the version it opened, pinned by its ETag: replaced behind the mount, it
+    is gone, and fsync and close say so; the other writer's object stays."""
+    original = random.Random(4).randbytes(64 * 1024)
+    _put(s3_bucket, "top/f", original)
+    fd = os.open(server.mnt / "f", os.O_RDWR)
+    try:
+        assert os.pread(fd, 10, 0) == original[:10]
+        os.pwrite(fd, b"ours", 20_000)
+        theirs = b"replaced behind the mount"
+        _put(s3_bucket, "top/f", theirs)
+        with pytest.raises(OSError) as e:
+            os.fsync(fd)
+        assert e.value.errno == errno.ESTALE
+    finally:
+        with pytest.raises(OSError) as e:
+            os.close(fd)  # the last writer's close publishes again, and fails again
+    assert e.value.errno == errno.ESTALE
+    assert _object(s3_bucket, "top/f") == theirs
