@@ -46,7 +46,7 @@ from vnpager.uvm.uvm_pager import (
     PageSlot,
 )
 from vnpager.uvm.uvm_param import MADV_NORMAL, PROT_READ
-from vnpager.uvm.uvm_readahead import RA_WINSIZE_MAX, uvm_ra_window
+from vnpager.uvm.uvm_readahead import RA_WINSIZE_MAX, uvm_ra_max, uvm_ra_reserve, uvm_ra_window
 from vnpager.uvm.uvm_vnode import UvmVnode, uvm_vnp_revalidate, uvm_vnp_setsize, uvn_get
 from vnpager.vfs.vnode import VOP_UNLOCK, vn_lock
 
@@ -81,7 +81,10 @@ def ubc_page(uvn: UvmVnode, pgoff: int, how: int, ahead: int = 0) -> VmPage | No
             return slot[0]  # type: ignore[return-value]
         if how == FETCH:
             ra = uvn.u_ubc_ra
-            n = max(uvm_ra_window(ra, MADV_NORMAL, pgoff, ps), min(1 + ahead, RA_WINSIZE_MAX // ps))
+            n = max(uvm_ra_window(ra, MADV_NORMAL, pgoff, ps, uvm_ra_max(uvn)),
+                    min(1 + ahead, RA_WINSIZE_MAX // ps))
+            if n > 1:  # room for the window, as a fault makes it
+                uvm_ra_reserve(vm, n, lock)
             pps: list[PageSlot] = [None] * n
             # releases the object lock whatever the result
             result, _ = uvn_get(uvn, pgoff, pps, n, 0, PROT_READ, MADV_NORMAL, 0)

@@ -59,7 +59,7 @@ from vnpager.uvm.uvm_pager import (
     PageSlot,
 )
 from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
-from vnpager.uvm.uvm_readahead import RA_WINSIZE_MAX, uvm_ra_reserve, uvm_ra_window
+from vnpager.uvm.uvm_readahead import RA_WINSIZE_MAX, uvm_ra_max, uvm_ra_reserve, uvm_ra_window
 
 if TYPE_CHECKING:
     from vnpager.uvm.uvm_object import UvmObject
@@ -159,7 +159,7 @@ def _getpage(space: Vmspace, entry: VmMapEntry, uobj: UvmObject, off: int, va: i
 
     window = 1
     if ahead:
-        window = min(uvm_ra_window(entry.ra, entry.advice, off, ps), (entry.end - va) // ps)
+        window = min(uvm_ra_window(entry.ra, entry.advice, off, ps, uvm_ra_max(uobj)), (entry.end - va) // ps)
         if window > 1:
             uvm_ra_reserve(vm, window, uobj.vmobjlock)
     slots = _ahead_slots(space, entry, va, window, 0)

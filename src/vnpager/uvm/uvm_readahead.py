@@ -53,10 +53,12 @@ class UvmRactx:
     ra_winsize: int = 0  # pages of the window (0: not in a stream)
 
 
-def uvm_ra_window(ra: UvmRactx, advice: int, off: int, page_size: int) -> int:
+def uvm_ra_window(ra: UvmRactx, advice: int, off: int, page_size: int,
+                  maxbytes: int = RA_WINSIZE_MAX) -> int:
     """How many pages to read for a miss at object offset *off*, the page
-    that missed first; records the miss in *ra*."""
-    maxwin = RA_WINSIZE_MAX // page_size
+    that missed first, in a window of at most *maxbytes* (uvm_ra_max);
+    records the miss in *ra*."""
+    maxwin = max(1, maxbytes // page_size)
     if advice == MADV_RANDOM:
         return 1
     if advice == MADV_SEQUENTIAL:
@@ -66,6 +68,19 @@ def uvm_ra_window(ra: UvmRactx, advice: int, off: int, page_size: int) -> int:
     else:
         ra.ra_winsize = 0  # random: read what faulted, start again small
     return max(ra.ra_winsize, 1)
+
+
+def uvm_ra_max(uobj: UvmObject) -> int:
+    """The largest window of *uobj*'s streams, in bytes: RA_WINSIZE_MAX, or
+    what its vnode's filesystem asks for (``ra_winsize_max``: objfs, whose
+    every read is a request, reads MiBs at once), at most an eighth of the
+    VM's memory."""
+    vp = getattr(uobj, "u_vnode", None)
+    want = vp.v_op.ra_winsize_max if vp is not None else None
+    if not want:
+        return RA_WINSIZE_MAX
+    vm = uobj.vm
+    return max(RA_WINSIZE_MAX, min(want, vm.npages * vm.page_size // 8))
 
 
 def uvm_ra_reserve(vm: VM, npages: int, lock: RWLock) -> None:

@@ -206,6 +206,9 @@ class ObjFS(VnodeOps):
     name = "objfs"
     unlocked_read = True
     commits = True
+    # a window is one request: a few MiB make a request's latency small
+    # beside its transfer (the pager takes at most an eighth of its memory)
+    ra_winsize_max = 4 << 20
 
     def __init__(self, store: FsspecStore) -> None:
         self.store = store

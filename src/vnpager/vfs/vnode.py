@@ -109,6 +109,7 @@ class VnodeOps:
     # publishes a new version): the front ends' sync commits after its flush
     commits = False
     readonly = False  # no vnode of it may be opened for writing
+    ra_winsize_max: int | None = None  # bytes of its largest read-ahead window (None: the VM's)
 
     def getattr(self, vp: Vnode, vap: Vattr) -> int:
         return errno.EBADF
