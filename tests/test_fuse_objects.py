@@ -11,11 +11,13 @@ command line, as a user gives them; the fixtures always unmount and reap it.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,10 +37,15 @@ def _mount(bucket: Bucket, mnt: Path, prefix: str = "") -> Server:
 
 
 @pytest.fixture
-def server(s3_bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
-    """A mount of the test's bucket (under the prefix ``top``)."""
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AWS variables _mount sets, restored after the test."""
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
-        monkeypatch.delenv(var, raising=False)  # restored after: _mount sets them
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def server(s3_bucket: Bucket, tmp_path: Path, aws_env: None) -> Iterator[Server]:
+    """A mount of the test's bucket (under the prefix ``top``)."""
     s = _mount(s3_bucket, tmp_path / "mnt", "top")
     try:
         yield s
@@ -61,15 +68,54 @@ def _put(bucket: Bucket, key: str, data: bytes) -> None:
     bucket.fs.call_s3("put_object", Bucket=bucket.name, Key=key, Body=data)
 
 
-def test_cp_in_and_out(server: Server, s3_bucket: Bucket, tmp_path: Path) -> None:
-    data = random.Random(1).randbytes(3 * PHYSMEM + 12_345)  # a multipart upload, through a small VM
-    (tmp_path / "in").write_bytes(data)
-    subprocess.run(["cp", str(tmp_path / "in"), str(server.mnt / "f")], check=True, timeout=60)
-    assert _object(s3_bucket, "top/f") == data  # published at cp's close
-    subprocess.run(["cp", str(server.mnt / "f"), str(tmp_path / "out")], check=True, timeout=60)
-    assert (tmp_path / "out").read_bytes() == data
-    assert os.path.getsize(server.mnt / "f") == len(data)
-    assert os.listdir(server.mnt) == ["f"]
+def test_cp_in_and_out_of_a_whole_bucket(s3_bucket: Bucket, tmp_path: Path, aws_env: None) -> None:
+    _put(s3_bucket, "there/before", b"listed")
+    server = _mount(s3_bucket, tmp_path / "mnt")
+    try:
+        data = random.Random(1).randbytes(3 * PHYSMEM + 12_345)  # through a VM smaller than the file
+        (tmp_path / "in").write_bytes(data)
+        subprocess.run(["cp", str(tmp_path / "in"), str(server.mnt / "f")], check=True, timeout=60)
+        assert _object(s3_bucket, "f") == data  # published at cp's close
+        subprocess.run(["cp", str(server.mnt / "f"), str(tmp_path / "out")], check=True, timeout=60)
+        assert (tmp_path / "out").read_bytes() == data
+        assert os.path.getsize(server.mnt / "f") == len(data)
+        assert sorted(os.listdir(server.mnt)) == ["f", "there"]
+        assert (server.mnt / "there" / "before").read_bytes() == b"listed"
+    finally:
+        assert server.stop() == 0, server.output
+    assert "every dirty page written" in server.output
+
+
+def _vnpager(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-m", "vnpager", *args], capture_output=True, text=True,
+                          timeout=60)
+    assert not check or done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_mount_options_and_clear_failures(s3_bucket: Bucket, tmp_path: Path, aws_env: None) -> None:
+    """A bucket detached and unmounted by vnpager umount; what cannot be
+    mounted is one line and status 1."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = s3_bucket.user.env()
+    region = json.dumps({"region_name": env["AWS_DEFAULT_REGION"]})  # keys as storage options this time
+    opts = ["--endpoint-url", env["AWS_ENDPOINT_URL"], "-o", f"key={env['AWS_ACCESS_KEY_ID']}",
+            "-o", f"secret={env['AWS_SECRET_ACCESS_KEY']}", "-o", f"client_kwargs={region}",
+            "--physmem", str(PHYSMEM)]
+    _vnpager("mount", f"{s3_bucket.url}/p", str(mnt), *opts, check=True)  # detached
+    try:
+        (mnt / "f").write_bytes(b"detached")
+    finally:
+        assert _vnpager("umount", str(mnt)).returncode == 0
+    assert _object(s3_bucket, "p/f") == b"detached"
+    for args, says in (([f"s3://no-such-{s3_bucket.name}", str(mnt), *opts], "No such file or directory"),
+                       ([str(tmp_path), str(mnt), "-o", "anon=true"], "for an object store"),
+                       ([s3_bucket.url, str(mnt), "-o", "anon"], "not KEY=VALUE"),
+                       (["gs://bucket", str(mnt), "--foreground"], "only s3://")):
+        done = _vnpager("mount", *args)
+        assert done.returncode == 1 and says in done.stderr, done.stderr
+        assert not os.path.ismount(mnt)
 
 
 def _make_tree(root: Path) -> set[str]:
@@ -232,3 +278,5 @@ def test_a_publish_over_a_replaced_object_fails_with_estale(server: Server, s3_b
             os.close(fd)  # the last writer's close publishes again, and fails again
     assert e.value.errno == errno.ESTALE
     assert _object(s3_bucket, "top/f") == theirs
+    assert server.stop() == 1  # tried once more at unmount: still stale, and said so
+    assert "s3://" in server.output and "top/f: not published" in server.output, server.output

@@ -159,10 +159,10 @@ class ObjectsFS(pyfuse3.Operations):
         at mount time rather than at the first lookup."""
         try:
             self.fs.call_s3("head_bucket", Bucket=self.bucket)
-        except OSError:
-            raise
-        except Exception as e:  # botocore's (no credentials, no endpoint)
-            raise OSError(errno.EIO, f"{self.url}: {type(e).__name__}: {e}") from e
+        except Exception as e:  # s3fs's OSErrors, botocore's (no credentials, no endpoint)
+            err = (errno.ENOENT if isinstance(e, FileNotFoundError) else errno.EACCES
+                   if isinstance(e, PermissionError) else getattr(e, "errno", None) or errno.EIO)
+            raise OSError(err, f"bucket {self.bucket}: {os.strerror(err)} ({type(e).__name__}: {e})") from e
 
     # keys ------------------------------------------------------------------------
     def _key(self, node: Node) -> str:
