@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from fuse_helpers import PHYSMEM, Server
+from fuse_helpers import PHYSMEM, Server, fill_database, sqlite
 from objstore_helpers import Bucket
 
 
@@ -155,31 +156,19 @@ def test_tar_extract_diff_and_remount(server: Server, s3_bucket: Bucket, tmp_pat
         again.stop()
 
 
-def _sqlite(db: Path, sql: str) -> str:
-    return subprocess.run(["sqlite3", str(db)], input=sql, capture_output=True, text=True,
-                          check=True, timeout=120).stdout.strip()
-
-
 @pytest.mark.skipif(shutil.which("sqlite3") is None, reason="sqlite3 CLI not installed (make sysdeps)")
 def test_sqlite_then_a_new_mount_reads_it_back(server: Server, s3_bucket: Bucket, tmp_path: Path) -> None:
     db = server.mnt / "test.db"
-    _sqlite(db, "CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB);")
-    batches, rows = 8, 300
-    for b in range(batches):
-        _sqlite(db, "BEGIN; " + "".join(
-            f"INSERT INTO t (v) VALUES (randomblob({300 + (b * rows + i) % 400}));" for i in range(rows))
-            + " COMMIT;")
-    _sqlite(db, "DELETE FROM t WHERE id % 7 = 0; CREATE INDEX tv ON t (v);")
-    expected = batches * rows - batches * rows // 7
-    assert int(_sqlite(db, "SELECT count(*) FROM t;")) == expected
+    expected = fill_database(db, 8, 300)
+    assert int(sqlite(db, "SELECT count(*) FROM t;")) == expected
     assert os.path.getsize(db) > PHYSMEM
     assert server.stop(signal.SIGTERM) == 0, server.output
     assert _keys(s3_bucket) == {"test.db"}  # the journal came and went
     again = _mount(s3_bucket, tmp_path / "mnt2", "top")
     try:
         db = again.mnt / "test.db"
-        assert _sqlite(db, "PRAGMA integrity_check;") == "ok"
-        assert int(_sqlite(db, "SELECT count(*) FROM t;")) == expected
+        assert sqlite(db, "PRAGMA integrity_check;") == "ok"
+        assert int(sqlite(db, "SELECT count(*) FROM t;")) == expected
     finally:
         again.stop()
 
@@ -210,6 +199,7 @@ def test_names_mkdir_rmdir_rename_unlink(server: Server, s3_bucket: Bucket) -> N
     os.rmdir(m / "e")
     os.rmdir(m / "moved")
     assert _keys(s3_bucket) == set() and os.listdir(m) == []
+    assert os.statvfs(m).f_bavail > 0  # df: a store without a size
     for call in (lambda: os.link(m / "x", m / "y"), lambda: os.symlink("x", m / "y"),
                  lambda: os.mkfifo(m / "y")):
         (m / "x").write_bytes(b"x")
@@ -219,6 +209,47 @@ def test_names_mkdir_rmdir_rename_unlink(server: Server, s3_bucket: Bucket) -> N
     with pytest.raises(OSError) as e:
         os.setxattr(m / "x", "user.a", b"1")
     assert e.value.errno == errno.EOPNOTSUPP
+
+
+def test_truncate_chmod_utime_and_exclusive_create(server: Server, s3_bucket: Bucket) -> None:
+    path = server.mnt / "f"
+    path.write_bytes(b"0123456789" * 1000)
+    os.truncate(path, 25)  # nobody has it open: published at once
+    assert _object(s3_bucket, "top/f") == b"0123456789" * 2 + b"01234"
+    with open(path, "r+b") as f:
+        f.truncate(5000)  # extended with zeros, published at the close
+        assert os.fstat(f.fileno()).st_size == 5000
+    assert _object(s3_bucket, "top/f") == b"0123456789" * 2 + b"01234" + bytes(4975)
+    os.chmod(path, 0o600)
+    os.utime(path, ns=(1_000_000_000, 2_000_000_000))
+    st = os.stat(path)
+    assert (stat.S_IMODE(st.st_mode), st.st_atime_ns, st.st_mtime_ns) == (0o600, 1_000_000_000, 2_000_000_000)
+    _put(s3_bucket, "top/outside", b"made behind the mount")  # a name not listed: not seen, but there
+    with pytest.raises(FileExistsError):
+        os.open(server.mnt / "outside", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    fd = os.open(server.mnt / "x", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
+    os.close(fd)  # an empty object
+    assert _object(s3_bucket, "top/x") == b"" and stat.S_IMODE(os.stat(server.mnt / "x").st_mode) == 0o640
+
+
+def test_a_file_renamed_while_open_follows_its_name(server: Server, s3_bucket: Bucket) -> None:
+    """Written, renamed while open, written again: the second write is
+    published under the new name; a new file not yet published moves too."""
+    m = server.mnt
+    with open(m / "a", "w+b") as f:
+        f.write(b"1" * 9000)
+        f.flush()
+        os.fsync(f.fileno())
+        os.rename(m / "a", m / "b")
+        assert _keys(s3_bucket) == {"b"}
+        f.seek(4000)
+        f.write(b"2" * 10)
+    assert _object(s3_bucket, "top/b") == b"1" * 4000 + b"2" * 10 + b"1" * 4990
+    with open(m / "new", "wb") as f:
+        f.write(b"unpublished")
+        os.rename(m / "new", m / "moved")
+    assert _keys(s3_bucket) == {"b", "moved"} and _object(s3_bucket, "top/moved") == b"unpublished"
+    assert (m / "moved").read_bytes() == b"unpublished" and sorted(os.listdir(m)) == ["b", "moved"]
 
 
 def test_a_directory_that_was_only_a_prefix_stays_when_emptied(server: Server, s3_bucket: Bucket) -> None:

@@ -26,9 +26,10 @@ Last-Modified as its times.
 What the store cannot be is refused with a clear errno: hard links,
 symbolic links and special files (EPERM, as Linux's filesystems without
 them), a rename of a non-empty directory (EXDEV: ``mv`` then copies it
-file by file), a rename of an open file (EBUSY: its vnode is named by
-its key), ``RENAME_EXCHANGE`` (EINVAL), extended attributes (ENOSYS: the
-kernel then answers EOPNOTSUPP itself, without asking again).
+file by file), ``RENAME_EXCHANGE`` (EINVAL), extended attributes (ENOSYS:
+the kernel then answers EOPNOTSUPP itself, without asking again).  A file
+is renamed by a server-side copy and a delete (objfs's ``rename``: a file
+open meanwhile keeps its vnode, which follows the name).
 
 => the tables (nodes, directory entries, open files) are touched only on
    the event loop; store and pager calls run in worker threads.
@@ -497,21 +498,10 @@ class ObjectsFS(pyfuse3.Operations):
         node.marker = True
 
     async def _rename_file(self, node: Node, target: Node | None, new_key: str) -> None:
+        """objfs's rename: an open file's vnode follows its name."""
         if target is not None and target.is_dir:
             raise _fail(errno.EISDIR)
-        if node.opens:
-            raise _fail(errno.EBUSY)
-        old_key = self._key(node)
-        old, new = self._url(old_key), self._url(new_key)
-
-        def move() -> None:
-            self.fs.invalidate_cache()  # s3fs's copy looks at its listings' cache first
-            self.fs.cp_file(f"{self.bucket}/{old_key}", f"{self.bucket}/{new_key}")
-            self.objects.removed(new)  # the target's vnode: an old version, of a name now ours
-            self.objects.removed(old)
-            self._s3("delete_object", Key=old_key)
-
-        await _worker(move)
+        await _worker(self.objects.rename, self._url(self._key(node)), self._url(new_key))
 
     # files -------------------------------------------------------------------------
     def _file_info(self, node: Node, f: FileObject, write: bool) -> pyfuse3.FileInfo:
@@ -525,8 +515,9 @@ class ObjectsFS(pyfuse3.Operations):
         write = create or flags & os.O_ACCMODE != os.O_RDONLY
         url = self._url(self._key(node))
         prot = PROT_READ | (PROT_WRITE if write else 0)
+        excl = create and bool(flags & os.O_EXCL)  # an object made behind our back is EEXIST
         try:
-            f = await _worker(FileObject.open, self.vm, url, prot, create)
+            f = await _worker(FileObject.open, self.vm, url, prot, create, excl)
         except pyfuse3.FUSEError as e:
             if e.errno == errno.ENOENT:  # deleted behind our back: the name is gone
                 self._detach(node)
