@@ -19,7 +19,18 @@ import boto3  # noqa: E402 (after the environment)
 import s3fs  # noqa: E402 (after the environment)
 from moto.server import ThreadedMotoServer  # noqa: E402 (after the environment)
 
+from vnpager import VM  # noqa: E402
+
 MOTO_MIN_PART = int(os.environ["S3_UPLOAD_PART_MIN_SIZE"])
+
+
+def checked_vm(physmem: int) -> Iterator[VM]:
+    """A VM of *physmem* bytes for one test: closed after it (which publishes
+    what its objects staged), its invariants checked."""
+    machine = VM(physmem=physmem)
+    yield machine
+    machine.close()
+    machine.check_invariants()
 
 
 def _free_port() -> int:

@@ -9,14 +9,25 @@ kept and reported once to each open; close-to-open by ETag.
 from __future__ import annotations
 
 import errno
+import os
 import random
+import signal
 import threading
+import time
 from collections.abc import Iterator
 
 import fsspec
 import pytest
 
-from objfs_helpers import MOTO_MIN_PART, moto_server, new_bucket, new_s3fs, s3_client, slow_and_failing
+from objfs_helpers import (
+    MOTO_MIN_PART,
+    checked_vm,
+    moto_server,
+    new_bucket,
+    new_s3fs,
+    s3_client,
+    slow_and_failing,
+)
 from vnpager import VM
 from vnpager.uvm.uvm_param import MADV_RANDOM, MADV_WILLNEED
 from vnpager.uvm.uvm_readahead import RA_WINSIZE_MAX
@@ -40,10 +51,7 @@ def bucket(moto_endpoint: str) -> str:
 
 @pytest.fixture
 def vm() -> Iterator[VM]:
-    machine = VM(physmem=256 * PS)
-    yield machine
-    machine.close()
-    machine.check_invariants()
+    yield from checked_vm(256 * PS)
 
 
 @pytest.fixture
@@ -334,3 +342,31 @@ def test_objfs_any_fsspec_filesystem(vm: VM) -> None:
     assert st["puts"] == 1 and st["bytes_uploaded"] == len(data)
     mem.pipe_file("/objfs-test/m", b"replaced")  # outside: close-to-open
     assert vm.pread("memory://objfs-test/m", 100, 0) == b"replaced"
+
+
+@pytest.mark.filterwarnings("ignore:This process .*multi-threaded:DeprecationWarning")
+def test_objfs_fork_publishes_first(vm: VM, s3: ObjMount, moto_endpoint: str, bucket: str) -> None:
+    """A fork publishes what was staged, so parent and child start from one
+    version (the child must not publish the parent's writes under it)."""
+    put(moto_endpoint, bucket, "fk", b"p" * (8 * PS))
+    url = f"s3://{bucket}/fk"
+    f = vm.open(url, "r+b")
+    f.write(b"PARENT")  # dirty, never synced
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        import faulthandler
+        faulthandler.dump_traceback_later(50, exit=True)  # a hang shows where
+        ok = vm.pread(url, 6, 0) == b"PARENT"
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("child hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert get(moto_endpoint, bucket, "fk")[:6] == b"PARENT"  # published at the fork
+    f.write(b"!")
+    f.close()
+    assert get(moto_endpoint, bucket, "fk")[:7] == b"PARENT!"

@@ -23,8 +23,8 @@ def _busy_vm(path: Path) -> list[threading.Thread]:
         vm.readahead.drain()
         m[0:4] = b"ABCD"
     assert vm.uvmexp.pdwoke and vm.uvmexp.pageouts
-    assert vm.pagedaemon is not None and vm.readahead._thread is not None
-    return [vm.pagedaemon.thread, vm.readahead._thread]
+    assert vm.pagedaemon is not None and vm.readahead._threads
+    return [vm.pagedaemon.thread, *vm.readahead._threads]
 
 
 def test_vm_dropped_without_close_releases_its_threads(tmp_path: Path) -> None:

@@ -3,8 +3,9 @@
 The kernel's state lives in :class:`vnpager.uvm.uvm.VM`; this subclass adds
 the front ends that a user of the library calls on a machine, so that the
 UVM layer never imports what sits above it.  Each takes a *target*: a host
-path, a descriptor of an open host file, or a vnode of this VM (see
-:mod:`vnpager.vnmap`).
+path, a descriptor of an open host file, the URL of an object
+(``s3://bucket/key``, ``https://...``: see :meth:`VM.mount_objects`), or a
+vnode of this VM (see :mod:`vnpager.vnmap`).
 
 ``VM(mmu="hardware")`` is the other machine: a
 :class:`~vnpager.client.HardwareVM`, whose kernel state lives in a pager
@@ -21,7 +22,7 @@ from vnpager import ubc
 from vnpager.uvm import uvm
 from vnpager.uvm.uvm_map import MAP_SHARED
 from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
-from vnpager.vfs.objfs import ObjMount, is_url, objfs_mounts, objfs_publish_all
+from vnpager.vfs.objfs import ObjMount, is_url, objfs_mounts
 from vnpager.vfs.objstore import PartPolicy
 from vnpager.vfs.vnode import Vnode
 from vnpager.vnmap import Target, vnode_of
@@ -69,7 +70,9 @@ class VM(uvm.VM):
             prot: int = PROT_READ | PROT_WRITE, access: int = 0, offset: int = 0) -> mmap:
         """A ``vnpager.mmap`` of *target* in this VM, with the arguments of
         ``mmap.mmap`` after the descriptor.  A path is opened read-write
-        where the host allows, else read-only, for the map only."""
+        where the host allows, else read-only, for the map only; a URL is
+        looked up in its store (close-to-open), and a read-only store
+        (HTTP) needs ``prot=PROT_READ``."""
         from vnpager.mmap import mmap  # vnpager.mmap imports this module
 
         if isinstance(target, Vnode | int):
@@ -109,13 +112,6 @@ class VM(uvm.VM):
         elif storage_options:
             raise TypeError("storage_options make a filesystem: pass a protocol, not one")
         return objfs_mounts(self.vfs).mount(fs, policy, staging_dir)
-
-    def close(self) -> None:
-        """Write back every dirty page (see uvm.VM.close) and publish what
-        the VM's objects have staged (a failure is logged)."""
-        if not self.closed:
-            super().close()
-            objfs_publish_all(self.vfs)
 
     def pread(self, target: Target, n: int, off: int) -> bytes:
         """Up to *n* bytes at *off* of *target*, through the pages."""

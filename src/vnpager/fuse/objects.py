@@ -605,8 +605,10 @@ class ObjectsFS(pyfuse3.Operations):
             of.file.close()
         self.files.clear()
         uvm_vnp_sync(self.vm)
-        failed = self.objects.publish_all()
-        self.vm.close()
+        # objfs's vnodes are named by "bucket/key"
+        failed = [(f"s3://{vp.v_key}", OSError(err, os.strerror(err)))
+                  for vp, err in self.vm.vfs.commit_all()]
+        self.vm.close()  # commits again: nothing left but the failures (logged)
         return failed
 
 

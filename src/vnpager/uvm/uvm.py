@@ -49,6 +49,7 @@ page between queues), or owns a free page under the page queue lock.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -87,6 +88,8 @@ from vnpager.vfs.mount import Mount, Vfs
 from vnpager.vfs.specfs import SpecFS
 from vnpager.vfs.swapfs import SwapFS, swapfs_fork_child, swapfs_fork_parent, swapfs_fork_prepare
 from vnpager.vfs.vnode import Vnode
+
+log = logging.getLogger("vnpager.uvm")
 
 DEFAULT_PHYSMEM = 256 << 20  # of a VM made without physmem, unless VNPAGER_PHYSMEM says otherwise
 FORK_QUIET_TIMEOUT = 60.0  # seconds fork waits for the VM calls under way to finish
@@ -227,7 +230,9 @@ class VM:
 
     @gated
     def close(self) -> None:
-        """Write back every dirty page, then stop the page daemon.
+        """Write back every dirty page, then stop the page daemon, and
+        commit what the filesystems that commit staged (objfs publishes it;
+        a failure is logged: nobody is left to tell).
 
         Mappings still open keep working; only the daemon stops, so memory
         pressure then waits for pages freed by their users.
@@ -241,6 +246,8 @@ class VM:
             self.pagedaemon.stop()
         if self.aiodaemon is not None:
             self.aiodaemon.drain()
+        for vp, err in self.vfs.commit_all():
+            log.warning("%r: not committed at close: %s", vp, os.strerror(err))
 
     def quiesce(self, timeout: float = 10.0) -> None:
         """Wait until the page daemon has nothing to do (not scanning, memory
@@ -281,6 +288,10 @@ class VM:
         for mp in list(self.vfs.mountlist):
             if mp is not self.swapfs:  # anonymous memory is each process's own
                 uvm_vnp_sync(self, mp)
+        # objfs: publish, so that parent and child start from one version
+        # (else the child could publish the parent's writes under it)
+        for vp, err in self.vfs.commit_all():
+            log.warning("%r: not committed before fork: %s", vp, os.strerror(err))
         swapfs_fork_prepare(self.swapfs)
 
     def _fork_parent(self) -> None:

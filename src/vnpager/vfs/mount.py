@@ -21,6 +21,7 @@ from vnpager.kern.debug import KASSERT, panic
 from vnpager.kern.lock import LK_EXCLUSIVE, LK_RETRY, Mutex
 from vnpager.vfs.vnode import (
     VBAD,
+    VOP_COMMIT,
     VXLOCK,
     Vnode,
     VnodeOps,
@@ -97,6 +98,19 @@ class Vfs:
             mp.mnt_unmounted = True
             self.mountlist.remove(mp)
         return 0
+
+    def commit_all(self) -> list[tuple[Vnode, int]]:
+        """VOP_COMMIT every vnode of the filesystems that commit (objfs
+        publishes what it staged); the vnodes that failed, with the errno.
+        => caller holds no vnode lock."""
+        with self.lock:
+            vps = [vp for mp in self.mountlist if mp.mnt_op.commits for vp in mp.mnt_vnodes.values()]
+        failed = []
+        for vp in vps:
+            err = VOP_COMMIT(vp)
+            if err:
+                failed.append((vp, err))
+        return failed
 
     # vnodes
     def lookup(self, mp: Mount, key: Any) -> Vnode | None:

@@ -61,7 +61,7 @@ from typing import Any
 from sortedcontainers import SortedDict
 
 from vnpager.vfs.mount import Mount, Vfs
-from vnpager.vfs.objstore import FsspecStore, ObjInfo, PartPolicy, store_for
+from vnpager.vfs.objstore import FsspecStore, ObjInfo, PartPolicy, protocols, store_for
 from vnpager.vfs.vnode import VREG, Uio, Vattr, Vnode, VnodeOps
 
 log = logging.getLogger("vnpager.objfs")
@@ -86,6 +86,7 @@ class Staging:
         self.directory = directory
         self._file: Any = None
         self.runs: SortedDict = SortedDict()  # start -> end, disjoint, not touching
+        _stagings.add(self)
 
     def fileno(self) -> int:
         if self._file is None:
@@ -134,17 +135,48 @@ class Staging:
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         """Fill *buf* with the staged bytes at *offset* (written ones only)."""
-        done = 0
-        while done < len(buf):
-            n = os.preadv(self.fileno(), [buf[done:]], offset + done)
-            if n == 0:
-                raise OSError(errno.EIO, "objfs staging file shorter than its runs")
-            done += n
+        _pread_full(self.fileno(), buf, offset)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def copy_file(self) -> None:
+        """Write on a copy of the file from now on (a forked child: the
+        parent's file is the parent's).  => no write or read is under way."""
+        if self._file is None:
+            return
+        old, self._file = self._file, None
+        for a, b in self.runs.items():
+            buf = bytearray(b - a)
+            _pread_full(old.fileno(), memoryview(buf), a)
+            self.write(a, [memoryview(buf)])
+        old.close()
+
+
+def _pread_full(fd: int, buf: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, "objfs staging file shorter than its runs")
+        done += n
+
+
+# every staging of this process, so that a forked child copies them (the fork
+# gate has stopped every VM call: nothing writes them meanwhile).  The parent
+# publishes before it forks (uvm.VM._fork_quiesce), so only what could not be
+# published is copied.
+_stagings: weakref.WeakSet[Staging] = weakref.WeakSet()
+
+
+def _fork_child() -> None:
+    for staging in list(_stagings):
+        staging.copy_file()
+
+
+os.register_at_fork(after_in_child=_fork_child)
 
 
 def _after(bufs: list[memoryview], n: int) -> list[memoryview]:
@@ -375,11 +407,15 @@ class ObjMount:
 
     def __init__(self, vfs: Vfs, fs: Any, policy: PartPolicy | None = None,
                  staging_dir: str | None = None) -> None:
-        self.fs = fs
         self.store = store_for(fs, policy)
         self.ops = ObjFS(self.store)
         self.staging_dir = staging_dir
-        self.mount: Mount = vfs.mount(self.ops, f"objfs:{_protocol(fs)}")
+        self.mount: Mount = vfs.mount(self.ops, f"objfs:{protocols(fs)[0]}")
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem (made anew in a forked child)."""
+        return self.store.fs
 
     def statistics(self) -> dict[str, int]:
         return self.store.stats.snapshot()
@@ -477,23 +513,6 @@ class ObjMount:
             mp.mnt_vnodes.setdefault(key, vp)
             vp.v_key = key
 
-    def publish_all(self) -> list[tuple[str, OSError]]:
-        """Publish every vnode's staging; the failures, by path."""
-        failed = []
-        for vp in list(self.mount.mnt_vnodes.values()):
-            node = vp.v_data
-            if isinstance(node, ObjNode):
-                try:
-                    self.ops.publish(node)
-                except OSError as e:
-                    failed.append((node.path, e))
-        return failed
-
-
-def _protocol(fs: Any) -> str:
-    p = fs.protocol
-    return p if isinstance(p, str) else p[0]
-
 
 class ObjMounts:
     """The objfs mounts of one Vfs: by filesystem, and the one each protocol
@@ -514,8 +533,7 @@ class ObjMounts:
             om = self.by_fs.get(id(fs))
             if om is None or policy is not None or staging_dir is not None:
                 om = self.by_fs[id(fs)] = ObjMount(vfs, fs, policy, staging_dir)
-            protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-            for p in protocols:
+            for p in protocols(fs):
                 self.by_protocol[p] = om
             return om
 
@@ -528,10 +546,6 @@ class ObjMounts:
         import fsspec
 
         return self.mount(fsspec.filesystem(protocol))
-
-    def all(self) -> list[ObjMount]:
-        with self._lock:
-            return list(self.by_fs.values())
 
 
 _registries: weakref.WeakKeyDictionary[Vfs, ObjMounts] = weakref.WeakKeyDictionary()
@@ -550,12 +564,3 @@ def objfs_mounts(vfs: Vfs) -> ObjMounts:
 def objfs_vget_url(vfs: Vfs, url: str, create: bool = False, excl: bool = False) -> Vnode:
     """The vnode of *url* on its protocol's mount, referenced (ObjMount.vget)."""
     return objfs_mounts(vfs).for_url(url).vget(url, create, excl)
-
-
-def objfs_publish_all(vfs: Vfs) -> None:
-    """Publish every objfs vnode of *vfs* (at vm.close); failures are logged."""
-    with _registries_lock:
-        reg = _registries.get(vfs)
-    for om in reg.all() if reg is not None else []:
-        for path, e in om.publish_all():
-            log.warning("objfs: %s: not published: %s", path, os.strerror(e.errno or errno.EIO))

@@ -35,6 +35,7 @@ import datetime
 import errno
 import hashlib
 import itertools
+import os
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -267,11 +268,24 @@ class FsspecStore:
     readonly = False
 
     def __init__(self, fs: Any, policy: PartPolicy | None = None) -> None:
-        self.fs = fs
+        self._fs, self._pid = fs, os.getpid()
         self.policy = policy or PartPolicy()
         self.stats = ObjStats()
         # HTTP(S) has no way to write an object: its mounts are read-only
-        self.readonly = "http" in _protocols(fs)
+        self.readonly = "http" in protocols(fs)
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem.  In a forked child an asynchronous one is
+        made anew from the same arguments: its IO loop and connections are
+        the parent's (fsspec's are not fork-safe: a request would wait for a
+        loop thread the child has not), and fsspec's instance cache is per
+        process."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            if getattr(self._fs, "async_impl", False):
+                self._fs = type(self._fs)(*self._fs.storage_args, **self._fs.storage_options)
+        return self._fs
 
     def stat(self, path: str) -> ObjInfo:
         """The object's current version.  Raises OSError (FileNotFoundError)."""
@@ -304,7 +318,8 @@ class FsspecStore:
         self.stats.add(puts=1, bytes_uploaded=len(data), publishes=1)
 
 
-def _protocols(fs: Any) -> tuple[str, ...]:
+def protocols(fs: Any) -> tuple[str, ...]:
+    """The protocols fsspec filesystem *fs* serves."""
     p = fs.protocol
     return (p,) if isinstance(p, str) else tuple(p)
 
@@ -467,6 +482,6 @@ def _s3_oserror(e: Exception) -> OSError:
 
 def store_for(fs: Any, policy: PartPolicy | None = None) -> FsspecStore:
     """The store of fsspec filesystem *fs*: S3Store for s3fs, else FsspecStore."""
-    if "s3" in _protocols(fs) and hasattr(fs, "_call_s3"):
+    if "s3" in protocols(fs) and hasattr(fs, "_call_s3"):
         return S3Store(fs, policy)
     return FsspecStore(fs, policy)
