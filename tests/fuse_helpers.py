@@ -26,9 +26,10 @@ MOUNT_WAIT = 20.0
 
 
 class Server:
-    """One ``vnpager mount`` server process and its mount point."""
+    """One ``vnpager mount`` server process and its mount point (*src* a
+    directory, or a bucket's URL)."""
 
-    def __init__(self, src: Path, mnt: Path, *extra: str) -> None:
+    def __init__(self, src: Path | str, mnt: Path, *extra: str) -> None:
         self.src, self.mnt = src, mnt
         self.output = ""
         self.proc = subprocess.Popen(
@@ -71,3 +72,21 @@ def mount(tmp: Path, *extra: str) -> Iterator[Server]:
         yield server
     finally:
         server.stop()
+
+
+def sqlite(db: Path, sql: str) -> str:
+    """What the sqlite3 shell prints for *sql* on *db*."""
+    return subprocess.run(["sqlite3", str(db)], input=sql, capture_output=True, text=True,
+                          check=True, timeout=120).stdout.strip()
+
+
+def fill_database(db: Path, batches: int, rows: int) -> int:
+    """A table of *batches* transactions of *rows* blobs each, a seventh deleted and
+    the rest indexed, one sqlite3 process a step; the rows left."""
+    sqlite(db, "CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB);")
+    for b in range(batches):
+        sqlite(db, "BEGIN; " + "".join(
+            f"INSERT INTO t (v) VALUES (randomblob({300 + (b * rows + i) % 400}));" for i in range(rows))
+            + " COMMIT;")
+    sqlite(db, "DELETE FROM t WHERE id % 7 = 0; CREATE INDEX tv ON t (v);")
+    return batches * rows - batches * rows // 7

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import vnpager
-from fuse_helpers import PHYSMEM, Server, mount
+from fuse_helpers import PHYSMEM, Server, fill_database, mount, sqlite
 from vnpager.fuse.mount import mounted
 
 
@@ -103,31 +103,19 @@ def test_rename_over_and_unlink(shared: Server) -> None:
     assert b.read_bytes() == b"again"
 
 
-def _sqlite(db: Path, sql: str) -> str:
-    return subprocess.run(["sqlite3", str(db)], input=sql, capture_output=True, text=True,
-                          check=True, timeout=120).stdout.strip()
-
-
 @pytest.mark.skipif(shutil.which("sqlite3") is None, reason="sqlite3 CLI not installed (make sysdeps)")
 def test_sqlite_then_sigterm_writes_every_page(fresh: Server) -> None:
     db = fresh.mnt / "test.db"
-    _sqlite(db, "CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB);")
-    batches, rows = 30, 500
-    for b in range(batches):
-        _sqlite(db, "BEGIN; " + "".join(
-            f"INSERT INTO t (v) VALUES (randomblob({300 + (b * rows + i) % 400}));" for i in range(rows))
-            + " COMMIT;")
-    _sqlite(db, "DELETE FROM t WHERE id % 7 = 0; CREATE INDEX tv ON t (v);")
-    expected = batches * rows - batches * rows // 7
-    assert _sqlite(db, "PRAGMA integrity_check;") == "ok"
-    assert int(_sqlite(db, "SELECT count(*) FROM t;")) == expected
+    expected = fill_database(db, 30, 500)
+    assert sqlite(db, "PRAGMA integrity_check;") == "ok"
+    assert int(sqlite(db, "SELECT count(*) FROM t;")) == expected
     assert os.path.getsize(db) > 4 * PHYSMEM
     assert fresh.stop(signal.SIGTERM) == 0, fresh.output
     assert "every dirty page written" in fresh.output
     assert not os.path.ismount(fresh.mnt)
     on_src = fresh.src / "test.db"
-    assert _sqlite(on_src, "PRAGMA integrity_check;") == "ok"
-    assert int(_sqlite(on_src, "SELECT count(*) FROM t;")) == expected
+    assert sqlite(on_src, "PRAGMA integrity_check;") == "ok"
+    assert int(sqlite(on_src, "SELECT count(*) FROM t;")) == expected
 
 
 def test_umount_command_waits_for_write_back(fresh: Server) -> None:

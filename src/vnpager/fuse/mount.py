@@ -24,14 +24,20 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import pyfuse3
 import trio
 
+from vnpager import vm as front
 from vnpager.fuse import pager
 from vnpager.fuse.fs import VnpagerFS
 from vnpager.fuse.profile import RequestProfile, from_environment
 from vnpager.uvm.uvm import VM
+from vnpager.vfs.objfs import is_url
+
+if TYPE_CHECKING:
+    from vnpager.fuse.objects import ObjectsFS
 
 FSNAME_PREFIX = "vnpager:"
 # the VM's counters a request profile ends with (VNPAGER_FUSE_PROFILE)
@@ -39,28 +45,59 @@ PROFILE_COUNTERS = ("read_ios", "pageins", "write_ios", "pageouts", "waits",
                     "pdwoke", "pdfreed", "pdpageouts")
 
 
-def serve(src: str, mnt: str, physmem: int, *, direct_io: bool = False) -> None:
-    """Mount *src* at *mnt* and serve it until unmounted or signalled.
+def serve(src: str, mnt: str, physmem: int, *, direct_io: bool = False,
+          storage_options: dict[str, Any] | None = None) -> int:
+    """Mount *src* at *mnt* and serve it until unmounted or signalled: a
+    host directory, or a bucket's URL (``s3://bucket/prefix``, through
+    fsspec with *storage_options*: :mod:`vnpager.fuse.objects`).
 
-    Returns once the mount is gone and every dirty page is written.
+    Returns once the mount is gone and every dirty page is written (and,
+    for a bucket, published): the number of objects whose publish failed.
     """
-    if not os.path.isdir(src):
+    if not is_url(src) and not os.path.isdir(src):
         raise OSError(errno.ENOTDIR, f"{src}: not a directory")
     where = os.path.realpath(mnt)  # not once mounted: that would ask us, not yet serving
-    vm = VM(physmem=physmem)
-    fs = VnpagerFS(vm, src, direct_io=direct_io, profile=from_environment())
+    vm = front.VM(physmem=physmem)
+    try:
+        fs = _operations(vm, src, direct_io, storage_options, from_environment())
+    except BaseException:
+        vm.close()
+        raise
     pyfuse3.init(fs, mnt, _options())
     unmounted = False
+    failed = 0
     try:
-        print(f"vnpager: {fs.src} mounted at {where} "
+        print(f"vnpager: {_source(fs)} mounted at {where} "
               f"({vm.physmem >> 20} MiB of pages, pid {os.getpid()})\n"
               f"vnpager: unmount with: vnpager umount {mnt}   (or Ctrl-C / SIGTERM here)", flush=True)
         unmounted = trio.run(_main)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second one must not cut the write-back short
             signal.signal(sig, signal.SIG_IGN)
-        _finish(fs, unmount=not unmounted)
-    print(f"vnpager: {mnt} unmounted, every dirty page written", flush=True)
+        failed = _finish(fs, unmount=not unmounted)
+    if failed:
+        print(f"vnpager: {mnt} unmounted, {failed} objects not published (see above)", flush=True)
+    else:
+        print(f"vnpager: {mnt} unmounted, every dirty page written", flush=True)
+    return failed
+
+
+def _operations(vm: front.VM, src: str, direct_io: bool, storage_options: dict[str, Any] | None,
+                profile: RequestProfile | None) -> VnpagerFS | ObjectsFS:
+    """The file system serving *src*: a bucket's for a URL, else the host passthrough."""
+    if is_url(src):
+        if direct_io:
+            raise OSError(errno.EINVAL, "--direct-io is for host directories")
+        from vnpager.fuse.objects import ObjectsFS
+
+        return ObjectsFS(vm, src, storage_options, profile=profile)
+    if storage_options:
+        raise OSError(errno.EINVAL, "storage options are for object stores (SRC a URL)")
+    return VnpagerFS(vm, src, direct_io=direct_io, profile=profile)
+
+
+def _source(fs: VnpagerFS | ObjectsFS) -> str:
+    return fs.src if isinstance(fs, VnpagerFS) else fs.url
 
 
 @contextmanager
@@ -114,17 +151,26 @@ def _options() -> set[str]:
     return options
 
 
-def _finish(fs: VnpagerFS, *, unmount: bool) -> None:
+def _finish(fs: VnpagerFS | ObjectsFS, *, unmount: bool) -> int:
     """The loop has ended: unmount if still mounted, then write every dirty
-    page, terminate every object, close the VM and the inodes' descriptors."""
+    page, terminate every object, close the VM and the inodes' descriptors
+    (a bucket: publish every object written; the failures are printed and
+    counted)."""
     pyfuse3.close(unmount=unmount)
     if fs.profile is not None:  # before the unmount's write-back adds its own
         stats = fs.vm.stats()
         counters = {k: getattr(stats, k) for k in PROFILE_COUNTERS}
-    pager.shutdown(fs.vm, fs.open_objects())
-    fs.inodes.close()
+    failed = []
+    if isinstance(fs, VnpagerFS):
+        pager.shutdown(fs.vm, fs.open_objects())
+        fs.inodes.close()
+    else:
+        failed = fs.shutdown()
+    for url, e in failed:
+        print(f"vnpager: {url}: not published: {e}", file=sys.stderr, flush=True)
     if fs.profile is not None:
         print(fs.profile.report(counters), flush=True)
+    return len(failed)
 
 
 async def _main() -> bool:

@@ -46,6 +46,7 @@ filesystem; a vnode is one object, named by its URL (``s3://bucket/key``,
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -207,6 +208,7 @@ class ObjNode:
     clean_end: int = 0
     dirty: bool = False
     stale: bool = False  # the last publish found the base replaced (ESTALE)
+    removed: bool = False  # its object was deleted through us (ObjMount.removed): never published
     created_ns: int = field(default_factory=time.time_ns)
     lock: threading.Lock = field(default_factory=threading.Lock)
     wlock: threading.Lock = field(default_factory=threading.Lock)
@@ -335,7 +337,7 @@ class ObjFS(VnodeOps):
         then kept for the next try."""
         with node.wlock:
             with node.lock:
-                if not node.dirty:
+                if not node.dirty or node.removed:
                     return
                 base, size, clean_end, staging = node.base, node.size, node.clean_end, node.staging
                 dirty = list(staging.runs.items())
@@ -454,6 +456,62 @@ class ObjMount:
         if info is None and self.ops.readonly:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), url)
         return vfs.getnewvnode(mp, VREG, path, ObjNode(path, info, Staging(self.staging_dir)))
+
+    def removed(self, url: str) -> None:
+        """The object *url* was deleted by its caller (a FUSE mount's unlink or
+        rename): its vnode, if any, answers to the name no more (the name's
+        next lookup makes a new one) and never publishes; those holding it
+        keep its pages and staging, as the open files of an unlinked file do."""
+        vfs = self.mount.mnt_vfs
+        vp = vfs.lookup(self.mount, self.path_of(url))
+        if vp is None:
+            return
+        node: ObjNode = vp.v_data
+        with node.lock:
+            node.removed = True
+        vfs.vunhash(vp)
+        vfs.vrele(vp)
+
+    def rename(self, old_url: str, new_url: str) -> None:
+        """Rename the object *old_url* to *new_url* (a FUSE mount's rename): a
+        copy on the server, then a delete; a vnode of *new_url* is removed
+        first.  The vnode of *old_url*, if any, is the new name's from then
+        on, showing the copy (the same bytes), so that those holding it go on
+        reading and writing and what it has staged is published there; a
+        new object not yet published has nothing to copy.  The vnode's
+        ``wlock`` is held throughout, so that no publish to the old name
+        comes between the copy and the delete.  Raises OSError."""
+        vfs, mp = self.mount.mnt_vfs, self.mount
+        old, new = self.path_of(old_url), self.path_of(new_url)
+        self.removed(new_url)
+        vp = vfs.lookup(mp, old)
+        node: ObjNode | None = vp.v_data if vp is not None else None
+        try:
+            with node.wlock if node is not None else contextlib.nullcontext():
+                copy = None
+                if node is None or node.base is not None:
+                    self.fs.invalidate_cache()  # s3fs's copy looks at its listings first
+                    self.fs.cp_file(old, new)
+                    copy = self.store.stat(new)
+                if vp is not None and node is not None:
+                    with node.lock:
+                        node.path = new
+                        node.base = copy if node.base is not None else None
+                    self._rehash(vp, new)
+                if copy is not None:
+                    self.fs.rm_file(old)
+        finally:
+            if vp is not None:
+                vfs.vrele(vp)
+
+    def _rehash(self, vp: Vnode, key: str) -> None:
+        """Find *vp* by *key* from now on (unless another vnode has it)."""
+        vfs, mp = self.mount.mnt_vfs, self.mount
+        with vfs.lock:
+            if mp.mnt_vnodes.get(vp.v_key) is vp:
+                del mp.mnt_vnodes[vp.v_key]
+            mp.mnt_vnodes.setdefault(key, vp)
+            vp.v_key = key
 
 
 class ObjMounts:
