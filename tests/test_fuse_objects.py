@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from fuse_helpers import PHYSMEM, Server, fill_database, sqlite
-from objstore_helpers import Bucket
+from objservers_helpers import Bucket
 
 
 def _mount(bucket: Bucket, mnt: Path, prefix: str = "") -> Server:
