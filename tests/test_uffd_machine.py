@@ -250,6 +250,104 @@ def test_writes_are_found_dirty_and_written_back_by_flush(hvm: VM, clients: Call
     assert c.read(at, 0, len(content)) == sha(bytes(expect))
 
 
+def test_a_store_to_a_write_protected_page_is_served_without_uvm_fault(hvm: VM, clients: Callable[[], Client],
+                                                                      path: Path, content: bytes) -> None:
+    """The client space's reader serves a write-protect fault of an idle page
+    itself (pmap_emulate_modify): the page is modified, and written back."""
+    c = clients()
+    at = c.map(path)
+    expect = bytearray(content)
+    assert c.read(at, 0, CLUSTER) == sha(content[:CLUSTER])  # mapped write-protected
+    faults = hvm.uvmexp.faults
+    for n in range(2):  # again after the flush, which protected the page again
+        c.write(at, 100 + n, b"hello")
+        expect[100 + n : 105 + n] = b"hello"
+        stats = c.space.statistics()
+        assert (stats.wp, stats.pmap.emulated, hvm.uvmexp.faults) == (n + 1, n + 1, faults)
+        assert pmap_is_modified(c.space.maps[at].file.uvn.memt[0])
+        c.space.flush(at, 0, len(content))
+        assert path.read_bytes() == expect
+
+
+def test_a_sequential_writer_faults_once_a_window_and_loses_no_store(hvm: VM, clients: Callable[[], Client],
+                                                                    path: Path, content: bytes) -> None:
+    """Stores to consecutive pages make the pages ahead writable with the one
+    stored to (write-ahead): few faults, every store written back, and a page
+    made writable ahead but stored to only after a flush is seen too."""
+    c = clients()
+    at = c.map(path)
+    npages = len(content) // PAGE_SIZE
+    new = pattern(len(content), seed=5)
+    expect = bytearray(new[: 6 * PAGE_SIZE + 10] + content[6 * PAGE_SIZE + 10 :])
+    c.write(at, 0, expect[: 6 * PAGE_SIZE + 10])  # pages 0-6: the window ahead reaches past them
+    uvn = c.space.maps[at].file.uvn
+    ahead = [off for off in range(7 * PAGE_SIZE, 16 * PAGE_SIZE, PAGE_SIZE)
+             if c.space.pmap.pm_pte.get(at + off, (None, 0))[1] == HW_WRITE]
+    assert ahead  # writable, not yet stored to
+    c.space.flush(at, 0, len(content))
+    assert path.read_bytes() == expect  # the pages made writable ahead went back unchanged
+    off = ahead[0] + 7
+    c.write(at, off, b"later")  # protected again by the flush: seen
+    expect[off : off + 5] = b"later"
+    assert pmap_is_modified(uvn.memt[ahead[0]])
+    c.write(at, 0, new)  # the whole file, in stores of 32 KiB
+    expect[:] = new
+    assert c.space.statistics().faults < npages // 4
+    c.space.flush(at, 0, len(content))
+    assert path.read_bytes() == expect
+    assert c.read(at, 0, len(content)) == sha(bytes(expect))
+
+
+def test_two_sequential_writers_lose_no_store_under_eviction(tmp_path: Path) -> None:
+    """Two clients store runs of consecutive pages (write-ahead at work) to
+    their own halves of a file 4 times larger than the VM, each reading back
+    what it wrote: the pages made writable ahead are evicted, written back
+    and faulted in again with the stored ones, and nothing stored is lost."""
+    npages = 32
+    vm = VM(physmem=npages * PAGE_SIZE, machine="uffd")
+    size = 4 * npages * PAGE_SIZE
+    p = tmp_path / "shared.bin"
+    p.write_bytes(pattern(size, seed=6))
+    a, b = Client(vm), Client(vm)
+    want = bytearray(p.read_bytes())
+    errors: list[BaseException] = []
+
+    def run(c: Client, at: int, half: int) -> None:
+        try:
+            rng = random.Random(half)
+            lo = half * size // 2
+            for step in range(24):
+                off = lo + rng.randrange(0, size // 2 - 6 * PAGE_SIZE, 512)
+                data = pattern(5 * PAGE_SIZE + 100, seed=100 * half + step)
+                c.write(at, off, data)
+                want[off : off + len(data)] = data
+                check = lo + rng.randrange(0, size // 2, PAGE_SIZE)
+                assert c.read(at, check, PAGE_SIZE) == sha(bytes(want[check : check + PAGE_SIZE]))
+        except BaseException as e:
+            errors.append(e)
+
+    try:
+        ats = a.map(p), b.map(p)
+        threads = [threading.Thread(target=run, args=(c, at, half))
+                   for half, (c, at) in enumerate(zip((a, b), ats, strict=True))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(DEADLINE)
+        assert not errors, errors
+        assert not any(t.is_alive() for t in threads)
+        assert vm.uvmexp.pdfreed > 0 and vm.uvmexp.pageouts > 0
+        assert a.space.statistics().pmap.emulated > 0 and b.space.statistics().pmap.emulated > 0
+        assert b.read(ats[1], 0, size) == sha(bytes(want))
+        a.space.flush(ats[0], 0, size)
+        assert p.read_bytes() == want
+    finally:
+        a.close()
+        b.close()
+        vm.check_invariants()
+        vm.close()
+
+
 def test_two_clients_of_one_object_see_each_others_writes(clients: Callable[[], Client], path: Path,
                                                           content: bytes) -> None:
     a, b = clients(), clients()

@@ -90,7 +90,7 @@ class Grant:
 class SpaceStatistics:
     """What a space served (``ClientSpace.statistics()``), with its pmap's."""
 
-    faults: int = 0  # fault events served
+    faults: int = 0  # fault events served (counted as they are read)
     minor: int = 0  # ... of pages already in the memfd (UFFD_PAGEFAULT_FLAG_MINOR)
     writes: int = 0  # ... served as writes (a store to a missing or write-protected page)
     wp: int = 0  # ... synchronous write-protect faults
@@ -420,7 +420,7 @@ class ClientSpace:
                 finally:
                     self.pmap.reader_busy = False
                 for msg in msgs:
-                    if msg.is_pagefault:
+                    if msg.is_pagefault and not self._emulated(msg):
                         self._faults.put(msg)
                 for child in children:
                     self._fork_finish(child)
@@ -440,6 +440,21 @@ class ClientSpace:
                 with contextlib.suppress(OSError):
                     self._poison(va, self._map_of(va))
 
+    def _emulated(self, msg: UffdMsg) -> bool:
+        """Count the fault (before anyone wakes the faulting thread) and, for
+        a write-protect fault, serve it at once in the pmap if it can be
+        (arch/uffd/pmap.pmap_emulate_modify: no trip through uvm_fault);
+        False if the worker must serve it.  => called by the reader: never
+        sleeps."""
+        va = msg.address & ~(self.vm.page_size - 1)
+        m = self._map_of(va)
+        with self.lock:
+            self.stats.faults += 1
+            self.stats.minor += msg.is_minor
+            self.stats.wp += msg.is_wp
+            self.stats.writes += (msg.is_write or msg.is_wp) and (m is None or m.shared)
+        return msg.is_wp and m is not None and m.wp and uffd_pmap.pmap_emulate_modify(self.pmap, va, m.end)
+
     def _serve(self, msg: UffdMsg) -> None:
         ps = self.vm.page_size
         va = msg.address & ~(ps - 1)
@@ -447,11 +462,6 @@ class ClientSpace:
         m = self._map_of(va)
         if m is not None and not m.shared:
             write = False  # the client's kernel copies on write
-        with self.lock:
-            self.stats.faults += 1
-            self.stats.minor += msg.is_minor
-            self.stats.wp += msg.is_wp
-            self.stats.writes += write
         if not msg.is_wp:
             uffd_pmap.pmap_forget(self.pmap, va)  # a fault there: what we mapped left its page tables
         self.pmap.updated.clear()
