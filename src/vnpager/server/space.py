@@ -39,8 +39,9 @@ uffd's address space, whoever issues them), its pidfd
 (process_madvise) and the memfds (PUNCH_HOLE).
 
 Locks: ``self.lock`` (a leaf, under no VM lock) guards ``grants``,
-``maps``, ``forked``, ``closed`` and the statistics; the map's Vmspace and
-pmap have the VM's own locks.  Calls may come from the session thread
+``maps``, ``forked``, ``closed`` and the statistics but the fault
+counters, which the reader alone writes; the map's Vmspace and pmap have
+the VM's own locks.  Calls may come from the session thread
 while the worker serves faults.
 """
 
@@ -444,16 +445,22 @@ class ClientSpace:
         """Count the fault (before anyone wakes the faulting thread) and, for
         a write-protect fault, serve it at once in the pmap if it can be
         (arch/uffd/pmap.pmap_emulate_modify: no trip through uvm_fault);
-        False if the worker must serve it.  => called by the reader: never
-        sleeps."""
+        False if uvm_fault must serve it.  => called by the reader: never
+        sleeps.  The counters bumped here have no other writer: no lock."""
+        stats = self.stats
+        stats.faults += 1
+        if msg.is_minor:
+            stats.minor += 1
+        if not (msg.is_write or msg.is_wp):
+            return False
         va = msg.address & ~(self.vm.page_size - 1)
         m = self._map_of(va)
-        with self.lock:
-            self.stats.faults += 1
-            self.stats.minor += msg.is_minor
-            self.stats.wp += msg.is_wp
-            self.stats.writes += (msg.is_write or msg.is_wp) and (m is None or m.shared)
-        return msg.is_wp and m is not None and m.wp and uffd_pmap.pmap_emulate_modify(self.pmap, va, m.end)
+        if m is None or m.shared:
+            stats.writes += 1
+        if not msg.is_wp:
+            return False
+        stats.wp += 1
+        return m is not None and m.wp and uffd_pmap.pmap_emulate_modify(self.pmap, va, m.end)
 
     def _serve(self, msg: UffdMsg) -> None:
         ps = self.vm.page_size

@@ -337,7 +337,12 @@ def pmap_forget(pmap: Pmap, va: int) -> None:
     """The client faulted at *va* (not a write-protect fault): whatever we
     mapped there left its page tables (a PAGEOUT, its own madvise), so the
     translation goes.  Another fault may have mapped it again meanwhile:
-    a writable one is write-protected first, so that it is not lost."""
+    a writable one is write-protected first, so that it is not lost.
+    Looked up first without the lock (one load): only the caller, the
+    worker serving the client's faults in order, enters translations
+    (others only change or remove them), so one absent stays absent."""
+    if va not in pmap.pm_pte:
+        return  # the common case, a missing page: no lock taken
     with pmap.vm.pmap_lock:
         entry = pmap.pm_pte.pop(va, None)
         if entry is not None:
