@@ -112,6 +112,16 @@ class ServerError(RuntimeError):
     exception's type and message, for the client to see."""
 
 
+class ServerTimeout(TimeoutError):
+    """The pager server did not answer a request in time (it may be alive
+    but stuck): a TimeoutError, errno ETIMEDOUT.  The connection stays
+    usable: a late reply is dropped by its number."""
+
+    def __init__(self, op: str, timeout: float, server: str) -> None:
+        super().__init__(errno.ETIMEDOUT, f"the vnpager server {server} did not answer {op!r} "
+                                          f"within {timeout:g} s")
+
+
 class ServerGone(ConnectionError):
     """The pager server is gone (died, or closed the connection): every
     map method that needs it raises this (an OSError, errno EPIPE)."""
