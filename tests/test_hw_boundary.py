@@ -111,13 +111,15 @@ def fd(data_file: Path) -> Iterator[int]:
 
 def test_protocol_every_request_kind_round_trips() -> None:
     for op, kind in protocol.REQUESTS.items():
-        args = list(range(len(kind.args)))
+        args: list[object] = [b"\x00\xff" if name in kind.binary else i for i, name in enumerate(kind.args)]
         payload = protocol.encode_request(op, *args, seq=7)
         assert protocol.decode_request(payload, [0] * kind.fds_in) == (op, kind, args, 7)
 
 
 @pytest.mark.parametrize("payload", [b"{", b'{"op": "nope", "args": []}', b'{"op": "unmap", "args": []}',
-                                     b'{"op": "unmap"}', b"[]"])
+                                     b'{"op": "unmap"}', b"[]",
+                                     b'{"op": "fwrite", "args": [1, 0, 5], "seq": 1}',
+                                     b'{"op": "fwrite", "args": [1, 0, "not base64!"], "seq": 1}'])
 def test_protocol_refuses_malformed_requests(payload: bytes) -> None:
     with pytest.raises(protocol.ProtocolError) as e:
         protocol.decode_request(payload, [])

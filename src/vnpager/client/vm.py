@@ -42,6 +42,7 @@ from typing import Any, Self, SupportsIndex
 
 from vnpager.arch.uffd import PAGE_SIZE, Uffd
 from vnpager.client import watchdog
+from vnpager.client.hwfile import PROT_READ, PROT_WRITE, HwFile, RemoteFile
 from vnpager.client.hwmmap import RW, HwMmap
 from vnpager.server import protocol
 
@@ -251,6 +252,27 @@ class HardwareVM:
             return self.mmap(target, length, flags, prot, access, offset)
         with _opened(target) as fd:
             return self.mmap(fd, length, flags, prot, access, offset)
+
+    # -------------------------------------------------------- file I/O
+
+    def pread(self, target: str | os.PathLike[str] | int, n: int, off: int) -> bytes:
+        """Up to *n* bytes at *off* of *target* (a path or a descriptor),
+        through the server's pages, as the software VM's ``pread``."""
+        with RemoteFile(self, target, PROT_READ) as f:
+            return f.pread(n, off)
+
+    def pwrite(self, target: str | os.PathLike[str] | int, data: bytes | bytearray | memoryview,
+               off: int) -> int:
+        """Write *data* at *off* of *target* into the server's pages (dirty,
+        seen at once by every map of the file; the file grows), as the
+        software VM's ``pwrite``."""
+        with RemoteFile(self, target, PROT_READ | PROT_WRITE) as f:
+            return f.pwrite(data, off)
+
+    def open(self, target: str | os.PathLike[str] | int, mode: str = "r") -> HwFile:
+        """A raw file object whose I/O goes through the server's pages (see
+        HwFile), as the software VM's ``open``."""
+        return HwFile(self, target, mode)
 
     def statistics(self) -> dict[str, Any]:
         """This client's space in the server: its counters, as the server
