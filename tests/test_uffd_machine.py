@@ -28,7 +28,7 @@ import pytest
 from test_arch_uffd import ClientGone, pattern, sha, stop_client
 from vnpager.arch.uffd import PAGE_SIZE, Uffd, fdpass
 from vnpager.arch.uffd.pmap import HW_WRITE
-from vnpager.server.space import ClientSpace
+from vnpager.server.space import ClientSpace, SpaceStatistics
 from vnpager.uvm.pmap import pmap_is_modified, pmap_is_referenced
 from vnpager.uvm.uvm import VM
 from vnpager.uvm.uvm_map import MAP_PRIVATE, MAP_SHARED
@@ -303,49 +303,69 @@ def test_two_sequential_writers_lose_no_store_under_eviction(tmp_path: Path) -> 
     their own halves of a file 4 times larger than the VM, each reading back
     what it wrote: the pages made writable ahead are evicted, written back
     and faulted in again with the stored ones, and nothing stored is lost."""
-    npages = 32
+    size = 4 * 32 * PAGE_SIZE
+
+    def run(c: Client, at: int, half: int, want: bytearray) -> None:
+        rng = random.Random(half)
+        lo = half * size // 2
+        for step in range(24):
+            off = lo + rng.randrange(0, size // 2 - 6 * PAGE_SIZE, 512)
+            data = pattern(5 * PAGE_SIZE + 100, seed=100 * half + step)
+            c.write(at, off, data)
+            want[off : off + len(data)] = data
+            check = lo + rng.randrange(0, size // 2, PAGE_SIZE)
+            assert c.read(at, check, PAGE_SIZE) == sha(bytes(want[check : check + PAGE_SIZE]))
+
+    vm, stats = _two_clients_at_once(tmp_path, 32, pattern(size, seed=6), run)
+    assert vm.uvmexp.pageouts > 0 and all(st.pmap.emulated > 0 for st in stats)
+
+
+Writer = Callable[[Client, int, int, bytearray], None]
+
+
+def _two_clients_at_once(tmp_path: Path, npages: int, data: bytes,
+                         run: Writer) -> tuple[VM, list[SpaceStatistics]]:
+    """Two clients of a VM of *npages* map a file of *data*, and each runs
+    ``run(client, its address, its number, want)`` in a thread of its own,
+    recording its writes in *want*; then both must see *want*, a flush must
+    write it, and the page daemon must have evicted pages meanwhile.  The VM
+    (closed) and the two spaces' statistics."""
     vm = VM(physmem=npages * PAGE_SIZE, machine="uffd")
-    size = 4 * npages * PAGE_SIZE
     p = tmp_path / "shared.bin"
-    p.write_bytes(pattern(size, seed=6))
+    p.write_bytes(data)
     a, b = Client(vm), Client(vm)
-    want = bytearray(p.read_bytes())
+    want = bytearray(data)
     errors: list[BaseException] = []
 
-    def run(c: Client, at: int, half: int) -> None:
+    def guarded(c: Client, at: int, i: int) -> None:
         try:
-            rng = random.Random(half)
-            lo = half * size // 2
-            for step in range(24):
-                off = lo + rng.randrange(0, size // 2 - 6 * PAGE_SIZE, 512)
-                data = pattern(5 * PAGE_SIZE + 100, seed=100 * half + step)
-                c.write(at, off, data)
-                want[off : off + len(data)] = data
-                check = lo + rng.randrange(0, size // 2, PAGE_SIZE)
-                assert c.read(at, check, PAGE_SIZE) == sha(bytes(want[check : check + PAGE_SIZE]))
+            run(c, at, i, want)
         except BaseException as e:
             errors.append(e)
 
     try:
         ats = a.map(p), b.map(p)
-        threads = [threading.Thread(target=run, args=(c, at, half))
-                   for half, (c, at) in enumerate(zip((a, b), ats, strict=True))]
+        threads = [threading.Thread(target=guarded, args=(c, at, i))
+                   for i, (c, at) in enumerate(zip((a, b), ats, strict=True))]
         for t in threads:
             t.start()
         for t in threads:
             t.join(DEADLINE)
         assert not errors, errors
         assert not any(t.is_alive() for t in threads)
-        assert vm.uvmexp.pdfreed > 0 and vm.uvmexp.pageouts > 0
-        assert a.space.statistics().pmap.emulated > 0 and b.space.statistics().pmap.emulated > 0
-        assert b.read(ats[1], 0, size) == sha(bytes(want))
-        a.space.flush(ats[0], 0, size)
+        assert vm.uvmexp.pdfreed > 0
+        assert a.read(ats[0], 0, len(data)) == sha(bytes(want))
+        assert b.read(ats[1], 0, len(data)) == sha(bytes(want))
+        a.space.flush(ats[0], 0, len(data))
         assert p.read_bytes() == want
+        stats = [a.space.statistics(), b.space.statistics()]
     finally:
         a.close()
         b.close()
         vm.check_invariants()
         vm.close()
+    assert vm.stats().frames_resident <= npages
+    return vm, stats
 
 
 def test_two_clients_of_one_object_see_each_others_writes(clients: Callable[[], Client], path: Path,
@@ -612,50 +632,21 @@ def test_two_clients_write_and_read_under_eviction(tmp_path: Path) -> None:
     """Each client writes its own pages of a file 4 times larger than the VM
     and checks what it reads, both at once: pages are evicted dirty,
     written back and faulted in again, by either client."""
-    npages = 32
-    vm = VM(physmem=npages * PAGE_SIZE, machine="uffd")
-    size = 4 * npages * PAGE_SIZE
-    p = tmp_path / "shared.bin"
-    p.write_bytes(bytes(size))
-    a, b = Client(vm), Client(vm)
-    want = bytearray(size)
-    errors: list[BaseException] = []
+    size = 4 * 32 * PAGE_SIZE
 
-    def run(c: Client, at: int, parity: int) -> None:
-        try:
-            rng = random.Random(parity)
-            mine = [i for i in range(size // PAGE_SIZE) if i % 2 == parity]
-            for step in range(60):
-                page = rng.choice(mine)
-                data = bytes([step + 1]) * 64
-                off = page * PAGE_SIZE + rng.randrange(PAGE_SIZE - 64)
-                c.write(at, off, data)
-                want[off : off + 64] = data
-                check = rng.choice(mine) * PAGE_SIZE
-                assert c.read(at, check, PAGE_SIZE) == sha(bytes(want[check : check + PAGE_SIZE]))
-        except BaseException as e:
-            errors.append(e)
+    def run(c: Client, at: int, parity: int, want: bytearray) -> None:
+        rng = random.Random(parity)
+        mine = [i for i in range(size // PAGE_SIZE) if i % 2 == parity]
+        for step in range(60):
+            page = rng.choice(mine)
+            data = bytes([step + 1]) * 64
+            off = page * PAGE_SIZE + rng.randrange(PAGE_SIZE - 64)
+            c.write(at, off, data)
+            want[off : off + 64] = data
+            check = rng.choice(mine) * PAGE_SIZE
+            assert c.read(at, check, PAGE_SIZE) == sha(bytes(want[check : check + PAGE_SIZE]))
 
-    try:
-        ats = a.map(p), b.map(p)
-        threads = [threading.Thread(target=run, args=(a, ats[0], 0)),
-                   threading.Thread(target=run, args=(b, ats[1], 1))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(DEADLINE)
-        assert not errors, errors
-        assert not any(t.is_alive() for t in threads)
-        assert vm.uvmexp.pdfreed > 0
-        assert a.read(ats[0], 0, size) == sha(bytes(want))
-        a.space.flush(ats[0], 0, size)
-        assert p.read_bytes() == want
-    finally:
-        a.close()
-        b.close()
-        vm.check_invariants()
-        vm.close()
-    assert vm.stats().frames_resident <= npages
+    _two_clients_at_once(tmp_path, 32, bytes(size), run)
 
 
 def test_a_fault_the_server_fails_to_serve_is_sigbus(monkeypatch: pytest.MonkeyPatch, hvm: VM,

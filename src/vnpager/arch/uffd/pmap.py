@@ -540,14 +540,19 @@ def _enter_write_ahead(pmap: Pmap, pending: dict[int, int], vas: list[int]) -> N
     CONTINUE maps them all writable.  *vas*: the addresses of *pending* in
     order.  => vm.pmap_lock."""
     pte = pmap.pm_pte
-    for va in vas:
+    i = 0
+    while i < len(vas):
+        va = vas[i]
+        i += 1
         e = pte.get(va)
         if e is not None and e[1] == HW_WRITE and pending[va] != HW_WRITE:
-            for a in _write_ahead(pmap, va, vas[-1] + 1, pending):
+            ahead = _write_ahead(pmap, va, vas[-1] + 1, pending)
+            for a in ahead:
                 pg = pte[a][0]
                 pte[a] = (pg, HW_WRITE)
                 pg.attrs |= PG_MOD
-                pmap.stats.emulated += 1
+            pmap.stats.emulated += len(ahead)
+            i += len(ahead)  # queued, contiguous: the next addresses of vas, writable now
 
 
 def _unprotect(pmap: Pmap, vas: list[int]) -> bool:
@@ -611,8 +616,17 @@ def pmap_page_protect_run(pgs: list[VmPage], prot: int) -> None:
 
 
 def pmap_clear_modify_run(pgs: list[VmPage]) -> list[bool]:
+    """Pages busy and mapped nowhere (those uvn_get just read) are cleared
+    without vm.pmap_lock: only a busy page's owner sets its bits (it maps
+    it), so a clear racing this one can only leave a bit set, never lose
+    one set."""
     if not pgs:
         return []
+    if all(not pg.pv and pg.pg_flags & PG_BUSY for pg in pgs):
+        were = [bool(pg.attrs & PG_MOD) for pg in pgs]
+        for pg in pgs:
+            pg.attrs &= ~PG_MOD
+        return were
     with pgs[0].vm.pmap_lock:
         return [_clear_modify(pg) for pg in pgs]
 
