@@ -298,6 +298,36 @@ def test_a_sequential_writer_faults_once_a_window_and_loses_no_store(hvm: VM, cl
     assert c.read(at, 0, len(content)) == sha(bytes(expect))
 
 
+def test_a_write_back_protects_the_writable_pages_around_and_they_stay_dirty(
+        hvm: VM, clients: Callable[[], Client], path: Path, content: bytes) -> None:
+    """A write-protect for one page's write-back takes the writable pages of
+    the object around it along (one ioctl for a cluster): they stay
+    modified, are written back later, and a store to one is seen."""
+    c = clients()
+    at = c.map(path)
+    expect = bytearray(content)
+    for page in range(4):  # pages 0-3 writable and modified
+        c.write(at, page * PAGE_SIZE, b"p%d" % page)
+        expect[page * PAGE_SIZE : page * PAGE_SIZE + 2] = b"p%d" % page
+    uvn = c.space.maps[at].file.uvn
+    pte = c.space.pmap.pm_pte
+    assert all(pte[at + page * PAGE_SIZE][1] == HW_WRITE for page in range(4))
+    c.space.flush(at, 2 * PAGE_SIZE, PAGE_SIZE)  # page 2 alone...
+    assert all(pte[at + page * PAGE_SIZE][1] != HW_WRITE for page in range(4))  # ...all four protected
+    written = content[: 2 * PAGE_SIZE] + expect[2 * PAGE_SIZE : 3 * PAGE_SIZE] + content[3 * PAGE_SIZE :]
+    assert path.read_bytes() == written  # page 2 only
+    assert all(pmap_is_modified(uvn.memt[page * PAGE_SIZE]) for page in (0, 1, 3))
+    c.space.flush(at, 0, len(content))  # the rest: all clean now
+    assert path.read_bytes() == expect
+    for page in (1, 3):  # protected along, clean: a store is seen
+        assert not pmap_is_modified(uvn.memt[page * PAGE_SIZE])
+        c.write(at, page * PAGE_SIZE + 100, b"again")
+        expect[page * PAGE_SIZE + 100 : page * PAGE_SIZE + 105] = b"again"
+        assert pmap_is_modified(uvn.memt[page * PAGE_SIZE])
+    c.space.flush(at, 0, len(content))
+    assert path.read_bytes() == expect
+
+
 def test_two_sequential_writers_lose_no_store_under_eviction(tmp_path: Path) -> None:
     """Two clients store runs of consecutive pages (write-ahead at work) to
     their own halves of a file 4 times larger than the VM, each reading back

@@ -100,6 +100,7 @@ PG_BUSY = 0x1
 PG_RELEASED = 0x20
 
 EMULATE_WAIT = 0.002  # seconds pmap_emulate_modify waits for vm.pmap_lock (then uvm_fault serves it)
+PROTECT_AROUND = 15  # writable pages each side a write-protect takes along (a cluster's, MAXBSIZE)
 WRITE_AHEAD = 64  # pages a sequential writer's store makes writable with it, at most (pmap_emulate_modify)
 PAGEOUT_BATCH = 32  # cleared references PAGEOUT'd in one process_madvise (else at the next fault)
 IOV_MAX = 1024  # ranges per process_madvise
@@ -218,9 +219,26 @@ def _wait_reader(pmap: Pmap) -> None:
 
 
 def _lower(pmap: Pmap, va: int, pg: VmPage) -> None:
-    """A HW_WRITE mapping of *pg* becomes HW_PROTECTED.  => vm.pmap_lock."""
-    _protect(pmap, va, pg.vm.page_size, True)
-    pmap.pm_pte[va] = (pg, HW_PROTECTED)
+    """A HW_WRITE mapping of *pg* becomes HW_PROTECTED, and so do the
+    writable mappings around it of the pages that follow it in its object
+    (PROTECT_AROUND each way at most), in the same ioctl: the pager's
+    write-back protects a cluster's pages one by one, and they then find
+    theirs done.  Protecting more than asked is always safe: the pages stay
+    modified, and a store to one is a write-protect fault the reader
+    serves at once.  => vm.pmap_lock."""
+    ps = pg.vm.page_size
+    pte = pmap.pm_pte
+    lo = hi = va
+    for step in (-ps, ps):
+        for k in range(1, PROTECT_AROUND + 1):
+            e = pte.get(va + k * step)
+            if e is None or e[1] != HW_WRITE or e[0].uobject is not pg.uobject or \
+                    e[0].offset != pg.offset + k * step:
+                break
+            lo, hi = min(lo, va + k * step), max(hi, va + k * step)
+    _protect(pmap, lo, hi + ps - lo, True)
+    for a in range(lo, hi + ps, ps):
+        pte[a] = (pte[a][0], HW_PROTECTED)
 
 
 def pmap_enter(pmap: Pmap, va: int, pg: VmPage, prot: int, access_type: int = PROT_NONE, *,
@@ -359,8 +377,8 @@ def pmap_protect(pmap: Pmap, sva: int, eva: int, prot: int) -> None:
     if prot & PROT_WRITE:
         return
     with pmap.vm.pmap_lock:
-        for va, (pg, hw) in list(pmap.pm_pte.items()):
-            if sva <= va < eva and hw == HW_WRITE:
+        for va, (pg, _) in list(pmap.pm_pte.items()):
+            if sva <= va < eva and pmap.pm_pte[va][1] == HW_WRITE:  # not lowered with a neighbour
                 _lower(pmap, va, pg)
 
 
