@@ -32,7 +32,7 @@ import pytest
 import vnpager
 from hw_fakes import Calls, CopySpace
 from vnpager.arch.uffd import Uffd, fdpass, uapi
-from vnpager.client import HardwareVM, HwMmap, ServerGone
+from vnpager.client import HardwareVM, HwMmap, ServerGone, ServerTimeout
 from vnpager.server import protocol
 from vnpager.server.serve import Server, listen
 from vnpager.uvm import uvm
@@ -111,13 +111,15 @@ def fd(data_file: Path) -> Iterator[int]:
 
 def test_protocol_every_request_kind_round_trips() -> None:
     for op, kind in protocol.REQUESTS.items():
-        args = list(range(len(kind.args)))
+        args: list[object] = [b"\x00\xff" if name in kind.binary else i for i, name in enumerate(kind.args)]
         payload = protocol.encode_request(op, *args, seq=7)
         assert protocol.decode_request(payload, [0] * kind.fds_in) == (op, kind, args, 7)
 
 
 @pytest.mark.parametrize("payload", [b"{", b'{"op": "nope", "args": []}', b'{"op": "unmap", "args": []}',
-                                     b'{"op": "unmap"}', b"[]"])
+                                     b'{"op": "unmap"}', b"[]",
+                                     b'{"op": "fwrite", "args": [1, 0, 5], "seq": 1}',
+                                     b'{"op": "fwrite", "args": [1, 0, "not base64!"], "seq": 1}'])
 def test_protocol_refuses_malformed_requests(payload: bytes) -> None:
     with pytest.raises(protocol.ProtocolError) as e:
         protocol.decode_request(payload, [])
@@ -411,6 +413,26 @@ def test_a_request_cut_off_by_a_signal_keeps_replies_matched(served: Served, hw:
         signal.signal(signal.SIGUSR1, old)
     served.calls.gate = None
     assert hw.ping() == os.getpid()  # not the reply to the madvise
+    assert hw.request("size", m._addr) == SIZE
+    m.close()
+
+
+def test_a_server_that_stops_answering_times_a_request_out(served: Served, hw: HardwareVM, fd: int) -> None:
+    """A server alive but stuck: the request fails (TimeoutError, naming it)
+    instead of hanging the client, and the connection stays usable."""
+    m = vnpager.mmap(fd, 0, vm=hw)
+    served.calls.gate = gate = threading.Event()  # the server holds madvise until the gate opens
+    hw.request_timeout = 0.2
+    try:
+        with pytest.raises(ServerTimeout) as e:
+            m.madvise(mmap.MADV_RANDOM)
+        assert isinstance(e.value, TimeoutError) and e.value.errno == errno.ETIMEDOUT
+        assert "'madvise'" in str(e.value) and hw.path in str(e.value)
+    finally:
+        gate.set()
+        served.calls.gate = None
+    hw.request_timeout = DEADLINE
+    assert hw.alive and hw.ping() == os.getpid()  # the late madvise reply was dropped
     assert hw.request("size", m._addr) == SIZE
     m.close()
 

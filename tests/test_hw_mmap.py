@@ -408,3 +408,36 @@ def _pid_gone(pid: int) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_hw_pread_pwrite_and_open_are_the_software_vms(tmp_path: Path, content: bytes) -> None:
+    """The hardware VM's pread, pwrite and open go through the server's
+    pages as the software VM's go through its own: a read sees a map's
+    unflushed stores, a write is in the map at once and grows the file past
+    its end, and all of it is in the file once the map and files close."""
+    import vnpager
+
+    results: dict[str, list[object]] = {}
+    for mmu in ("software", "hardware"):
+        p, new = tmp_path / f"{mmu}.bin", tmp_path / f"{mmu}.new"
+        p.write_bytes(content)
+        with vnpager.VM("1M", mmu=mmu) as vm:
+            fd = os.open(p, os.O_RDWR)
+            m = vm.map(fd)
+            m[5:10] = b"HELLO"
+            out: list[object] = [vm.pread(p, 3 * CLUSTER, 0)]  # the map's store, never flushed
+            out.append(vm.pwrite(fd, b"written", 100))
+            out.append(m[100:107])  # in the map at once
+            out.append(vm.pwrite(p, b"tail", len(content) + 10))  # grows the file
+            out.append(vm.pread(fd, 100, len(content) - 5))
+            with vm.open(p, "r+b") as f:
+                out += [f.seek(0, os.SEEK_END), f.seek(3), f.read(6), f.write(b"XY"), f.tell()]
+            with vm.open(new, "w+") as f:
+                out += [f.write(pattern(70_000, seed=4)), f.seek(0), f.read(), f.truncate(65_537)]
+            with vm.open(new, "a") as f:
+                out.append(f.write(b"appended"))
+            m.close()
+            os.close(fd)
+        results[mmu] = [*out, p.read_bytes(), new.read_bytes()]
+    assert results["hardware"] == results["software"]
+    assert results["software"][0][5:10] == b"HELLO" and results["software"][2] == b"written"

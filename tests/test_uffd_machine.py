@@ -28,7 +28,7 @@ import pytest
 from test_arch_uffd import ClientGone, pattern, sha, stop_client
 from vnpager.arch.uffd import PAGE_SIZE, Uffd, fdpass
 from vnpager.arch.uffd.pmap import HW_WRITE
-from vnpager.server.space import ClientSpace
+from vnpager.server.space import ClientSpace, SpaceStatistics
 from vnpager.uvm.pmap import pmap_is_modified, pmap_is_referenced
 from vnpager.uvm.uvm import VM
 from vnpager.uvm.uvm_map import MAP_PRIVATE, MAP_SHARED
@@ -248,6 +248,154 @@ def test_writes_are_found_dirty_and_written_back_by_flush(hvm: VM, clients: Call
     c.space.flush(at, 0, len(content))
     assert path.read_bytes() == expect
     assert c.read(at, 0, len(content)) == sha(bytes(expect))
+
+
+def test_a_store_to_a_write_protected_page_is_served_without_uvm_fault(hvm: VM, clients: Callable[[], Client],
+                                                                      path: Path, content: bytes) -> None:
+    """The client space's reader serves a write-protect fault of an idle page
+    itself (pmap_emulate_modify): the page is modified, and written back."""
+    c = clients()
+    at = c.map(path)
+    expect = bytearray(content)
+    assert c.read(at, 0, CLUSTER) == sha(content[:CLUSTER])  # mapped write-protected
+    faults = hvm.uvmexp.faults
+    for n in range(2):  # again after the flush, which protected the page again
+        c.write(at, 100 + n, b"hello")
+        expect[100 + n : 105 + n] = b"hello"
+        stats = c.space.statistics()
+        assert (stats.wp, stats.pmap.emulated, hvm.uvmexp.faults) == (n + 1, n + 1, faults)
+        assert pmap_is_modified(c.space.maps[at].file.uvn.memt[0])
+        c.space.flush(at, 0, len(content))
+        assert path.read_bytes() == expect
+
+
+def test_a_sequential_writer_faults_once_a_window_and_loses_no_store(hvm: VM, clients: Callable[[], Client],
+                                                                    path: Path, content: bytes) -> None:
+    """Stores to consecutive pages make the pages ahead writable with the one
+    stored to (write-ahead): few faults, every store written back, and a page
+    made writable ahead but stored to only after a flush is seen too."""
+    c = clients()
+    at = c.map(path)
+    npages = len(content) // PAGE_SIZE
+    new = pattern(len(content), seed=5)
+    expect = bytearray(new[: 6 * PAGE_SIZE + 10] + content[6 * PAGE_SIZE + 10 :])
+    c.write(at, 0, expect[: 6 * PAGE_SIZE + 10])  # pages 0-6: the window ahead reaches past them
+    uvn = c.space.maps[at].file.uvn
+    ahead = [off for off in range(7 * PAGE_SIZE, 16 * PAGE_SIZE, PAGE_SIZE)
+             if c.space.pmap.pm_pte.get(at + off, (None, 0))[1] == HW_WRITE]
+    assert ahead  # writable, not yet stored to
+    c.space.flush(at, 0, len(content))
+    assert path.read_bytes() == expect  # the pages made writable ahead went back unchanged
+    off = ahead[0] + 7
+    c.write(at, off, b"later")  # protected again by the flush: seen
+    expect[off : off + 5] = b"later"
+    assert pmap_is_modified(uvn.memt[ahead[0]])
+    c.write(at, 0, new)  # the whole file, in stores of 32 KiB
+    expect[:] = new
+    assert c.space.statistics().faults < npages // 4
+    c.space.flush(at, 0, len(content))
+    assert path.read_bytes() == expect
+    assert c.read(at, 0, len(content)) == sha(bytes(expect))
+
+
+def test_a_write_back_protects_the_writable_pages_around_and_they_stay_dirty(
+        hvm: VM, clients: Callable[[], Client], path: Path, content: bytes) -> None:
+    """A write-protect for one page's write-back takes the writable pages of
+    the object around it along (one ioctl for a cluster): they stay
+    modified, are written back later, and a store to one is seen."""
+    c = clients()
+    at = c.map(path)
+    expect = bytearray(content)
+    for page in range(4):  # pages 0-3 writable and modified
+        c.write(at, page * PAGE_SIZE, b"p%d" % page)
+        expect[page * PAGE_SIZE : page * PAGE_SIZE + 2] = b"p%d" % page
+    uvn = c.space.maps[at].file.uvn
+    pte = c.space.pmap.pm_pte
+    assert all(pte[at + page * PAGE_SIZE][1] == HW_WRITE for page in range(4))
+    c.space.flush(at, 2 * PAGE_SIZE, PAGE_SIZE)  # page 2 alone...
+    assert all(pte[at + page * PAGE_SIZE][1] != HW_WRITE for page in range(4))  # ...all four protected
+    written = content[: 2 * PAGE_SIZE] + expect[2 * PAGE_SIZE : 3 * PAGE_SIZE] + content[3 * PAGE_SIZE :]
+    assert path.read_bytes() == written  # page 2 only
+    assert all(pmap_is_modified(uvn.memt[page * PAGE_SIZE]) for page in (0, 1, 3))
+    c.space.flush(at, 0, len(content))  # the rest: all clean now
+    assert path.read_bytes() == expect
+    for page in (1, 3):  # protected along, clean: a store is seen
+        assert not pmap_is_modified(uvn.memt[page * PAGE_SIZE])
+        c.write(at, page * PAGE_SIZE + 100, b"again")
+        expect[page * PAGE_SIZE + 100 : page * PAGE_SIZE + 105] = b"again"
+        assert pmap_is_modified(uvn.memt[page * PAGE_SIZE])
+    c.space.flush(at, 0, len(content))
+    assert path.read_bytes() == expect
+
+
+def test_two_sequential_writers_lose_no_store_under_eviction(tmp_path: Path) -> None:
+    """Two clients store runs of consecutive pages (write-ahead at work) to
+    their own halves of a file 4 times larger than the VM, each reading back
+    what it wrote: the pages made writable ahead are evicted, written back
+    and faulted in again with the stored ones, and nothing stored is lost."""
+    size = 4 * 32 * PAGE_SIZE
+
+    def run(c: Client, at: int, half: int, want: bytearray) -> None:
+        rng = random.Random(half)
+        lo = half * size // 2
+        for step in range(24):
+            off = lo + rng.randrange(0, size // 2 - 6 * PAGE_SIZE, 512)
+            data = pattern(5 * PAGE_SIZE + 100, seed=100 * half + step)
+            c.write(at, off, data)
+            want[off : off + len(data)] = data
+            check = lo + rng.randrange(0, size // 2, PAGE_SIZE)
+            assert c.read(at, check, PAGE_SIZE) == sha(bytes(want[check : check + PAGE_SIZE]))
+
+    vm, stats = _two_clients_at_once(tmp_path, 32, pattern(size, seed=6), run)
+    assert vm.uvmexp.pageouts > 0 and all(st.pmap.emulated > 0 for st in stats)
+
+
+Writer = Callable[[Client, int, int, bytearray], None]
+
+
+def _two_clients_at_once(tmp_path: Path, npages: int, data: bytes,
+                         run: Writer) -> tuple[VM, list[SpaceStatistics]]:
+    """Two clients of a VM of *npages* map a file of *data*, and each runs
+    ``run(client, its address, its number, want)`` in a thread of its own,
+    recording its writes in *want*; then both must see *want*, a flush must
+    write it, and the page daemon must have evicted pages meanwhile.  The VM
+    (closed) and the two spaces' statistics."""
+    vm = VM(physmem=npages * PAGE_SIZE, machine="uffd")
+    p = tmp_path / "shared.bin"
+    p.write_bytes(data)
+    a, b = Client(vm), Client(vm)
+    want = bytearray(data)
+    errors: list[BaseException] = []
+
+    def guarded(c: Client, at: int, i: int) -> None:
+        try:
+            run(c, at, i, want)
+        except BaseException as e:
+            errors.append(e)
+
+    try:
+        ats = a.map(p), b.map(p)
+        threads = [threading.Thread(target=guarded, args=(c, at, i))
+                   for i, (c, at) in enumerate(zip((a, b), ats, strict=True))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(DEADLINE)
+        assert not errors, errors
+        assert not any(t.is_alive() for t in threads)
+        assert vm.uvmexp.pdfreed > 0
+        assert a.read(ats[0], 0, len(data)) == sha(bytes(want))
+        assert b.read(ats[1], 0, len(data)) == sha(bytes(want))
+        a.space.flush(ats[0], 0, len(data))
+        assert p.read_bytes() == want
+        stats = [a.space.statistics(), b.space.statistics()]
+    finally:
+        a.close()
+        b.close()
+        vm.check_invariants()
+        vm.close()
+    assert vm.stats().frames_resident <= npages
+    return vm, stats
 
 
 def test_two_clients_of_one_object_see_each_others_writes(clients: Callable[[], Client], path: Path,
@@ -514,50 +662,21 @@ def test_two_clients_write_and_read_under_eviction(tmp_path: Path) -> None:
     """Each client writes its own pages of a file 4 times larger than the VM
     and checks what it reads, both at once: pages are evicted dirty,
     written back and faulted in again, by either client."""
-    npages = 32
-    vm = VM(physmem=npages * PAGE_SIZE, machine="uffd")
-    size = 4 * npages * PAGE_SIZE
-    p = tmp_path / "shared.bin"
-    p.write_bytes(bytes(size))
-    a, b = Client(vm), Client(vm)
-    want = bytearray(size)
-    errors: list[BaseException] = []
+    size = 4 * 32 * PAGE_SIZE
 
-    def run(c: Client, at: int, parity: int) -> None:
-        try:
-            rng = random.Random(parity)
-            mine = [i for i in range(size // PAGE_SIZE) if i % 2 == parity]
-            for step in range(60):
-                page = rng.choice(mine)
-                data = bytes([step + 1]) * 64
-                off = page * PAGE_SIZE + rng.randrange(PAGE_SIZE - 64)
-                c.write(at, off, data)
-                want[off : off + 64] = data
-                check = rng.choice(mine) * PAGE_SIZE
-                assert c.read(at, check, PAGE_SIZE) == sha(bytes(want[check : check + PAGE_SIZE]))
-        except BaseException as e:
-            errors.append(e)
+    def run(c: Client, at: int, parity: int, want: bytearray) -> None:
+        rng = random.Random(parity)
+        mine = [i for i in range(size // PAGE_SIZE) if i % 2 == parity]
+        for step in range(60):
+            page = rng.choice(mine)
+            data = bytes([step + 1]) * 64
+            off = page * PAGE_SIZE + rng.randrange(PAGE_SIZE - 64)
+            c.write(at, off, data)
+            want[off : off + 64] = data
+            check = rng.choice(mine) * PAGE_SIZE
+            assert c.read(at, check, PAGE_SIZE) == sha(bytes(want[check : check + PAGE_SIZE]))
 
-    try:
-        ats = a.map(p), b.map(p)
-        threads = [threading.Thread(target=run, args=(a, ats[0], 0)),
-                   threading.Thread(target=run, args=(b, ats[1], 1))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(DEADLINE)
-        assert not errors, errors
-        assert not any(t.is_alive() for t in threads)
-        assert vm.uvmexp.pdfreed > 0
-        assert a.read(ats[0], 0, size) == sha(bytes(want))
-        a.space.flush(ats[0], 0, size)
-        assert p.read_bytes() == want
-    finally:
-        a.close()
-        b.close()
-        vm.check_invariants()
-        vm.close()
-    assert vm.stats().frames_resident <= npages
+    _two_clients_at_once(tmp_path, 32, bytes(size), run)
 
 
 def test_a_fault_the_server_fails_to_serve_is_sigbus(monkeypatch: pytest.MonkeyPatch, hvm: VM,

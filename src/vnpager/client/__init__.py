@@ -12,6 +12,6 @@ nothing of the VM: a client process holds no kernel state.
 
 from vnpager.client.hwmmap import HwMmap
 from vnpager.client.vm import HardwareVM
-from vnpager.server.protocol import ServerGone
+from vnpager.server.protocol import ServerGone, ServerTimeout
 
-__all__ = ["HardwareVM", "HwMmap", "ServerGone"]
+__all__ = ["HardwareVM", "HwMmap", "ServerGone", "ServerTimeout"]

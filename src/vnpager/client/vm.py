@@ -14,7 +14,10 @@ userfaultfd (handed to the server once, at attach), a watchdog process
 
 Requests go one at a time over the connection (``_lock``); a thread that
 waits for a reply holds no GIL, so another thread's fault is served
-meanwhile (by the server's fault thread, which never waits for us).
+meanwhile (by the server's fault thread, which never waits for us).  A
+server that dies is seen at once (end of file: ServerGone); one that stops
+answering but lives is given ``request_timeout`` seconds a request, then
+ServerTimeout (a TimeoutError).
 
 Fork: after ``os.fork()`` the child's address space is the server's
 already (the fork event made it a space of its own, with copies of the
@@ -39,6 +42,7 @@ from typing import Any, Self, SupportsIndex
 
 from vnpager.arch.uffd import PAGE_SIZE, Uffd
 from vnpager.client import watchdog
+from vnpager.client.hwfile import PROT_READ, PROT_WRITE, HwFile, RemoteFile
 from vnpager.client.hwmmap import RW, HwMmap
 from vnpager.server import protocol
 
@@ -47,6 +51,10 @@ from vnpager.server import protocol
 CONNECT_TIMEOUT = 60.0
 #: How long close waits for a private server to write back and exit.
 STOP_TIMEOUT = 120.0
+#: How long a request waits for its reply (a flush writes the map back
+#: first: as long as the disk takes), then ServerTimeout; a VM's
+#: ``request_timeout``, from ``VNPAGER_REQUEST_TIMEOUT`` (seconds) if set.
+REQUEST_TIMEOUT = 600.0
 
 _live: weakref.WeakSet[HardwareVM] = weakref.WeakSet()
 
@@ -76,6 +84,7 @@ class HardwareVM:
         self._watchdog: subprocess.Popen[bytes] | None = None
         self._dead = ""
         self._seq = 0  # the number of the last request sent
+        self.request_timeout = float(os.environ.get("VNPAGER_REQUEST_TIMEOUT", REQUEST_TIMEOUT))
         # UffdUnavailable (naming the fix) before any process is started
         self.uffd = Uffd.open(protocol.CLIENT_FEATURES, protocol.CLIENT_OPTIONAL)
         try:
@@ -141,30 +150,39 @@ class HardwareVM:
         """False once the server was seen gone (a request failed)."""
         return not self._dead
 
-    def request(self, op: str, *args: Any, fds: list[int] | tuple[int, ...] = ()) -> Any:
+    def request(self, op: str, *args: Any, fds: list[int] | tuple[int, ...] = (),
+                timeout: float | None = None) -> Any:
         """Send request *op* with *fds* and return its result.  Re-raises
-        the server's exception; ServerGone if the server is gone."""
-        result, rfds = self.request_fds(op, *args, fds=fds)
+        the server's exception; ServerGone if the server is gone,
+        ServerTimeout if it does not answer within *timeout* seconds
+        (default: ``request_timeout``; the connection's first request,
+        CONNECT_TIMEOUT)."""
+        result, rfds = self.request_fds(op, *args, fds=fds, timeout=timeout)
         protocol.close_fds(rfds)
         return result
 
-    def request_fds(self, op: str, *args: Any,
-                    fds: list[int] | tuple[int, ...] = ()) -> tuple[Any, list[int]]:
+    def request_fds(self, op: str, *args: Any, fds: list[int] | tuple[int, ...] = (),
+                    timeout: float | None = None) -> tuple[Any, list[int]]:
         """:meth:`request`, and the fds its reply brought (the caller's)."""
+        if timeout is None:
+            timeout = CONNECT_TIMEOUT if op in ("attach", "adopt") else self.request_timeout
         with self._lock:
             if self._dead:
                 raise protocol.ServerGone(self._dead)
             self._seq += 1
+            self._sock.settimeout(timeout)
             try:
                 reply, rfds = self._exchange(protocol.encode_request(op, *args, seq=self._seq), fds)
+            except TimeoutError:
+                # stuck, perhaps not dead (the watchdog sees a death): the
+                # reply, if it ever comes, is dropped by its number
+                raise protocol.ServerTimeout(op, timeout, self.path) from None
             except OSError as e:
                 self._dead = os.strerror(e.errno) if e.errno else str(e)
                 raise protocol.ServerGone(self._dead) from None
             if reply is None:
                 self._dead = "end of file on the connection"
                 raise protocol.ServerGone(self._dead)
-            if op in ("attach", "adopt"):
-                self._sock.settimeout(None)  # a flush may take as long as the disk
         try:
             result = reply.result()
         except BaseException:
@@ -235,6 +253,27 @@ class HardwareVM:
         with _opened(target) as fd:
             return self.mmap(fd, length, flags, prot, access, offset)
 
+    # -------------------------------------------------------- file I/O
+
+    def pread(self, target: str | os.PathLike[str] | int, n: int, off: int) -> bytes:
+        """Up to *n* bytes at *off* of *target* (a path or a descriptor),
+        through the server's pages, as the software VM's ``pread``."""
+        with RemoteFile(self, target, PROT_READ) as f:
+            return f.pread(n, off)
+
+    def pwrite(self, target: str | os.PathLike[str] | int, data: bytes | bytearray | memoryview,
+               off: int) -> int:
+        """Write *data* at *off* of *target* into the server's pages (dirty,
+        seen at once by every map of the file; the file grows), as the
+        software VM's ``pwrite``."""
+        with RemoteFile(self, target, PROT_READ | PROT_WRITE) as f:
+            return f.pwrite(data, off)
+
+    def open(self, target: str | os.PathLike[str] | int, mode: str = "r") -> HwFile:
+        """A raw file object whose I/O goes through the server's pages (see
+        HwFile), as the software VM's ``open``."""
+        return HwFile(self, target, mode)
+
     def statistics(self) -> dict[str, Any]:
         """This client's space in the server: its counters, as the server
         keeps them (faults served, pages entered, poisoned, ...)."""
@@ -252,7 +291,7 @@ class HardwareVM:
         """Wait until the server VM is idle (its page daemon and writes:
         ``vm.quiesce``), so that counters read next change only by what the
         caller does.  TimeoutError after *timeout* seconds."""
-        self.request("quiesce", timeout)
+        self.request("quiesce", timeout, timeout=timeout + self.request_timeout)
 
     @property
     def npages(self) -> int:

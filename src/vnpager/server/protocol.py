@@ -29,6 +29,7 @@ library imports this module, never the server's.
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import os
@@ -62,6 +63,7 @@ class Request:
     fds_in: int = 0
     fds_out: int = 0
     needs_space: bool = True
+    binary: tuple[str, ...] = ()  # the arguments that are bytes (base64 on the wire)
 
 
 #: The request kinds.  ``attach`` brings the client's uffd and makes its
@@ -72,7 +74,10 @@ class Request:
 #: client's own; ``ping`` answers at once (a round trip's cost, and a
 #: liveness check); ``vmstats`` is the server VM's ``stats()`` (shared by
 #: all its clients) and its ``npages``; ``quiesce`` waits until it is idle
-#: (``vm.quiesce``); ``check_invariants`` runs its checks.
+#: (``vm.quiesce``); ``check_invariants`` runs its checks.  ``fopen``
+#: .. ``fclose`` are file I/O through the server VM's pages (the client's
+#: ``pread``, ``pwrite`` and ``open``): a handle per open file, bytes as
+#: base64 (at most MAX_DATA a message).
 REQUESTS: dict[str, Request] = {
     "attach": Request(("features",), fds_in=1, needs_space=False),  # the uffd's features
     "adopt": Request(("parent",), fds_out=1, needs_space=False),  # parent: its session id
@@ -90,7 +95,18 @@ REQUESTS: dict[str, Request] = {
     "vmstats": Request((), needs_space=False),
     "quiesce": Request(("timeout",), needs_space=False),
     "check_invariants": Request((), needs_space=False),
+    "fopen": Request(("prot",), fds_in=1),
+    "fread": Request(("handle", "n", "off")),
+    "fwrite": Request(("handle", "off", "data"), binary=("data",)),
+    "fsize": Request(("handle",)),
+    "ftruncate": Request(("handle", "size")),
+    "fsync": Request(("handle",)),
+    "fclose": Request(("handle", "sync")),
 }
+
+#: Bytes a request or reply carries at most (fread, fwrite): base64 makes
+#: 4 of 3, and a message is at most MAX_MESSAGE.
+MAX_DATA = 32 * 1024
 
 #: The exception types a reply may carry, re-raised as themselves.
 EXCEPTIONS: dict[str, type[Exception]] = {
@@ -112,6 +128,16 @@ class ServerError(RuntimeError):
     exception's type and message, for the client to see."""
 
 
+class ServerTimeout(TimeoutError):
+    """The pager server did not answer a request in time (it may be alive
+    but stuck): a TimeoutError, errno ETIMEDOUT.  The connection stays
+    usable: a late reply is dropped by its number."""
+
+    def __init__(self, op: str, timeout: float, server: str) -> None:
+        super().__init__(errno.ETIMEDOUT, f"the vnpager server {server} did not answer {op!r} "
+                                          f"within {timeout:g} s")
+
+
 class ServerGone(ConnectionError):
     """The pager server is gone (died, or closed the connection): every
     map method that needs it raises this (an OSError, errno EPIPE)."""
@@ -123,11 +149,25 @@ class ServerGone(ConnectionError):
 # ---------------------------------------------------------------- encoding
 
 
+def pack(data: bytes | bytearray | memoryview) -> str:
+    """Bytes as a message carries them (base64)."""
+    return base64.b64encode(data).decode()
+
+
+def unpack(text: str) -> bytes:
+    """The bytes of :func:`pack`; ProtocolError if *text* is not base64."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):
+        raise ProtocolError("malformed base64 data") from None
+
+
 def encode_request(op: str, *args: Any, seq: int = 0) -> bytes:
     kind = REQUESTS.get(op)
     if kind is None or len(args) != len(kind.args):
         raise ProtocolError(f"bad request {op}{args!r}")
-    return json.dumps({"op": op, "args": list(args), "seq": seq}).encode()
+    wire = [pack(a) if name in kind.binary else a for name, a in zip(kind.args, args, strict=True)]
+    return json.dumps({"op": op, "args": wire, "seq": seq}).encode()
 
 
 def decode_request(payload: bytes, fds: list[int]) -> tuple[str, Request, list[Any], int]:
@@ -143,6 +183,9 @@ def decode_request(payload: bytes, fds: list[int]) -> tuple[str, Request, list[A
         raise ProtocolError(f"bad request {payload[:80]!r}")
     if len(fds) != kind.fds_in:
         raise ProtocolError(f"{op}: {len(fds)} fds, wants {kind.fds_in}")
+    if any(name in kind.binary and not isinstance(a, str) for name, a in zip(kind.args, args, strict=True)):
+        raise ProtocolError(f"{op}: bytes must come as base64")
+    args = [unpack(a) if name in kind.binary else a for name, a in zip(kind.args, args, strict=True)]
     return op, kind, args, seq
 
 

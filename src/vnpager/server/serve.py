@@ -59,6 +59,13 @@ class Space(Protocol):
     def adopt_fork(self, pid: int) -> Space: ...
     def close(self) -> None: ...
     def statistics(self) -> Any: ...
+    def fopen(self, fd: int, prot: int) -> int: ...
+    def fread(self, handle: int, n: int, off: int) -> bytes: ...
+    def fwrite(self, handle: int, off: int, data: bytes) -> int: ...
+    def fsize(self, handle: int) -> int: ...
+    def ftruncate(self, handle: int, size: int) -> None: ...
+    def fsync(self, handle: int) -> None: ...
+    def fclose(self, handle: int, sync: bool) -> None: ...
 
 
 SpaceFactory = Callable[[uvm.VM, Uffd, int], Space]
@@ -83,9 +90,12 @@ def parent_of(pid: int) -> int:
 
 
 def _plain(result: Any) -> Any:
-    """A space's result as JSON can carry it (statistics are dataclasses)."""
+    """A space's result as JSON can carry it (statistics are dataclasses,
+    read bytes base64)."""
     if dataclasses.is_dataclass(result) and not isinstance(result, type):
         return dataclasses.asdict(result)
+    if isinstance(result, bytes):
+        return protocol.pack(result)
     return result
 
 
@@ -179,6 +189,8 @@ class Session(threading.Thread):
         if op == "map":
             grant = space.map(fds[0], *args)
             return {"id": grant.id, "size": grant.size}, [grant.memfd]
+        if op == "fopen":
+            return space.fopen(fds[0], *args), []
         method: Callable[..., Any] = getattr(space, op)
         return method(*args), []
 

@@ -32,15 +32,19 @@ The protocol of a map, from the client's session (``server/serve.py``):
 the client's uffd: MISSING|MINOR, and WP for a writable shared map), then
 :meth:`flush`, :meth:`madvise`, :meth:`resize`, :meth:`size` on it, and
 :meth:`unmap` once the client unmapped it (:meth:`release` for a grant
-it could not map).  :meth:`close` when the client is gone.  The server
+it could not map).  File I/O through the pages (the client's pread,
+pwrite and open): :meth:`fopen` a handle, then :meth:`fread`,
+:meth:`fwrite`, :meth:`fsize`, :meth:`ftruncate`, :meth:`fsync`,
+:meth:`fclose`.  :meth:`close` when the client is gone.  The server
 never waits for the client: every call acts on the client's memory
 through its uffd (REGISTER, CONTINUE, WRITEPROTECT, POISON act on the
 uffd's address space, whoever issues them), its pidfd
 (process_madvise) and the memfds (PUNCH_HOLE).
 
 Locks: ``self.lock`` (a leaf, under no VM lock) guards ``grants``,
-``maps``, ``forked``, ``closed`` and the statistics; the map's Vmspace and
-pmap have the VM's own locks.  Calls may come from the session thread
+``maps``, ``files``, ``forked``, ``closed`` and the statistics but the fault
+counters, which the reader alone writes; the map's Vmspace and pmap have
+the VM's own locks.  Calls may come from the session thread
 while the worker serves faults.
 """
 
@@ -62,7 +66,9 @@ from functools import partial
 from vnpager.arch.uffd import Process, Uffd, UffdMsg, uapi
 from vnpager.arch.uffd import pmap as uffd_pmap
 from vnpager.kern.errors import BusError, SegvError
+from vnpager.server.protocol import MAX_DATA
 from vnpager.uvm.uvm import VM
+from vnpager.uvm.uvm_bio import ubc_read, ubc_write
 from vnpager.uvm.uvm_fault import uvm_fault
 from vnpager.uvm.uvm_map import MAP_PRIVATE, MAP_SHARED, Vmspace, uvm_map_advice
 from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
@@ -90,7 +96,7 @@ class Grant:
 class SpaceStatistics:
     """What a space served (``ClientSpace.statistics()``), with its pmap's."""
 
-    faults: int = 0  # fault events served
+    faults: int = 0  # fault events served (counted as they are read)
     minor: int = 0  # ... of pages already in the memfd (UFFD_PAGEFAULT_FLAG_MINOR)
     writes: int = 0  # ... served as writes (a store to a missing or write-protected page)
     wp: int = 0  # ... synchronous write-protect faults
@@ -154,6 +160,7 @@ class ClientSpace:
         self.pmap.attach(uffd, self.process)
         self.lock = threading.Lock()
         self.grants: dict[int, _Map] = {}
+        self.files: dict[int, FileObject] = {}  # fopen's handles
         self.maps: dict[int, _Map] = {}  # by the client's address
         self.forked: deque[ClientSpace] = deque()
         self.forked_cv = threading.Condition(self.lock)
@@ -331,6 +338,63 @@ class ClientSpace:
         if self.closed:
             raise ValueError("the client's space is closed")
 
+    # ---------------------------------------------------------------- files
+
+    def fopen(self, fd: int, prot: int) -> int:
+        """Hold the object of the file open on *fd* (the client's: we keep a
+        descriptor of our own) for I/O through its pages, as the software
+        VM's ``pread``/``pwrite``/``open`` do; its handle."""
+        file = FileObject.open(self.vm, fd, prot & (PROT_READ | PROT_WRITE))
+        handle = next(_grant_ids)
+        with self.lock:
+            if self.closed:
+                file.close()
+                raise ValueError("the client's space is closed")
+            self.files[handle] = file
+        return handle
+
+    def fread(self, handle: int, n: int, off: int) -> bytes:
+        """Up to *n* bytes at *off* (MAX_DATA at most), through the pages."""
+        if n < 0 or off < 0:
+            raise ValueError("negative count or offset")
+        return ubc_read(self._file(handle).uvn, min(n, MAX_DATA), off)
+
+    def fwrite(self, handle: int, off: int, data: bytes) -> int:
+        """Write *data* at *off* into the pages (dirty; the file grows)."""
+        if off < 0:
+            raise ValueError("negative offset")
+        return ubc_write(self._file(handle).uvn, data, off)
+
+    def fsize(self, handle: int) -> int:
+        file = self._file(handle)
+        file.follow_size()
+        return file.uvn.u_size
+
+    def ftruncate(self, handle: int, size: int) -> None:
+        if size < 0:
+            raise ValueError("negative size")
+        self._file(handle).setsize(size)
+
+    def fsync(self, handle: int) -> None:
+        """Write the file's dirty pages back and wait (errseq, as flush)."""
+        self._file(handle).sync()
+
+    def fclose(self, handle: int, sync: bool) -> None:
+        """Drop the handle's hold (writing back first if *sync*: raises its error)."""
+        with self.lock:
+            file = self.files.pop(handle, None)
+        if file is None:
+            raise ValueError(f"no file {handle}")
+        file.close(sync=sync)
+
+    def _file(self, handle: int) -> FileObject:
+        with self.lock:
+            self._check_open()
+            file = self.files.get(handle)
+        if file is None:
+            raise ValueError(f"no file {handle}")
+        return file
+
     # ---------------------------------------------------------------- fork
 
     def adopt_fork(self, pid: int, timeout: float = ADOPT_TIMEOUT) -> ClientSpace:
@@ -420,7 +484,7 @@ class ClientSpace:
                 finally:
                     self.pmap.reader_busy = False
                 for msg in msgs:
-                    if msg.is_pagefault:
+                    if msg.is_pagefault and not self._emulated(msg):
                         self._faults.put(msg)
                 for child in children:
                     self._fork_finish(child)
@@ -440,6 +504,27 @@ class ClientSpace:
                 with contextlib.suppress(OSError):
                     self._poison(va, self._map_of(va))
 
+    def _emulated(self, msg: UffdMsg) -> bool:
+        """Count the fault (before anyone wakes the faulting thread) and, for
+        a write-protect fault, serve it at once in the pmap if it can be
+        (arch/uffd/pmap.pmap_emulate_modify: no trip through uvm_fault);
+        False if uvm_fault must serve it.  => called by the reader: never
+        sleeps.  The counters bumped here have no other writer: no lock."""
+        stats = self.stats
+        stats.faults += 1
+        if msg.is_minor:
+            stats.minor += 1
+        if not (msg.is_write or msg.is_wp):
+            return False
+        va = msg.address & ~(self.vm.page_size - 1)
+        m = self._map_of(va)
+        if m is None or m.shared:
+            stats.writes += 1
+        if not msg.is_wp:
+            return False
+        stats.wp += 1
+        return m is not None and m.wp and uffd_pmap.pmap_emulate_modify(self.pmap, va, m.end)
+
     def _serve(self, msg: UffdMsg) -> None:
         ps = self.vm.page_size
         va = msg.address & ~(ps - 1)
@@ -447,11 +532,6 @@ class ClientSpace:
         m = self._map_of(va)
         if m is not None and not m.shared:
             write = False  # the client's kernel copies on write
-        with self.lock:
-            self.stats.faults += 1
-            self.stats.minor += msg.is_minor
-            self.stats.wp += msg.is_wp
-            self.stats.writes += write
         if not msg.is_wp:
             uffd_pmap.pmap_forget(self.pmap, va)  # a fault there: what we mapped left its page tables
         self.pmap.updated.clear()
@@ -500,6 +580,7 @@ class ClientSpace:
             self.closed = True
             maps, self.maps = list(self.maps.values()), {}
             grants, self.grants = list(self.grants.values()), {}
+            files, self.files = list(self.files.values()), {}
             forked, self.forked = list(self.forked), deque()
             self.forked_cv.notify_all()
         os.write(self._stop_w, b"x")
@@ -508,6 +589,8 @@ class ClientSpace:
                 t.join(JOIN_TIMEOUT)
         for m in maps + grants:
             self._release(m)
+        for file in files:
+            file.close()
         self.pmap.detach()
         for child in forked:
             child.close()

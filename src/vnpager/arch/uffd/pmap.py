@@ -22,6 +22,18 @@ write-protect every HW_WRITE mapping of the page before they return, and a
 store from then on blocks in the server, on the busy page a write-back
 holds, as the software MMU's store does.  So pmap_is_modified is exact.
 
+A write-protect fault needs no trip through uvm_fault when the page is
+idle: :func:`pmap_emulate_modify` sets PG_MOD and un-protects it, as the
+pmaps of machines without a hardware modified bit emulate it; the client
+space's reader calls it as soon as it reads the fault.  A page being
+written back is busy, so a store to it still waits in uvm_fault.  A
+sequential writer (stores to the pages just behind) gets the pages ahead
+made writable and modified with the one it stores to, as many as it wrote
+behind, up to WRITE_AHEAD (and so are those a write fault served by
+uvm_fault entered after its page, in pmap_update): a fault every 64 pages
+instead of every page, at the cost of writing back unchanged the pages of
+that window it never stores to.
+
 pmap_enter records the translation and queues it; :func:`pmap_update`
 (uvm_fault calls it once at the end of a fault) maps what was queued, one
 UFFDIO_CONTINUE per run of contiguous pages mapped the same way (this also
@@ -83,6 +95,13 @@ HW_READ = PROT_READ
 HW_PROTECTED = PROT_READ | 0x100
 HW_WRITE = PROT_READ | PROT_WRITE
 
+# uvm_page's flags that make a page not idle (the pmap may not change it on its own)
+PG_BUSY = 0x1
+PG_RELEASED = 0x20
+
+EMULATE_WAIT = 0.002  # seconds pmap_emulate_modify waits for vm.pmap_lock (then uvm_fault serves it)
+PROTECT_AROUND = 15  # writable pages each side a write-protect takes along (a cluster's, MAXBSIZE)
+WRITE_AHEAD = 64  # pages a sequential writer's store makes writable with it, at most (pmap_emulate_modify)
 PAGEOUT_BATCH = 32  # cleared references PAGEOUT'd in one process_madvise (else at the next fault)
 IOV_MAX = 1024  # ranges per process_madvise
 EAGAIN_SLEEP = 0.0005  # the client's address space is changing: retry shortly
@@ -100,6 +119,7 @@ class PmapStatistics:
     protects: int = 0  # UFFDIO_WRITEPROTECT calls (protect or un-protect)
     pageouts: int = 0  # pages whose client PTE process_madvise(MADV_PAGEOUT) zapped (cleared references)
     pageouts_refused: int = 0  # ... that it could not (not permitted, or the client gone)
+    emulated: int = 0  # pages made writable by pmap_emulate_modify or write-ahead (not for a write fault)
 
 
 class Pmap:
@@ -199,9 +219,26 @@ def _wait_reader(pmap: Pmap) -> None:
 
 
 def _lower(pmap: Pmap, va: int, pg: VmPage) -> None:
-    """A HW_WRITE mapping of *pg* becomes HW_PROTECTED.  => vm.pmap_lock."""
-    _protect(pmap, va, pg.vm.page_size, True)
-    pmap.pm_pte[va] = (pg, HW_PROTECTED)
+    """A HW_WRITE mapping of *pg* becomes HW_PROTECTED, and so do the
+    writable mappings around it of the pages that follow it in its object
+    (PROTECT_AROUND each way at most), in the same ioctl: the pager's
+    write-back protects a cluster's pages one by one, and they then find
+    theirs done.  Protecting more than asked is always safe: the pages stay
+    modified, and a store to one is a write-protect fault the reader
+    serves at once.  => vm.pmap_lock."""
+    ps = pg.vm.page_size
+    pte = pmap.pm_pte
+    lo = hi = va
+    for step in (-ps, ps):
+        for k in range(1, PROTECT_AROUND + 1):
+            e = pte.get(va + k * step)
+            if e is None or e[1] != HW_WRITE or e[0].uobject is not pg.uobject or \
+                    e[0].offset != pg.offset + k * step:
+                break
+            lo, hi = min(lo, va + k * step), max(hi, va + k * step)
+    _protect(pmap, lo, hi + ps - lo, True)
+    for a in range(lo, hi + ps, ps):
+        pte[a] = (pte[a][0], HW_PROTECTED)
 
 
 def pmap_enter(pmap: Pmap, va: int, pg: VmPage, prot: int, access_type: int = PROT_NONE, *,
@@ -252,12 +289,18 @@ def pmap_update(pmap: Pmap) -> list[tuple[int, int]]:
         pending, pmap.pending = pmap.pending, {}
         if pmap.uffd is None:
             return []
+        vas = sorted(pending)
+        _enter_write_ahead(pmap, pending, vas)
         changed = []
-        for va in sorted(pending):
+        for va in vas:
             cur = pmap.pm_pte.get(va)  # as it is now: a protect may have come since the enter
             if cur is not None and cur[1] != pending[va]:
                 changed.append((va, (pending[va] == 0, cur[1])))
-        for start, end, key in _runs(changed, ps):
+        # The last run first: each CONTINUE wakes the threads waiting in its
+        # run, and a thread woken at the first page of a fault (the faulting
+        # one, for a write fault: mapped writable, apart from its read-ahead)
+        # would otherwise touch the next before it is mapped: a fault more.
+        for start, end, key in reversed(_runs(changed, ps)):
             if _map_run(pmap, start, end, key):
                 runs.append((start, end))
     pmap.updated.extend(runs)
@@ -312,7 +355,12 @@ def pmap_forget(pmap: Pmap, va: int) -> None:
     """The client faulted at *va* (not a write-protect fault): whatever we
     mapped there left its page tables (a PAGEOUT, its own madvise), so the
     translation goes.  Another fault may have mapped it again meanwhile:
-    a writable one is write-protected first, so that it is not lost."""
+    a writable one is write-protected first, so that it is not lost.
+    Looked up first without the lock (one load): only the caller, the
+    worker serving the client's faults in order, enters translations
+    (others only change or remove them), so one absent stays absent."""
+    if va not in pmap.pm_pte:
+        return  # the common case, a missing page: no lock taken
     with pmap.vm.pmap_lock:
         entry = pmap.pm_pte.pop(va, None)
         if entry is not None:
@@ -329,8 +377,8 @@ def pmap_protect(pmap: Pmap, sva: int, eva: int, prot: int) -> None:
     if prot & PROT_WRITE:
         return
     with pmap.vm.pmap_lock:
-        for va, (pg, hw) in list(pmap.pm_pte.items()):
-            if sva <= va < eva and hw == HW_WRITE:
+        for va, (pg, _) in list(pmap.pm_pte.items()):
+            if sva <= va < eva and pmap.pm_pte[va][1] == HW_WRITE:  # not lowered with a neighbour
                 _lower(pmap, va, pg)
 
 
@@ -447,6 +495,117 @@ def _pageout(proc: Process, runs: list[tuple[int, int]]) -> None:
                 proc.madvise([run], MADV_PAGEOUT)
 
 
+def pmap_emulate_modify(pmap: Pmap, va: int, end: int) -> bool:
+    """A store at *va* found its page write-protected (a synchronous WP
+    fault): set the modified bit as the pmap of a machine without one does
+    (NetBSD alpha's pmap_emulate_reference), without uvm_fault, if it can
+    be done at once: *va*'s translation is HW_PROTECTED and its page idle
+    (a write-back holds it busy and write-protected, and the store must
+    wait for it in uvm_fault), or HW_WRITE already.  PG_MOD and PG_REF are
+    set, the page un-protected (which wakes the store), and so are the
+    pages ahead of it for a sequential writer (:func:`_write_ahead`, up to
+    *end*, the map's end).  True if served (or the client or the range is
+    gone); False: uvm_fault must serve it.  Never sleeps, so that the
+    client space's reader may call it: an ioctl refused while the client's
+    address space changes (EAGAIN) is undone, not retried, and the lock is
+    waited for EMULATE_WAIT at most (its holder may be retrying an ioctl
+    until the reader reads a fork event).
+    => caller holds no VM lock."""
+    lock = pmap.vm.pmap_lock
+    if not lock.acquire(timeout=EMULATE_WAIT):
+        return False
+    try:
+        entry = pmap.pm_pte.get(va)
+        if entry is None or va in pmap.pending:
+            return False
+        pg, hw = entry
+        if hw == HW_PROTECTED and pg.pg_flags & (PG_BUSY | PG_RELEASED):
+            return False
+        if hw not in (HW_PROTECTED, HW_WRITE):
+            return False
+        return _unprotect(pmap, [va, *_write_ahead(pmap, va, end)])
+    finally:
+        lock.release()
+
+
+def _write_ahead(pmap: Pmap, va: int, end: int, queued: dict[int, int] | None = None) -> list[int]:
+    """The pages after *va* (below *end*) to make writable with it: as many
+    as there are writable pages just behind it, up to WRITE_AHEAD pages --
+    so a sequential writer's window doubles with each of its faults --
+    stopping at the first that is not an idle write-protected translation,
+    mapped already (or, with *queued*, entered by this fault and queued
+    there).  They are taken as modified though not written yet: a
+    sequential writer's next stores are there, and a page taken so
+    needlessly is only written back unchanged.  => vm.pmap_lock."""
+    ps = pmap.vm.page_size
+    pte = pmap.pm_pte
+    behind = 0
+    while behind < WRITE_AHEAD and (e := pte.get(va - (behind + 1) * ps)) is not None and e[1] == HW_WRITE:
+        behind += 1
+    ahead: list[int] = []
+    for a in range(va + ps, min(end, va + (behind + 1) * ps), ps):
+        e = pte.get(a)
+        if (e is None or e[1] != HW_PROTECTED or e[0].pg_flags & (PG_BUSY | PG_RELEASED)
+                or (a in pmap.pending if queued is None else a not in queued)):
+            break
+        ahead.append(a)
+    return ahead
+
+
+def _enter_write_ahead(pmap: Pmap, pending: dict[int, int], vas: list[int]) -> None:
+    """A write fault's page is entered writable: so are the pages this fault
+    entered after it, for a sequential writer (_write_ahead), so that one
+    CONTINUE maps them all writable.  *vas*: the addresses of *pending* in
+    order.  => vm.pmap_lock."""
+    pte = pmap.pm_pte
+    i = 0
+    while i < len(vas):
+        va = vas[i]
+        i += 1
+        e = pte.get(va)
+        if e is not None and e[1] == HW_WRITE and pending[va] != HW_WRITE:
+            ahead = _write_ahead(pmap, va, vas[-1] + 1, pending)
+            for a in ahead:
+                pg = pte[a][0]
+                pte[a] = (pg, HW_WRITE)
+                pg.attrs |= PG_MOD
+            pmap.stats.emulated += len(ahead)
+            i += len(ahead)  # queued, contiguous: the next addresses of vas, writable now
+
+
+def _unprotect(pmap: Pmap, vas: list[int]) -> bool:
+    """Make the translations at *vas* (contiguous) writable and their pages
+    modified and referenced, then un-protect them in the client (waking
+    its stores there), in one ioctl not retried.  Refused (EAGAIN: the
+    client's address space is changing), it is undone: False.  The state
+    changes first, so that if the ioctl fails part way the translations
+    say writable (modified: the invariant holds) where the client's pages
+    may be.  => vm.pmap_lock; each of *vas* is HW_PROTECTED or HW_WRITE."""
+    uffd = pmap.uffd
+    if uffd is None:
+        return True
+    ps = pmap.vm.page_size
+    old = [(va, pmap.pm_pte[va]) for va in vas]
+    attrs = [pg.attrs for _, (pg, _) in old]
+    for va, (pg, _) in old:
+        pmap.pm_pte[va] = (pg, HW_WRITE)
+        pg.attrs |= PG_REF | PG_MOD
+    pmap.stats.protects += 1
+    pmap.stats.emulated += len(vas)  # before the ioctl wakes the client: it may look at once
+    try:
+        uffd.writeprotect(vas[0], len(vas) * ps, False)
+    except BlockingIOError:
+        for (va, entry), a in zip(old, attrs, strict=True):
+            pmap.pm_pte[va] = entry
+            entry[0].attrs = a
+        pmap.stats.emulated -= len(vas)
+        return False
+    except OSError as e:
+        if e.errno not in GONE:
+            raise
+    return True
+
+
 def pmap_access(pmap: Pmap, va: int, end: int, access_type: int) -> None:
     """Refused: a load or store through the server's pmap of a client."""
     raise OSError(errno.EFAULT, f"{va:#x}: the uffd machine's memory is accessed by its clients, "
@@ -475,8 +634,17 @@ def pmap_page_protect_run(pgs: list[VmPage], prot: int) -> None:
 
 
 def pmap_clear_modify_run(pgs: list[VmPage]) -> list[bool]:
+    """Pages busy and mapped nowhere (those uvn_get just read) are cleared
+    without vm.pmap_lock: only a busy page's owner sets its bits (it maps
+    it), so a clear racing this one can only leave a bit set, never lose
+    one set."""
     if not pgs:
         return []
+    if all(not pg.pv and pg.pg_flags & PG_BUSY for pg in pgs):
+        were = [bool(pg.attrs & PG_MOD) for pg in pgs]
+        for pg in pgs:
+            pg.attrs &= ~PG_MOD
+        return were
     with pgs[0].vm.pmap_lock:
         return [_clear_modify(pg) for pg in pgs]
 
