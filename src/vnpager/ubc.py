@@ -25,11 +25,10 @@ error, or one that failed elsewhere while the file was open (errseq).
 
 from __future__ import annotations
 
-import errno
-import io
 import os
 from typing import TYPE_CHECKING, Any
 
+from vnpager.fileio import PagedFile, create_host_file
 from vnpager.uvm.uvm_bio import ubc_read, ubc_readinto, ubc_write
 from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
 from vnpager.vfs.objfs import is_url
@@ -50,106 +49,37 @@ def vm_pwrite(vm: VM, target: Target, data: bytes | bytearray | memoryview, off:
         return ubc_write(f.uvn, data, off)
 
 
-_OPEN_FLAGS = {"r": 0, "w": os.O_CREAT | os.O_TRUNC, "a": os.O_CREAT | os.O_APPEND,
-               "x": os.O_CREAT | os.O_EXCL}
+class UbcFile(PagedFile):
+    """A file whose reads and writes go through the VM's pages (UBC).
 
-
-class UbcFile(io.RawIOBase):
-    """A file whose reads and writes go through the VM's pages.
-
-    Modes as for ``open()``: r, w, a, x, each with an optional + (binary
-    only; a 'b' is accepted and ignored).  A vnode exists already: w
-    truncates it, x is EEXIST.
+    Modes as for ``open()`` (see :class:`~vnpager.fileio.PagedFile`).  A
+    vnode exists already: w truncates it, x is EEXIST.
     """
 
     def __init__(self, vm: VM, target: Target, mode: str = "r") -> None:
-        super().__init__()
-        kind = mode.replace("b", "").replace("+", "")
-        if kind not in _OPEN_FLAGS or len(kind) != 1 or "t" in mode:
-            raise ValueError(f"invalid mode: {mode!r}")
-        flags = _OPEN_FLAGS[kind]
-        self.name = target if isinstance(target, Vnode | int) else os.fspath(target)
-        self.mode = mode
-        self._readable = kind == "r" or "+" in mode
-        self._writable = kind != "r" or "+" in mode
-        self._append = bool(flags & os.O_APPEND)
+        super().__init__(target if isinstance(target, Vnode | int) else os.fspath(target), mode)
         url = is_url(target)  # an object: the store makes it at the first sync
-        if flags & os.O_CREAT and not url:
-            _create(target, flags)
-        self._file: FileObject | None = FileObject.open(
-            vm, target, PROT_READ | (PROT_WRITE if self._writable else 0),
-            create=url and bool(flags & os.O_CREAT), excl=url and bool(flags & os.O_EXCL))
-        self._pos = 0
-        if flags & os.O_TRUNC:
-            self._file.setsize(0)
+        creat = bool(self.flags & os.O_CREAT)
+        if creat and not url:
+            create_host_file(target, self.flags)
+        self._file = FileObject.open(vm, target, PROT_READ | (PROT_WRITE if self._writable else 0),
+                                     create=url and creat, excl=url and bool(self.flags & os.O_EXCL))
+        self._opened()
 
-    def _object(self) -> FileObject:
-        if self._file is None:
-            raise ValueError("I/O operation on closed file")
-        return self._file
+    def _readinto_at(self, view: memoryview, off: int) -> int:
+        return ubc_readinto(self._file.uvn, view, off)
 
-    def readable(self) -> bool:
-        return self._readable
+    def _write_at(self, data: Any, off: int) -> int:
+        return ubc_write(self._file.uvn, data, off)
 
-    def writable(self) -> bool:
-        return self._writable
+    def _size(self) -> int:
+        return self._file.uvn.u_size
 
-    def seekable(self) -> bool:
-        return True
+    def _setsize(self, size: int) -> None:
+        self._file.setsize(size)
 
-    def readinto(self, b: Any) -> int:
-        if not self._readable:
-            raise io.UnsupportedOperation("not readable")
-        n = ubc_readinto(self._object().uvn, memoryview(b).cast("B"), self._pos)
-        self._pos += n
-        return n
+    def _sync(self) -> None:
+        self._file.sync()
 
-    def write(self, b: Any) -> int:
-        if not self._writable:
-            raise io.UnsupportedOperation("not writable")
-        uvn = self._object().uvn
-        if self._append:
-            self._pos = uvn.u_size
-        n = ubc_write(uvn, b, self._pos)
-        self._pos += n
-        return n
-
-    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._object().uvn.u_size}[whence]
-        if base + pos < 0:
-            raise OSError(errno.EINVAL, "negative seek position")
-        self._pos = base + pos
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def truncate(self, size: int | None = None) -> int:
-        if not self._writable:
-            raise io.UnsupportedOperation("not writable")
-        size = self._pos if size is None else size
-        self._object().setsize(size)
-        return size
-
-    def sync(self) -> None:
-        """Write the file's dirty pages to the host file and wait (fsync)."""
-        self._object().sync()
-
-    def close(self) -> None:
-        """Detach (the object persists with its pages); a file open for
-        writing writes its dirty pages back first, and raises the error."""
-        f, self._file = self._file, None
-        try:
-            if f is not None:
-                f.close(sync=self._writable)
-        finally:
-            super().close()
-
-
-def _create(target: Target, flags: int) -> None:
-    """Make the file of an O_CREAT open on the host (truncation is ours)."""
-    if isinstance(target, Vnode | int):
-        if flags & os.O_EXCL:
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), target)
-        return
-    os.close(os.open(target, flags & ~os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o666))
+    def _release(self, sync: bool) -> None:
+        self._file.close(sync=sync)

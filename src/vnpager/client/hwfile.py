@@ -11,18 +11,16 @@ at the close of a file opened for writing.  Bytes travel in requests of
 
 from __future__ import annotations
 
-import errno
-import io
 import os
 from typing import TYPE_CHECKING, Any
 
+from vnpager.fileio import PagedFile, create_host_file
 from vnpager.server import protocol
 
 if TYPE_CHECKING:
     from vnpager.client.vm import HardwareVM
 
 PROT_READ, PROT_WRITE = 0x1, 0x2
-_KINDS = {"r": 0, "w": os.O_CREAT | os.O_TRUNC, "a": os.O_CREAT | os.O_APPEND, "x": os.O_CREAT | os.O_EXCL}
 
 
 class RemoteFile:
@@ -78,103 +76,33 @@ class RemoteFile:
         self.close()
 
 
-class HwFile(io.RawIOBase):
+class HwFile(PagedFile):
     """A raw file whose reads and writes go through the server's pages, as
-    ``vnpager.ubc.UbcFile`` does through a software VM's: modes r, w, a, x,
-    each with an optional + (binary only; a 'b' is accepted and ignored)."""
+    ``vnpager.ubc.UbcFile`` does through a software VM's (the same modes)."""
 
     def __init__(self, vm: HardwareVM, target: str | os.PathLike[str] | int, mode: str = "r") -> None:
-        super().__init__()
-        kind = mode.replace("b", "").replace("+", "")
-        if kind not in _KINDS or len(kind) != 1 or "t" in mode:
-            raise ValueError(f"invalid mode: {mode!r}")
-        flags = _KINDS[kind]
-        self.name = target if isinstance(target, int) else os.fspath(target)
-        self.mode = mode
-        self._readable = kind == "r" or "+" in mode
-        self._writable = kind != "r" or "+" in mode
-        self._append = bool(flags & os.O_APPEND)
-        if flags & os.O_CREAT:
-            _create(target, flags)
-        prot = PROT_READ | (PROT_WRITE if self._writable else 0)
-        self._file: RemoteFile | None = RemoteFile(vm, target, prot)
-        self._pos = 0
-        if flags & os.O_TRUNC:
-            self._file.setsize(0)
+        super().__init__(target if isinstance(target, int) else os.fspath(target), mode)
+        if self.flags & os.O_CREAT:
+            create_host_file(target, self.flags)
+        self._file = RemoteFile(vm, target, PROT_READ | (PROT_WRITE if self._writable else 0))
+        self._opened()
 
-    def _remote(self) -> RemoteFile:
-        if self._file is None:
-            raise ValueError("I/O operation on closed file")
-        return self._file
-
-    def readable(self) -> bool:
-        return self._readable
-
-    def writable(self) -> bool:
-        return self._writable
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        if not self._readable:
-            raise io.UnsupportedOperation("not readable")
-        view = memoryview(b).cast("B")
-        data = self._remote().pread(len(view), self._pos)
+    def _readinto_at(self, view: memoryview, off: int) -> int:
+        data = self._file.pread(len(view), off)
         view[: len(data)] = data
-        self._pos += len(data)
         return len(data)
 
-    def write(self, b: Any) -> int:
-        if not self._writable:
-            raise io.UnsupportedOperation("not writable")
-        f = self._remote()
-        if self._append:
-            self._pos = f.size()
-        n = f.pwrite(b, self._pos)
-        self._pos += n
-        return n
+    def _write_at(self, data: Any, off: int) -> int:
+        return self._file.pwrite(data, off)
 
-    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_END:
-            base = self._remote().size()
-        else:
-            base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos}[whence]
-        if base + pos < 0:
-            raise OSError(errno.EINVAL, "negative seek position")
-        self._pos = base + pos
-        return self._pos
+    def _size(self) -> int:
+        return self._file.size()
 
-    def tell(self) -> int:
-        return self._pos
+    def _setsize(self, size: int) -> None:
+        self._file.setsize(size)
 
-    def truncate(self, size: int | None = None) -> int:
-        if not self._writable:
-            raise io.UnsupportedOperation("not writable")
-        size = self._pos if size is None else size
-        self._remote().setsize(size)
-        return size
+    def _sync(self) -> None:
+        self._file.sync()
 
-    def sync(self) -> None:
-        """Write the file's dirty pages to the file and wait (fsync)."""
-        self._remote().sync()
-
-    def close(self) -> None:
-        """Drop the server's hold (the object persists with its pages); a
-        file open for writing writes its dirty pages back first, and raises
-        the error."""
-        f, self._file = self._file, None
-        try:
-            if f is not None:
-                f.close(sync=self._writable)
-        finally:
-            super().close()
-
-
-def _create(target: str | os.PathLike[str] | int, flags: int) -> None:
-    """Make the file of an O_CREAT open on the host (truncation is the server's)."""
-    if isinstance(target, int):
-        if flags & os.O_EXCL:
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), target)
-        return
-    os.close(os.open(target, flags & ~os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o666))
+    def _release(self, sync: bool) -> None:
+        self._file.close(sync=sync)
