@@ -11,10 +11,18 @@ from __future__ import annotations
 import errno
 import io
 import os
-from typing import Any
+from typing import Any, Protocol
 
 _OPEN_FLAGS = {"r": 0, "w": os.O_CREAT | os.O_TRUNC, "a": os.O_CREAT | os.O_APPEND,
                "x": os.O_CREAT | os.O_EXCL}
+
+
+class Handle(Protocol):
+    """A machine's hold on a file's object (``FileObject``, ``RemoteFile``)."""
+
+    def setsize(self, size: int) -> None: ...
+    def sync(self) -> None: ...
+    def close(self, sync: bool = False) -> None: ...
 
 
 class PagedFile(io.RawIOBase):
@@ -23,9 +31,11 @@ class PagedFile(io.RawIOBase):
     Modes as for ``open()``: r, w, a, x, each with an optional + (binary
     only; a 'b' is accepted and ignored).  A subclass opens its handle
     once ``__init__`` has parsed the mode (``self.flags`` says what the
-    open asks: O_CREAT, O_EXCL, O_TRUNC, O_APPEND), calls
-    :meth:`_opened`, and does the I/O in the ``_*_at`` methods.
+    open asks: O_CREAT, O_EXCL, O_TRUNC, O_APPEND), calls :meth:`_opened`
+    with it, and does the I/O in the ``_*_at`` methods.
     """
+
+    _file: Handle
 
     def __init__(self, name: Any, mode: str) -> None:
         super().__init__()
@@ -40,9 +50,9 @@ class PagedFile(io.RawIOBase):
         self._open = False
         self._pos = 0
 
-    def _opened(self) -> None:
-        """The subclass's handle is open: truncate if the mode asks."""
-        self._open = True
+    def _opened(self, handle: Handle) -> None:
+        """The subclass's *handle* is open: truncate if the mode asks."""
+        self._file, self._open = handle, True
         if self.flags & os.O_TRUNC:
             self._setsize(0)
 
@@ -57,13 +67,7 @@ class PagedFile(io.RawIOBase):
         raise NotImplementedError
 
     def _setsize(self, size: int) -> None:
-        raise NotImplementedError
-
-    def _sync(self) -> None:
-        raise NotImplementedError
-
-    def _release(self, sync: bool) -> None:
-        raise NotImplementedError
+        self._file.setsize(size)
 
     def _check(self) -> None:
         if not self._open:
@@ -121,7 +125,7 @@ class PagedFile(io.RawIOBase):
     def sync(self) -> None:
         """Write the file's dirty pages to the file and wait (fsync)."""
         self._check()
-        self._sync()
+        self._file.sync()
 
     def close(self) -> None:
         """Drop the hold (the object persists with its pages); a file open
@@ -129,7 +133,7 @@ class PagedFile(io.RawIOBase):
         was_open, self._open = self._open, False
         try:
             if was_open:
-                self._release(self._writable)
+                self._file.close(sync=self._writable)
         finally:
             super().close()
 

@@ -62,9 +62,10 @@ class UbcFile(PagedFile):
         creat = bool(self.flags & os.O_CREAT)
         if creat and not url:
             create_host_file(target, self.flags)
-        self._file = FileObject.open(vm, target, PROT_READ | (PROT_WRITE if self._writable else 0),
-                                     create=url and creat, excl=url and bool(self.flags & os.O_EXCL))
-        self._opened()
+        prot = PROT_READ | (PROT_WRITE if self._writable else 0)
+        self._file: FileObject = FileObject.open(vm, target, prot, create=url and creat,
+                                                 excl=url and bool(self.flags & os.O_EXCL))
+        self._opened(self._file)
 
     def _readinto_at(self, view: memoryview, off: int) -> int:
         return ubc_readinto(self._file.uvn, view, off)
@@ -74,12 +75,3 @@ class UbcFile(PagedFile):
 
     def _size(self) -> int:
         return self._file.uvn.u_size
-
-    def _setsize(self, size: int) -> None:
-        self._file.setsize(size)
-
-    def _sync(self) -> None:
-        self._file.sync()
-
-    def _release(self, sync: bool) -> None:
-        self._file.close(sync=sync)

@@ -84,8 +84,8 @@ class HwFile(PagedFile):
         super().__init__(target if isinstance(target, int) else os.fspath(target), mode)
         if self.flags & os.O_CREAT:
             create_host_file(target, self.flags)
-        self._file = RemoteFile(vm, target, PROT_READ | (PROT_WRITE if self._writable else 0))
-        self._opened()
+        self._file: RemoteFile = RemoteFile(vm, target, PROT_READ | (PROT_WRITE if self._writable else 0))
+        self._opened(self._file)
 
     def _readinto_at(self, view: memoryview, off: int) -> int:
         data = self._file.pread(len(view), off)
@@ -97,12 +97,3 @@ class HwFile(PagedFile):
 
     def _size(self) -> int:
         return self._file.size()
-
-    def _setsize(self, size: int) -> None:
-        self._file.setsize(size)
-
-    def _sync(self) -> None:
-        self._file.sync()
-
-    def _release(self, sync: bool) -> None:
-        self._file.close(sync=sync)
