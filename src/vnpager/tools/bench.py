@@ -554,6 +554,26 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cells_table(title: str, header: list[str], left: Iterable[str], rows: Iterable[list[str]]) -> Table:
+    """A rich table of *rows* under *header*, the columns named in *left* aligned left."""
+    left = set(left)
+    t = Table(title=title, title_justify="left")
+    for h in header:
+        t.add_column(h, justify="left" if h in left else "right")
+    for cells in rows:
+        t.add_row(*cells)
+    return t
+
+
+def cells_markdown(header: list[str], left: Iterable[str], rows: Iterable[list[str]]) -> Iterator[str]:
+    """The same as Markdown, for the README."""
+    left = set(left)
+    yield "| " + " | ".join(header) + " |"
+    yield "|" + "|".join("---" if h in left else "---:" for h in header) + "|"
+    for cells in rows:
+        yield "| " + " | ".join(cells) + " |"
+
+
 def measured(measure: Callable[[Callable[[str], None]], Any]) -> Any:
     """The report of ``measure(log)``, shown in progress: *log* names each case as it starts."""
     with progress(total=False) as bar:

@@ -52,7 +52,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vnpager.fuse.mount import mount_source
-from vnpager.tools.bench import emit, machine, make_file
+from vnpager.tools.bench import cells_markdown, cells_table, emit, machine, make_file
 from vnpager.tools.show import human, progress
 
 MiB = 1 << 20
@@ -311,25 +311,18 @@ def _cells(r: Row) -> list[str]:
 
 
 HEADER = ["job", "target", "MB/s", "ops/s", "to SRC", "to rclone"]
+LEFT = ("job", "target")
 
 
 def table(report: MountReport) -> Table:
     m, c = report.machine, report.config
-    t = Table(title=f"vnpager bench --mount: {human(c['file_size'])} file, vnpager physmem "
-                    f"{human(c['physmem'])}, {c['runtime']} s per fio job, dbench {c['dbench_time']} s; "
-                    f"{m['nproc']} x {m['cpu']}, {m['date']}", title_justify="left")
-    for h in HEADER:
-        t.add_column(h, justify="right" if h not in ("job", "target") else "left")
-    for r in report.rows:
-        t.add_row(*_cells(r))
-    return t
+    return cells_table(f"vnpager bench --mount: {human(c['file_size'])} file, vnpager physmem "
+                       f"{human(c['physmem'])}, {c['runtime']} s per fio job, dbench {c['dbench_time']} s; "
+                       f"{m['nproc']} x {m['cpu']}, {m['date']}", HEADER, LEFT, map(_cells, report.rows))
 
 
 def markdown(report: MountReport) -> Iterable[str]:
-    yield "| " + " | ".join(HEADER) + " |"
-    yield "|---|---|---:|---:|---:|---:|"
-    for r in report.rows:
-        yield "| " + " | ".join(_cells(r)) + " |"
+    return cells_markdown(HEADER, LEFT, map(_cells, report.rows))
 
 
 def run_mount_bench(args: argparse.Namespace, console: Console) -> int:

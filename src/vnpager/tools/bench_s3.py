@@ -42,7 +42,7 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.table import Table
 
-from vnpager.tools.bench import emit, machine, measured
+from vnpager.tools.bench import cells_markdown, cells_table, emit, machine, measured
 from vnpager.tools.objservers import CephRGW, S3User
 from vnpager.tools.show import human
 
@@ -373,6 +373,7 @@ def run(cfg: S3Config, log: Callable[[str], None], rgw: CephRGW | None = None) -
 
 HEADER = ["case", "reader", "rate", "ratio", "to", "GETs/MiB", "fetched/used", "uploaded/written",
           "outcome"]
+LEFT = ("case", "reader", "to", "outcome")
 
 
 def _cells(r: Row) -> list[str]:
@@ -383,21 +384,13 @@ def _cells(r: Row) -> list[str]:
 
 def table(report: S3Report) -> Table:
     m, c = report.machine, report.config
-    t = Table(title=f"vnpager bench --s3: a {human(c['object_size'])} object on RGW (localhost), vnpager "
-                    f"physmem {human(c['physmem'])}; {m['nproc']} x {m['cpu']}, {m['date']}",
-              title_justify="left")
-    for h in HEADER:
-        t.add_column(h, justify="left" if h in ("case", "reader", "to", "outcome") else "right")
-    for r in report.rows:
-        t.add_row(*_cells(r))
-    return t
+    return cells_table(f"vnpager bench --s3: a {human(c['object_size'])} object on RGW (localhost), vnpager "
+                       f"physmem {human(c['physmem'])}; {m['nproc']} x {m['cpu']}, {m['date']}",
+                       HEADER, LEFT, map(_cells, report.rows))
 
 
 def markdown(report: S3Report) -> Iterable[str]:
-    yield "| " + " | ".join(HEADER) + " |"
-    yield "|---|---|---:|---:|---|---:|---:|---:|---|"
-    for r in report.rows:
-        yield "| " + " | ".join(_cells(r)) + " |"
+    return cells_markdown(HEADER, LEFT, map(_cells, report.rows))
 
 
 def run_s3_bench(args: argparse.Namespace, console: Console) -> int:
