@@ -60,15 +60,33 @@ def test_plan_parts_obeys_the_limits(npages: int, data: st.DataObject, min_pages
 
 def test_plan_parts_uploads_follow_the_dirty_bytes() -> None:
     """The issue's case, at 1/16 the size: 4 MiB of random pages in a 64 MiB
-    object, with RGW's small parts: uploaded bytes are the dirty ones."""
+    object, with RGW's small parts: with upload_ratio 1 the uploaded bytes
+    are the dirty ones; by default up to twice them, the shortest gaps
+    joined, in fewer parts."""
     size = 64 << 20
     rnd = random.Random(1)
     dirty = _runs(rnd.sample(range(size // PS), (4 << 20) // PS))
+    ndirty = sum(b - a for a, b in dirty)
+    exact = PartPolicy(min_part=PS, max_parts=100_000, upload_ratio=1)
+    parts = plan_parts(size, size, dirty, exact)
+    _check(parts, size, size, dirty, exact)
+    assert _uploaded(parts) == ndirty
     policy = PartPolicy(min_part=PS, max_parts=100_000)
-    parts = plan_parts(size, size, dirty, policy)
-    _check(parts, size, size, dirty, policy)
-    uploaded = sum(p.end - p.start for p in parts if not p.copy)
-    assert uploaded == sum(b - a for a, b in dirty)
+    joined = plan_parts(size, size, dirty, policy)
+    _check(joined, size, size, dirty, policy)
+    assert ndirty < _uploaded(joined) <= 2 * ndirty
+    assert len(joined) < 0.8 * len(parts)
+
+
+def test_plan_parts_join_the_shortest_gaps_first() -> None:
+    dirty = _runs([0, 2, 10, 13, 40])  # gaps of 1, 7, 2 and 26 pages
+    policy = PartPolicy(min_part=PS, upload_ratio=1.6)  # 3 pages to spare: the gaps of 1 and 2
+    parts = plan_parts(64 * PS, 64 * PS, dirty, policy)
+    assert [(p.start // PS, p.end // PS) for p in parts if not p.copy] == [(0, 3), (10, 14), (40, 41)]
+
+
+def _uploaded(parts: list[Part]) -> int:
+    return sum(p.end - p.start for p in parts if not p.copy)
 
 
 def test_plan_parts_coalesce_under_max_parts() -> None:
@@ -77,8 +95,7 @@ def test_plan_parts_coalesce_under_max_parts() -> None:
     policy = PartPolicy(min_part=PS, max_parts=32)
     parts = plan_parts(size, size, dirty, policy)
     _check(parts, size, size, dirty, policy)
-    uploaded = sum(p.end - p.start for p in parts if not p.copy)
-    assert len(dirty) * PS < uploaded < size  # gaps joined, not everything
+    assert len(dirty) * PS < _uploaded(parts) < size  # gaps joined, not everything
 
 
 def test_part_policy_rejects_nonsense() -> None:
@@ -86,6 +103,8 @@ def test_part_policy_rejects_nonsense() -> None:
         PartPolicy(min_part=0)
     with pytest.raises(ValueError):
         PartPolicy(min_part=2 * PS, max_part=PS)
+    with pytest.raises(ValueError):
+        PartPolicy(upload_ratio=0.5)
 
 
 def test_plan_parts_cut_a_new_object_into_upload_parts() -> None:

@@ -102,9 +102,10 @@ def test_objfs_rgw_publish_copies_clean_ranges(vm: VM, s3: ObjMount, s3_bucket: 
     s3_bucket.fs.invalidate_cache()
     assert s3_bucket.fs.info(path)["ETag"] != etag
     assert s3_bucket.fs.cat_file(path) == data
-    assert st["bytes_uploaded"] == 64 * PS  # the dirty pages, nothing else
-    assert st["bytes_copied"] == size - 64 * PS
-    assert st["bytes_fetched"] == 64 * PS  # the pages read before they were written
+    # the dirty pages, and the shortest clean gaps (read for it) within twice them
+    assert 64 * PS <= st["bytes_uploaded"] <= 2 * 64 * PS
+    assert st["bytes_copied"] == size - st["bytes_uploaded"]
+    assert st["bytes_fetched"] >= st["bytes_uploaded"]  # pages read before written, and the gaps
 
 
 def test_objfs_rgw_failed_upload_kept_dirty_and_reported_once(vm: VM, s3: ObjMount,
@@ -223,7 +224,7 @@ def test_objfs_rgw_1gib_through_16mib_vm(s3_bucket: Bucket) -> None:
 def test_objfs_rgw_random_pages_upload_what_is_dirty(s3_bucket: Bucket) -> None:
     """The issue's write target, smaller: random 4 KiB pages (1 MiB of them)
     written into a 64 MiB object, then flushed: the bytes uploaded are at
-    most 2x the dirty bytes (here: exactly them), the rest copied."""
+    most 2x the dirty bytes, the rest copied."""
     size = 64 * MiB
     path = s3_bucket.path("rand")
     with s3_bucket.fs.open(path, "wb", block_size=8 * MiB) as w:
@@ -237,11 +238,12 @@ def test_objfs_rgw_random_pages_upload_what_is_dirty(s3_bucket: Bucket) -> None:
             for pg in pages:  # whole pages: nothing to read first
                 f.seek(pg * PS)
                 f.write(b"RAND" * (PS // 4))
+            fetched = mp.statistics()["bytes_fetched"]
         st = mp.statistics()
     finally:
         vm.close()
     dirty = len(pages) * PS
-    assert st["bytes_uploaded"] <= 2 * dirty and st["bytes_fetched"] == 0
+    assert dirty <= st["bytes_uploaded"] <= 2 * dirty and fetched == 0
     assert st["bytes_uploaded"] + st["bytes_copied"] == size
     s3_bucket.fs.invalidate_cache()
     for pg in pages[:20] + [p + 1 for p in pages[:20] if p + 1 not in pages]:
