@@ -50,6 +50,7 @@ MiB = 1 << 20
 PAGE = 4096
 OPS_SETTLE = 0.5  # seconds of no new ops-log entry before a count is taken
 OPS_WAIT = 30.0  # seconds for RGW to log the requests of a case
+REQUEST_TIMEOUT = 900  # seconds botocore waits for an answer (see _options)
 
 
 @dataclass(frozen=True)
@@ -187,18 +188,25 @@ def _vnpager_file(obj: Obj, cfg: S3Config, mode: str = "rb") -> Iterator[Any]:
     vm = vnpager.VM(physmem=cfg.physmem)
     try:
         # the parts RGW is configured to take (objservers' ceph.conf)
-        vm.mount_objects("s3", policy=PartPolicy(min_part=PAGE, max_parts=1 << 20),
-                         **obj.user.storage_options())
+        vm.mount_objects("s3", policy=PartPolicy(min_part=PAGE, max_parts=1 << 20), **_options(obj.user))
         with vm.open(f"s3://{obj.path}", mode) as f:
             yield f
     finally:
         vm.close()
 
 
+def _options(user: S3User) -> dict[str, Any]:
+    """s3fs's options for every reader and writer: RGW on a loaded machine may
+    take minutes to complete an upload of thousands of parts, and botocore,
+    whose read timeout is 60 s, then sends the completion again, which RGW
+    refuses while the first is under way ("already in progress")."""
+    return {**user.storage_options(), "config_kwargs": {"read_timeout": REQUEST_TIMEOUT}}
+
+
 def _s3fs(user: S3User) -> Any:
     import s3fs
 
-    return s3fs.S3FileSystem(skip_instance_cache=True, **user.storage_options())
+    return s3fs.S3FileSystem(skip_instance_cache=True, **_options(user))
 
 
 @contextlib.contextmanager
