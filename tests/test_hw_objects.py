@@ -237,3 +237,47 @@ def test_hw_objects_bad_mounts_and_urls_are_refused(tmp_path: Any) -> None:
         with pytest.raises(PermissionError):
             vm.mount_objects("file")
         assert vm.pread(str(host), 2, 0) == b"xx"  # a path is the client's to open: a descriptor
+
+
+def test_hw_objects_unmounted_protocol_from_the_environment_and_a_failed_publish_reaches_flush(
+        s3_bucket: Bucket, clients: list[Client]) -> None:
+    """No mount: the private server (the client's child, its environment)
+    mounts s3 with fsspec's defaults, as the software VM does.  A publish
+    whose base was replaced (a bucket without versioning) fails: flush
+    raises its ESTALE, and the write stays, seen through the map."""
+    data = pattern(24 * PS, seed=15)
+    url = put(s3_bucket, "env", data)
+    c = Client(env={**os.environ, **s3_bucket.user.env()})
+    clients.append(c)
+    c.do(op="connect", physmem="1M")
+    c.do(op="map", url=url)
+    assert c.do(op="read", off=8 * PS, n=PS) == sha(data[8 * PS:9 * PS])
+    c.do(op="write", off=2 * PS, data=b"unpublished".hex())
+    put(s3_bucket, "env", pattern(24 * PS, seed=16))
+    kind, err, _ = c.error(op="flush")
+    assert (kind, err) == ("OSError", errno.ESTALE)
+    assert c.do(op="read", off=2 * PS, n=PS) == sha(b"unpublished" + data[2 * PS + 11:3 * PS])
+
+
+def test_hw_objects_the_readme_example_runs(s3_bucket: Bucket) -> None:
+    """The README's 30-second example (Object stores, hardware MMU), on RGW."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
+    code = next(b for b in blocks if 'mmu="hardware"' in b and "s3://bucket/big.bin" in b)
+    data = pattern(16 << 20, seed=17)
+    url = put(s3_bucket, "big.bin", data)
+    user = s3_bucket.user
+    for old, new in (("http://127.0.0.1:7480", user.url), ('"ACCESS"', repr(user.access_key)),
+                     ('"SECRET"', repr(user.secret_key)), ("s3://bucket/big.bin", url)):
+        assert old in code
+        code = code.replace(old, new)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=DEADLINE * 2)
+    assert out.returncode == 0, out.stderr
+    total, stats = out.stdout.strip().splitlines()
+    assert int(total) == sum(data)
+    assert "'bytes_uploaded'" in stats
+    expect = bytearray(data)
+    expect[4096:4103] = b"patched"
+    assert fetch(s3_bucket, "big.bin") == expect
