@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,25 +30,6 @@ from vnpager.vfs.objstore import PartPolicy
 
 PS = mmap.PAGESIZE
 RGW_POLICY = PartPolicy(min_part=PS, max_parts=1_000_000)
-
-
-@pytest.fixture
-def clients() -> Iterator[list[Client]]:
-    made: list[Client] = []
-    try:
-        yield made
-    finally:
-        for c in made:
-            c.kill()
-
-
-@pytest.fixture
-def server() -> Iterator[ServerProc]:
-    srv = ServerProc("4M")
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def mounted(clients: list[Client], bucket: Bucket, **connect: Any) -> Client:
@@ -127,9 +107,18 @@ def test_hw_objects_numpy_over_an_s3_object_is_zero_copy_and_flush_publishes_the
 
 
 def test_hw_objects_two_processes_on_one_server_share_an_objects_pages(
-        server: ServerProc, s3_bucket: Bucket, clients: list[Client]) -> None:
+        s3_bucket: Bucket, clients: list[Client]) -> None:
     data = pattern(32 * PS, seed=8)
     url = put(s3_bucket, "shared", data)
+    server = ServerProc("4M")
+    try:
+        two_clients_share(server, s3_bucket, clients, url, data)
+    finally:
+        server.stop()
+
+
+def two_clients_share(server: ServerProc, s3_bucket: Bucket, clients: list[Client], url: str,
+                      data: bytes) -> None:
     a = mounted(clients, s3_bucket, path=server.path)
     b = mounted(clients, s3_bucket, path=server.path)  # the same arguments: the same mount
     a.do(op="map", url=url)

@@ -12,6 +12,12 @@ userfaultfd (handed to the server once, at attach), a watchdog process
   share one budget and one set of pages, so a write by one process is
   seen by the others at once.
 
+Objects of object stores (issue 12): :meth:`HardwareVM.mount_objects`
+sends fsspec's storage_options to the server (JSON), and a URL given to
+``map``, ``open``, ``pread`` or ``pwrite`` is the server's to look up on
+its VM's objfs mounts (:mod:`vnpager.server.objects`): a URL's map is a
+HwMmap as a file's is.
+
 Requests go one at a time over the connection (``_lock``); a thread that
 waits for a reply holds no GIL, so another thread's fault is served
 meanwhile (by the server's fault thread, which never waits for us).  A

@@ -26,8 +26,8 @@ copies the page on write, into the client's own anonymous memory (not
 under the VM's budget).
 
 The protocol of a map, from the client's session (``server/serve.py``):
-:meth:`map` (attach the file, hand out the object's memfd: a
-:class:`Grant`), the client mmaps the memfd with the user's arguments,
+:meth:`map` (attach the file, or the object of a URL, and hand out the
+object's memfd: a :class:`Grant`), the client mmaps the memfd with the user's arguments,
 :meth:`mapped` (enter the map at the client's address and REGISTER it with
 the client's uffd: MISSING|MINOR, and WP for a writable shared map), then
 :meth:`flush`, :meth:`madvise`, :meth:`resize`, :meth:`size` on it, and
