@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 import pytest
+import s3fs
 
 from hw_procs import DEADLINE, Client, ServerProc
 from objservers_helpers import Bucket, WebDir
@@ -120,10 +121,10 @@ def test_hw_objects_two_processes_on_one_server_share_an_objects_pages(
 def two_clients_share(server: ServerProc, s3_bucket: Bucket, clients: list[Client], url: str,
                       data: bytes) -> None:
     a = mounted(clients, s3_bucket, path=server.path)
-    b = mounted(clients, s3_bucket, path=server.path)  # the same arguments: the same mount
     a.do(op="map", url=url)
-    b.do(op="map", url=url)
     assert a.do(op="read", off=0, n=PS) == sha(data[:PS])
+    b = mounted(clients, s3_bucket, path=server.path)  # the same arguments: the same mount, a's vnode
+    b.do(op="map", url=url)
     a.do(op="write", off=PS + 5, data=b"from a".hex())
     # no flush: the same page, at once (one vnode, one memfd)
     assert b.do(op="read", off=PS, n=PS) == sha(data[PS:PS + 5] + b"from a" + data[PS + 11:2 * PS])
@@ -198,7 +199,9 @@ def test_hw_objects_open_pread_pwrite_are_the_software_vms(s3_bucket: Bucket) ->
         url = put(s3_bucket, f"{mmu}.bin", base)
         new = f"s3://{s3_bucket.path(mmu + '.new')}"
         with VM("1M", mmu=mmu) as vm:
-            vm.mount_objects("s3", policy=RGW_POLICY, **s3_bucket.user.storage_options())
+            # a filesystem: the hardware VM's server makes it again from its storage_options
+            vm.mount_objects(s3fs.S3FileSystem(**s3_bucket.user.storage_options(), skip_instance_cache=True),
+                             policy=RGW_POLICY)
             out: list[object] = [vm.pread(url, 3 * PS, PS - 10), vm.pwrite(url, b"pw", 7)]
             with vm.open(url, "r+b") as f:
                 out += [f.seek(0, os.SEEK_END), f.seek(5 * PS), f.read(6), f.write(b"XY"), f.tell()]
