@@ -273,3 +273,18 @@ def test_hw_objects_the_readme_example_runs(s3_bucket: Bucket) -> None:
     expect = bytearray(data)
     expect[4096:4103] = b"patched"
     assert fetch(s3_bucket, "big.bin") == expect
+
+
+def test_hw_objects_a_forked_child_shares_the_map_and_its_flush_publishes(
+        s3_bucket: Bucket, clients: list[Client]) -> None:
+    data = pattern(64 * PS, seed=18)
+    url = put(s3_bucket, "forked", data)
+    c = mounted(clients, s3_bucket, physmem="1M")
+    c.do(op="map", url=url)
+    assert c.do(op="read", off=0, n=PS) == sha(data[:PS])
+    c.send(op="fork", off=40 * PS, n=PS, woff=50 * PS, data=b"child".hex())
+    assert c.answer() == {"child": sha(data[40 * PS:41 * PS])}
+    assert c.answer() == {"ok": 0}  # the child's exit status
+    # the child's store is in the parent's map at once, and its flush published it
+    assert c.do(op="read", off=50 * PS, n=5) == sha(b"child")
+    assert fetch(s3_bucket, "forked")[50 * PS:50 * PS + 5] == b"child"

@@ -20,6 +20,10 @@ read error or a page past the end of a truncated file is SIGBUS, and a
 server that died gives SIGBUS on the next fault and :class:`ServerGone`
 (an OSError) from these methods.
 
+A map of an object of an object store (:meth:`HwMmap.of_url`, what
+``vm.map(url)`` makes) is the same kind of map over the object's memfd:
+the server looks the URL up instead of receiving a descriptor.
+
 Anonymous maps (``fileno=-1``) are the host's anonymous memory: not
 under the VM's budget, and not seen by the server at all.
 """
