@@ -288,3 +288,27 @@ def test_hw_objects_a_forked_child_shares_the_map_and_its_flush_publishes(
     # the child's store is in the parent's map at once, and its flush published it
     assert c.do(op="read", off=50 * PS, n=5) == sha(b"child")
     assert fetch(s3_bucket, "forked")[50 * PS:50 * PS + 5] == b"child"
+
+
+def _outcome(call: Any) -> tuple[str, int | None]:
+    try:
+        call().close()
+    except (OSError, ValueError, TypeError, OverflowError) as e:
+        return type(e).__name__, getattr(e, "errno", None)
+    return "ok", None
+
+
+def test_hw_objects_bad_map_arguments_fail_as_on_the_software_mmu(s3_bucket: Bucket) -> None:
+    url = put(s3_bucket, "small", pattern(3 * PS + 5, seed=19))
+    cases: list[dict[str, Any]] = [
+        {"length": 4 * PS}, {"length": -1}, {"offset": 100}, {"offset": 4 * mmap.ALLOCATIONGRANULARITY},
+        {"offset": -mmap.ALLOCATIONGRANULARITY}, {"access": 7}, {"access": mmap.ACCESS_READ, "prot": 1},
+        {"length": PS, "offset": PS}, {"length": 0, "access": mmap.ACCESS_COPY}]
+    outcomes: dict[str, list[object]] = {}
+    for mmu in ("software", "hardware"):
+        with VM("1M", mmu=mmu) as vm:
+            vm.mount_objects("s3", policy=RGW_POLICY, **s3_bucket.user.storage_options())
+            outcomes[mmu] = [_outcome(lambda kw=kw: vm.map(url, **kw)) for kw in cases]
+            outcomes[mmu].append(_outcome(lambda: vm.map(url + ".missing")))
+    assert outcomes["hardware"] == outcomes["software"]
+    assert outcomes["software"][-3:] == [("ok", None), ("ok", None), ("FileNotFoundError", errno.ENOENT)]
