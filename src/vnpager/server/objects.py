@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import threading
 from typing import Any
 
@@ -65,9 +64,9 @@ class ObjectMounts:
         fields of a PartPolicy) and *staging_dir*, as the software VM's
         ``mount_objects``; the mount's id.  Raises TypeError or ValueError
         for bad arguments, the filesystem's error if it cannot be made."""
-        if not isinstance(protocol, str) or not isinstance(options, dict) or not (
-                policy is None or isinstance(policy, dict)):
-            raise TypeError("a protocol, and storage_options and policy as dicts")
+        if not (isinstance(protocol, str) and isinstance(options, dict) and isinstance(policy, dict | None)
+                and isinstance(staging_dir, str | None)):
+            raise TypeError("a protocol, storage_options and policy as dicts, a staging directory")
         protocol = protocol.split("://", 1)[0]
         check_url(f"{protocol}://")
         key = json.dumps([protocol, options, policy, staging_dir], sort_keys=True)
@@ -83,7 +82,7 @@ class ObjectMounts:
 
             fs = fsspec.filesystem(protocol, **options)
             om = objfs_mounts(self.vm.vfs).mount(fs, PartPolicy(**policy) if policy is not None else None,
-                                                 os.fspath(staging_dir) if staging_dir is not None else None)
+                                                 staging_dir)
             mount_id, self.next_id = self.next_id, self.next_id + 1
             self.by_id[mount_id] = om
             self.by_args[key] = mount_id
