@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from hw_procs import Client
 from objservers_helpers import LATENCY, Bucket, WebDir, remove_bucket
 from vnpager import VM
 from vnpager.kern.debug import DEBUG
@@ -34,6 +35,17 @@ def vm() -> Iterator[VM]:
     yield machine
     machine.check_invariants()
     machine.close()
+
+
+@pytest.fixture
+def clients() -> Iterator[list[Client]]:
+    """The hardware-MMU client processes (hw_procs.Client) a test made: killed after it."""
+    made: list[Client] = []
+    try:
+        yield made
+    finally:
+        for c in made:
+            c.kill()
 
 
 # Real object stores (vnpager.tools.objservers): one Ceph cluster with RADOS

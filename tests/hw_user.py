@@ -21,9 +21,12 @@ import numpy as np
 
 import vnpager
 from vnpager.client import HardwareVM, HwMmap
+from vnpager.client.vm import ObjectMount
+from vnpager.vfs.objstore import PartPolicy
 
 vm: HardwareVM | None = None
 maps: dict[int, HwMmap] = {}
+mounts: list[ObjectMount] = []
 
 
 def peak_rss(pid: int) -> int:
@@ -48,6 +51,15 @@ def do(cmd: dict[str, Any]) -> Any:
     if op == "peak_rss":
         return peak_rss(os.getpid())
     assert vm is not None
+    if op == "mount":  # an object store: {"protocol", "options", "policy"?}
+        policy = PartPolicy(**cmd["policy"]) if "policy" in cmd else None
+        mounts.append(vm.mount_objects(cmd["protocol"], policy=policy, **cmd.get("options", {})))
+        return len(mounts) - 1
+    if op == "objstats":
+        return mounts[cmd.get("mount", 0)].statistics()
+    if op == "map" and "url" in cmd:
+        maps[len(maps)] = vm.map(cmd["url"], cmd.get("length", 0), access=cmd.get("access", 0))
+        return len(maps) - 1
     if op == "map":
         fd = os.open(cmd["file"], os.O_RDWR)
         try:

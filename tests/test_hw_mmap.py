@@ -64,16 +64,6 @@ def server() -> Iterator[ServerProc]:
         srv.stop()
 
 
-@pytest.fixture
-def clients() -> Iterator[list[Client]]:
-    made: list[Client] = []
-    try:
-        yield made
-    finally:
-        for c in made:
-            c.kill()
-
-
 def client(clients: list[Client], **connect: object) -> Client:
     c = Client()
     clients.append(c)

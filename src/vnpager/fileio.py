@@ -50,6 +50,15 @@ class PagedFile(io.RawIOBase):
         self._open = False
         self._pos = 0
 
+    def _create(self, target: Any, url: bool) -> tuple[bool, bool]:
+        """Make the host file an O_CREAT open of *target* asks for; for the
+        object of a URL (*url*), what the handle's open is told instead:
+        (create, excl) (the store makes the object at its first sync)."""
+        creat = bool(self.flags & os.O_CREAT)
+        if creat and not url:
+            create_host_file(target, self.flags)
+        return url and creat, url and bool(self.flags & os.O_EXCL)
+
     def _opened(self, handle: Handle) -> None:
         """The subclass's *handle* is open: truncate if the mode asks."""
         self._file, self._open = handle, True

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from vnpager.fileio import PagedFile, create_host_file
+from vnpager.fileio import PagedFile
 from vnpager.uvm.uvm_bio import ubc_read, ubc_readinto, ubc_write
 from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
 from vnpager.vfs.objfs import is_url
@@ -58,13 +58,9 @@ class UbcFile(PagedFile):
 
     def __init__(self, vm: VM, target: Target, mode: str = "r") -> None:
         super().__init__(target if isinstance(target, Vnode | int) else os.fspath(target), mode)
-        url = is_url(target)  # an object: the store makes it at the first sync
-        creat = bool(self.flags & os.O_CREAT)
-        if creat and not url:
-            create_host_file(target, self.flags)
+        create, excl = self._create(target, is_url(target))
         prot = PROT_READ | (PROT_WRITE if self._writable else 0)
-        self._file: FileObject = FileObject.open(vm, target, prot, create=url and creat,
-                                                 excl=url and bool(self.flags & os.O_EXCL))
+        self._file: FileObject = FileObject.open(vm, target, prot, create=create, excl=excl)
         self._opened(self._file)
 
     def _readinto_at(self, view: memoryview, off: int) -> int:

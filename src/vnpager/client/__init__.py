@@ -7,7 +7,9 @@
 * :mod:`.watchdog` -- the process that turns a dead server into SIGBUS.
 
 It imports :mod:`vnpager.arch.uffd` and :mod:`vnpager.server.protocol`,
-nothing of the VM: a client process holds no kernel state.
+nothing of the VM but what tells a URL from a path (objfs's ``is_url``):
+a client process holds no kernel state.  URLs of objects are the
+server's to look up (``mount_objects``, :class:`.vm.ObjectMount`).
 """
 
 from vnpager.client.hwmmap import HwMmap

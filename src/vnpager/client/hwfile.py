@@ -1,5 +1,8 @@
 """File I/O through a pager server's pages: the hardware VM's ``pread``,
-``pwrite`` and ``open``, with the software VM's semantics (``vnpager.ubc``).
+``pwrite`` and ``open``, with the software VM's semantics (``vnpager.ubc``),
+of host files (by descriptor) and of objects (by URL: the server looks
+them up on its objfs mounts; their writes are published at sync and at
+the close of a file open for writing).
 
 The server holds the file's object for a handle (``fopen``): reads see
 the pages as the maps of every client left them, flushed or not; writes
@@ -14,8 +17,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from vnpager.fileio import PagedFile, create_host_file
+from vnpager.fileio import PagedFile
 from vnpager.server import protocol
+from vnpager.vfs.objfs import is_url
 
 if TYPE_CHECKING:
     from vnpager.client.vm import HardwareVM
@@ -27,8 +31,15 @@ class RemoteFile:
     """One handle on a file's object in the server (``fopen``).  Not
     thread-safe against its own close, like a file object."""
 
-    def __init__(self, vm: HardwareVM, target: str | os.PathLike[str] | int, prot: int) -> None:
+    def __init__(self, vm: HardwareVM, target: str | os.PathLike[str] | int, prot: int, create: bool = False,
+                 excl: bool = False) -> None:
+        """A handle on the file open on descriptor *target*, at path
+        *target*, or of the object at URL *target* (*create* and *excl*:
+        O_CREAT and O_EXCL, for a URL only)."""
         self.vm = vm
+        if is_url(target):
+            self.handle = int(vm.request("fopen_url", target, prot, create, excl))
+            return
         if isinstance(target, int):
             self.handle = int(vm.request("fopen", prot, fds=[target]))
             return
@@ -82,9 +93,9 @@ class HwFile(PagedFile):
 
     def __init__(self, vm: HardwareVM, target: str | os.PathLike[str] | int, mode: str = "r") -> None:
         super().__init__(target if isinstance(target, int) else os.fspath(target), mode)
-        if self.flags & os.O_CREAT:
-            create_host_file(target, self.flags)
-        self._file: RemoteFile = RemoteFile(vm, target, PROT_READ | (PROT_WRITE if self._writable else 0))
+        create, excl = self._create(target, is_url(target))
+        self._file: RemoteFile = RemoteFile(vm, target, PROT_READ | (PROT_WRITE if self._writable else 0),
+                                            create, excl)
         self._opened(self._file)
 
     def _readinto_at(self, view: memoryview, off: int) -> int:

@@ -20,6 +20,10 @@ read error or a page past the end of a truncated file is SIGBUS, and a
 server that died gives SIGBUS on the next fault and :class:`ServerGone`
 (an OSError) from these methods.
 
+A map of an object of an object store (:meth:`HwMmap.of_url`, what
+``vm.map(url)`` makes) is the same kind of map over the object's memfd:
+the server looks the URL up instead of receiving a descriptor.
+
 Anonymous maps (``fileno=-1``) are the host's anonymous memory: not
 under the VM's budget, and not seen by the server at all.
 """
@@ -132,8 +136,29 @@ class HwMmap(mmap.mmap):
         mmap.mmap(fd, n, fl, pr, ac, off).close()
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+        rdonly = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        return cls._granted(vm, fd, rdonly, n, fl, pr, ac, off, trackfd)
+
+    @classmethod
+    def of_url(cls, vm: HardwareVM, url: str, length: SupportsIndex = 0,
+               flags: SupportsIndex = mmap.MAP_SHARED, prot: SupportsIndex = RW,
+               access: SupportsIndex = ACCESS_DEFAULT, offset: SupportsIndex = 0) -> HwMmap:
+        """A map of the object at *url* (``s3://bucket/key``, ``https://...``),
+        which the server looks up on its VM's objfs mounts (close-to-open),
+        with ``mmap.mmap``'s arguments after the descriptor.  There is no
+        descriptor of the user's to check them on: the server checks the
+        size and the store's access (a read-only store: PermissionError
+        for a writable map), CPython the rest on the memfd."""
+        n, fl, pr, ac, off = map(operator.index, (length, flags, prot, access, offset))
+        return cls._granted(vm, url, False, n, fl, pr, ac, off, True)
+
+    @classmethod
+    def _granted(cls, vm: HardwareVM, target: int | str, rdonly: bool, n: int, fl: int, pr: int, ac: int,
+                 off: int, trackfd: bool) -> HwMmap:
+        """The map of the server's grant for *target* (a descriptor or a
+        URL), made with the user's arguments over the object's memfd."""
         eflags, eprot, eaccess = effective(fl, pr, ac)
-        grant, memfd = vm.grant(fd, n, off, eprot, eflags)
+        grant, memfd = vm.grant(target, n, off, eprot, eflags)
         with vm.space_lock:  # our address is the server's name for the map: see close()
             try:
                 self = super().__new__(cls, memfd, n, fl, pr, ac, off)
@@ -142,8 +167,7 @@ class HwMmap(mmap.mmap):
                 raise
             finally:
                 os.close(memfd)  # CPython holds its own duplicate
-            self._vm, self._addr, self._trackfd = vm, address(self), trackfd
-            self._rdonly = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+            self._vm, self._addr, self._trackfd, self._rdonly = vm, address(self), trackfd, rdonly
             self._flags, self._prot, self._access, self._offset = eflags, eprot, eaccess, off
             try:
                 vm.request("mapped", grant, self._addr, len(self))

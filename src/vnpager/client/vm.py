@@ -12,6 +12,12 @@ userfaultfd (handed to the server once, at attach), a watchdog process
   share one budget and one set of pages, so a write by one process is
   seen by the others at once.
 
+Objects of object stores (issue 12): :meth:`HardwareVM.mount_objects`
+sends fsspec's storage_options to the server (JSON), and a URL given to
+``map``, ``open``, ``pread`` or ``pwrite`` is the server's to look up on
+its VM's objfs mounts (:mod:`vnpager.server.objects`): a URL's map is a
+HwMmap as a file's is.
+
 Requests go one at a time over the connection (``_lock``); a thread that
 waits for a reply holds no GIL, so another thread's fault is served
 meanwhile (by the server's fault thread, which never waits for us).  A
@@ -29,6 +35,8 @@ server, not to the child).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import secrets
 import socket
@@ -45,6 +53,8 @@ from vnpager.client import watchdog
 from vnpager.client.hwfile import PROT_READ, PROT_WRITE, HwFile, RemoteFile
 from vnpager.client.hwmmap import RW, HwMmap
 from vnpager.server import protocol
+from vnpager.vfs.objfs import is_url
+from vnpager.vfs.objstore import protocols
 
 #: How long a connection waits for the server's answer to attach (an
 #: embedded server imports vnpager and makes its VM first).
@@ -216,10 +226,14 @@ class HardwareVM:
 
     # -------------------------------------------------------- maps
 
-    def grant(self, fd: int, length: int, offset: int, prot: int, flags: int) -> tuple[int, int]:
-        """The server's grant of a map of the file open on *fd*: (its id,
-        the object's memfd, which the caller closes)."""
-        result, fds = self.request_fds("map", length, offset, prot, flags, fds=[fd])
+    def grant(self, target: int | str, length: int, offset: int, prot: int, flags: int) -> tuple[int, int]:
+        """The server's grant of a map of the file open on descriptor
+        *target*, or of the object at URL *target*: (its id, the object's
+        memfd, which the caller closes)."""
+        if isinstance(target, str):
+            result, fds = self.request_fds("map_url", target, length, offset, prot, flags)
+        else:
+            result, fds = self.request_fds("map", length, offset, prot, flags, fds=[target])
         if len(fds) != 1:
             protocol.close_fds(fds)
             raise protocol.ProtocolError("map: the reply brought no memfd")
@@ -246,12 +260,48 @@ class HardwareVM:
 
     def map(self, target: str | os.PathLike[str] | int, length: int = 0, flags: int = 1, prot: int = RW,
             access: int = 0, offset: int = 0) -> HwMmap:
-        """A map of *target* (a path or a descriptor), as ``vnpager.VM.map``:
-        a path is opened read-write where the host allows, else read-only."""
+        """A map of *target* (a path, a descriptor or the URL of an object),
+        as ``vnpager.VM.map``: a path is opened read-write where the host
+        allows, else read-only; a URL is looked up in its store by the
+        server (see :meth:`mount_objects`), and a read-only store (HTTP)
+        needs ``prot=PROT_READ``."""
         if isinstance(target, int):
             return self.mmap(target, length, flags, prot, access, offset)
+        if is_url(target):
+            if self.closed:
+                raise ValueError("the VM is closed")
+            return HwMmap.of_url(self, str(target), length, flags, prot, access, offset)
         with _opened(target) as fd:
             return self.mmap(fd, length, flags, prot, access, offset)
+
+    def mount_objects(self, fs: Any, policy: Any = None, staging_dir: str | os.PathLike[str] | None = None,
+                      **storage_options: Any) -> ObjectMount:
+        """The objects of an object store as files of the server's VM, as
+        ``vnpager.VM.mount_objects`` (the same arguments): *fs* is a protocol
+        or URL (``"s3"``, ``"s3://bucket"``) and *storage_options* fsspec's
+        for it, or an fsspec filesystem, which the server makes again from
+        its protocol and ``storage_options``.  They travel to the server
+        over its Unix socket (credentials too: the socket is private to
+        those who may connect), so they must be JSON (TypeError if not).
+        The mount is the server VM's: the last made for a protocol serves
+        its URLs for every client; the same arguments again are the same
+        mount (so clients share its objects' pages).  *staging_dir* is a
+        directory of the server's host."""
+        if not isinstance(fs, str):
+            if storage_options:
+                raise TypeError("storage_options make a filesystem: pass a protocol, not one")
+            options = getattr(fs, "storage_options", None)
+            if not isinstance(options, dict) or not hasattr(fs, "protocol"):
+                raise TypeError(f"not an fsspec filesystem: {fs!r}")
+            fs, storage_options = protocols(fs)[0], dict(options)
+        policy_fields = dataclasses.asdict(policy) if policy is not None else None
+        staging = os.fspath(staging_dir) if staging_dir is not None else None
+        try:
+            json.dumps([storage_options, policy_fields])
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"a hardware VM's storage_options go to its server as JSON: {e}") from None
+        mount_id = self.request("mount_objects", fs, storage_options, policy_fields, staging)
+        return ObjectMount(self, fs.split("://", 1)[0], mount_id)
 
     # -------------------------------------------------------- file I/O
 
@@ -378,6 +428,24 @@ class HardwareVM:
                 self._start_watchdog(self.uffd)
         except OSError as e:
             self._dead = f"the forked child could not adopt its space: {e}"
+
+
+class ObjectMount:
+    """A client's handle on an objfs mount of its server's VM
+    (:meth:`HardwareVM.mount_objects`): its protocol, and its counters."""
+
+    def __init__(self, vm: HardwareVM, protocol: str, mount_id: int) -> None:
+        self.vm, self.protocol, self.id = vm, protocol, mount_id
+
+    def statistics(self) -> dict[str, int]:
+        """The mount's requests, as the server counts them (gets,
+        bytes_fetched, heads, parts_uploaded, bytes_uploaded, ...: objfs's
+        ``ObjMount.statistics()``), for all the clients that use it."""
+        stats: dict[str, int] = self.vm.request("objstats", self.id)
+        return stats
+
+    def __repr__(self) -> str:
+        return f"<ObjectMount {self.protocol} {self.id} of {self.vm!r}>"
 
 
 def _stop(proc: subprocess.Popen[bytes] | None) -> None:

@@ -77,7 +77,12 @@ class Request:
 #: (``vm.quiesce``); ``check_invariants`` runs its checks.  ``fopen``
 #: .. ``fclose`` are file I/O through the server VM's pages (the client's
 #: ``pread``, ``pwrite`` and ``open``): a handle per open file, bytes as
-#: base64 (at most MAX_DATA a message).
+#: base64 (at most MAX_DATA a message).  ``map_url`` and ``fopen_url`` name
+#: an object by its URL instead of bringing a descriptor (the server looks
+#: it up on its VM's objfs mounts); ``mount_objects`` makes such a mount
+#: (an fsspec protocol and its storage_options, JSON: credentials travel
+#: over this private socket) and answers its id, ``objstats`` a mount's
+#: ``statistics()``.
 REQUESTS: dict[str, Request] = {
     "attach": Request(("features",), fds_in=1, needs_space=False),  # the uffd's features
     "adopt": Request(("parent",), fds_out=1, needs_space=False),  # parent: its session id
@@ -102,6 +107,10 @@ REQUESTS: dict[str, Request] = {
     "ftruncate": Request(("handle", "size")),
     "fsync": Request(("handle",)),
     "fclose": Request(("handle", "sync")),
+    "map_url": Request(("url", "length", "offset", "prot", "flags"), fds_out=1),
+    "fopen_url": Request(("url", "prot", "create", "excl")),
+    "mount_objects": Request(("protocol", "options", "policy", "staging_dir"), needs_space=False),
+    "objstats": Request(("mount",), needs_space=False),
 }
 
 #: Bytes a request or reply carries at most (fread, fwrite): base64 makes

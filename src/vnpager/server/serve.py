@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from vnpager.arch.uffd import Uffd
 from vnpager.server import protocol
+from vnpager.server.objects import ObjectMounts, check_url
 from vnpager.uvm import uvm
 
 #: How long a stop waits for each session thread, then for the VM's close.
@@ -48,7 +49,7 @@ class Space(Protocol):
     :class:`vnpager.server.space.ClientSpace` (hw-design.md), stated here so
     that the boundary does not depend on how the space is built."""
 
-    def map(self, fd: int, length: int, offset: int, prot: int, flags: int) -> Any: ...
+    def map(self, target: int | str, length: int, offset: int, prot: int, flags: int) -> Any: ...
     def mapped(self, grant_id: int, addr: int, length: int) -> None: ...
     def unmap(self, addr: int) -> None: ...
     def flush(self, addr: int, offset: int, size: int) -> None: ...
@@ -59,7 +60,7 @@ class Space(Protocol):
     def adopt_fork(self, pid: int) -> Space: ...
     def close(self) -> None: ...
     def statistics(self) -> Any: ...
-    def fopen(self, fd: int, prot: int) -> int: ...
+    def fopen(self, target: int | str, prot: int, create: bool = False, excl: bool = False) -> int: ...
     def fread(self, handle: int, n: int, off: int) -> bytes: ...
     def fwrite(self, handle: int, off: int, data: bytes) -> int: ...
     def fsize(self, handle: int) -> int: ...
@@ -185,12 +186,18 @@ class Session(threading.Thread):
             return self._attach(fds[0], int(args[0])), []
         if op == "adopt":
             return self._adopt(int(args[0]))
+        if op == "mount_objects":
+            return self.server.objects.mount(*args), []
+        if op == "objstats":
+            return self.server.objects.statistics(int(args[0])), []
         assert space is not None
-        if op == "map":
-            grant = space.map(fds[0], *args)
+        if op in ("map", "map_url", "fopen", "fopen_url"):
+            # a file the client opened (its descriptor), or an object by its URL
+            target = fds[0] if op in ("map", "fopen") else check_url(args.pop(0))
+            if op.startswith("fopen"):
+                return space.fopen(target, *args), []
+            grant = space.map(target, *args)
             return {"id": grant.id, "size": grant.size}, [grant.memfd]
-        if op == "fopen":
-            return space.fopen(fds[0], *args), []
         method: Callable[..., Any] = getattr(space, op)
         return method(*args), []
 
@@ -227,7 +234,8 @@ class Session(threading.Thread):
 class Server:
     """Sessions over one listening socket, sharing *vm*.
 
-    ``sessions`` (id -> session) and ``next_id`` are guarded by ``lock``.
+    ``sessions`` (id -> session) and ``next_id`` are guarded by ``lock``;
+    ``objects`` are the objfs mounts its clients made (:mod:`.objects`).
     """
 
     def __init__(self, vm: uvm.VM, listener: socket.socket,
@@ -235,6 +243,7 @@ class Server:
         self.vm = vm
         self.listener = listener
         self.space_factory = space_factory
+        self.objects = ObjectMounts(vm)
         self.lock = threading.Lock()
         self.sessions: dict[int, Session] = {}
         self.next_id = 1

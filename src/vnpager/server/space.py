@@ -26,8 +26,8 @@ copies the page on write, into the client's own anonymous memory (not
 under the VM's budget).
 
 The protocol of a map, from the client's session (``server/serve.py``):
-:meth:`map` (attach the file, hand out the object's memfd: a
-:class:`Grant`), the client mmaps the memfd with the user's arguments,
+:meth:`map` (attach the file, or the object of a URL, and hand out the
+object's memfd: a :class:`Grant`), the client mmaps the memfd with the user's arguments,
 :meth:`mapped` (enter the map at the client's address and REGISTER it with
 the client's uffd: MISSING|MINOR, and WP for a writable shared map), then
 :meth:`flush`, :meth:`madvise`, :meth:`resize`, :meth:`size` on it, and
@@ -181,11 +181,13 @@ class ClientSpace:
 
     # ---------------------------------------------------------------- maps
 
-    def map(self, fd: int, length: int, offset: int, prot: int, flags: int) -> Grant:
-        """Attach the file open on *fd* (the client's, received: we keep a
-        descriptor of our own) for a map of *length* bytes (0: to the end)
-        from *offset*, and hand out its object's memfd.  Raises as
-        CPython's mmap would: OverflowError, ValueError, OSError."""
+    def map(self, target: int | str, length: int, offset: int, prot: int, flags: int) -> Grant:
+        """Attach the file open on descriptor *target* (the client's,
+        received: we keep a descriptor of our own), or the object at URL
+        *target* (close-to-open: one lookup in its store), for a map of
+        *length* bytes (0: to the end) from *offset*, and hand out its
+        object's memfd.  Raises as CPython's mmap would: OverflowError,
+        ValueError, OSError (a URL's: the store's)."""
         if length < 0:
             raise OverflowError("memory mapped length must be positive")
         if offset < 0:
@@ -194,7 +196,7 @@ class ClientSpace:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         shared = not flags & MAP_PRIVATE
         prot &= PROT_READ | PROT_WRITE
-        file = FileObject.open(self.vm, fd, prot if shared else PROT_READ)
+        file = FileObject.open(self.vm, target, prot if shared else PROT_READ)
         try:
             file.follow_size()
             size = file.uvn.u_size
@@ -340,11 +342,14 @@ class ClientSpace:
 
     # ---------------------------------------------------------------- files
 
-    def fopen(self, fd: int, prot: int) -> int:
-        """Hold the object of the file open on *fd* (the client's: we keep a
-        descriptor of our own) for I/O through its pages, as the software
-        VM's ``pread``/``pwrite``/``open`` do; its handle."""
-        file = FileObject.open(self.vm, fd, prot & (PROT_READ | PROT_WRITE))
+    def fopen(self, target: int | str, prot: int, create: bool = False, excl: bool = False) -> int:
+        """Hold the object of the file open on descriptor *target* (the
+        client's: we keep a descriptor of our own), or of the object at URL
+        *target* (made if missing with *create*, EEXIST with *excl* if it
+        exists), for I/O through its pages, as the software VM's
+        ``pread``/``pwrite``/``open`` do; its handle."""
+        file = FileObject.open(self.vm, target, prot & (PROT_READ | PROT_WRITE), create=bool(create),
+                               excl=bool(excl))
         handle = next(_grant_ids)
         with self.lock:
             if self.closed:
