@@ -28,6 +28,19 @@ def test_the_ops_log_is_read_whole_even_where_an_entry_ends_no_line(tmp_path: Pa
     assert (row.gets, row.fetched) == (4, 0 + 1 + 2 + 3)
 
 
+def test_the_server_is_busy_for_the_union_of_its_requests() -> None:
+    assert bench_s3._busy([(0.0, 1.0), (0.5, 2.0), (3.0, 3.5), (3.5, 4.0)]) == (3.0, 2)
+    assert bench_s3._busy([]) == (0.0, 0)
+    row = bench_s3.count(bench_s3.Row("c", "r", 0.0, "MB/s", 1, elapsed=2.0), [
+        {"uri": "GET /b/k HTTP/1.1", "operation": "get_obj", "bytes_sent": 1, "total_time": 500,
+         "time": "2026-12-02T04:17:58.000000Z"},
+        {"uri": "GET /b/k HTTP/1.1", "operation": "get_obj", "bytes_sent": 1, "total_time": 300,
+         "time": "2026-12-02T04:17:58.400000Z"}])
+    assert row.server == {"get_obj": [2, 800]} and row.most == 2 and abs(row.busy - 0.7) < 1e-6
+    assert bench_s3.profile(row) == ("server: get_obj 2 x 400.0 ms; serving 0.7 s of the case's 2.0 s (35%), "
+                                     "at most 2 at once")
+
+
 def test_a_tiny_run_measures_every_reader_and_counts_what_the_server_served(rgw: CephRGW) -> None:
     report = bench_s3.run(TINY, lambda _: None, rgw)
     seq = report.case("sequential read")
@@ -35,6 +48,7 @@ def test_a_tiny_run_measures_every_reader_and_counts_what_the_server_served(rgw:
     for row in seq.values():
         assert row.used == TINY.object_size  # each read the object whole
         assert row.gets >= 1 and row.fetched >= row.used  # and the server sent every byte
+        assert row.server["get_obj"][0] == row.gets and row.busy > 0 and row.most >= 1
     assert set(report.case("random 4 KiB reads")) == set(seq) - set(bench_s3.SEQUENTIAL_ONLY)
     for row in report.case("random 4 KiB reads").values():
         assert row.used == TINY.random_reads * bench_s3.PAGE and row.gets >= 1

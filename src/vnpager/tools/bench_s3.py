@@ -19,13 +19,17 @@ program on s3fs does to change a few pages: objects are immutable).
 Every request is counted by the server itself: RGW's ops log
 (``CephRGW.ops_log``) names each request with its bytes, so GETs per MiB
 read and bytes fetched per byte used are the same measure for every reader,
-rclone's included; uploads are the bytes of the parts' bodies.
+rclone's included; uploads are the bytes of the parts' bodies.  The log
+also has RGW's time for each request, so every row says in how much of its
+time the server was serving it ("server busy"), and a missed target's row
+has a profile: the requests by operation, with RGW's mean time for each.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import random
@@ -94,6 +98,11 @@ class Row:
     target: str = ""
     met: bool | None = None
     note: str = ""
+    elapsed: float = 0.0  # seconds of the case, the reader's open and close included
+    # what the server did for it: per RGW operation, [requests, ms of RGW's total_time]
+    server: dict[str, list[int]] = field(default_factory=dict)
+    busy: float = 0.0  # seconds in which the server was serving at least one of its requests
+    most: int = 0  # the most of its requests the server had under way at once
 
     @property
     def gets_per_mib(self) -> float:
@@ -158,13 +167,48 @@ def _skip_space(text: str, pos: int) -> int:
 
 def count(row: Row, ops: Iterable[dict[str, Any]]) -> Row:
     """Put the server's figures for *ops* into *row*."""
+    spans = []
     for op in ops:
         if op["uri"].startswith("GET ") and op["operation"] == "get_obj":
             row.gets += 1
             row.fetched += int(op["bytes_sent"])
         if op["uri"].startswith(("PUT ", "POST ")):
             row.uploaded += int(op["bytes_received"])
+        ms = int(op.get("total_time", 0))
+        name = "head_obj" if op["uri"].startswith("HEAD ") else str(op["operation"])  # RGW: get_obj
+        n_ms = row.server.setdefault(name, [0, 0])
+        n_ms[0], n_ms[1] = n_ms[0] + 1, n_ms[1] + ms
+        if "time" in op:  # when RGW began it
+            begin = datetime.datetime.fromisoformat(op["time"].replace("Z", "+00:00")).timestamp()
+            spans.append((begin, begin + ms / 1000))
+    row.busy, row.most = _busy(spans)
     return row
+
+
+def _busy(spans: list[tuple[float, float]]) -> tuple[float, int]:
+    """The length of the union of *spans*, and the most of them that overlap."""
+    edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans], key=lambda e: (e[0], e[1]))
+    busy, depth, most, since = 0.0, 0, 0, 0.0
+    for t, step in edges:
+        if depth == 0:
+            since = t
+        depth += step
+        most = max(most, depth)
+        if depth == 0:
+            busy += t - since
+    return busy, most
+
+
+def profile(row: Row) -> str:
+    """Where a row's time went, as far as the server says: its requests by
+    operation with RGW's mean time for each, and the share of the case's
+    wall time in which the server was serving any of them (the rest is the
+    client's: its CPU, the copies, the reader's own work)."""
+    ops = ", ".join(f"{name} {n:,} x {ms / n:.1f} ms" for name, (n, ms) in
+                    sorted(row.server.items(), key=lambda kv: -kv[1][1]) if n)
+    share = row.busy / row.elapsed if row.elapsed else 0.0
+    return (f"server: {ops or 'no request'}; serving {row.busy:.1f} s of the case's {row.elapsed:.1f} s "
+            f"({share:.0%}), at most {row.most} at once")
 
 
 # --- readers ---------------------------------------------------------------------
@@ -268,7 +312,7 @@ def measure(case: str, reader: str, opener: Open, work: Callable[[Reader], int],
         used = work(f)
     elapsed = time.perf_counter() - start
     rate, unit = (used / per_op / elapsed, "ops/s") if per_op else (used / elapsed / 1e6, "MB/s")
-    return count(Row(case, reader, rate, unit, used), ops.since(mark))
+    return count(Row(case, reader, rate, unit, used, elapsed=elapsed), ops.since(mark))
 
 
 # --- the write case --------------------------------------------------------------
@@ -289,8 +333,8 @@ def write_rows(obj: Obj, cfg: S3Config, ops: OpsLog, offsets: list[int]) -> list
         dirty = _write_pages(f, offsets, random.Random(7))
     # the close published the new version
     elapsed = time.perf_counter() - start
-    rows.append(count(Row("write pages, publish", "vnpager", dirty / elapsed / 1e6, "MB/s", dirty),
-                      ops.since(mark)))
+    rows.append(count(Row("write pages, publish", "vnpager", dirty / elapsed / 1e6, "MB/s", dirty,
+                          elapsed=elapsed), ops.since(mark)))
     mark = ops.mark()
     start = time.perf_counter()
     fs = _s3fs(obj.user)
@@ -301,7 +345,7 @@ def write_rows(obj: Obj, cfg: S3Config, ops: OpsLog, offsets: list[int]) -> list
     fs.pipe_file(obj.path, bytes(data))
     elapsed = time.perf_counter() - start
     rows.append(count(Row("write pages, publish", "s3fs whole object", dirty / elapsed / 1e6, "MB/s",
-                          dirty), ops.since(mark)))
+                          dirty, elapsed=elapsed), ops.since(mark)))
     return rows
 
 
@@ -337,6 +381,8 @@ def _want(row: Row, checks: list[tuple[str, bool]]) -> None:
     row.target = "; ".join(what for what, _ in checks)
     row.met = all(ok for _, ok in checks)
     row.note = ", ".join(f"{'met' if ok else 'MISSED'}: {what}" for what, ok in checks)
+    if not row.met:
+        row.note += f"<br>profile: {profile(row)}"
 
 
 # --- the run -------------------------------------------------------------------------
@@ -380,14 +426,15 @@ def run(cfg: S3Config, log: Callable[[str], None], rgw: CephRGW | None = None) -
 # --- output --------------------------------------------------------------------------
 
 HEADER = ["case", "reader", "rate", "ratio", "to", "GETs/MiB", "fetched/used", "uploaded/written",
-          "outcome"]
+          "server busy", "outcome"]
 LEFT = ("case", "reader", "to", "outcome")
 
 
 def _cells(r: Row) -> list[str]:
     return [r.case, r.reader, f"{r.rate:,.1f} {r.unit}", "" if r.ratio is None else f"{r.ratio:.2f}",
             r.baseline, f"{r.gets_per_mib:.2f}", f"{r.fetched_per_used:.2f}",
-            f"{r.uploaded / r.used:.2f}" if r.uploaded else "", r.note]
+            f"{r.uploaded / r.used:.2f}" if r.uploaded else "",
+            f"{r.busy / r.elapsed:.0%}, {r.most} at once" if r.elapsed else "", r.note]
 
 
 def table(report: S3Report) -> Table:
