@@ -88,21 +88,30 @@ def _random_reads(vm: VM, url: str, pages: list[int]) -> list[bytes]:
         return [m[p * PS:(p + 1) * PS] for p in pages]
 
 
-def test_objfs_rgw_outside_replace_is_estale_unversioned(vm: VM, s3: ObjMount, s3_bucket: Bucket) -> None:
-    """The direct path's GET pins by If-Match (unsigned, beside the
-    presigned URL): a page not yet read after an outside replace is ESTALE,
-    not the new version's bytes."""
-    path, url = s3_bucket.path("r"), _url(s3_bucket, "r")
-    s3_bucket.fs.pipe_file(path, b"1" * (16 * PS))
-    with vm.map(url, 0, prot=1) as m:
+def _page_after_outside_replace(vm: VM, b: Bucket, key: str) -> bytes | OSError:
+    """Map *key* (pages of b"1"), read its first page, replace the object
+    from outside (pages of b"2"), then read page 8, not cached (one GET):
+    its bytes, or the error."""
+    path = b.path(key)
+    b.fs.pipe_file(path, b"1" * (16 * PS))
+    with vm.map(_url(b, key), 0, prot=1) as m:
         m.madvise(MADV_RANDOM)
         assert m[:PS] == b"1" * PS
-        s3_bucket.fs.pipe_file(path, b"2" * (16 * PS))
-        with pytest.raises(OSError) as ei:
-            m[8 * PS]
-        assert ei.value.errno == errno.ESTALE
+        b.fs.pipe_file(path, b"2" * (16 * PS))
+        try:
+            return m[8 * PS:9 * PS]
+        except OSError as e:
+            return e
+
+
+def test_objfs_rgw_outside_replace_is_estale_unversioned(vm: VM, s3: ObjMount, s3_bucket: Bucket) -> None:
+    """The direct path's GET pins by If-Match (unsigned, beside the
+    presigned URL): a page read after an outside replace is ESTALE, not
+    the new version's bytes."""
+    got = _page_after_outside_replace(vm, s3_bucket, "r")
+    assert isinstance(got, OSError) and got.errno == errno.ESTALE
     assert s3.statistics()["signs"] == 1
-    assert vm.pread(url, 4, 8 * PS) == b"2222"  # reopened: the new version
+    assert vm.pread(_url(s3_bucket, "r"), 4, 8 * PS) == b"2222"  # reopened: the new version
 
 
 def test_objfs_rgw_outside_replace_versioned_reads_the_pinned_version(vm: VM,
@@ -111,30 +120,39 @@ def test_objfs_rgw_outside_replace_versioned_reads_the_pinned_version(vm: VM,
     read after an outside replace are still the old version's."""
     b = s3_versioned_bucket
     mp = vm.mount_objects(_fs(b.user, version_aware=True), policy=RGW_POLICY)
-    path, url = b.path("v"), _url(b, "v")
-    b.fs.pipe_file(path, b"1" * (16 * PS))
-    with vm.map(url, 0, prot=1) as m:
-        m.madvise(MADV_RANDOM)
-        assert m[:PS] == b"1" * PS
-        b.fs.pipe_file(path, b"2" * (16 * PS))
-        assert m[8 * PS:9 * PS] == b"1" * PS
+    assert _page_after_outside_replace(vm, b, "v") == b"1" * PS
     assert mp.statistics()["signs"] == 1
-    assert vm.pread(url, 4, 8 * PS) == b"2222"  # reopened: the new version, signed anew
+    assert vm.pread(_url(b, "v"), 4, 8 * PS) == b"2222"  # reopened: the new version, signed anew
     assert mp.statistics()["signs"] == 2
+
+
+def _count_gets(store: Any) -> list[int]:
+    """Count the direct path's GET requests of *store* (each try, a retry too)."""
+    reader, calls = store._reader(), []
+    real = reader.get_into
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        real(*args, **kwargs)
+
+    reader.get_into = counted
+    return calls
 
 
 def test_objfs_rgw_presigned_url_signed_again_before_it_expires(vm: VM, s3: ObjMount,
                                                                 s3_bucket: Bucket) -> None:
+    """Past three quarters of its time a URL is signed anew before the GET:
+    none is refused and tried again."""
     data = random.Random(11).randbytes(16 * PS)
     s3_bucket.fs.pipe_file(s3_bucket.path("x"), data)
     s3.store.presign_expires = 2  # type: ignore[attr-defined]
-    url = _url(s3_bucket, "x")
+    url, tries = _url(s3_bucket, "x"), _count_gets(s3.store)
     with vm.open(url):  # held: one vnode, one version throughout
         assert _random_reads(vm, url, [0]) == [data[:PS]]
         time.sleep(3)  # past the URL's time: a GET with it would be refused
         assert _random_reads(vm, url, [5]) == [data[5 * PS:6 * PS]]
     st = s3.statistics()
-    assert st["signs"] == 2 and st["errors"] == 0
+    assert st["signs"] == 2 and st["errors"] == 0 and len(tries) == 2
 
 
 def test_objfs_rgw_expired_url_is_signed_again_after_403(vm: VM, s3: ObjMount, s3_bucket: Bucket) -> None:
@@ -144,7 +162,7 @@ def test_objfs_rgw_expired_url_is_signed_again_after_403(vm: VM, s3: ObjMount, s
     s3_bucket.fs.pipe_file(s3_bucket.path("y"), data)
     store: Any = s3.store
     store.presign_expires = 1
-    url = _url(s3_bucket, "y")
+    url, tries = _url(s3_bucket, "y"), _count_gets(store)
     with vm.open(url):
         assert _random_reads(vm, url, [0]) == [data[:PS]]
         with store._signed_lock:  # as if it were good for long yet
@@ -152,7 +170,7 @@ def test_objfs_rgw_expired_url_is_signed_again_after_403(vm: VM, s3: ObjMount, s
         time.sleep(2.5)
         assert _random_reads(vm, url, [7]) == [data[7 * PS:8 * PS]]
     st = s3.statistics()
-    assert st["signs"] == 2 and st["errors"] == 0 and st["gets"] == 2
+    assert st["signs"] == 2 and st["errors"] == 0 and st["gets"] == 2 and len(tries) == 3
 
 
 def test_objfs_rgw_eight_readers_overlap(vm: VM, s3_bucket: Bucket, rgw_latency: S3User) -> None:

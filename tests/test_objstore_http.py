@@ -1,21 +1,26 @@
 """objhttp's ranged GETs against a scripted HTTP server on 127.0.0.1: every
 answer is checked (a wrong Content-Range or a short body is EIO, never
 zeros), a kept-alive connection the server dropped is retried once on a
-fresh one, server errors are retried, and each thread has its own
-connection."""
+fresh one, server errors are retried, each thread has its own connection,
+and HTTPS verifies as the s3fs client's ``verify`` says."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
+import ipaddress
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from vnpager.vfs import objhttp
-from vnpager.vfs.objhttp import HTTPStatus, NotRanged, RangeReader, Target
+from vnpager.vfs.objhttp import NotRanged, RangeReader, StatusError, Target
+from vnpager.vfs.objstore import S3Store
 
 DATA = bytes(range(256)) * 64  # 16 KiB
 
@@ -38,13 +43,13 @@ def status(code: int, reason: str, body: bytes = b"") -> bytes:
 
 
 class Scripted:
-    """An HTTP/1.1 server answering each request as *script* says; counts
-    the connections it accepted."""
+    """An HTTP/1.1 server answering each request as *script* says (HTTPS
+    with *tls*); counts the connections it accepted."""
 
-    def __init__(self, script: Script) -> None:
-        self.script, self.connections = script, 0
+    def __init__(self, script: Script, tls: ssl.SSLContext | None = None) -> None:
+        self.script, self.connections, self.tls = script, 0, tls
         self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/obj"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.sock.getsockname()[1]}/obj"
         self._threads: list[threading.Thread] = []
         self._conns: list[socket.socket] = []
         self._accepter = threading.Thread(target=self._accept, daemon=True)
@@ -63,6 +68,13 @@ class Scripted:
             self._threads.append(t)
 
     def _serve(self, conn: socket.socket, number: int) -> None:
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError:  # the client refused our certificate
+                conn.close()
+                return
+            self._conns.append(conn)
         f = conn.makefile("rb")
         with conn, f:
             for request in range(1, 100):
@@ -87,11 +99,11 @@ class Scripted:
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[Script], Scripted]]:
+def serve() -> Iterator[Callable[..., Scripted]]:
     servers: list[Scripted] = []
 
-    def start(script: Script) -> Scripted:
-        servers.append(Scripted(script))
+    def start(script: Script, tls: ssl.SSLContext | None = None) -> Scripted:
+        servers.append(Scripted(script, tls))
         return servers[-1]
 
     yield start
@@ -107,7 +119,7 @@ def _read(reader: RangeReader, server: Scripted, start: int, sizes: list[int]) -
     return b"".join(bytes(b) for b in bufs)
 
 
-def test_objhttp_reads_into_every_buffer_on_one_kept_alive_connection(serve: Callable[[Script], Scripted]
+def test_objhttp_reads_into_every_buffer_on_one_kept_alive_connection(serve: Callable[..., Scripted]
                                                                       ) -> None:
     server = serve(lambda c, r, rng: (ranged(rng), False))
     reader = RangeReader()
@@ -116,14 +128,14 @@ def test_objhttp_reads_into_every_buffer_on_one_kept_alive_connection(serve: Cal
     assert server.connections == 1
 
 
-def test_objhttp_wrong_content_range_is_eio(serve: Callable[[Script], Scripted]) -> None:
+def test_objhttp_wrong_content_range_is_eio(serve: Callable[..., Scripted]) -> None:
     server = serve(lambda c, r, rng: (ranged(rng, cr=f"bytes 0-99/{len(DATA)}"), False))
     with pytest.raises(OSError) as ei:
         _read(RangeReader(), server, 4096, [100])
     assert ei.value.errno == errno.EIO and "Content-Range" in str(ei.value)
 
 
-def test_objhttp_short_body_is_eio_not_zeros(serve: Callable[[Script], Scripted]) -> None:
+def test_objhttp_short_body_is_eio_not_zeros(serve: Callable[..., Scripted]) -> None:
     """The server says 4096 bytes and sends 4000, then closes."""
     server = serve(lambda c, r, rng: (ranged(rng, cut=96), True))
     with pytest.raises(OSError) as ei:
@@ -131,7 +143,7 @@ def test_objhttp_short_body_is_eio_not_zeros(serve: Callable[[Script], Scripted]
     assert ei.value.errno == errno.EIO and "short body" in str(ei.value)
 
 
-def test_objhttp_dropped_connection_is_retried_once_on_a_fresh_one(serve: Callable[[Script], Scripted]
+def test_objhttp_dropped_connection_is_retried_once_on_a_fresh_one(serve: Callable[..., Scripted]
                                                                    ) -> None:
     """The server closes each connection after its first answer without
     saying so (as an idle keep-alive times out): the next GET finds the
@@ -143,7 +155,7 @@ def test_objhttp_dropped_connection_is_retried_once_on_a_fresh_one(serve: Callab
     assert server.connections == 2
 
 
-def test_objhttp_a_fresh_connection_dropped_is_eio(serve: Callable[[Script], Scripted]) -> None:
+def test_objhttp_a_fresh_connection_dropped_is_eio(serve: Callable[..., Scripted]) -> None:
     server = serve(lambda c, r, rng: (b"", True))  # closes without answering
     with pytest.raises(OSError) as ei:
         _read(RangeReader(), server, 0, [64])
@@ -151,30 +163,30 @@ def test_objhttp_a_fresh_connection_dropped_is_eio(serve: Callable[[Script], Scr
     assert server.connections == 1  # not retried: the server itself is the trouble
 
 
-def test_objhttp_server_errors_are_retried(serve: Callable[[Script], Scripted],
+def test_objhttp_server_errors_are_retried(serve: Callable[..., Scripted],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(objhttp, "BACKOFF", 0.001)
     answers = iter([status(503, "Slow Down"), status(500, "Internal")])
     server = serve(lambda c, r, rng: (next(answers, None) or ranged(rng), False))
     assert _read(RangeReader(), server, 10, [10]) == DATA[10:20]
     failing = serve(lambda c, r, rng: (status(503, "Slow Down"), False))
-    with pytest.raises(HTTPStatus) as ei:
+    with pytest.raises(StatusError) as ei:
         _read(RangeReader(), failing, 10, [10])
     assert ei.value.status == 503
 
 
-def test_objhttp_error_status_carries_s3s_code(serve: Callable[[Script], Scripted]) -> None:
+def test_objhttp_error_status_carries_s3s_code(serve: Callable[..., Scripted]) -> None:
     xml = b"<?xml version='1.0'?><Error><Code>NoSuchKey</Code><Message>gone</Message></Error>"
     server = serve(lambda c, r, rng: (status(404, "Not Found", xml) if r == 1 else ranged(rng), False))
     reader = RangeReader()
-    with pytest.raises(HTTPStatus) as ei:
+    with pytest.raises(StatusError) as ei:
         _read(reader, server, 0, [10])
     assert (ei.value.status, ei.value.code, ei.value.message) == (404, "NoSuchKey", "gone")
     assert _read(reader, server, 0, [10]) == DATA[:10]  # the error's body read: the connection kept
     assert server.connections == 1
 
 
-def test_objhttp_whole_body_or_redirect_is_not_ranged(serve: Callable[[Script], Scripted]) -> None:
+def test_objhttp_whole_body_or_redirect_is_not_ranged(serve: Callable[..., Scripted]) -> None:
     whole = serve(lambda c, r, rng: (f"HTTP/1.1 200 OK\r\nContent-Length: {len(DATA)}\r\n\r\n".encode()
                                      + DATA, False))
     moved = serve(lambda c, r, rng: (b"HTTP/1.1 302 Found\r\nLocation: /x\r\nContent-Length: 0\r\n\r\n",
@@ -184,7 +196,7 @@ def test_objhttp_whole_body_or_redirect_is_not_ranged(serve: Callable[[Script], 
             _read(RangeReader(), server, 0, [10])
 
 
-def test_objhttp_each_thread_has_its_own_connection(serve: Callable[[Script], Scripted]) -> None:
+def test_objhttp_each_thread_has_its_own_connection(serve: Callable[..., Scripted]) -> None:
     server = serve(lambda c, r, rng: (ranged(rng), False))
     reader, got, errors = RangeReader(), [], []
 
@@ -209,3 +221,81 @@ def test_objhttp_targets() -> None:
     assert t == Target("https", "h.example", 8443, "/b/k?X-Amz-Signature=ab%2F")
     assert Target.of("http://h/a b") is None  # fsspec quotes it its own way
     assert Target.of("ftp://h/x") is None
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ssl.SSLContext]:
+    """A self-signed certificate for 127.0.0.1 (its file, a CA bundle of
+    one) and a server context serving it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vnpager test")])
+    now = datetime.datetime.now(datetime.UTC)
+    crt = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+           .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+           .not_valid_after(now + datetime.timedelta(days=1))
+           .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                          critical=False)
+           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+           .sign(key, hashes.SHA256()))
+    d = tmp_path_factory.mktemp("tls")
+    (d / "crt.pem").write_bytes(crt.public_bytes(serialization.Encoding.PEM))
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    (d / "key.pem").write_bytes(pem)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(d / "crt.pem", d / "key.pem")
+    return d / "crt.pem", server
+
+
+def _s3_store(endpoint: str, **client_kwargs: object) -> S3Store:
+    import s3fs
+
+    return S3Store(s3fs.S3FileSystem(key="k", secret="s", skip_instance_cache=True, client_kwargs={
+        "endpoint_url": endpoint, "region_name": "us-east-1", **client_kwargs}))
+
+
+def test_objhttp_https_verifies_as_the_s3fs_client_says(serve: Callable[..., Scripted],
+                                                         cert: tuple[Path, ssl.SSLContext]) -> None:
+    """A presigned GET over HTTPS trusts the CA bundle the client's
+    ``verify`` names, verifies against the system's by default (our
+    self-signed certificate: EIO), and does not verify with verify=False."""
+    crt, tls = cert
+    server = serve(lambda c, r, rng: (ranged(rng), False), tls)
+    endpoint = server.url.removesuffix("/obj")
+    for verify, ok in ((str(crt), True), (None, False), (False, True)):
+        store = _s3_store(endpoint, **({} if verify is None else {"verify": verify}))
+        buf = bytearray(100)
+        if ok:
+            store.get_into("bucket/key", 200, [memoryview(buf)], None)
+            assert buf == DATA[200:300]
+        else:
+            with pytest.raises(OSError) as ei:
+                store.get_into("bucket/key", 200, [memoryview(buf)], None)
+            assert ei.value.errno == errno.EIO and "CERTIFICATE_VERIFY_FAILED" in str(ei.value)
+        assert store.stats.snapshot()["signs"] == 1
+
+
+def test_objhttp_s3_errors_map_as_s3fs(serve: Callable[..., Scripted]) -> None:
+    """403 (on a URL just signed: not signed again) is EACCES, 412 ESTALE,
+    404 ENOENT, others EIO; each with the server's message."""
+    answers = [(403, "AccessDenied", errno.EACCES), (412, "PreconditionFailed", errno.ESTALE),
+               (404, "NoSuchKey", errno.ENOENT), (400, "InvalidArgument", errno.EIO)]
+
+    def script(c: int, r: int, rng: str) -> tuple[bytes, bool]:
+        code, s3code, _ = answers[r - 1]
+        return status(code, "No", f"<Error><Code>{s3code}</Code><Message>said {code}</Message></Error>"
+                      .encode()), False
+
+    server = serve(script)
+    store = _s3_store(server.url.removesuffix("/obj"))
+    for code, _, want in answers:
+        with pytest.raises(OSError) as ei:
+            store.get_into("bucket/key", 0, [memoryview(bytearray(10))], None)
+        assert ei.value.errno == want and f"said {code}" in str(ei.value)
+    st = store.stats.snapshot()
+    assert st["errors"] == len(answers) and st["signs"] == 1 and server.connections == 1

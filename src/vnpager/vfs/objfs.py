@@ -269,9 +269,9 @@ class ObjFS(VnodeOps):
                 clean_end, runs = min(end, node.clean_end), staging.within(uio.offset, end)
             if end <= start:
                 return 0  # at the end: the pager sees resid left
+            bufs = uio.buffers() if end - start == uio.resid else _window(uio.buffers(), 0, end - start)
             try:
-                self._fetch_into(node.path, base, staging, start, _window(uio.buffers(), 0, end - start),
-                                 clean_end, runs)
+                self._fetch_into(node.path, base, staging, start, bufs, clean_end, runs)
             except OSError as e:
                 if e.errno == errno.ESTALE and node.base is not base:
                     continue
@@ -289,9 +289,11 @@ class ObjFS(VnodeOps):
         end = start + sum(len(b) for b in bufs)
         lo, hi = _uncovered(start, clean_end, runs)
         if lo < hi:
-            self.store.get_into(path, lo, _window(bufs, lo - start, hi - start), base)
-        for z in _window(bufs, max(clean_end, start) - start, end - start):
-            z[:] = bytes(len(z))  # past the old version's bytes (a truncation): zeros
+            self.store.get_into(path, lo, bufs if (lo, hi) == (start, end)
+                                else _window(bufs, lo - start, hi - start), base)
+        if clean_end < end:  # past the old version's bytes (a truncation): zeros
+            for z in _window(bufs, max(clean_end, start) - start, end - start):
+                z[:] = bytes(len(z))
         for a, b in runs:  # the bytes before lo and after hi are all in some run
             staging.pread_into(_window(bufs, a - start, b - start), a)
 
@@ -393,15 +395,17 @@ def _uncovered(start: int, end: int, runs: list[tuple[int, int]]) -> tuple[int, 
 
 
 def _window(bufs: list[memoryview], a: int, b: int) -> list[memoryview]:
-    """The views of bytes [a, b) of *bufs* laid end to end (none if a >= b)."""
-    out, pos = [], 0
-    for buf in bufs:
-        lo, hi = max(a - pos, 0), min(b - pos, len(buf))
-        if lo < hi:
-            out.append(buf[lo:hi] if hi - lo < len(buf) else buf)
-        pos += len(buf)
+    """The views of bytes [a, b) of *bufs* laid end to end (none if a >= b).
+    A window's hundreds of frames are mostly whole: those are not sliced."""
+    out: list[memoryview] = []
+    pos = 0
+    for buf in bufs if a < b else ():
         if pos >= b:
             break
+        end = pos + len(buf)
+        if end > a:
+            out.append(buf if a <= pos and end <= b else buf[max(a - pos, 0):min(b, end) - pos])
+        pos = end
     return out
 
 

@@ -20,7 +20,7 @@ and signing, aiohttp, the hop to fsspec's IO loop and back): on localhost a
   that many bytes; a wrong range or a short body is EIO (never zeros).  A
   200 or a redirect to a ranged GET is :class:`NotRanged`: the caller goes
   its other way (fsspec's) for that request.  Any other status is
-  :class:`HTTPStatus`, with S3's error code and message when the body is
+  :class:`StatusError`, with S3's error code and message when the body is
   S3's XML.
 """
 
@@ -71,7 +71,7 @@ class Target:
         return cls(p.scheme, p.hostname, port, (p.path or "/") + (f"?{p.query}" if p.query else ""))
 
 
-class HTTPStatus(Exception):
+class StatusError(Exception):
     """The server answered with an error status; *code* and *message* are
     from S3's XML error body where there is one."""
 
@@ -143,7 +143,7 @@ class RangeReader:
     def get_into(self, t: Target, start: int, bufs: Sequence[memoryview],
                  headers: Mapping[str, str] | None = None) -> None:
         """Fill *bufs* with the bytes of *t* from *start* on (as many as they
-        hold), in one GET.  Raises HTTPStatus, NotRanged, or OSError (EIO:
+        hold), in one GET.  Raises StatusError, NotRanged, or OSError (EIO:
         the transport failed, or the answer was not the range asked for)."""
         total = sum(len(b) for b in bufs)
         h = {"Range": f"bytes={start}-{start + total - 1}", **(headers or {})}
@@ -151,7 +151,7 @@ class RangeReader:
             try:
                 self._get(t, start, total, bufs, h)
                 return
-            except HTTPStatus as e:
+            except StatusError as e:
                 if e.status not in (500, 502, 503, 504) or attempt == RETRIES_5XX:
                     raise
             time.sleep(BACKOFF * 2 ** attempt)
@@ -162,7 +162,7 @@ class RangeReader:
         try:
             _check(resp, start, total)
             _read_body(resp, bufs)
-        except HTTPStatus:
+        except StatusError:
             if not resp.isclosed():  # an error body longer than we read
                 self._drop(t)
             raise
@@ -202,7 +202,7 @@ def _check(resp: http.client.HTTPResponse, start: int, total: int) -> None:
         body = resp.read(ERROR_BODY_MAX)
     except (OSError, http.client.HTTPException):
         body = b""
-    raise HTTPStatus(resp.status, resp.reason, _xml_field(body, "Code"), _xml_field(body, "Message"))
+    raise StatusError(resp.status, resp.reason, _xml_field(body, "Code"), _xml_field(body, "Message"))
 
 
 def _read_body(resp: http.client.HTTPResponse, bufs: Sequence[memoryview]) -> None:

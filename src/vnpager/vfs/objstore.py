@@ -76,7 +76,7 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from vnpager.vfs.objhttp import HTTPStatus, NotRanged, RangeReader, Target
+from vnpager.vfs.objhttp import NotRanged, RangeReader, StatusError, Target
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -384,7 +384,7 @@ class FsspecStore:
         """GET by *reader*; False if the direct path cannot (fsspec's then)."""
         try:
             return self._get_by(reader, path, start, bufs, pin)
-        except HTTPStatus as e:
+        except StatusError as e:
             raise _oserror(e.code, e.status, e) from e
         except NotRanged:
             return False
@@ -489,7 +489,7 @@ class S3Store(FsspecStore):
         target, fresh = self._presigned(path, version, renew=False)
         try:
             reader.get_into(target, start, bufs, headers)
-        except HTTPStatus as e:
+        except StatusError as e:
             if e.status != 403 or fresh:
                 raise
             reader.get_into(self._presigned(path, version, renew=True)[0], start, bufs, headers)
