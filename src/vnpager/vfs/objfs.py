@@ -6,7 +6,10 @@ filesystem; a vnode is one object, named by its URL (``s3://bucket/key``,
 
 * **reads**: ``VOP_READ`` of a cluster or read-ahead window (one uvn_io) is
   one ranged GET of the bytes the pager asked for, whatever their number of
-  pages, pinned to the version the vnode shows (:mod:`vnpager.vfs.objstore`).
+  pages, pinned to the version the vnode shows (:mod:`vnpager.vfs.objstore`),
+  its body read into the uio's buffers, the page frames, where the store
+  GETs by http.client (:mod:`vnpager.vfs.objhttp`); staged runs are read
+  over them.
   objfs reads without the vnode lock (``unlocked_read``: uvn_io then calls
   VOP_STRATEGY), so the reads of several threads, on one object or many,
   are requests in flight at once.
