@@ -284,7 +284,7 @@ def test_objhttp_s3_errors_map_as_s3fs(serve: Callable[..., Scripted]) -> None:
     """403 (on a URL just signed: not signed again) is EACCES, 412 ESTALE,
     404 ENOENT, others EIO; each with the server's message."""
     answers = [(403, "AccessDenied", errno.EACCES), (412, "PreconditionFailed", errno.ESTALE),
-               (404, "NoSuchKey", errno.ENOENT), (400, "InvalidArgument", errno.EIO)]
+               (404, "NoSuchKey", errno.ENOENT), (416, "InvalidRange", errno.EIO)]
 
     def script(c: int, r: int, rng: str) -> tuple[bytes, bool]:
         code, s3code, _ = answers[r - 1]
@@ -299,3 +299,18 @@ def test_objhttp_s3_errors_map_as_s3fs(serve: Callable[..., Scripted]) -> None:
         assert ei.value.errno == want and f"said {code}" in str(ei.value)
     st = store.stats.snapshot()
     assert st["errors"] == len(answers) and st["signs"] == 1 and server.connections == 1
+
+
+def test_objhttp_s3_400_goes_fsspecs_way(serve: Callable[..., Scripted]) -> None:
+    """A presigned GET answered 400 (a bucket in another region, say) is
+    made again by s3fs's get_object, whose botocore can mend it."""
+    xml = b"<Error><Code>AuthorizationHeaderMalformed</Code><Message>region</Message></Error>"
+    server = serve(lambda c, r, rng: (status(400, "Bad Request", xml) if (c, r) == (1, 1) else ranged(rng),
+                                      False))
+    store = _s3_store(server.url.removesuffix("/obj"))
+    buf = bytearray(100)
+    store.get_into("bucket/key", 300, [memoryview(buf)], None)
+    assert buf == DATA[300:400]
+    st = store.stats.snapshot()
+    assert st["gets"] == 1 and st["errors"] == 0 and st["signs"] == 1
+    assert server.connections == 2  # ours, then aiohttp's

@@ -185,6 +185,9 @@ class RangeReader:
             except (OSError, http.client.HTTPException) as e:
                 self._drop(t)
                 raise OSError(errno.EIO, f"GET {t.host}: {type(e).__name__}: {e}") from e
+            except BaseException:  # interrupted: the connection is mid-request
+                self._drop(t)
+                raise
 
 
 def _check(resp: http.client.HTTPResponse, start: int, total: int) -> None:

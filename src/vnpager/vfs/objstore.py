@@ -46,7 +46,8 @@ environment's), extra GET parameters (``s3_additional_kwargs``,
 HTTP session we do not know; an HTTPFileSystem with request options
 (``client_kwargs``, headers, auth, a ``get_client`` of its own); a URL
 http.client cannot send as it is; and any answer that is not a range (200,
-a redirect).  Event handlers registered on the botocore client run for
+a redirect), or on S3 a 400 (botocore mends some: a bucket in another
+region).  Event handlers registered on the botocore client run for
 the presigning only, not per GET: whoever needs them per request sets
 ``store.direct_get = False``.  Errors map as fsspec's: 412 (and
 NoSuchVersion) ESTALE, 404 ENOENT, 403 EACCES, others EIO with the
@@ -483,16 +484,23 @@ class S3Store(FsspecStore):
     def _get_by(self, reader: RangeReader, path: str, start: int, bufs: Sequence[memoryview],
                 pin: ObjInfo | None) -> bool:
         """A presigned GET, pinned; a 403 on a cached URL is signed anew and
-        tried once more (RGW answers an expired URL with a bare AccessDenied)."""
+        tried once more (RGW answers an expired URL with a bare AccessDenied).
+        A 400 goes fsspec's way: botocore mends what a presigned URL cannot
+        (a bucket in another region: AuthorizationHeaderMalformed)."""
         version = pin.version if pin is not None else None
         headers = {**USER_AGENT, **_pin(pin, "", "If-Match")}
         target, fresh = self._presigned(path, version, renew=False)
         try:
-            reader.get_into(target, start, bufs, headers)
+            try:
+                reader.get_into(target, start, bufs, headers)
+            except StatusError as e:
+                if e.status != 403 or fresh:
+                    raise
+                reader.get_into(self._presigned(path, version, renew=True)[0], start, bufs, headers)
         except StatusError as e:
-            if e.status != 403 or fresh:
-                raise
-            reader.get_into(self._presigned(path, version, renew=True)[0], start, bufs, headers)
+            if e.status == 400:
+                return False
+            raise
         return True
 
     def _presigned(self, path: str, version: str | None, renew: bool) -> tuple[Target, bool]:
