@@ -10,9 +10,12 @@ import contextlib
 import datetime
 import errno
 import ipaddress
+import os
+import signal
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -314,3 +317,28 @@ def test_objhttp_s3_400_goes_fsspecs_way(serve: Callable[..., Scripted]) -> None
     st = store.stats.snapshot()
     assert st["gets"] == 1 and st["errors"] == 0 and st["signs"] == 1
     assert server.connections == 2  # ours, then aiohttp's
+
+
+@pytest.mark.filterwarnings("ignore:This process .*multi-threaded:DeprecationWarning")
+def test_objhttp_a_forked_child_makes_its_own_connection(serve: Callable[..., Scripted]) -> None:
+    """The parent's kept-alive socket is the parent's: a forked child's GET
+    opens another (the server sees a second connection)."""
+    server = serve(lambda c, r, rng: (ranged(rng), False))
+    reader = RangeReader()
+    assert _read(reader, server, 0, [10]) == DATA[:10]
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        ok = False
+        with contextlib.suppress(BaseException):
+            ok = _read(reader, server, 10, [10]) == DATA[10:20]
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("child hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert server.connections == 2
+    assert _read(reader, server, 20, [10]) == DATA[20:30]  # the parent's own still serves
