@@ -29,6 +29,7 @@ from objfs_helpers import (
     slow_and_failing,
 )
 from vnpager import VM
+from vnpager.tools.objservers import LatencyProxy
 from vnpager.uvm.uvm_param import MADV_RANDOM, MADV_WILLNEED
 from vnpager.uvm.uvm_readahead import RA_WINSIZE_MAX
 from vnpager.vfs.objfs import ObjMount
@@ -42,6 +43,15 @@ POLICY = PartPolicy(min_part=MOTO_MIN_PART)
 @pytest.fixture(scope="module")
 def moto_endpoint() -> Iterator[str]:
     yield from moto_server()
+
+
+@pytest.fixture(scope="module")
+def slow_endpoint(moto_endpoint: str) -> Iterator[str]:
+    """moto behind a proxy that adds 0.2 s to every request (the GETs of
+    both paths: fsspec's and the direct one)."""
+    proxy = LatencyProxy(int(moto_endpoint.rsplit(":", 1)[1]), 0.2)
+    yield f"http://127.0.0.1:{proxy.port}"
+    proxy.stop()
 
 
 @pytest.fixture
@@ -117,14 +127,14 @@ def test_objfs_getattr_size_and_version(vm: VM, s3: ObjMount, moto_endpoint: str
     vm.vfs.vrele(vp)
 
 
-def test_objfs_readers_of_one_object_overlap(vm: VM, s3: ObjMount, moto_endpoint: str,
+def test_objfs_readers_of_one_object_overlap(vm: VM, slow_endpoint: str, moto_endpoint: str,
                                              bucket: str) -> None:
     """8 readers of one object on a slow server: their GETs are in flight at
     once (reads of objfs do not hold the vnode lock)."""
     data = random.Random(4).randbytes(128 * PS)
     put(moto_endpoint, bucket, "s", data)
     url = f"s3://{bucket}/s"
-    undo = slow_and_failing(s3.fs, delay={"get_object": 0.2})
+    s3 = vm.mount_objects(new_s3fs(slow_endpoint), policy=POLICY)
     errors: list[BaseException] = []
     start = threading.Barrier(8)
 
@@ -143,7 +153,6 @@ def test_objfs_readers_of_one_object_overlap(vm: VM, s3: ObjMount, moto_endpoint
             t.start()
         for t in threads:
             t.join(timeout=60)
-    undo()
     assert not errors
     assert s3.statistics()["max_gets_in_flight"] >= 5
 
@@ -301,7 +310,8 @@ def test_objfs_truncate_then_extend_reads_zeros(vm: VM, s3: ObjMount, moto_endpo
     assert get(moto_endpoint, bucket, "t") == want
 
 
-def test_objfs_willneed_windows_in_flight_at_once(s3: ObjMount, moto_endpoint: str, bucket: str) -> None:
+def test_objfs_willneed_windows_in_flight_at_once(slow_endpoint: str, moto_endpoint: str,
+                                                  bucket: str) -> None:
     """MADV_WILLNEED of a range of several windows: the read-ahead daemon's
     threads have several window GETs in flight at once."""
     size = 2 << 20
@@ -309,20 +319,50 @@ def test_objfs_willneed_windows_in_flight_at_once(s3: ObjMount, moto_endpoint: s
     put(moto_endpoint, bucket, "ra", data)
     vm = VM(physmem=4 * size)
     try:
-        mp = vm.mount_objects(new_s3fs(moto_endpoint), policy=POLICY)
-        undo = slow_and_failing(mp.fs, delay={"get_object": 0.2})
+        mp = vm.mount_objects(new_s3fs(slow_endpoint), policy=POLICY)
         with vm.map(f"s3://{bucket}/ra", 0, prot=1) as m:
             m.madvise(MADV_WILLNEED)
             assert vm.readahead.drain()
             gets = mp.statistics()["gets"]
             assert m[:] == data
             assert mp.statistics()["gets"] == gets  # all read ahead
-        undo()
         st = mp.statistics()
         assert st["bytes_fetched"] == size and st["gets"] == size // RA_WINSIZE_MAX
         assert st["max_gets_in_flight"] >= 3
     finally:
         vm.close()
+
+
+def test_objfs_direct_get_off_goes_through_s3fs(vm: VM, s3: ObjMount, moto_endpoint: str,
+                                                bucket: str) -> None:
+    """``store.direct_get = False``: GETs are s3fs's get_object (a failure
+    injected there is the read's), no URL presigned."""
+    data = random.Random(13).randbytes(8 * PS)
+    put(moto_endpoint, bucket, "off", data)
+    s3.store.direct_get = False
+    undo = slow_and_failing(s3.fs, fail={"get_object": 1})
+    with pytest.raises(OSError) as ei:
+        vm.pread(f"s3://{bucket}/off", 8, 0)
+    assert ei.value.errno == errno.EIO
+    undo()
+    assert vm.pread(f"s3://{bucket}/off", 8, PS) == data[PS:PS + 8]
+    assert s3.statistics()["signs"] == 0
+
+
+def test_objfs_proxied_client_keeps_fsspec_path(vm: VM, slow_endpoint: str, moto_endpoint: str,
+                                                bucket: str) -> None:
+    """An s3fs client with a proxy (here the latency proxy, which passes the
+    proxied requests on to moto as they are): the direct path would not
+    use it, so its GETs stay s3fs's, through the proxy."""
+    data = random.Random(14).randbytes(8 * PS)
+    put(moto_endpoint, bucket, "px", data)
+    fs = fsspec.filesystem("s3", key="testing", secret="testing", skip_instance_cache=True,
+                           client_kwargs={"endpoint_url": moto_endpoint, "region_name": "us-east-1"},
+                           config_kwargs={"proxies": {"http": slow_endpoint}})
+    mp = vm.mount_objects(fs, policy=POLICY)
+    assert vm.pread(f"s3://{bucket}/px", 8, PS) == data[PS:PS + 8]
+    st = mp.statistics()
+    assert st["gets"] == 1 and st["signs"] == 0
 
 
 def test_objfs_any_fsspec_filesystem(vm: VM) -> None:

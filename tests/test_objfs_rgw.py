@@ -12,6 +12,7 @@ import errno
 import hashlib
 import random
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +22,9 @@ import s3fs
 from objfs_helpers import checked_vm, slow_and_failing
 from objservers_helpers import Bucket, WebDir
 from vnpager import VM
-from vnpager.tools.objservers import S3User
+from vnpager.tools.bench_s3 import OpsLog
+from vnpager.tools.objservers import CephRGW, S3User
+from vnpager.uvm.uvm_param import MADV_RANDOM
 from vnpager.vfs.objfs import ObjMount
 from vnpager.vfs.objstore import MiB, PartPolicy
 
@@ -58,6 +61,116 @@ def test_objfs_rgw_cluster_reads_are_one_get_each(vm: VM, s3: ObjMount, s3_bucke
     assert st["gets"] == reads  # one GET per uvn_io read
     assert st["gets"] <= len(data) // (64 * 1024) + 8  # windows of 64 KiB and up: none per page
     assert st["bytes_fetched"] == len(data)
+
+
+def test_objfs_rgw_gets_go_direct(vm: VM, s3: ObjMount, s3_bucket: Bucket, rgw: CephRGW) -> None:
+    """GETs of pages go by http.client to a presigned URL, signed once: RGW
+    logs them with our User-Agent, and s3fs's get_object is never called
+    (it is made to fail)."""
+    data = random.Random(10).randbytes(64 * PS)
+    s3_bucket.fs.pipe_file(s3_bucket.path("d"), data)
+    log = OpsLog(rgw.ops_log)
+    mark = log.mark()
+    slow_and_failing(s3.fs, fail={"get_object": 1000})
+    with vm.map(_url(s3_bucket, "d"), 0, prot=1) as m:
+        assert m[:] == data
+    st = s3.statistics()
+    gets = [op for op in log.since(mark) if op["bucket"] == s3_bucket.name and op["uri"].startswith("GET ")]
+    assert {op["user_agent"] for op in gets} == {"vnpager-objhttp"}
+    assert len(gets) == st["gets"] and sum(int(op["bytes_sent"]) for op in gets) == len(data)
+    assert st["signs"] == 1 and st["errors"] == 0
+
+
+def _random_reads(vm: VM, url: str, pages: list[int]) -> list[bytes]:
+    """Page *pages* of *url* read one GET each (MADV_RANDOM: no read-ahead)."""
+    with vm.map(url, 0, prot=1) as m:
+        m.madvise(MADV_RANDOM)
+        return [m[p * PS:(p + 1) * PS] for p in pages]
+
+
+def _page_after_outside_replace(vm: VM, b: Bucket, key: str) -> bytes | OSError:
+    """Map *key* (pages of b"1"), read its first page, replace the object
+    from outside (pages of b"2"), then read page 8, not cached (one GET):
+    its bytes, or the error."""
+    path = b.path(key)
+    b.fs.pipe_file(path, b"1" * (16 * PS))
+    with vm.map(_url(b, key), 0, prot=1) as m:
+        m.madvise(MADV_RANDOM)
+        assert m[:PS] == b"1" * PS
+        b.fs.pipe_file(path, b"2" * (16 * PS))
+        try:
+            return m[8 * PS:9 * PS]
+        except OSError as e:
+            return e
+
+
+def test_objfs_rgw_outside_replace_is_estale_unversioned(vm: VM, s3: ObjMount, s3_bucket: Bucket) -> None:
+    """The direct path's GET pins by If-Match (unsigned, beside the
+    presigned URL): a page read after an outside replace is ESTALE, not
+    the new version's bytes."""
+    got = _page_after_outside_replace(vm, s3_bucket, "r")
+    assert isinstance(got, OSError) and got.errno == errno.ESTALE
+    assert s3.statistics()["signs"] == 1
+    assert vm.pread(_url(s3_bucket, "r"), 4, 8 * PS) == b"2222"  # reopened: the new version
+
+
+def test_objfs_rgw_outside_replace_versioned_reads_the_pinned_version(vm: VM,
+                                                                      s3_versioned_bucket: Bucket) -> None:
+    """On a versioned bucket the presigned URL names the VersionId: pages
+    read after an outside replace are still the old version's."""
+    b = s3_versioned_bucket
+    mp = vm.mount_objects(_fs(b.user, version_aware=True), policy=RGW_POLICY)
+    assert _page_after_outside_replace(vm, b, "v") == b"1" * PS
+    assert mp.statistics()["signs"] == 1
+    assert vm.pread(_url(b, "v"), 4, 8 * PS) == b"2222"  # reopened: the new version, signed anew
+    assert mp.statistics()["signs"] == 2
+
+
+def _count_gets(store: Any) -> list[int]:
+    """Count the direct path's GET requests of *store* (each try, a retry too)."""
+    reader, calls = store._reader(), []
+    real = reader.get_into
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        real(*args, **kwargs)
+
+    reader.get_into = counted
+    return calls
+
+
+def test_objfs_rgw_presigned_url_signed_again_before_it_expires(vm: VM, s3: ObjMount,
+                                                                s3_bucket: Bucket) -> None:
+    """Past three quarters of its time a URL is signed anew before the GET:
+    none is refused and tried again."""
+    data = random.Random(11).randbytes(16 * PS)
+    s3_bucket.fs.pipe_file(s3_bucket.path("x"), data)
+    s3.store.presign_expires = 2  # type: ignore[attr-defined]
+    url, tries = _url(s3_bucket, "x"), _count_gets(s3.store)
+    with vm.open(url):  # held: one vnode, one version throughout
+        assert _random_reads(vm, url, [0]) == [data[:PS]]
+        time.sleep(3)  # past the URL's time: a GET with it would be refused
+        assert _random_reads(vm, url, [5]) == [data[5 * PS:6 * PS]]
+    st = s3.statistics()
+    assert st["signs"] == 2 and st["errors"] == 0 and len(tries) == 2
+
+
+def test_objfs_rgw_expired_url_is_signed_again_after_403(vm: VM, s3: ObjMount, s3_bucket: Bucket) -> None:
+    """A cached URL RGW finds expired (our clock ahead of its check) is
+    answered 403: signed anew, and the GET tried once more."""
+    data = random.Random(12).randbytes(16 * PS)
+    s3_bucket.fs.pipe_file(s3_bucket.path("y"), data)
+    store: Any = s3.store
+    store.presign_expires = 1
+    url, tries = _url(s3_bucket, "y"), _count_gets(store)
+    with vm.open(url):
+        assert _random_reads(vm, url, [0]) == [data[:PS]]
+        with store._signed_lock:  # as if it were good for long yet
+            store._signed.update({k: (t, float("inf")) for k, (t, _) in store._signed.items()})
+        time.sleep(2.5)
+        assert _random_reads(vm, url, [7]) == [data[7 * PS:8 * PS]]
+    st = s3.statistics()
+    assert st["signs"] == 2 and st["errors"] == 0 and st["gets"] == 2 and len(tries) == 3
 
 
 def test_objfs_rgw_eight_readers_overlap(vm: VM, s3_bucket: Bucket, rgw_latency: S3User) -> None:
@@ -192,6 +305,32 @@ def test_objfs_nginx_ranged_reads(vm: VM, http_dir: WebDir) -> None:
         assert m[:] == data
     st = mp.statistics()
     assert st["bytes_fetched"] == len(data) and st["gets"] <= 16
+
+
+def test_objfs_nginx_gets_go_direct(vm: VM, http_dir: WebDir) -> None:
+    """fsspec's HTTP filesystem as it comes: GETs by http.client to the URL
+    with a Range (fsspec's own GET is made to fail); one with request
+    options of its own keeps fsspec's path."""
+    data = random.Random(13).randbytes(32 * PS)
+    (http_dir.dir / "d.bin").write_bytes(data)
+    import fsspec
+
+    fs = fsspec.filesystem("http", skip_instance_cache=True)
+
+    def no(*args: Any, **kwargs: Any) -> bytes:
+        raise OSError(errno.EIO, "fsspec's GET")
+
+    fs.cat_file = no
+    mp = vm.mount_objects(fs)
+    with vm.map(f"{http_dir.url}/d.bin", 0, prot=1) as m:
+        assert m[:] == data
+    assert mp.statistics()["bytes_fetched"] == len(data)
+    optioned = fsspec.filesystem("http", skip_instance_cache=True, headers={"X-Mine": "1"})
+    optioned.cat_file = no
+    vm.mount_objects(optioned)
+    with pytest.raises(OSError) as ei:
+        vm.pread(f"{http_dir.url}/d.bin", 10, 0)
+    assert ei.value.errno == errno.EIO
 
 
 @pytest.mark.timeout(600)  # a GiB up through s3fs, and down through the VM, on a shared machine

@@ -6,7 +6,10 @@ filesystem; a vnode is one object, named by its URL (``s3://bucket/key``,
 
 * **reads**: ``VOP_READ`` of a cluster or read-ahead window (one uvn_io) is
   one ranged GET of the bytes the pager asked for, whatever their number of
-  pages, pinned to the version the vnode shows (:mod:`vnpager.vfs.objstore`).
+  pages, pinned to the version the vnode shows (:mod:`vnpager.vfs.objstore`),
+  its body read into the uio's buffers, the page frames, where the store
+  GETs by http.client (:mod:`vnpager.vfs.objhttp`); staged runs are read
+  over them.
   objfs reads without the vnode lock (``unlocked_read``: uvn_io then calls
   VOP_STRATEGY), so the reads of several threads, on one object or many,
   are requests in flight at once.
@@ -66,6 +69,7 @@ from vnpager.vfs.vnode import VREG, Uio, Vattr, Vnode, VnodeOps
 
 log = logging.getLogger("vnpager.objfs")
 
+IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers a preadv takes at once
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
@@ -133,9 +137,9 @@ class Staging:
                 out.append((max(start, a), min(end, b)))
         return out
 
-    def pread_into(self, buf: memoryview, offset: int) -> None:
-        """Fill *buf* with the staged bytes at *offset* (written ones only)."""
-        _pread_full(self.fileno(), buf, offset)
+    def pread_into(self, bufs: list[memoryview], offset: int) -> None:
+        """Fill *bufs* with the staged bytes at *offset* (written ones only)."""
+        _pread_full(self.fileno(), bufs, offset)
 
     def close(self) -> None:
         if self._file is not None:
@@ -150,18 +154,18 @@ class Staging:
         old, self._file = self._file, None
         for a, b in self.runs.items():
             buf = bytearray(b - a)
-            _pread_full(old.fileno(), memoryview(buf), a)
+            _pread_full(old.fileno(), [memoryview(buf)], a)
             self.write(a, [memoryview(buf)])
         old.close()
 
 
-def _pread_full(fd: int, buf: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(buf):
-        n = os.preadv(fd, [buf[done:]], offset + done)
+def _pread_full(fd: int, bufs: list[memoryview], offset: int) -> None:
+    while bufs:
+        n = os.preadv(fd, bufs[:IOV_MAX], offset)
         if n == 0:
             raise OSError(errno.EIO, "objfs staging file shorter than its runs")
-        done += n
+        offset += n
+        bufs = _after(bufs, n)
 
 
 # every staging of this process, so that a forked child copies them (the fork
@@ -255,7 +259,8 @@ class ObjFS(VnodeOps):
         return 0
 
     def read(self, vp: Vnode, uio: Uio, ioflag: int) -> int:
-        """One ranged GET of what the staging lacks of [offset, offset + resid).
+        """One ranged GET of what the staging lacks of [offset, offset + resid),
+        into uio's buffers (the page frames) themselves.
 
         A read that meets our own publish replacing the version it pinned
         (ESTALE) is read again from the new one."""
@@ -267,30 +272,33 @@ class ObjFS(VnodeOps):
                 clean_end, runs = min(end, node.clean_end), staging.within(uio.offset, end)
             if end <= start:
                 return 0  # at the end: the pager sees resid left
+            bufs = uio.buffers() if end - start == uio.resid else _window(uio.buffers(), 0, end - start)
             try:
-                data = self._fetch(node.path, base, staging, start, end, clean_end, runs)
+                self._fetch_into(node.path, base, staging, start, bufs, clean_end, runs)
             except OSError as e:
                 if e.errno == errno.ESTALE and node.base is not base:
                     continue
                 return e.errno or errno.EIO
-            _scatter(uio, data)
+            uio.advance(end - start)
             return 0
         return errno.ESTALE
 
-    def _fetch(self, path: str, base: ObjInfo | None, staging: Staging, start: int, end: int,
-               clean_end: int, runs: list[tuple[int, int]]) -> bytearray:
-        """The bytes [start, end): version *base*'s below *clean_end* where no
-        staged run covers them (one GET, from the first such byte to the
-        last), zeros past it, the *staging*'s *runs* over all.  Raises OSError."""
-        buf = bytearray(end - start)
+    def _fetch_into(self, path: str, base: ObjInfo | None, staging: Staging, start: int,
+                    bufs: list[memoryview], clean_end: int, runs: list[tuple[int, int]]) -> None:
+        """Fill *bufs* with the bytes from *start* on: version *base*'s below
+        *clean_end* where no staged run covers them (one GET, from the first
+        such byte to the last, straight into *bufs*), zeros past it, the
+        *staging*'s *runs* over all.  Raises OSError."""
+        end = start + sum(len(b) for b in bufs)
         lo, hi = _uncovered(start, clean_end, runs)
         if lo < hi:
-            got = self.store.get(path, lo, hi, base)
-            buf[lo - start:lo - start + len(got)] = got
-        view = memoryview(buf)
-        for a, b in runs:
-            staging.pread_into(view[a - start:b - start], a)
-        return buf
+            self.store.get_into(path, lo, bufs if (lo, hi) == (start, end)
+                                else _window(bufs, lo - start, hi - start), base)
+        if clean_end < end:  # past the old version's bytes (a truncation): zeros
+            for z in _window(bufs, max(clean_end, start) - start, end - start):
+                z[:] = bytes(len(z))
+        for a, b in runs:  # the bytes before lo and after hi are all in some run
+            staging.pread_into(_window(bufs, a - start, b - start), a)
 
     def write(self, vp: Vnode, uio: Uio, ioflag: int) -> int:
         """Stage the pages; they reach the store at the next commit."""
@@ -345,7 +353,9 @@ class ObjFS(VnodeOps):
             def view(a: int, b: int) -> bytes:
                 with node.lock:
                     runs = staging.within(a, b)
-                return bytes(self._fetch(node.path, base, staging, a, b, min(b, clean_end), runs))
+                buf = bytearray(b - a)
+                self._fetch_into(node.path, base, staging, a, [memoryview(buf)], min(b, clean_end), runs)
+                return bytes(buf)
 
             try:
                 info = self.store.publish(node.path, base, size, clean_end, dirty, view)
@@ -387,16 +397,19 @@ def _uncovered(start: int, end: int, runs: list[tuple[int, int]]) -> tuple[int, 
     return lo, hi
 
 
-def _scatter(uio: Uio, data: bytes | bytearray) -> None:
-    """Copy *data* into uio's buffers and account for it."""
+def _window(bufs: list[memoryview], a: int, b: int) -> list[memoryview]:
+    """The views of bytes [a, b) of *bufs* laid end to end (none if a >= b).
+    A window's hundreds of frames are mostly whole: those are not sliced."""
+    out: list[memoryview] = []
     pos = 0
-    for buf in uio.buffers():
-        n = min(len(buf), len(data) - pos)
-        buf[:n] = data[pos:pos + n]
-        pos += n
-        if pos >= len(data):
+    for buf in bufs if a < b else ():
+        if pos >= b:
             break
-    uio.advance(len(data))
+        end = pos + len(buf)
+        if end > a:
+            out.append(buf if a <= pos and end <= b else buf[max(a - pos, 0):min(b, end) - pos])
+        pos = end
+    return out
 
 
 class ObjMount:

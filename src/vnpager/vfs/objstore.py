@@ -5,8 +5,9 @@ request or a few, and counts every one in :class:`ObjStats`:
 
 * ``stat(path)``: an :class:`ObjInfo` (size, ETag, VersionId, mtime), one
   HEAD;
-* ``get(path, start, end, pin)``: bytes [start, end) of the version *pin*,
-  one ranged GET, whatever the length;
+* ``get_into(path, start, bufs, pin)``: the bytes of the version *pin*
+  from *start* on into the caller's buffers (the page frames), one ranged
+  GET, whatever the length;
 * ``publish(path, ...)``: a new version made of the old one's clean ranges
   and the dirty bytes staged since, returning its ObjInfo.
 
@@ -21,10 +22,42 @@ clean ranges are UploadPartCopy of the old version (CopySourceRange,
 pinned by VersionId or CopySourceIfMatch) and whose dirty ranges are
 uploaded (:func:`plan_parts`, under a :class:`PartPolicy`).
 
-Requests are made on the calling thread for a synchronous filesystem and,
-for an asynchronous one (s3fs), as coroutines on fsspec's IO loop, the
-calling thread waiting for its own: callers on several threads (the
-pager's faulting threads, its aio daemon) have as many requests in flight.
+**The direct path of GETs.**  A GET through fsspec costs several times
+more client CPU than the server takes to answer it (botocore, aiohttp, the
+hop to fsspec's loop: 10 ms for a 4 KiB GET from RGW on localhost, against
+3 ms), so both stores GET through :mod:`vnpager.vfs.objhttp` where they
+can: ``http.client`` on connections kept alive per thread, the body read
+into the page frames.
+
+* S3Store: a URL presigned by the s3fs client (``generate_presigned_url``
+  of get_object, with the VersionId on a versioned bucket, else the GET
+  sends ``If-Match`` the ETag, which a presigned URL leaves unsigned and
+  RGW honours), cached per (path, VersionId) and signed again before it
+  expires (at three quarters of ``presign_expires``), and once after a 403
+  on a cached URL (RGW's answer to an expired one is a bare AccessDenied).
+  TLS as the client's ``verify`` (False, True, or a CA bundle) and client
+  certificate say; timeouts its connect and read timeouts.
+* FsspecStore of fsspec's HTTPFileSystem: the URL itself, with a Range.
+
+fsspec's path stays for everything else: other filesystems; an s3fs
+client that is anonymous (unsigned), has a proxy (its config's or the
+environment's), extra GET parameters (``s3_additional_kwargs``,
+``requester_pays``: SSE-C keys and the like go in signed headers), or an
+HTTP session we do not know; an HTTPFileSystem with request options
+(``client_kwargs``, headers, auth, a ``get_client`` of its own); a URL
+http.client cannot send as it is; and any answer that is not a range (200,
+a redirect), or on S3 a 400 (botocore mends some: a bucket in another
+region).  Event handlers registered on the botocore client run for
+the presigning only, not per GET: whoever needs them per request sets
+``store.direct_get = False``.  Errors map as fsspec's: 412 (and
+NoSuchVersion) ESTALE, 404 ENOENT, 403 EACCES, others EIO with the
+server's message; a short body or a wrong Content-Range is EIO.
+
+The other requests are made on the calling thread for a synchronous
+filesystem and, for an asynchronous one (s3fs), as coroutines on fsspec's
+IO loop, the calling thread waiting for its own: callers on several
+threads (the pager's faulting threads, its aio daemon) have as many
+requests in flight.
 """
 
 from __future__ import annotations
@@ -36,14 +69,22 @@ import errno
 import hashlib
 import itertools
 import os
+import ssl
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from vnpager.vfs.objhttp import NotRanged, RangeReader, StatusError, Target
+
 GiB = 1 << 30
 MiB = 1 << 20
+HTTP_TIMEOUT = 60.0  # seconds of a direct GET's connect, or of silence in its answer
+USER_AGENT = {"User-Agent": "vnpager-objhttp"}  # names the direct path's GETs in a server's log
+PRESIGN_EXPIRES = 3600  # seconds a presigned URL is good for
+PRESIGN_CACHE = 4096  # presigned URLs kept (per store), the least recently used dropped
 
 
 @dataclass(frozen=True)
@@ -76,6 +117,7 @@ class ObjStats:
     parts_copied: int = 0  # UploadPartCopy: server-side copies of clean ranges
     bytes_copied: int = 0
     publishes: int = 0  # new versions made
+    signs: int = 0  # URLs presigned for the direct path's GETs
     errors: int = 0  # requests that failed
     in_flight: int = 0  # requests under way now
     max_in_flight: int = 0  # the most ever at once
@@ -291,6 +333,7 @@ class FsspecStore:
     own (``fs._strip_protocol(url)``)."""
 
     readonly = False
+    direct_get = True  # GET by objhttp where the filesystem allows it (see the module docstring)
 
     def __init__(self, fs: Any, policy: PartPolicy | None = None) -> None:
         self._fs, self._pid = fs, os.getpid()
@@ -298,6 +341,9 @@ class FsspecStore:
         self.stats = ObjStats()
         # HTTP(S) has no way to write an object: its mounts are read-only
         self.readonly = "http" in protocols(fs)
+        # the direct path's reader: made at the first GET (False: not yet)
+        self._direct: RangeReader | bool | None = False
+        self._direct_lock = threading.Lock()
 
     @property
     def fs(self) -> Any:
@@ -323,12 +369,60 @@ class FsspecStore:
         version = info.get("VersionId") or None
         return ObjInfo(int(info["size"] or 0), etag, version, _mtime_ns(info))
 
-    def get(self, path: str, start: int, end: int, pin: ObjInfo | None) -> bytes:
-        """Bytes [start, end) of the object, in one ranged GET."""
+    def get_into(self, path: str, start: int, bufs: Sequence[memoryview], pin: ObjInfo | None) -> None:
+        """Fill *bufs* with the object's bytes from *start* on (version *pin*
+        where the store can pin), in one ranged GET: the direct path's where
+        it can, else fsspec's.  Raises OSError: ESTALE if *pin* is gone, EIO
+        if the server sent fewer bytes than asked (never zeros for them)."""
+        total = sum(len(b) for b in bufs)
+        reader = self._reader() if self.direct_get else None
         with self.stats.request(get=True):
-            data = bytes(self.fs.cat_file(path, start=start, end=end))
-        self.stats.add(gets=1, bytes_fetched=len(data))
-        return data
+            if reader is None or not self._get_direct(reader, path, start, bufs, pin):
+                _fill(bufs, self._get_fsspec(path, start, start + total, pin), path)
+        self.stats.add(gets=1, bytes_fetched=total)
+
+    def _get_fsspec(self, path: str, start: int, end: int, pin: ObjInfo | None) -> bytes:
+        return bytes(self.fs.cat_file(path, start=start, end=end))
+
+    def _reader(self) -> RangeReader | None:
+        """The direct path's reader (None: fsspec's path), made once."""
+        if self._direct is False:
+            with self._direct_lock:
+                if self._direct is False:
+                    self._direct = self._make_reader()
+        assert not isinstance(self._direct, bool)
+        return self._direct
+
+    def _make_reader(self) -> RangeReader | None:
+        """A reader for fsspec's HTTPFileSystem as it comes, with no request
+        options of its own (which only aiohttp would honour)."""
+        try:
+            from fsspec.implementations.http import HTTPFileSystem, get_client
+        except ImportError:  # aiohttp missing
+            return None
+        fs = self.fs
+        if type(fs) is not HTTPFileSystem or fs.kwargs or fs.client_kwargs or fs.get_client is not get_client:
+            return None
+        return RangeReader(ssl.create_default_context(), HTTP_TIMEOUT)
+
+    def _get_direct(self, reader: RangeReader, path: str, start: int, bufs: Sequence[memoryview],
+                    pin: ObjInfo | None) -> bool:
+        """GET by *reader*; False if the direct path cannot (fsspec's then)."""
+        try:
+            return self._get_by(reader, path, start, bufs, pin)
+        except StatusError as e:
+            raise _oserror(e.code, e.status, e) from e
+        except NotRanged:
+            return False
+
+    def _get_by(self, reader: RangeReader, path: str, start: int, bufs: Sequence[memoryview],
+                pin: ObjInfo | None) -> bool:
+        """The GET of the URL itself (an HTTP filesystem's path is its URL)."""
+        target = Target.of(path)
+        if target is None:
+            return False
+        reader.get_into(target, start, bufs, USER_AGENT)
+        return True
 
     def publish(self, path: str, base: ObjInfo | None, size: int, clean_end: int,
                 dirty: list[tuple[int, int]], view: ViewReader) -> ObjInfo:
@@ -343,6 +437,16 @@ class FsspecStore:
         self.stats.add(puts=1, bytes_uploaded=len(data), publishes=1)
 
 
+def _fill(bufs: Sequence[memoryview], data: bytes, path: str) -> None:
+    """Copy *data* into *bufs*, which it must fill.  Raises OSError (EIO) if short."""
+    if len(data) < sum(len(b) for b in bufs):
+        raise OSError(errno.EIO, f"{path}: the server sent {len(data)} bytes, fewer than asked")
+    pos = 0
+    for b in bufs:
+        b[:] = data[pos:pos + len(b)]
+        pos += len(b)
+
+
 def protocols(fs: Any) -> tuple[str, ...]:
     """The protocols fsspec filesystem *fs* serves."""
     p = fs.protocol
@@ -351,18 +455,32 @@ def protocols(fs: Any) -> tuple[str, ...]:
 
 class S3Store(FsspecStore):
     """The objects of an s3fs filesystem, through the S3 API (see the module
-    docstring): pinned GETs, and publishing by multipart copy."""
+    docstring): pinned GETs (presigned, on the direct path), and publishing
+    by multipart copy."""
+
+    presign_expires = PRESIGN_EXPIRES  # seconds a presigned URL is good for
+
+    def __init__(self, fs: Any, policy: PartPolicy | None = None) -> None:
+        super().__init__(fs, policy)
+        # (path, VersionId) -> the presigned GET and when to sign it anew;
+        # => _signed_lock guards it
+        self._signed: OrderedDict[tuple[str, str | None], tuple[Target, float]] = OrderedDict()
+        self._signed_lock = threading.Lock()
 
     def _call(self, method: str, **kwargs: Any) -> Any:
         """One S3 request, run on fsspec's loop; counted in flight."""
         return self._run(self.fs._call_s3(method, **kwargs))
 
-    def _run(self, coro: Coroutine[Any, Any, Any], get: bool = False) -> Any:
+    def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        with self.stats.request():
+            return self._sync(coro)
+
+    def _sync(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run *coro* on fsspec's loop; its errors as OSError (_s3_oserror)."""
         from fsspec.asyn import sync
 
         try:
-            with self.stats.request(get):
-                return sync(self.fs.loop, lambda: coro)
+            return sync(self.fs.loop, lambda: coro)
         except Exception as e:  # s3fs's OSErrors, botocore's ClientError and the like
             err = _s3_oserror(e)
             if err is e:
@@ -380,10 +498,58 @@ class S3Store(FsspecStore):
         return ObjInfo(int(head["ContentLength"]), str(head.get("ETag", "")), head.get("VersionId"),
                        _mtime_ns({"LastModified": mtime}))
 
-    def get(self, path: str, start: int, end: int, pin: ObjInfo | None) -> bytes:
-        data = self._run(self._get(path, start, end, pin), get=True)
-        self.stats.add(gets=1, bytes_fetched=len(data))
-        return data
+    def _get_fsspec(self, path: str, start: int, end: int, pin: ObjInfo | None) -> bytes:
+        return bytes(self._sync(self._get(path, start, end, pin)))
+
+    def _make_reader(self) -> RangeReader | None:
+        """A reader if the client's GETs can go direct (see the module docstring)."""
+        fs = self.fs
+        return _s3_reader(fs, self._sync(fs.set_session()))
+
+    def _get_by(self, reader: RangeReader, path: str, start: int, bufs: Sequence[memoryview],
+                pin: ObjInfo | None) -> bool:
+        """A presigned GET, pinned; a 403 on a cached URL is signed anew and
+        tried once more (RGW answers an expired URL with a bare AccessDenied).
+        A 400 goes fsspec's way: botocore mends what a presigned URL cannot
+        (a bucket in another region: AuthorizationHeaderMalformed)."""
+        version = pin.version if pin is not None else None
+        headers = {**USER_AGENT, **_pin(pin, "", "If-Match")}
+        target, fresh = self._presigned(path, version, renew=False)
+        try:
+            try:
+                reader.get_into(target, start, bufs, headers)
+            except StatusError as e:
+                if e.status != 403 or fresh:
+                    raise
+                reader.get_into(self._presigned(path, version, renew=True)[0], start, bufs, headers)
+        except StatusError as e:
+            if e.status == 400:
+                return False
+            raise
+        return True
+
+    def _presigned(self, path: str, version: str | None, renew: bool) -> tuple[Target, bool]:
+        """The presigned GET of *path* (at *version*), and whether it was
+        signed now: signed anew past three quarters of its time, or *renew*."""
+        key, now = (path, version), time.time()
+        with self._signed_lock:
+            hit = self._signed.get(key)
+            if hit is not None and not renew and now < hit[1]:
+                self._signed.move_to_end(key)
+                return hit[0], False
+        url = self._sync(self.fs._url(path, expires=self.presign_expires,
+                                      **({"VersionId": version} if version else {})))
+        target = Target.of(url)
+        if target is None:
+            raise NotRanged(f"a presigned URL http.client cannot send: {url}")
+        self.stats.add(signs=1)
+        with self._signed_lock:
+            # X-Amz-Date is in whole seconds: the URL's time runs from the second it was signed in
+            self._signed[key] = (target, int(now) + self.presign_expires * 3 / 4)
+            self._signed.move_to_end(key)
+            while len(self._signed) > PRESIGN_CACHE:
+                self._signed.popitem(last=False)
+        return target, True
 
     async def _get(self, path: str, start: int, end: int, pin: ObjInfo | None) -> bytes:
         resp = await self.fs._call_s3("get_object", **self._bk(path), Range=f"bytes={start}-{end - 1}",
@@ -493,7 +659,11 @@ def _s3_oserror(e: Exception) -> OSError:
     s3fs's own (which it made from botocore's ClientError), or one of ours."""
     response = getattr(e, "response", None) or getattr(e.__cause__, "response", None) or {}
     code = str(response.get("Error", {}).get("Code", ""))
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return _oserror(code, response.get("ResponseMetadata", {}).get("HTTPStatusCode"), e)
+
+
+def _oserror(code: str, status: int | None, e: Exception) -> OSError:
+    """The OSError of a request that failed with S3 error *code* and HTTP *status*."""
     if code in ("PreconditionFailed", "NoSuchVersion") or status == 412:
         return OSError(errno.ESTALE, f"the object changed: {e}")
     if isinstance(e, OSError):
@@ -503,6 +673,41 @@ def _s3_oserror(e: Exception) -> OSError:
     if code in ("AccessDenied", "403") or status == 403:
         return PermissionError(errno.EACCES, str(e))
     return OSError(errno.EIO, f"{type(e).__name__}: {e}")
+
+
+def _s3_reader(fs: Any, client: Any) -> RangeReader | None:
+    """The direct path's reader for s3fs *fs*'s botocore *client*, with its
+    TLS settings and timeouts; None where the direct path could not do as
+    the client would (see the module docstring)."""
+    from botocore import UNSIGNED
+
+    session = getattr(getattr(client, "_endpoint", None), "http_session", None)
+    config, url = client.meta.config, str(client.meta.endpoint_url)
+    try:
+        proxied = session._proxy_config.proxy_url_for(url)  # type: ignore[union-attr]
+        verify, cert, key = session._verify, session._cert_file, session._key_file  # type: ignore[union-attr]
+        extra = set(fs._get_s3_method_kwargs(client.get_object, Bucket="b", Key="k")) - {"Bucket", "Key"}
+    except (AttributeError, TypeError):  # an HTTP session or s3fs we do not know
+        return None
+    if config.signature_version is UNSIGNED or proxied or extra or not url.startswith(("http:", "https:")):
+        return None
+    timeout = max((t for t in (config.connect_timeout, config.read_timeout) if t), default=HTTP_TIMEOUT)
+    return RangeReader(_tls_context(verify, cert, key) if url.startswith("https:") else None, timeout)
+
+
+def _tls_context(verify: bool | str, cert: str | None, key: str | None) -> ssl.SSLContext:
+    """A TLS context as botocore's *verify* (True, False, or a CA bundle's
+    path) and client certificate say."""
+    from botocore.httpsession import get_cert_path
+
+    if verify is False:
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    else:
+        context = ssl.create_default_context(cafile=get_cert_path(verify))
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
 
 
 def store_for(fs: Any, policy: PartPolicy | None = None) -> FsspecStore:
