@@ -228,15 +228,14 @@ def _pageinsert_run(pgs: list[VmPage], uobj: UvmObject, off: int, owner: str) ->
             KASSERT((pg.pg_flags & PG_TABLED) == 0, "uvm_pageinsert: already tabled")
     uobj.memt.insert_run(off, pgs)
     ps = uobj.vm.page_size
-    bind = uobj.vm.frames.bind
     for pg in pgs:
         pg.owner = owner
         pg.attrs = 0
         pg.uobject = uobj
         pg.offset = off
         pg.pg_flags |= PG_TABLED
-        bind(pg)  # the uffd machine's frames are the object's memfd pages
         off += ps
+    uobj.vm.frames.bind_run(uobj, pgs)  # the uffd machine's frames are the object's memfd pages
 
 
 def uvm_pagewant_ra(vm: VM, npages: int) -> None:
@@ -306,7 +305,9 @@ def uvm_pagefree(pg: VmPage) -> None:
 
 def uvm_pagefree_run(pgs: list[VmPage]) -> None:
     """uvm_pagefree of each page of *pgs*: unmapped in one pmap call, then
-    freed under one hold of the page queue lock, with one wakeup.
+    taken off their queues, out of their objects (each object's tree and
+    frames told once per stretch of its pages) and freed under one hold of
+    the page queue lock, with one wakeup.
 
     => caller holds the pages' object lock, not the page queue lock.
     """
@@ -314,25 +315,33 @@ def uvm_pagefree_run(pgs: list[VmPage]) -> None:
         return
     pmap_page_protect_run([pg for pg in pgs if pg.pv], PROT_NONE)
     vm = pgs[0].vm
-    # highest frame first: the free list pops them lowest first, so that
-    # the next run allocated lies on consecutive frames wherever these
-    # were, and the TLB joins the pages of the next read into one run
-    pgs = sorted(pgs, key=_FRAME, reverse=True)
     with vm.pageqlock:
         if DEBUG:
             KASSERT(not any(pg.pv for pg in pgs), "uvm_pagefree_run: page still mapped")
-        _pagedequeue_run(vm, pgs)
-        _pageremove_run([pg for pg in pgs if pg.pg_flags & PG_TABLED])
-        free = vm.page_free
-        for pg in pgs:
-            if pg.pg_flags & PG_WANTED:
+        active, inactive = vm.page_active, vm.page_inactive
+        for pg in pgs:  # _pagedequeue, and the wakeup of _pagefree_locked
+            flags = pg.pg_flags
+            if flags & PQ_ACTIVE:
+                del active[pg]
+                if pg.uobject is not None:
+                    del pg.uobject.uo_active[pg]
+            elif flags & PQ_INACTIVE:
+                del inactive[pg]
+            if flags & PG_WANTED:
                 wakeup(pg)
+            pg.pg_flags = flags & ~(PQ_ACTIVE | PQ_INACTIVE)
+        # in the caller's order (offsets, mostly): the tree's stretches
+        _pageremove_run([pg for pg in pgs if pg.pg_flags & PG_TABLED])
+        for pg in pgs:
             pg.pg_flags = PQ_FREE
             pg.wire_count = 0
             pg.uanon = None
             pg.owner = None
             pg.attrs = 0
-        free.extend(pgs)
+        # highest frame first: the free list pops them lowest first, so that
+        # the next run allocated lies on consecutive frames wherever these
+        # were, and the TLB joins the pages of the next read into one run
+        vm.page_free.extend(sorted(pgs, key=_FRAME, reverse=True))
         vm.uvmexp.frees += len(pgs)
     wakeup(vm.free_chan)
 
@@ -340,53 +349,26 @@ def uvm_pagefree_run(pgs: list[VmPage]) -> None:
 _FRAME = attrgetter("frame")
 
 
-def _pagedequeue_run(vm: VM, pgs: list[VmPage]) -> None:
-    """_pagedequeue of each page of *pgs*.  => caller holds the page queue lock."""
-    active, inactive = vm.page_active, vm.page_inactive
-    for pg in pgs:
-        flags = pg.pg_flags
-        if flags & PQ_ACTIVE:
-            del active[pg]
-            if pg.uobject is not None:
-                del pg.uobject.uo_active[pg]
-        elif flags & PQ_INACTIVE:
-            del inactive[pg]
-        pg.pg_flags = flags & ~(PQ_ACTIVE | PQ_INACTIVE)
-
-
 def _pageremove_run(pgs: list[VmPage]) -> None:
-    """uvm_pageremove of each page of *pgs*, each object's tree told once
-    per stretch of its pages.  => caller holds the pages' object locks."""
+    """uvm_pageremove of each page of *pgs*, each object's tree and frames
+    told once per stretch of its pages.  => caller holds the pages' object
+    locks."""
     if not pgs:
         return
-    unbind = pgs[0].vm.frames.unbind
+    frames = pgs[0].vm.frames
     for uobj, stretch in groupby(pgs, key=_UOBJECT):
         run = list(stretch)
         if DEBUG:
             KASSERT(uobj is not None and not any(pg.pg_flags & PQ_ACTIVE for pg in run),
                     "uvm_pageremove: active page")
+        frames.unbind_run(uobj, run)  # the uffd machine punches them out of the object's memfd
         for pg in run:
-            unbind(pg)  # the uffd machine punches the page out of the object's memfd
             pg.pg_flags &= ~PG_TABLED
             pg.uobject = None
         uobj.memt.remove_run([pg.offset for pg in run])
 
 
 _UOBJECT = attrgetter("uobject")
-
-
-def uvm_pglistfree(pgs: list[VmPage]) -> None:
-    """Free pages already taken apart by uvm_pageclean().
-
-    => page queue lock not held (we take it).
-    """
-    if not pgs:
-        return
-    vm = pgs[0].vm
-    with vm.pageqlock:
-        for pg in pgs:
-            _pagefree_locked(pg)
-    wakeup(vm.free_chan)
 
 
 def uvm_pagewait(pg: VmPage, lock: Interlock, wmesg: str) -> None:
