@@ -202,17 +202,16 @@ def uvm_pagealloc_run(vm: VM, uobj: UvmObject | None, off: int, npages: int, fla
             return []
         pgs = free[:-n - 1:-1]  # pop() order: the lowest frame first
         del free[-n:]
-        for pg in pgs:
-            pg.pg_flags = PG_BUSY | PG_CLEAN | PG_FAKE
         if vm.npages_free_low():
             wakeup(vm.pagedaemon_chan)
-    # the pages are the caller's: out of the page queue lock
+    # the pages are the caller's (off the free list, on no queue): their
+    # flags are set out of the page queue lock, with the insert
     if uobj is not None:
         _pageinsert_run(pgs, uobj, off, owner)
     else:
         for pg in pgs:
+            pg.pg_flags = PG_BUSY | PG_CLEAN | PG_FAKE
             pg.owner = owner
-            pg.attrs = 0
     if flags & UVM_PGA_ZERO:  # after the insert, which may have moved pg.data (frames.bind)
         for pg in pgs:
             pg.data[:] = vm.zero_page
@@ -221,19 +220,19 @@ def uvm_pagealloc_run(vm: VM, uobj: UvmObject | None, off: int, npages: int, fla
 
 def _pageinsert_run(pgs: list[VmPage], uobj: UvmObject, off: int, owner: str) -> None:
     """uvm_pageinsert of ``pgs[i]`` at ``off + i`` pages, new pages of
-    uvm_pagealloc_run, tagged *owner*: the object's tree takes the run in
-    one call.  => caller holds the object lock and owns the pages."""
-    if DEBUG:
+    uvm_pagealloc_run (made PG_BUSY|PG_CLEAN|PG_FAKE here), tagged *owner*:
+    the object's tree takes the run in one call.  => caller holds the
+    object lock and owns the pages."""
+    if DEBUG:  # a free page's attrs are clear (every free clears them)
         for pg in pgs:
-            KASSERT((pg.pg_flags & PG_TABLED) == 0, "uvm_pageinsert: already tabled")
+            KASSERT(pg.pg_flags == PQ_FREE and not pg.attrs, "uvm_pageinsert: not a free page")
     uobj.memt.insert_run(off, pgs)
     ps = uobj.vm.page_size
     for pg in pgs:
+        pg.pg_flags = PG_BUSY | PG_CLEAN | PG_FAKE | PG_TABLED
         pg.owner = owner
-        pg.attrs = 0
         pg.uobject = uobj
         pg.offset = off
-        pg.pg_flags |= PG_TABLED
         off += ps
     uobj.vm.frames.bind_run(uobj, pgs)  # the uffd machine's frames are the object's memfd pages
 
@@ -330,10 +329,10 @@ def uvm_pagefree_run(pgs: list[VmPage]) -> None:
             if flags & PG_WANTED:
                 wakeup(pg)
             pg.pg_flags = flags & ~(PQ_ACTIVE | PQ_INACTIVE)
-        # in the caller's order (offsets, mostly): the tree's stretches
-        _pageremove_run([pg for pg in pgs if pg.pg_flags & PG_TABLED])
-        for pg in pgs:
+        _pageremove_run(pgs)
+        for pg in pgs:  # _pageremove_run's and _pagefree_locked's resets
             pg.pg_flags = PQ_FREE
+            pg.uobject = None
             pg.wire_count = 0
             pg.uanon = None
             pg.owner = None
@@ -350,21 +349,20 @@ _FRAME = attrgetter("frame")
 
 
 def _pageremove_run(pgs: list[VmPage]) -> None:
-    """uvm_pageremove of each page of *pgs*, each object's tree and frames
-    told once per stretch of its pages.  => caller holds the pages' object
-    locks."""
-    if not pgs:
-        return
+    """The object side of uvm_pageremove for the tabled pages of *pgs* (in
+    the caller's order: offsets, mostly), each object's tree and frames
+    told once per stretch of its pages; the caller then clears PG_TABLED
+    and ``uobject`` (uvm_pagefree_run, with the rest of the page).
+    => caller holds the pages' object locks and the page queue lock."""
     frames = pgs[0].vm.frames
     for uobj, stretch in groupby(pgs, key=_UOBJECT):
+        if uobj is None:  # an anon's page: in no tree
+            continue
         run = list(stretch)
         if DEBUG:
-            KASSERT(uobj is not None and not any(pg.pg_flags & PQ_ACTIVE for pg in run),
-                    "uvm_pageremove: active page")
+            KASSERT(all(pg.pg_flags & (PG_TABLED | PQ_ACTIVE) == PG_TABLED for pg in run),
+                    "uvm_pageremove: active or untabled page")
         frames.unbind_run(uobj, run)  # the uffd machine punches them out of the object's memfd
-        for pg in run:
-            pg.pg_flags &= ~PG_TABLED
-            pg.uobject = None
         uobj.memt.remove_run([pg.offset for pg in run])
 
 
@@ -419,10 +417,12 @@ def uvm_pagedeactivate_run(pgs: list[VmPage]) -> None:
     vm = pgs[0].vm
     if DEBUG:
         KASSERT(vm.pageqlock.held(), "uvm_pagedeactivate_run: pageq not locked")
-    pgs = [pg for pg in pgs if not (pg.pg_flags & PQ_INACTIVE or pg.wire_count)]
     active = vm.page_active
+    moved: list[VmPage] = []
     for pg in pgs:  # _pagedeactivate_dequeue, inline
         flags = pg.pg_flags
+        if flags & PQ_INACTIVE or pg.wire_count:
+            continue
         if flags & PQ_ACTIVE:
             del active[pg]
             if pg.uobject is not None:
@@ -430,12 +430,10 @@ def uvm_pagedeactivate_run(pgs: list[VmPage]) -> None:
             flags &= ~PQ_ACTIVE
         if flags & PG_CLEAN and pg.attrs & PG_MOD:
             flags &= ~PG_CLEAN
-        pg.pg_flags = flags
-    pmap_clear_reference_run(pgs)
-    inactive = vm.page_inactive
-    for pg in pgs:
-        inactive[pg] = None
-        pg.pg_flags |= PQ_INACTIVE
+        pg.pg_flags = flags | PQ_INACTIVE  # the pmap reads no queue bit
+        moved.append(pg)
+    pmap_clear_reference_run(moved)
+    vm.page_inactive.update(dict.fromkeys(moved))
 
 
 def uvm_pageactivate(pg: VmPage) -> None:

@@ -861,7 +861,8 @@ def _flush_dispose(fl: _Flush, pgs: list[VmPage], free: bool) -> None:
         return
     if fl.flags & PGO_DEACTIVATE:
         pgs = [pg for pg in pgs if pg.wire_count == 0]
-        pmap_page_protect_run(pgs, PROT_NONE)
+        # only a fault, under the object lock, maps a page: those unmapped stay so
+        pmap_page_protect_run([pg for pg in pgs if pg.pv], PROT_NONE)
         with fl.uvn.vm.pageqlock:
             uvm_pagedeactivate_run(pgs)
     elif fl.flags & PGO_FREE and free:

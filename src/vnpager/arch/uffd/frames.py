@@ -120,6 +120,15 @@ class ObjectFrames:
         self.bound.add(offset)
         return self.view.mem[offset:end]
 
+    def pages(self, offsets: list[int]) -> list[memoryview]:
+        """page() of each of *offsets* (ascending): the memfd and the view
+        grown once, for the last."""
+        if offsets:
+            self.page(offsets[-1])
+        self.bound.update(offsets)
+        mem = self.view.mem
+        return [mem[off:off + PAGE_SIZE] for off in offsets]
+
     def resize(self) -> None:
         """The memfd's size: the object's, but never below a bound page's end."""
         want = max(self.size, max(self.bound, default=-PAGE_SIZE) + PAGE_SIZE)
@@ -207,12 +216,12 @@ class Frames:
         pg.data = self._of(pg.uobject, punch=True).page(pg.offset)
 
     def bind_run(self, uobj: UvmObject, pgs: list[VmPage]) -> None:
-        """bind of each page of *pgs*, pages of *uobj* (a read's run): the
-        object's frames looked up, and the pending punches done, once.
-        => caller holds the object lock."""
+        """bind of each page of *pgs*, pages of *uobj* in offset order (a
+        read's run): the object's frames looked up, the pending punches
+        done and the memfd grown once.  => caller holds the object lock."""
         of = self._of(uobj, punch=True)
-        for pg in pgs:
-            pg.data = of.page(pg.offset)
+        for pg, data in zip(pgs, of.pages([pg.offset for pg in pgs]), strict=True):
+            pg.data = data
 
     def unbind(self, pg: VmPage) -> None:
         """*pg* leaves its object: its page is to be punched out of the
