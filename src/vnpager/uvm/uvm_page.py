@@ -31,6 +31,7 @@ from vnpager.kern.debug import DEBUG, KASSERT, panic
 from vnpager.kern.synch import rwsleep, wakeup
 from vnpager.uvm.pmap import (
     PG_MOD,
+    PG_REF,
     pmap_clear_reference,
     pmap_clear_reference_run,
     pmap_is_modified,
@@ -408,9 +409,10 @@ def _pagedeactivate_dequeue(vm: VM, pg: VmPage) -> None:
 
 def uvm_pagedeactivate_run(pgs: list[VmPage]) -> None:
     """uvm_pagedeactivate of each page of *pgs*, the references cleared in
-    one pmap call.
+    one pmap call (for the pages that have one to clear: mapped, or
+    referenced; a page gains a mapping only under its object's lock).
 
-    => caller holds the page queue lock.
+    => caller holds the page queue lock and the pages' object lock.
     """
     if not pgs:
         return
@@ -432,7 +434,9 @@ def uvm_pagedeactivate_run(pgs: list[VmPage]) -> None:
             flags &= ~PG_CLEAN
         pg.pg_flags = flags | PQ_INACTIVE  # the pmap reads no queue bit
         moved.append(pg)
-    pmap_clear_reference_run(moved)
+    # a page mapped nowhere and unreferenced has nothing to clear: a page
+    # daemon's idle pages (unmapped first), a mount's pages (never mapped)
+    pmap_clear_reference_run([pg for pg in moved if pg.pv or pg.attrs & PG_REF])
     vm.page_inactive.update(dict.fromkeys(moved))
 
 
