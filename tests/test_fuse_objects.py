@@ -1,7 +1,8 @@
 """vnpager mount s3://bucket/prefix: real programs (cp, tar, sqlite3) on a
 mount of a bucket of the session's Ceph RADOS Gateway, whose pager has
-less memory than the data; names as the store has them; close-to-open
-after an outside replace; a publish that fails is fsync's and close's error.
+less memory than the data; names as the store has them, and as others
+change them once a listing expires (--dir-cache-time); close-to-open after
+an outside replace; a publish that fails is fsync's and close's error.
 
 Each server runs in a subprocess (``python -m vnpager mount URL MNT
 --foreground``), credentials in its environment and the endpoint on its
@@ -19,22 +20,27 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from fuse_helpers import PHYSMEM, Server, fill_database, sqlite
 from objservers_helpers import Bucket
+from vnpager.tools.bench_s3 import OpsLog
+from vnpager.tools.objservers import CephRGW
+
+WAIT = 30.0  # seconds a test waits for a short --dir-cache-time to expire
 
 
-def _mount(bucket: Bucket, mnt: Path, prefix: str = "") -> Server:
+def _mount(bucket: Bucket, mnt: Path, prefix: str = "", *extra: str) -> Server:
     mnt.mkdir(exist_ok=True)
     env = bucket.user.env()
     endpoint = env.pop("AWS_ENDPOINT_URL")
     os.environ.update(env)  # the server's credentials and region, as boto finds them
     url = f"{bucket.url}/{prefix}" if prefix else bucket.url
-    return Server(url, mnt, "--endpoint-url", endpoint)
+    return Server(url, mnt, "--endpoint-url", endpoint, *extra)
 
 
 @pytest.fixture
@@ -67,6 +73,10 @@ def _object(bucket: Bucket, key: str) -> bytes:
 
 def _put(bucket: Bucket, key: str, data: bytes) -> None:
     bucket.fs.call_s3("put_object", Bucket=bucket.name, Key=key, Body=data)
+
+
+def _delete(bucket: Bucket, key: str) -> None:
+    bucket.fs.call_s3("delete_object", Bucket=bucket.name, Key=key)
 
 
 def test_cp_in_and_out_of_a_whole_bucket(s3_bucket: Bucket, tmp_path: Path, aws_env: None) -> None:
@@ -104,19 +114,25 @@ def test_mount_options_and_clear_failures(s3_bucket: Bucket, tmp_path: Path, aws
     opts = ["--endpoint-url", env["AWS_ENDPOINT_URL"], "-o", f"key={env['AWS_ACCESS_KEY_ID']}",
             "-o", f"secret={env['AWS_SECRET_ACCESS_KEY']}", "-o", f"client_kwargs={region}",
             "--physmem", str(PHYSMEM)]
-    _vnpager("mount", f"{s3_bucket.url}/p", str(mnt), *opts, check=True)  # detached
+    _vnpager("mount", f"{s3_bucket.url}/p", str(mnt), *opts, "--dir-cache-time", "0", check=True)  # detached
     try:
         (mnt / "f").write_bytes(b"detached")
+        assert os.listdir(mnt) == ["f"]
+        _put(s3_bucket, "p/behind", b"seen at the next listing")  # the server got --dir-cache-time 0
+        assert (mnt / "behind").read_bytes() == b"seen at the next listing"
     finally:
         assert _vnpager("umount", str(mnt)).returncode == 0
     assert _object(s3_bucket, "p/f") == b"detached"
     for args, says in (([f"s3://no-such-{s3_bucket.name}", str(mnt), *opts], "No such file or directory"),
                        ([str(tmp_path), str(mnt), "-o", "anon=true"], "for an object store"),
                        ([s3_bucket.url, str(mnt), "-o", "anon"], "not KEY=VALUE"),
-                       (["gs://bucket", str(mnt), "--foreground"], "only s3://")):
+                       (["gs://bucket", str(mnt), "--foreground"], "only s3://"),
+                       ([str(tmp_path), str(mnt), "--dir-cache-time", "5"], "for an object store")):
         done = _vnpager("mount", *args)
         assert done.returncode == 1 and says in done.stderr, done.stderr
         assert not os.path.ismount(mnt)
+    done = _vnpager("mount", s3_bucket.url, str(mnt), "--dir-cache-time", "-1")
+    assert done.returncode == 2 and "not a number of seconds >= 0" in done.stderr, done.stderr
 
 
 def _make_tree(root: Path) -> set[str]:
@@ -311,3 +327,118 @@ def test_a_publish_over_a_replaced_object_fails_with_estale(server: Server, s3_b
     assert _object(s3_bucket, "top/f") == theirs
     assert server.stop() == 1  # tried once more at unmount: still stale, and said so
     assert "s3://" in server.output and "top/f: not published" in server.output, server.output
+
+
+def _listings(ops: OpsLog, mark: int, bucket: Bucket) -> int:
+    """The mount's listings of *bucket* (ListObjectsV2 with a delimiter) RGW served since *mark*."""
+    return sum(1 for op in ops.since(mark) if op.get("bucket") == bucket.name
+               and op["operation"] == "list_bucket" and "delimiter=%2F" in op["uri"])
+
+
+def test_names_made_and_deleted_behind_the_mount_are_seen(s3_bucket: Bucket, tmp_path: Path,
+                                                          aws_env: None) -> None:
+    """--dir-cache-time 0: every lookup and readdir lists the directory
+    again, so objects put by others appear, deleted ones go, a file that
+    became a directory is one, and a replaced object's size is taken up."""
+    _put(s3_bucket, "top/old", b"there before")
+    server = _mount(s3_bucket, tmp_path / "mnt", "top", "--dir-cache-time", "0")
+    m = server.mnt
+    try:
+        assert os.listdir(m) == ["old"]
+        _put(s3_bucket, "top/new", b"put behind the mount")
+        _put(s3_bucket, "top/sub/deep", b"in a directory new too")
+        assert sorted(os.listdir(m)) == ["new", "old", "sub"]
+        assert (m / "new").read_bytes() == b"put behind the mount"
+        assert (m / "sub" / "deep").read_bytes() == b"in a directory new too"
+        _delete(s3_bucket, "top/old")
+        with pytest.raises(FileNotFoundError):
+            os.stat(m / "old")
+        with pytest.raises(FileNotFoundError):
+            os.open(m / "old", os.O_RDONLY)
+        assert sorted(os.listdir(m)) == ["new", "sub"]
+        _delete(s3_bucket, "top/new")
+        _put(s3_bucket, "top/new/inner", b"now a directory")  # nobody holds the file: it changes type
+        assert os.path.isdir(m / "new") and os.listdir(m / "new") == ["inner"]
+        longer = random.Random(5).randbytes(50_000)
+        _put(s3_bucket, "top/sub/deep", longer)
+        assert os.listdir(m / "sub") == ["deep"] and os.stat(m / "sub" / "deep").st_size == len(longer)
+        _delete(s3_bucket, "top/sub/deep")  # the whole directory: its prefix is gone
+        assert sorted(os.listdir(m)) == ["new"]
+    finally:
+        assert server.stop() == 0, server.output
+
+
+def test_what_the_mount_holds_survives_a_listing_without_it(s3_bucket: Bucket, tmp_path: Path,
+                                                             aws_env: None) -> None:
+    """A file being written and not yet published, a file open when the
+    store dropped it, and the directory above a held file outlive listings
+    that do not have them; once let go, the next listing decides."""
+    server = _mount(s3_bucket, tmp_path / "mnt", "top", "--dir-cache-time", "0")
+    m = server.mnt
+    try:
+        with open(m / "new", "wb") as f:
+            f.write(b"unpublished")
+            f.flush()  # to the mount, not published
+            assert _keys(s3_bucket) == set()
+            _put(s3_bucket, "top/other", b"x" * 5000)
+            assert sorted(os.listdir(m)) == ["new", "other"]  # listed again: ours kept, theirs added
+            assert os.stat(m / "new").st_size == len(b"unpublished")
+        assert _keys(s3_bucket) == {"new", "other"}
+        with open(m / "other", "rb") as f:
+            assert f.read() == b"x" * 5000
+            _delete(s3_bucket, "top/other")
+            assert sorted(os.listdir(m)) == ["new", "other"]  # open: kept for its holder
+            assert os.fstat(f.fileno()).st_size == 5000
+            f.seek(0)
+            assert f.read() == b"x" * 5000
+        assert os.listdir(m) == ["new"]  # closed: gone at the next listing
+        _put(s3_bucket, "top/d/x", b"a directory only a prefix makes")
+        assert os.listdir(m / "d") == ["x"]
+        with open(m / "d" / "y", "wb") as f:
+            f.write(b"in d")
+            _delete(s3_bucket, "top/d/x")  # the prefix is gone, but d holds a new file
+            assert sorted(os.listdir(m)) == ["d", "new"] and os.listdir(m / "d") == ["y"]
+        assert _keys(s3_bucket) == {"new", "d/y"} and (m / "d" / "y").read_bytes() == b"in d"
+    finally:
+        assert server.stop() == 0, server.output
+
+
+def test_by_default_a_listing_is_trusted_for_its_time(rgw: CephRGW, server: Server,
+                                                      s3_bucket: Bucket) -> None:
+    """The default (300 s): within the time, no lookup or readdir lists
+    again (RGW's ops log counts the listings), so what others put is not
+    seen yet."""
+    m = server.mnt
+    assert os.listdir(m) == []
+    ops = OpsLog(rgw.ops_log)
+    mark = ops.mark()
+    _put(s3_bucket, "top/behind", b"not seen yet")
+    assert os.listdir(m) == []
+    with pytest.raises(FileNotFoundError):
+        os.stat(m / "behind")
+    assert _listings(ops, mark, s3_bucket) == 0
+
+
+def _until(done: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT
+    while not done():
+        assert time.monotonic() < deadline, f"not within {WAIT:.0f} s"
+        time.sleep(0.1)
+
+
+def test_a_short_dir_cache_time_expires_names_and_absences(s3_bucket: Bucket, tmp_path: Path,
+                                                           aws_env: None) -> None:
+    """--dir-cache-time 1: the kernel trusts an absence, and a name, no
+    longer than the listing, so both are asked again once it expires."""
+    _put(s3_bucket, "top/there", b"1")
+    server = _mount(s3_bucket, tmp_path / "mnt", "top", "--dir-cache-time", "1")
+    m = server.mnt
+    try:
+        assert os.listdir(m) == ["there"] and not (m / "later").exists()  # an absence the kernel keeps
+        _put(s3_bucket, "top/later", b"put behind the mount")
+        _delete(s3_bucket, "top/there")
+        _until(lambda: (m / "later").exists())
+        _until(lambda: not (m / "there").exists())
+        assert (m / "later").read_bytes() == b"put behind the mount"
+    finally:
+        assert server.stop() == 0, server.output

@@ -46,10 +46,11 @@ PROFILE_COUNTERS = ("read_ios", "pageins", "write_ios", "pageouts", "waits",
 
 
 def serve(src: str, mnt: str, physmem: int, *, direct_io: bool = False,
-          storage_options: dict[str, Any] | None = None) -> int:
+          storage_options: dict[str, Any] | None = None, dir_cache_time: float | None = None) -> int:
     """Mount *src* at *mnt* and serve it until unmounted or signalled: a
     host directory, or a bucket's URL (``s3://bucket/prefix``, through
-    fsspec with *storage_options*: :mod:`vnpager.fuse.objects`).
+    fsspec with *storage_options*, its listings trusted for *dir_cache_time*
+    seconds, None: objects.DIR_CACHE_TIME; :mod:`vnpager.fuse.objects`).
 
     Returns once the mount is gone and every dirty page is written (and,
     for a bucket, published): the number of objects whose publish failed.
@@ -59,7 +60,7 @@ def serve(src: str, mnt: str, physmem: int, *, direct_io: bool = False,
     where = os.path.realpath(mnt)  # not once mounted: that would ask us, not yet serving
     vm = front.VM(physmem=physmem)
     try:
-        fs = _operations(vm, src, direct_io, storage_options, from_environment())
+        fs = _operations(vm, src, direct_io, storage_options, from_environment(), dir_cache_time)
     except BaseException:
         vm.close()
         raise
@@ -83,16 +84,17 @@ def serve(src: str, mnt: str, physmem: int, *, direct_io: bool = False,
 
 
 def _operations(vm: front.VM, src: str, direct_io: bool, storage_options: dict[str, Any] | None,
-                profile: RequestProfile | None) -> VnpagerFS | ObjectsFS:
+                profile: RequestProfile | None, dir_cache_time: float | None) -> VnpagerFS | ObjectsFS:
     """The file system serving *src*: a bucket's for a URL, else the host passthrough."""
     if is_url(src):
         if direct_io:
             raise OSError(errno.EINVAL, "--direct-io is for host directories")
-        from vnpager.fuse.objects import ObjectsFS
+        from vnpager.fuse.objects import DIR_CACHE_TIME, ObjectsFS
 
-        return ObjectsFS(vm, src, storage_options, profile=profile)
-    if storage_options:
-        raise OSError(errno.EINVAL, "storage options are for object stores (SRC a URL)")
+        return ObjectsFS(vm, src, storage_options, profile=profile,
+                         dir_cache_time=DIR_CACHE_TIME if dir_cache_time is None else dir_cache_time)
+    if storage_options or dir_cache_time is not None:
+        raise OSError(errno.EINVAL, "storage options and listings are for object stores (SRC a URL)")
     return VnpagerFS(vm, src, direct_io=direct_io, profile=profile)
 
 

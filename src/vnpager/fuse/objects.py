@@ -10,14 +10,21 @@ at fsync, at the last close of a writer (its flush, so that close(2)
 reports a failure), and at unmount.  A file made by ``create`` becomes an
 object at its first publish.
 
-Names are cached for the mount's life: a directory is listed (one
-``ListObjectsV2`` with a ``/`` delimiter, page by page) at its first lookup
-or readdir, and then changed only by our own mkdir, create, unlink, rename,
-rmdir, because the mount is the bucket's (prefix's) only writer of names
-while mounted, as the host mount is SRC's.  Attributes come from that
-listing and from the pager (the size of a file open or persisting); an open
-looks the object up (one HEAD, objfs's close-to-open), so a version put by
-somebody else is seen at the next open.  Mode, owner and times live in the
+Names are cached for *dir_cache_time* seconds (``--dir-cache-time``, 300
+by default, as rclone's): a directory is listed (one ``ListObjectsV2`` with
+a ``/`` delimiter, page by page) at its first lookup or readdir, changed by
+our own mkdir, create, unlink, rename, rmdir, and listed again at the first
+lookup or readdir after its listing is that old.  The new listing is merged
+(:meth:`ObjectsFS._merge`): names that appeared are added, names gone are
+dropped unless the mount holds them (a file open, one made through us and
+not yet published, one whose publish failed, a directory above one of
+them), a name changes type only if nothing holds it, and the size and
+mtime of an object replaced by somebody else are taken up when nobody has
+it open.  The kernel is told to trust a name or its absence no longer than
+its directory's listing is fresh, so it asks again when we would list
+again.  Attributes come from the listing and from the pager (the size of a
+file open or persisting); an open looks the object up (one HEAD, objfs's
+close-to-open), so a version put by somebody else is seen at the next open.  Mode, owner and times live in the
 server's memory for the mount's life (they are not object metadata: a
 ``chmod`` would otherwise be a copy of the object); a remount shows every
 file 0644 and every directory 0755, owned by the server, with the object's
@@ -45,7 +52,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -64,9 +71,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-# Seconds the kernel may trust a name or its absence: long, as on the host
-# mount, because names change only through us (the only writer, see above).
-ENTRY_TIMEOUT = 300.0
+# Seconds a directory's listing is trusted (names made or deleted by others
+# are seen after that): rclone's --dir-cache-time, and what the kernel kept
+# names for before listings expired.
+DIR_CACHE_TIME = 300.0
 # Attributes it asks every time (an answer from memory): an open may take up
 # a version somebody else put, of another size, and the kernel reads no
 # further than the size it trusts.
@@ -91,7 +99,12 @@ def _fail(err: int) -> pyfuse3.FUSEError:
 class Node:
     """A name the mount knows: an object, or a directory (a prefix).
     ``parent`` is None once the name is gone (unlinked, removed) and for
-    the root; ``children`` is None until the directory is listed."""
+    the root; ``children`` is None until the directory is listed, at
+    ``listed_at`` (time.monotonic() when the listing began).  ``changing``
+    is, while a listing of the directory is in flight, the names we changed
+    since it began (it must not undo them).  ``seen`` is the version (size,
+    ETag) of the object last taken from a listing; None: ours (made or
+    written through us), the next listing's is taken as it is."""
 
     ino: int
     name: str
@@ -105,6 +118,9 @@ class Node:
     gid: int = field(default_factory=os.getgid)
     children: dict[str, Node] | None = None
     marker: bool = False  # a directory with a "key/" marker object
+    listed_at: float = 0.0
+    changing: set[str] | None = None
+    seen: tuple[int, str] | None = None
     lookups: int = 0  # the kernel's references (forget drops them)
     opens: int = 0
     writers: int = 0
@@ -112,6 +128,15 @@ class Node:
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
+
+
+class Listed(NamedTuple):
+    """One name of a listing."""
+
+    directory: bool
+    size: int = 0
+    mtime_ns: int = 0
+    etag: str = ""
 
 
 @dataclass
@@ -124,14 +149,19 @@ class OpenObject:
 class ObjectsFS(pyfuse3.Operations):
     """pyfuse3 operations over the objects under *url* (``s3://bucket/prefix``),
     file data through *vm*; *storage_options* make its fsspec filesystem
-    (none: the environment and AWS config, as fsspec's users have them).
-    Raises OSError if the bucket cannot be reached."""
+    (none: the environment and AWS config, as fsspec's users have them);
+    a directory's listing is trusted for *dir_cache_time* seconds (0: listed
+    at every lookup and readdir).  Raises OSError if the bucket cannot be
+    reached."""
 
     enable_writeback_cache = False  # writes must reach the pager at once
 
     def __init__(self, vm: VM, url: str, storage_options: dict[str, Any] | None = None,
-                 profile: RequestProfile | None = None) -> None:
+                 profile: RequestProfile | None = None, dir_cache_time: float = DIR_CACHE_TIME) -> None:
         super().__init__()
+        if not dir_cache_time >= 0:
+            raise ValueError(f"dir_cache_time must be a number of seconds >= 0, not {dir_cache_time!r}")
+        self.dir_cache_time = dir_cache_time
         protocol = url.split("://", 1)[0]
         if protocol not in S3_PROTOCOLS:
             raise OSError(errno.EPROTONOSUPPORT, f"{url}: only s3:// URLs can be mounted")
@@ -148,9 +178,12 @@ class ObjectsFS(pyfuse3.Operations):
         self.nodes: dict[int, Node] = {root.ino: root}
         self.files: dict[int, OpenObject] = {}
         self.dirs: dict[int, tuple[Node, list[str]]] = {}
+        # files whose writes are not all in the store: new ones until their
+        # first publish, and those whose last close failed to publish
+        self.unpublished: set[Node] = set()
         self._ino = itertools.count(pyfuse3.ROOT_INODE + 1)
         self._fh = itertools.count(1)
-        self._listing = trio.Lock()  # one listing at a time: two lookups need it once
+        self._listing = trio.Lock()  # one listing at a time: two lookups at once need it once
         self.profile = profile
         if profile is not None:
             profile.install(self)
@@ -188,12 +221,11 @@ class ObjectsFS(pyfuse3.Operations):
         return self.fs.call_s3(method, Bucket=self.bucket, **kwargs)
 
     # the listing -----------------------------------------------------------------
-    def _list(self, prefix: str) -> tuple[dict[str, tuple[bool, int, int]], bool]:
-        """The names under *prefix* (``""`` or ending in ``/``): name ->
-        (directory?, size, mtime in ns), and whether its marker exists.  A
-        name that is both an object and a prefix is the directory (the
-        object is hidden, logged)."""
-        names: dict[str, tuple[bool, int, int]] = {}
+    def _list(self, prefix: str) -> tuple[dict[str, Listed], bool]:
+        """The names under *prefix* (``""`` or ending in ``/``), and whether
+        its marker exists.  A name that is both an object and a prefix is
+        the directory (the object is hidden, logged)."""
+        names: dict[str, Listed] = {}
         marker = False
         kwargs: dict[str, Any] = {"Prefix": prefix, "Delimiter": "/"}
         while True:
@@ -203,38 +235,131 @@ class ObjectsFS(pyfuse3.Operations):
                 if not name:
                     marker = True
                 elif name not in (".", ".."):
-                    names[name] = (False, int(c["Size"]), int(c["LastModified"].timestamp() * 1e9))
+                    names[name] = Listed(False, int(c["Size"]), int(c["LastModified"].timestamp() * 1e9),
+                                         str(c.get("ETag", "")))
             for p in resp.get("CommonPrefixes", []):
                 name = p["Prefix"][len(prefix):-1]
                 if name and name not in (".", ".."):
                     if name in names:
                         log.warning("%s: both an object and a prefix: shown as a directory", prefix + name)
-                    names[name] = (True, 0, 0)
+                    names[name] = Listed(True)
             if not resp.get("IsTruncated"):
                 return names, marker
             kwargs["ContinuationToken"] = resp["NextContinuationToken"]
 
-    async def _children(self, node: Node) -> dict[str, Node]:
-        """The entries of directory *node*, listed at the first need."""
+    async def _children(self, node: Node, refresh: bool = True) -> dict[str, Node]:
+        """The entries of directory *node*, listed at the first need and,
+        with *refresh*, again once the listing is older than dir_cache_time.
+        A listing begun after this call is fresh enough for it: lookups
+        waiting for one listing make no other."""
         if not node.is_dir:
             raise _fail(errno.ENOTDIR)
-        if node.children is None:
+        if node.children is None or (refresh and self._stale(node)):
+            asked = time.monotonic()
             async with self._listing:
-                if node.children is None:
-                    key = self._key(node)
-                    names, marker = await _worker(self._list, f"{key}/" if key else "")
-                    node.marker = node.marker or marker
-                    node.children = {name: self._new(node, name, d, size, mtime)
-                                     for name, (d, size, mtime) in names.items()}
+                if node.children is None or (node.listed_at < asked and self._stale(node)):
+                    await self._relist(node)
+        assert node.children is not None
         return node.children
 
-    def _new(self, parent: Node, name: str, directory: bool, size: int = 0, mtime_ns: int = 0,
-             mode: int = -1) -> Node:
+    def _stale(self, node: Node) -> bool:
+        """Whether *node*'s listing has expired (a directory whose name is
+        gone is not listed again: it has no key)."""
+        attached = node.parent is not None or node.ino == pyfuse3.ROOT_INODE
+        return attached and time.monotonic() >= node.listed_at + self.dir_cache_time
+
+    def _fresh_for(self, parent: Node | None) -> float:
+        """Seconds the kernel may trust a name in *parent*, or its absence:
+        no longer than the listing is fresh, so that it asks us when we
+        would list again."""
+        if parent is None or parent.children is None:
+            return 0.0
+        return max(0.0, parent.listed_at + self.dir_cache_time - time.monotonic())
+
+    async def _relist(self, node: Node) -> None:
+        """List directory *node* (=> caller holds _listing) and take the
+        listing in: whole the first time, merged after."""
+        key = self._key(node)
+        began = time.monotonic()
+        if node.children is not None:
+            node.changing = set()
+        try:
+            names, node.marker = await _worker(self._list, f"{key}/" if key else "")
+            if node.children is None:
+                node.children = {name: self._new(node, name, entry) for name, entry in names.items()}
+            else:
+                self._merge(node, names, node.changing or set())
+        finally:
+            node.changing = None
+        node.listed_at = began
+
+    def _merge(self, parent: Node, names: dict[str, Listed], ours: set[str]) -> None:
+        """Take listing *names* of *parent* in, but for the names in *ours*
+        (changed by us while it was made).  Names gone from the store go
+        unless we hold them; a name changes type only if nothing holds it;
+        a file nobody holds takes up a new version's size and mtime."""
+        assert parent.children is not None
+        held = self._held()
+        changed = False
+        for name, child in list(parent.children.items()):
+            entry = names.get(name)
+            if name in ours or child.ino in held:
+                continue
+            if entry is not None and entry.directory == child.is_dir:
+                if not child.is_dir:
+                    self._take_up(child, entry)
+                continue
+            self._drop(child)
+            changed = True
+        for name, entry in names.items():
+            if name not in parent.children and name not in ours:
+                parent.children[name] = self._new(parent, name, entry)
+                changed = True
+        if changed:
+            self._touch(parent)
+
+    def _held(self) -> set[int]:
+        """The inode numbers of what the mount holds: open files, files not
+        yet (or not all) published, and the directories above them."""
+        held: set[int] = set()
+        for node in itertools.chain((of.node for of in self.files.values()), self.unpublished):
+            n: Node | None = node
+            while n is not None and n.ino not in held:
+                held.add(n.ino)
+                n = n.parent
+        return held
+
+    @staticmethod
+    def _take_up(node: Node, entry: Listed) -> None:
+        """A version of file *node* in a listing: taken up if it is not the
+        one last seen (someone replaced the object); ours (written through
+        us) is taken as it is, so that the mtime set by utime stays."""
+        version = (entry.size, entry.etag)
+        if node.seen is not None and node.seen != version:
+            node.size = entry.size
+            node.mtime_ns = node.ctime_ns = entry.mtime_ns
+        node.seen = version
+
+    def _drop(self, node: Node) -> None:
+        """*node*'s name is gone from the store (and all under it): out of
+        our tables, and of the kernel's where it may have it."""
+        parent = node.parent
+        for child in list((node.children or {}).values()):
+            self._drop(child)
+        if parent is not None and node.lookups > 0:
+            pyfuse3.invalidate_entry_async(parent.ino, os.fsencode(node.name), deleted=node.ino,
+                                           ignore_enoent=True)
+        self._detach(node)
+
+    def _new(self, parent: Node, name: str, entry: Listed, mode: int = -1) -> Node:
         if mode < 0:
-            mode = 0o755 if directory else 0o644
-        mtime_ns = mtime_ns or parent.mtime_ns
-        node = Node(next(self._ino), name, parent, (stat.S_IFDIR if directory else stat.S_IFREG) | mode,
-                    size, mtime_ns, mtime_ns, mtime_ns)
+            mode = 0o755 if entry.directory else 0o644
+        mtime_ns = entry.mtime_ns or parent.mtime_ns
+        node = Node(next(self._ino), name, parent,
+                    (stat.S_IFDIR if entry.directory else stat.S_IFREG) | mode,
+                    entry.size, mtime_ns, mtime_ns, mtime_ns)
+        if not entry.directory and entry.etag:
+            node.seen = (entry.size, entry.etag)
         self.nodes[node.ino] = node
         return node
 
@@ -242,13 +367,15 @@ class ObjectsFS(pyfuse3.Operations):
               ) -> Node:
         """A node for the name just made in *parent* by the caller of *ctx*."""
         assert parent.children is not None
-        node = self._new(parent, name, directory, mode=mode & 0o7777 & ~ctx.umask)
+        node = self._new(parent, name, Listed(directory), mode=mode & 0o7777 & ~ctx.umask)
         node.uid, node.gid = ctx.uid, ctx.gid
         node.mtime_ns = node.atime_ns = node.ctime_ns = time.time_ns()
         if directory:
-            node.children, node.marker = {}, True
+            node.children, node.marker, node.listed_at = {}, True, time.monotonic()
+        else:
+            self.unpublished.add(node)
         parent.children[name] = node
-        self._touch(parent)
+        self._changed(parent, name)
         return node
 
     def _detach(self, node: Node) -> None:
@@ -256,8 +383,9 @@ class ObjectsFS(pyfuse3.Operations):
         parent = node.parent
         if parent is not None and parent.children is not None and parent.children.get(node.name) is node:
             del parent.children[node.name]
-            self._touch(parent)
+            self._changed(parent, node.name)
         node.parent = None
+        self.unpublished.discard(node)  # never published now (objfs: removed)
         self._maybe_free(node)
 
     def _maybe_free(self, node: Node) -> None:
@@ -267,6 +395,14 @@ class ObjectsFS(pyfuse3.Operations):
     @staticmethod
     def _touch(node: Node) -> None:
         node.mtime_ns = node.ctime_ns = time.time_ns()
+
+    @classmethod
+    def _changed(cls, parent: Node, name: str) -> None:
+        """We changed *name* in directory *parent*: a listing in flight,
+        begun before, must not undo it."""
+        if parent.changing is not None:
+            parent.changing.add(name)
+        cls._touch(parent)
 
     async def _keep(self, parent: Node) -> None:
         """A directory just emptied through us stays a directory: its marker
@@ -280,7 +416,7 @@ class ObjectsFS(pyfuse3.Operations):
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
-        a.entry_timeout, a.attr_timeout = ENTRY_TIMEOUT, ATTR_TIMEOUT
+        a.entry_timeout, a.attr_timeout = self._fresh_for(node.parent), ATTR_TIMEOUT
         a.st_mode, a.st_nlink = node.mode, 2 if node.is_dir else 1
         a.st_uid, a.st_gid = node.uid, node.gid
         a.st_size = node.size
@@ -299,19 +435,21 @@ class ObjectsFS(pyfuse3.Operations):
         except KeyError:
             raise _fail(errno.ENOENT) from None
 
-    async def _lookup_name(self, parent_ino: int, name: bytes) -> tuple[Node, str, Node | None]:
-        """(parent, name, the node it names or None)."""
+    async def _lookup_name(self, parent_ino: int, name: bytes, refresh: bool = False
+                           ) -> tuple[Node, str, Node | None]:
+        """(parent, name, the node it names or None).  Without *refresh* the
+        listing is not renewed: the kernel's lookup before this call did it."""
         parent = self._node(parent_ino)
         text = os.fsdecode(name)
-        return parent, text, (await self._children(parent)).get(text)
+        return parent, text, (await self._children(parent, refresh)).get(text)
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
         """An entry, or the name's absence for the kernel to remember (st_ino 0)."""
-        _, _, node = await self._lookup_name(parent_inode, name)
+        parent, _, node = await self._lookup_name(parent_inode, name, refresh=True)
         if node is None:
             absent = pyfuse3.EntryAttributes()
-            absent.st_ino, absent.entry_timeout = 0, ENTRY_TIMEOUT
+            absent.st_ino, absent.entry_timeout = 0, self._fresh_for(parent)
             return absent
         return self._entry(node)
 
@@ -340,7 +478,7 @@ class ObjectsFS(pyfuse3.Operations):
                 await _worker(of.file.setsize, attr.st_size)
             else:
                 await _worker(_truncate_closed, self.vm, self._url(self._key(node)), attr.st_size)
-            node.size, node.mtime_ns = attr.st_size, now
+            node.size, node.mtime_ns, node.seen = attr.st_size, now, None
         if fields.update_mode:
             node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
         if fields.update_uid:
@@ -407,14 +545,14 @@ class ObjectsFS(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._node(inode)
-        await self._children(node)
+        await self._children(node, refresh=False)  # readdir from the start renews it
         fh = next(self._fh)
         self.dirs[fh] = (node, [])  # listed by the first readdir
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         node, names = self.dirs[fh]
-        children = await self._children(node)
+        children = await self._children(node, refresh=start_id == 0)
         if start_id == 0:  # from the start (rewinddir too): the directory as it is now
             names = sorted(children)
             self.dirs[fh] = (node, names)
@@ -469,7 +607,7 @@ class ObjectsFS(pyfuse3.Operations):
         node.parent, node.name = new_parent, new_name
         assert new_parent.children is not None
         new_parent.children[new_name] = node
-        self._touch(new_parent)
+        self._changed(new_parent, new_name)
         node.ctime_ns = time.time_ns()
         await self._keep(old_parent)
 
@@ -477,7 +615,7 @@ class ObjectsFS(pyfuse3.Operations):
         parent = node.parent
         if parent is not None and parent.children is not None:
             parent.children.pop(node.name, None)
-            self._touch(parent)
+            self._changed(parent, node.name)
 
     async def _rename_dir(self, node: Node, target: Node | None, new_key: str) -> None:
         if target is not None:
@@ -509,6 +647,8 @@ class ObjectsFS(pyfuse3.Operations):
         self.files[fh] = OpenObject(node, f, write)
         node.opens += 1
         node.writers += write
+        if write:
+            node.seen = None  # what it publishes is ours
         return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False)
 
     async def _open(self, node: Node, flags: int, create: bool) -> pyfuse3.FileInfo:
@@ -587,6 +727,11 @@ class ObjectsFS(pyfuse3.Operations):
             await _worker(of.file.close, last_writer)
         except pyfuse3.FUSEError as e:
             log.warning("%s: not published at its last close: %s", self._name_of(node), os.strerror(e.errno))
+            if node.parent is not None:
+                self.unpublished.add(node)  # kept by listings until unmount publishes it
+        else:
+            if last_writer:
+                self.unpublished.discard(node)
         if not node.opens:
             await trio.to_thread.run_sync(_drop_kernel_cache, node.ino)
             self._maybe_free(node)

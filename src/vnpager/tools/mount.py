@@ -41,12 +41,26 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an S3 SRC: an fsspec storage option for s3fs, repeated (key=, secret=, anon=true, "
                         "client_kwargs='{\"region_name\": \"x\"}'; a VALUE that is JSON is taken as such)")
+    p.add_argument("--dir-cache-time", type=_seconds_arg, metavar="SECONDS",
+                   help="an S3 SRC: seconds a directory's listing is trusted; names made or deleted by "
+                        "others are seen after that (default 300; 0: listed at every lookup and readdir)")
     p.set_defaults(func=run_mount)
     u = subparsers.add_parser("umount", help="unmount a vnpager mount, waiting for its write-back")
     u.add_argument("mnt", metavar="MNT")
     u.add_argument("--timeout", type=float, default=600.0, metavar="S",
                    help="seconds to wait for the server to write back (default 600)")
     u.set_defaults(func=run_umount)
+
+
+def _seconds_arg(text: str) -> float:
+    """A number of seconds >= 0 (argparse type)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return seconds
 
 
 def run_mount(args: argparse.Namespace) -> int:
@@ -67,7 +81,8 @@ def run_mount(args: argparse.Namespace) -> int:
     if not args.foreground:
         return _detach(args)
     try:
-        failed = serve(args.src, args.mnt, args.physmem, direct_io=args.direct_io, storage_options=options)
+        failed = serve(args.src, args.mnt, args.physmem, direct_io=args.direct_io, storage_options=options,
+                       dir_cache_time=args.dir_cache_time)
     except (OSError, RuntimeError) as e:  # pyfuse3.init raises RuntimeError; libfuse said why
         print(f"vnpager mount: mounting {args.src} at {args.mnt} failed: {e}", file=sys.stderr)
         return 1
@@ -79,8 +94,9 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
     options = parse_storage_options(args.storage_option)
     if args.endpoint_url:
         options["endpoint_url"] = args.endpoint_url
-    if options and "://" not in args.src:
-        raise ValueError("--endpoint-url and --storage-option are for an object store's SRC (a URL)")
+    if (options or args.dir_cache_time is not None) and "://" not in args.src:
+        raise ValueError("--endpoint-url, --storage-option and --dir-cache-time are for an object "
+                         "store's SRC (a URL)")
     return options
 
 
@@ -120,6 +136,7 @@ def _detach(args: argparse.Namespace) -> int:
             "--physmem", str(args.physmem)] + (["--direct-io"] if args.direct_io else [])
     argv += [f"--storage-option={o}" for o in args.storage_option]
     argv += [f"--endpoint-url={args.endpoint_url}"] if args.endpoint_url else []
+    argv += [f"--dir-cache-time={args.dir_cache_time}"] if args.dir_cache_time is not None else []
     fd, log = tempfile.mkstemp(prefix="vnpager-mount-", suffix=".log")
     try:
         server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
