@@ -87,7 +87,7 @@ RA_WINSIZE_INIT = 16 * 1024  # bytes: the first window of a sequential stream
 RA_WINSIZE_MAX = 256 * 1024  # bytes: the largest, and MADV_SEQUENTIAL's
 RA_QUEUE_MAX = 32  # WILLNEED ranges queued per VM; more are dropped (advice)
 RA_THREADS = 4  # WILLNEED readers per VM: windows of a range in flight at once
-RA_HANDOFF = 0.005  # seconds a reader waits for a thread to take its window (the GIL's switch interval)
+RA_HANDOFF = 0.05  # seconds at most a reader waits for a free thread to take its window (see RaDaemon)
 
 
 @dataclass(eq=False)
@@ -175,10 +175,13 @@ def uvm_ra_span(ra: UvmRactx, off: int, page_size: int) -> int:
     return (ra.ra_mark - off) // page_size
 
 
-def uvm_ra_async(uobj: UvmObject, ra: UvmRactx) -> None:
+def uvm_ra_async(uobj: UvmObject, ra: UvmRactx, handoff: bool = True) -> None:
     """Hand the window *ra* decided on (``ra_async``), if any, to the VM's
-    read-ahead daemon, without waiting: counted in ``uvmexp.ra_async``, and
-    in ``ra_async_dropped`` too when the daemon's queue is full.
+    read-ahead daemon, without waiting for its read: counted in
+    ``uvmexp.ra_async``, and in ``ra_async_dropped`` too when the daemon's
+    queue is full.  With *handoff*, wait (briefly) for a daemon thread to
+    take it: the caller goes on with pages in memory, holding the GIL (see
+    RaDaemon); without, it is about to sleep for I/O anyway.
     => caller holds a reference to *uobj* (the map lock, for an entry's)
        and no object lock.
     """
@@ -188,7 +191,8 @@ def uvm_ra_async(uobj: UvmObject, ra: UvmRactx) -> None:
     ra.ra_async = None
     exp = uobj.vm.uvmexp
     exp.ra_async += 1
-    if not uobj.vm.readahead.request(uobj, window[0], window[1], window=True):
+    if not uobj.vm.readahead.request(uobj, window[0], window[1], window=True,
+                                     handoff=RA_HANDOFF if handoff else 0.0):
         exp.ra_async_dropped += 1
 
 
@@ -202,7 +206,7 @@ def uvm_ra_pagewait(uobj: UvmObject, ra: UvmRactx, pg: VmPage, wmesg: str) -> No
         uvm_pagewait(pg, uobj.vmobjlock, wmesg)
         return
     uobj.vmobjlock.rw_exit()
-    uvm_ra_async(uobj, ra)
+    uvm_ra_async(uobj, ra, handoff=False)
 
 
 def uvm_ra_used(pgs: list[VmPage]) -> None:
@@ -278,7 +282,7 @@ def uvm_ra_start(ra: UvmRactx, uobj: UvmObject, off: int, npages: int, advice: i
     uvm_ra_next(ra, uobj, off + npages * uobj.vm.page_size, advice, limit)
     if ra.ra_async is not None:
         uobj.vmobjlock.rw_exit()
-        uvm_ra_async(uobj, ra)
+        uvm_ra_async(uobj, ra, handoff=False)  # this read is about to sleep
         uobj.vmobjlock.rw_enter(RW_WRITE)
     uvm_ra_reserve(uobj.vm, npages, uobj.vmobjlock)
 
@@ -298,7 +302,7 @@ class _RaStream:
 
     window: bool = False
     stopped: bool = False  # a window could not be read: the rest is dropped
-    taken: bool = False  # a thread has begun it
+    begun: threading.Event | None = None  # set once its read has begun (or it is done), for a handoff
 
 
 class RaDaemon:
@@ -311,10 +315,10 @@ class RaDaemon:
     flight.  The first window that cannot be read (no free memory, an error)
     stops its range.  An asynchronous read-ahead window (uvm_ra_async) is
     read whole, in one I/O, its pages marked PG_READAHEAD, after room is
-    made for it (_ra_window_fill); the reader that hands one over waits
-    (RA_HANDOFF at most) until a thread has taken it, letting go of the
-    GIL: else, a reader that needs no I/O meanwhile keeps the GIL and
-    reaches the window before the daemon's read of it begins.
+    made for it (_ra_window_fill); a reader that hands one over and goes
+    on with pages in memory waits (RA_HANDOFF at most, if a thread is
+    free) until its read has begun, its pages busy, letting go of the GIL:
+    else it keeps the GIL, and reaches the window before the read begins.
     Each queued range holds a reference to its object, dropped when the
     range is done (or dropped at stop).  The threads hold the VM weakly
     while idle, so a VM dropped without close() is still collected.
@@ -330,27 +334,30 @@ class RaDaemon:
         self._stop = False
         self._threads: list[threading.Thread] = []
 
-    def request(self, uobj: UvmObject, start: int, end: int, window: bool = False) -> bool:
+    def request(self, uobj: UvmObject, start: int, end: int, window: bool = False,
+                handoff: float = 0.0) -> bool:
         """Queue [start, end) of *uobj* for reading (a WILLNEED range, or
-        with *window* an asynchronous read-ahead window); False if the queue
-        is full or the daemon stopped (the advice is then ignored).
+        with *window* an asynchronous read-ahead window, then waiting up to
+        *handoff* seconds for a thread to take it); False if the queue is
+        full or the daemon stopped (the advice is then ignored).
 
         => caller holds a reference to *uobj* (the map lock, for an entry's)
            and no object lock.
         """
+        stream = _RaStream(window, begun=threading.Event() if handoff else None)
         with self._cv:
             if self._stop or len(self._q) >= RA_QUEUE_MAX:
                 return False
             uobj.pgops.pgo_reference(uobj)
-            stream = _RaStream(window)
             self._q.append((uobj, start, end, stream))
             while len(self._threads) < RA_THREADS:
                 t = threading.Thread(target=self._run, name="readahead", daemon=True)
                 self._threads.append(t)
                 t.start()
             self._cv.notify()
-            if window and self._active < RA_THREADS:  # a thread is free to take it now
-                self._cv.wait_for(lambda: stream.taken or self._stop, RA_HANDOFF)
+            free = self._active < RA_THREADS  # a thread can take it now
+        if stream.begun is not None and free:
+            stream.begun.wait(handoff)
         return True
 
     def drain(self, timeout: float = 30.0) -> bool:
@@ -391,9 +398,6 @@ class RaDaemon:
         if self._stop:
             return None
         uobj, start, end, stream = self._q.popleft()
-        if stream.window:
-            stream.taken = True
-            self._cv.notify_all()  # the reader that handed it over
         cut = start - start % RA_WINSIZE_MAX + RA_WINSIZE_MAX
         if cut < end and not stream.stopped and not stream.window:
             uobj.pgops.pgo_reference(uobj)  # the rest holds a reference of its own
@@ -412,10 +416,12 @@ class RaDaemon:
             uobj, start, end, stream = work
             try:
                 if stream.window:
-                    _ra_window_fill(uobj, start, end)
+                    _ra_window_fill(uobj, start, end, stream.begun)
                 elif not stream.stopped and not _ra_fill(uobj, start, end, RA_WINSIZE_MAX)[1]:
                     stream.stopped = True
             finally:
+                if stream.begun is not None:
+                    stream.begun.set()  # nothing to read, or done: no one waits for it
                 uobj.pgops.pgo_detach(uobj)
                 # else the idle wait keeps the VM alive, and so never finds it gone
                 del uobj, work
@@ -438,24 +444,29 @@ def uvm_ra_fill(uobj: UvmObject, start: int, end: int) -> int:
     return _ra_fill(uobj, start, end, RA_WINSIZE_MAX)[0]
 
 
-def _ra_window_fill(uobj: UvmObject, start: int, end: int) -> None:
+def _ra_window_fill(uobj: UvmObject, start: int, end: int, begun: threading.Event | None) -> None:
     """Read the missing pages of the asynchronous window [start, end) of
     *uobj* in one I/O, marked PG_READAHEAD, room made for them first as for
-    the reader's own window (uvm_ra_reserve); counted in uvmexp.
+    the reader's own window (uvm_ra_reserve); counted in uvmexp.  *begun*
+    is set once the read's pages are busy.
     => caller holds a reference to *uobj* and no VM lock."""
     vm = uobj.vm
     short = _ra_shortage(vm, -(-(end - start) // vm.page_size))
     if short > 0:
         uvmpd_reserve(vm, short)
-    nread, whole = _ra_fill(uobj, start, end, end - start, PG_READAHEAD)
+    nread, whole = _ra_fill(uobj, start, end, end - start, PG_READAHEAD, begun)
     vm.uvmexp.ra_async_pages += nread
     if not whole:
         vm.uvmexp.ra_async_dropped += 1
 
 
-def _ra_fill(uobj: UvmObject, start: int, end: int, runbytes: int, mark: int = 0) -> tuple[int, bool]:
+def _ra_fill(uobj: UvmObject, start: int, end: int, runbytes: int, mark: int = 0,
+             begun: threading.Event | None = None) -> tuple[int, bool]:
     """uvm_ra_fill in reads of up to *runbytes*, the pages read given the
-    flags *mark*: (pages read, whether every missing page was read)."""
+    flags *mark*: (pages read, whether every missing page was read).
+    *begun* is set under the object lock before the first read, which
+    holds it until its pages are busy: whoever takes the lock next finds
+    them so."""
     vm = uobj.vm
     ps = vm.page_size
     lock = uobj.vmobjlock
@@ -469,6 +480,8 @@ def _ra_fill(uobj: UvmObject, start: int, end: int, runbytes: int, mark: int = 0
             lock.rw_exit()
             break
         n = min(maxwin, -(-(end - off) // ps))
+        if begun is not None:
+            begun.set()
         pps: list[PageSlot] = [None] * n
         result, _ = uobj.pgops.pgo_get(uobj, off, pps, n, 0, PROT_READ, MADV_WILLNEED, PGO_NOSLEEPALLOC)
         if result != VM_PAGER_OK:  # the object lock is released whatever the result
