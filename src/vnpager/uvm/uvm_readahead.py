@@ -276,9 +276,16 @@ def uvm_ra_start(ra: UvmRactx, uobj: UvmObject, off: int, npages: int, advice: i
     and hand it to the read-ahead daemon before this read, so that the two
     are in flight at once, then make room for this one (uvm_ra_reserve).
 
+    A read larger than the stream's window (UBC's of the pages its caller
+    asked for) is the window the next doubles, as Linux sizes its first
+    window by the request: else a reader of 1 MiB at a time would read it
+    with windows of 32 KiB, 64 KiB ... ahead.
+
     => caller holds *uobj*'s lock (write) and no busy page, and a
        reference to *uobj*: the lock is dropped and taken again.
     """
+    if ra.ra_winsize:
+        ra.ra_winsize = max(ra.ra_winsize, npages)
     uvm_ra_next(ra, uobj, off + npages * uobj.vm.page_size, advice, limit)
     if ra.ra_async is not None:
         uobj.vmobjlock.rw_exit()
