@@ -380,7 +380,9 @@ class RaDaemon:
             self._q.clear()
             self._cv.notify_all()
             threads = list(self._threads)
-        for uobj, _, _, _ in dropped:
+        for uobj, _, _, stream in dropped:
+            if stream.begun is not None:
+                stream.begun.set()  # its reader waits no longer
             uobj.pgops.pgo_detach(uobj)
         for t in threads:
             t.join(timeout=10)
