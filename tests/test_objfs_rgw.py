@@ -199,30 +199,6 @@ def test_objfs_rgw_eight_readers_overlap(vm: VM, s3_bucket: Bucket, rgw_latency:
     assert mp.statistics()["max_gets_in_flight"] >= 5
 
 
-def test_objfs_rgw_sequential_reader_has_the_next_window_in_flight(s3_bucket: Bucket,
-                                                                   rgw_latency: S3User) -> None:
-    """One sequential reader behind 50 ms of latency, an object 4 times a
-    VM of 4 MiB: asynchronous read-ahead has two GETs in flight at once
-    (the window read and the next), and fetches each byte once, none past
-    the end; resident pages never exceed the VM's."""
-    size = 16 * MiB + 5 * PS + 123  # a tail: no window reads past it
-    data = random.Random(9).randbytes(size)
-    s3_bucket.fs.pipe_file(s3_bucket.path("seq"), data)
-    for vm in checked_vm(4 * MiB):
-        mp = vm.mount_objects(_fs(rgw_latency), policy=RGW_POLICY)
-        got, peak = [], 0
-        with vm.open(_url(s3_bucket, "seq")) as f:
-            while chunk := f.read(MiB):
-                got.append(chunk)
-                peak = max(peak, vm.stats().resident)
-        assert b"".join(got) == data
-        st, exp = mp.statistics(), vm.uvmexp
-        assert st["max_gets_in_flight"] >= 2
-        assert st["bytes_fetched"] == size
-        assert peak <= vm.npages
-        assert exp.ra_async >= 4 and 0 < exp.ra_async_used <= exp.ra_async_pages
-
-
 def test_objfs_rgw_publish_copies_clean_ranges(vm: VM, s3: ObjMount, s3_bucket: Bucket) -> None:
     size = 16 * MiB
     data = bytearray(random.Random(3).randbytes(size))

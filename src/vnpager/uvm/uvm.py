@@ -131,10 +131,6 @@ class Uvmexp:
     pdwoke: Annotated[int, "page daemon wakeups that scanned"] = 0
     pdfreed: Annotated[int, "pages freed by the page daemon"] = 0
     pdpageouts: Annotated[int, "pageouts started by the page daemon (clusters)"] = 0
-    ra_async: Annotated[int, "asynchronous read-ahead windows handed to the read-ahead daemon"] = 0
-    ra_async_dropped: Annotated[int, "async windows not read whole (queue full, no free memory, error)"] = 0
-    ra_async_pages: Annotated[int, "pages read by asynchronous read-ahead windows"] = 0
-    ra_async_used: Annotated[int, "pages read by async windows, then used (mapped by a fault, or read)"] = 0
 
 
 @dataclass

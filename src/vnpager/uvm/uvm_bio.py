@@ -7,9 +7,7 @@ are coherent by construction and there is one cache, the pager's.
 For each page of the range we take the object lock, find the page resident
 (``uvn_get`` with PGO_LOCKED: a lookup) or fetch it (the unlocked pass, which
 reads it from the vnode, with the rest of the read and the object's
-read-ahead window in the same I/O), copy, and give it back active and unbusy.
-A sequential read also keeps the object's next read-ahead window in flight
-on the read-ahead daemon (uvm_readahead: asynchronous read-ahead).  A write
+read-ahead window in the same I/O), copy, and give it back active and unbusy.  A write
 that covers every byte of the file in a page does not read it first: it
 allocates a fresh page.  A write past the end grows the backing file and
 then the pager's size (``uvm_vnp_setsize``); a read stops at the pager's end.
@@ -37,6 +35,7 @@ from vnpager.uvm.uvm_page import (
     uvm_pagealloc,
     uvm_pagedeactivate,
     uvm_pagelookup,
+    uvm_pagewait,
     uvm_wait,
 )
 from vnpager.uvm.uvm_pager import (
@@ -47,16 +46,7 @@ from vnpager.uvm.uvm_pager import (
     PageSlot,
 )
 from vnpager.uvm.uvm_param import MADV_NORMAL, PROT_READ
-from vnpager.uvm.uvm_readahead import (
-    RA_WINSIZE_MAX,
-    uvm_ra_async,
-    uvm_ra_hit,
-    uvm_ra_max,
-    uvm_ra_pagewait,
-    uvm_ra_start,
-    uvm_ra_used,
-    uvm_ra_window,
-)
+from vnpager.uvm.uvm_readahead import RA_WINSIZE_MAX, uvm_ra_max, uvm_ra_reserve, uvm_ra_window
 from vnpager.uvm.uvm_vnode import UvmVnode, uvm_vnp_revalidate, uvm_vnp_setsize, uvn_get
 from vnpager.vfs.vnode import VOP_UNLOCK, vn_lock
 
@@ -71,11 +61,7 @@ def ubc_page(uvn: UvmVnode, pgoff: int, how: int, ahead: int = 0) -> VmPage | No
     FETCH reads a missing page with the object's read-ahead window, or the
     *ahead* pages the caller is about to read after it if that is more (up
     to RA_WINSIZE_MAX); the pages read besides *pgoff* are left unbusy on
-    the inactive queue, for the caller's next calls to find, and the next
-    window is decided on (``u_ubc_ra.ra_async``: the caller hands it to
-    the read-ahead daemon, uvm_ra_async, once the lock is dropped).  A page
-    being read (or written) is waited for; one of a read-ahead window in
-    flight that is the stream's mark hands the next window over first.
+    the inactive queue, for the caller's next calls to find.
 
     Returns None if *pgoff* is past the end of the object (FETCH only).
     Raises OSError with the backend's errno if the page-in fails.
@@ -86,25 +72,19 @@ def ubc_page(uvn: UvmVnode, pgoff: int, how: int, ahead: int = 0) -> VmPage | No
     vm = uvn.vm
     ps = vm.page_size
     slot: list[PageSlot] = [None]
-    ra = uvn.u_ubc_ra
     while True:
         lock.rw_enter(RW_WRITE)
         result, _ = uvn_get(uvn, pgoff, slot, 1, 0, PROT_READ, 0, PGO_LOCKED)
         if result == VM_PAGER_OK:
             if how == FETCH:
-                ra.ra_next = pgoff + ps
+                uvn.u_ubc_ra.ra_next = pgoff + ps
             return slot[0]  # type: ignore[return-value]
-        pg = uvm_pagelookup(uvn, pgoff)
-        if pg is not None:  # resident but busy: wait for it (drops the lock)
-            if how == FETCH:
-                uvm_ra_hit(ra, uvn, pgoff, pgoff + ps, MADV_NORMAL, vm.round_page(uvn.u_size))
-            uvm_ra_pagewait(uvn, ra, pg, "ubcwait")
-            continue
         if how == FETCH:
+            ra = uvn.u_ubc_ra
             n = max(uvm_ra_window(ra, MADV_NORMAL, pgoff, ps, uvm_ra_max(uvn)),
                     min(1 + ahead, RA_WINSIZE_MAX // ps))
-            if n > 1:  # the next window to the daemon, room for this one, as a fault does
-                uvm_ra_start(ra, uvn, pgoff, n, MADV_NORMAL, vm.round_page(uvn.u_size))
+            if n > 1:  # room for the window, as a fault makes it
+                uvm_ra_reserve(vm, n, lock)
             pps: list[PageSlot] = [None] * n
             # releases the object lock whatever the result
             result, _ = uvn_get(uvn, pgoff, pps, n, 0, PROT_READ, MADV_NORMAL, 0)
@@ -127,6 +107,10 @@ def ubc_page(uvn: UvmVnode, pgoff: int, how: int, ahead: int = 0) -> VmPage | No
                 VOP_UNLOCK(vp)
                 continue
             raise OSError(curproc().p_errno or errno.EIO, "page-in failed")
+        pg = uvm_pagelookup(uvn, pgoff)
+        if pg is not None:  # resident but busy: wait for it (drops the lock)
+            uvm_pagewait(pg, lock, "ubcwait")
+            continue
         pg = uvm_pagealloc(vm, uvn, pgoff, UVM_PGA_ZERO if how == ZEROED else 0)
         if pg is not None:
             return pg  # PG_FAKE until the caller fills it
@@ -148,17 +132,14 @@ def ubc_release(uvn: UvmVnode, pg: VmPage, dirty: bool) -> None:
 
 
 def ubc_release_run(uvn: UvmVnode, pgs: list[VmPage]) -> None:
-    """Give back pages used by the caller: active (one hold of the page
-    queue lock), unbusy, unlocked; then hand over the read-ahead window
-    decided meanwhile, if any (uvm_ra_async).
+    """Give back pages read (not written) by the caller: active (one hold
+    of the page queue lock), unbusy, unlocked.
 
     => caller holds the object lock and owns *pgs* (busy); lock released.
     """
-    uvm_ra_used(pgs)
     uvm_pageactivate_run(pgs)
     uvm_page_unbusy(pgs)
     uvn.vmobjlock.rw_exit()
-    uvm_ra_async(uvn, uvn.u_ubc_ra)
 
 
 def _ubc_resident(uvn: UvmVnode, pgoff: int, npages: int) -> list[VmPage]:
@@ -208,9 +189,7 @@ def ubc_readinto(uvn: UvmVnode, buf: memoryview, off: int) -> int:
         lock.rw_enter(RW_WRITE)
         pgs = _ubc_resident(uvn, pgoff, min(-(-(end - pgoff) // ps), RA_WINSIZE_MAX // ps))
         if pgs:
-            ra = uvn.u_ubc_ra
-            ra.ra_next = pgoff + len(pgs) * ps
-            uvm_ra_hit(ra, uvn, pgoff, ra.ra_next, MADV_NORMAL, uvn.vm.round_page(uvn.u_size))
+            uvn.u_ubc_ra.ra_next = pgoff + len(pgs) * ps
         else:
             lock.rw_exit()
             pg = ubc_page(uvn, pgoff, FETCH, -(-(end - min(end, pgoff + ps)) // ps))

@@ -9,13 +9,9 @@ lookup and one copy, faulting on a missing or read-only translation.  :func:`uvm
 2. private entry with a page of its own in the amap: map that page;
 3. otherwise ask the object's pager for the page and its resident
    neighbours with PGO_LOCKED (fault-ahead: the neighbours are mapped too,
-   as many as the entry's advice says, or up to its read-ahead stream's
-   mark), then, if the page is being read or written, sleep until it is
-   not and start over, and if it is not resident, without PGO_LOCKED,
-   which may sleep and reads the page together with the entry's read-ahead
-   window (uvm_readahead), mapped as fault-ahead.  A sequential miss, or a
-   fault at the stream's mark, hands the next window to the read-ahead
-   daemon once the object lock is dropped (asynchronous read-ahead);
+   as many as the entry's advice says), then, if the page is not resident,
+   without PGO_LOCKED, which may sleep and reads the page together with the
+   entry's read-ahead window (uvm_readahead), mapped as fault-ahead;
 4. a write to a private entry copies the page into the amap (copy on
    write); anything else maps the object's page.
 
@@ -50,7 +46,6 @@ from vnpager.uvm.uvm_page import (
     uvm_pageactivate,
     uvm_pageactivate_run,
     uvm_pagealloc,
-    uvm_pagelookup,
     uvm_wait,
 )
 from vnpager.uvm.uvm_pager import (
@@ -63,18 +58,7 @@ from vnpager.uvm.uvm_pager import (
     PageSlot,
 )
 from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
-from vnpager.uvm.uvm_readahead import (
-    RA_WINSIZE_MAX,
-    UvmRactx,
-    uvm_ra_async,
-    uvm_ra_hit,
-    uvm_ra_max,
-    uvm_ra_pagewait,
-    uvm_ra_span,
-    uvm_ra_start,
-    uvm_ra_used,
-    uvm_ra_window,
-)
+from vnpager.uvm.uvm_readahead import RA_WINSIZE_MAX, uvm_ra_max, uvm_ra_reserve, uvm_ra_window
 
 if TYPE_CHECKING:
     from vnpager.uvm.uvm_object import UvmObject
@@ -141,7 +125,6 @@ def _fault_entry(space: Vmspace, entry: VmMapEntry, va: int, access_type: int) -
     else:
         _enter(space, va, pg, entry.protection & ~PROT_WRITE, access_type)
     uobj.vmobjlock.rw_exit()
-    uvm_ra_async(uobj, entry.ra)  # the window this fault decided on, if any (the map lock holds uobj)
 
 
 def _getpage(space: Vmspace, entry: VmMapEntry, uobj: UvmObject, off: int, va: int,
@@ -152,45 +135,32 @@ def _getpage(space: Vmspace, entry: VmMapEntry, uobj: UvmObject, off: int, va: i
     the way and, if the page is not resident, the pager reads the entry's
     read-ahead window from it in the same I/O; the pages read ahead are
     mapped too (fault-ahead), and MADV_SEQUENTIAL deactivates the pages
-    behind.  A page being read or written (busy) is waited for, and the
-    fault starts over.  With *ahead*, the next asynchronous window this
-    fault decides on is left in ``entry.ra.ra_async`` for the caller to
-    hand over once the object lock is dropped (uvm_ra_async).
-    => caller holds the map lock; the object lock is held on return.
-       Raises _Refault, BusError or OSError.
+    behind.  => caller holds the map lock; the object lock is held on
+    return.  Raises _Refault, BusError or OSError.
     """
     vm = space.vm
     ps = vm.page_size
-    ra = entry.ra
-    limit = entry.offset + (entry.end - entry.start)  # the object offset where the entry ends
     nback, nforw = FAULT_AHEAD.get(entry.advice, (0, 0)) if ahead else (0, 0)
-    uobj.vmobjlock.rw_enter(RW_WRITE)
-    if ahead and off == ra.ra_mark and uvm_pagelookup(uobj, off) is not None:
-        uvm_ra_hit(ra, uobj, off, off + ps, entry.advice, limit)  # in, or being read: the next window
-    if ahead:
-        nforw = max(nforw, uvm_ra_span(ra, off, ps) - 1)
     lo = max(entry.start, va - nback * ps)
     hi = min(entry.end, va + (nforw + 1) * ps)
     npages, centeridx = (hi - lo) // ps, (va - lo) // ps
     pps = _ahead_slots(space, entry, lo, npages, centeridx)
     off0 = off - centeridx * ps
+    uobj.vmobjlock.rw_enter(RW_WRITE)
     uobj.pgops.pgo_get(uobj, off0, pps, npages, centeridx, access_type, entry.advice, PGO_LOCKED)
     _map_ahead(space, entry, lo, pps, centeridx)
     center = pps[centeridx]
     if isinstance(center, VmPage):
         if ahead:
-            uvm_ra_used([center])
             _sequential_behind(entry, uobj, off)
-            ra.ra_next = off0 + _mapped_end(pps, centeridx) * ps
+            entry.ra.ra_next = off0 + _mapped_end(pps, centeridx) * ps
         return center
-    if ahead:
-        _wait_busy(uobj, ra, off)
 
     window = 1
     if ahead:
-        window = min(uvm_ra_window(ra, entry.advice, off, ps, uvm_ra_max(uobj)), (entry.end - va) // ps)
-        if window > 1:  # the next window goes to the daemon, then room is made for this one
-            uvm_ra_start(ra, uobj, off, window, entry.advice, limit)
+        window = min(uvm_ra_window(entry.ra, entry.advice, off, ps, uvm_ra_max(uobj)), (entry.end - va) // ps)
+        if window > 1:
+            uvm_ra_reserve(vm, window, uobj.vmobjlock)
     slots = _ahead_slots(space, entry, va, window, 0)
     result, _ = uobj.pgops.pgo_get(uobj, off, slots, window, 0, access_type, entry.advice, 0)
     if result == VM_PAGER_AGAIN:
@@ -212,21 +182,8 @@ def _getpage(space: Vmspace, entry: VmMapEntry, uobj: UvmObject, off: int, va: i
         raise _Refault
     if ahead:
         _sequential_behind(entry, uobj, off)
-        ra.ra_next = off + _mapped_end(slots, 0) * ps
+        entry.ra.ra_next = off + _mapped_end(slots, 0) * ps
     return pg
-
-
-def _wait_busy(uobj: UvmObject, ra: UvmRactx, off: int) -> None:
-    """If the page at *off* is resident but busy (being read: a read-ahead
-    window in flight; or written), wait for it and raise _Refault: the
-    fault starts over and finds it resident.  The window a fault at the
-    mark decided on is handed over first, rather than after the wait.
-    => caller holds the object lock; it is dropped if we raise."""
-    pg = uvm_pagelookup(uobj, off)
-    if pg is None:
-        return
-    uvm_ra_pagewait(uobj, ra, pg, "fltbusy")
-    raise _Refault
 
 
 def _ahead_slots(space: Vmspace, entry: VmMapEntry, lo: int, npages: int, centeridx: int) -> list[PageSlot]:
@@ -268,7 +225,6 @@ def _map_ahead(space: Vmspace, entry: VmMapEntry, lo: int, pps: list[PageSlot], 
         # were chosen (in a private entry, perhaps its own copy): keep that
         pmap_enter_run(space.pmap, lo + i * ps, run, prot, 0, replace=False)
         mapped += run
-    uvm_ra_used(mapped)
     uvm_pageactivate_run(mapped)
     uvm_page_unbusy(mapped)
     space.vm.uvmexp.faultahead += len(mapped)

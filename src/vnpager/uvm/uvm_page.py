@@ -55,7 +55,6 @@ PG_CLEANCHK = 0x00000010  # PG_CLEAN is known to be in sync with the pmap
 PG_RELEASED = 0x00000020  # free the page once it is no longer busy
 PG_FAKE = 0x00000040  # the page holds no valid data yet
 PG_RDONLY = 0x00000080  # the page may only be mapped read-only
-PG_READAHEAD = 0x00000100  # read by an asynchronous read-ahead window, not used since (uvm_readahead)
 # pg_flags: queue membership
 PQ_FREE = 0x00010000
 PQ_INACTIVE = 0x00020000

@@ -41,7 +41,6 @@ from vnpager.uvm.pmap import (
 from vnpager.uvm.uvm_page import (
     PG_BUSY,
     PG_CLEAN,
-    PG_READAHEAD,
     PG_WANTED,
     PQ_ACTIVE,
     PQ_INACTIVE,
@@ -174,9 +173,8 @@ def _reclaim_batch(vm: VM, uobj: UvmObject, batch: list[VmPage], scan: _Inactive
     => caller holds the object lock."""
     again: list[VmPage] = []
     idle: list[VmPage] = []
-    for pg in batch:  # pmap_is_referenced, inline (pg.attrs on every machine); read ahead, unused: too, once
-        (again if pg.attrs & PG_REF or pg.pg_flags & PG_READAHEAD else idle).append(pg)
-        pg.pg_flags &= ~PG_READAHEAD
+    for pg in batch:  # pmap_is_referenced, inline (pg.attrs on every machine)
+        (again if pg.attrs & PG_REF else idle).append(pg)
     uvm_pageactivate_run(again)
     pmap_page_protect_run(idle, PROT_NONE)
     clean: list[VmPage] = []
