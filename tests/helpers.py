@@ -3,10 +3,15 @@ and bounded thread helpers."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from vnpager import VM
 from vnpager.kern.lock import RW_WRITE
@@ -249,3 +254,16 @@ def wait_sleeping(wmesg: str, count: int = 1) -> None:
             return
         ev.wait(0.005)
     raise AssertionError(f"no thread slept on {wmesg}: {sleepers()}")
+
+
+def child_status(pid: int, timeout: float) -> int:
+    """The exit code of forked child *pid*, waited for *timeout* seconds at
+    most: a child still running then is killed and the test fails."""
+    deadline = time.monotonic() + timeout
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("child hung")
+    return os.waitstatus_to_exitcode(done[1])

@@ -11,14 +11,13 @@ from __future__ import annotations
 import errno
 import os
 import random
-import signal
 import threading
-import time
 from collections.abc import Iterator
 
 import fsspec
 import pytest
 
+from helpers import child_status
 from objfs_helpers import (
     MOTO_MIN_PART,
     checked_vm,
@@ -398,14 +397,7 @@ def test_objfs_fork_publishes_first(vm: VM, s3: ObjMount, moto_endpoint: str, bu
         faulthandler.dump_traceback_later(50, exit=True)  # a hang shows where
         ok = vm.pread(url, 6, 0) == b"PARENT"
         os._exit(0 if ok else 1)
-    deadline = time.monotonic() + 60
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if done[0] == 0:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        pytest.fail("child hung")
-    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert child_status(pid, 60) == 0
     assert get(moto_endpoint, bucket, "fk")[:6] == b"PARENT"  # published at the fork
     f.write(b"!")
     f.close()

@@ -11,16 +11,15 @@ import datetime
 import errno
 import ipaddress
 import os
-import signal
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from helpers import child_status
 from vnpager.vfs import objhttp
 from vnpager.vfs.objhttp import NotRanged, RangeReader, StatusError, Target
 from vnpager.vfs.objstore import S3Store
@@ -332,13 +331,6 @@ def test_objhttp_a_forked_child_makes_its_own_connection(serve: Callable[..., Sc
         with contextlib.suppress(BaseException):
             ok = _read(reader, server, 10, [10]) == DATA[10:20]
         os._exit(0 if ok else 1)
-    deadline = time.monotonic() + 30
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if done[0] == 0:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        pytest.fail("child hung")
-    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert child_status(pid, 30) == 0
     assert server.connections == 2
     assert _read(reader, server, 20, [10]) == DATA[20:30]  # the parent's own still serves
