@@ -33,9 +33,8 @@ IoHook = Callable[[str, Vnode, Uio | None], int]
 
 
 def pattern(npages: int, tail: int = 0) -> bytes:
-    """File contents where each page is recognisable: page i is full of i+1
-    (modulo 255, past 255 pages)."""
-    return b"".join(bytes([i % 255 + 1]) * PS for i in range(npages)) + bytes([0xEE]) * tail
+    """File contents where each page is recognisable: page i is full of i+1."""
+    return b"".join(bytes([i + 1]) * PS for i in range(npages)) + bytes([0xEE]) * tail
 
 
 # ---------------------------------------------------------------- filesystems

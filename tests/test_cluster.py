@@ -5,23 +5,18 @@ cluster at a time."""
 
 from __future__ import annotations
 
-import pytest
-
-from helpers import PS, RW, getpages, machine, mkfile, pattern
+from helpers import PS, RW, machine, mkfile, pattern
 from vnpager import VM
-from vnpager.uvm.pmap import PG_REF, Pmap, pmap_enter, pmap_enter_run, pmap_extract, pmap_page_protect_run
+from vnpager.uvm.pmap import Pmap, pmap_enter, pmap_enter_run, pmap_extract, pmap_page_protect_run
 from vnpager.uvm.uvm_fault import uvm_load
 from vnpager.uvm.uvm_map import MAP_SHARED, uvm_map
 from vnpager.uvm.uvm_page import (
     PG_BUSY,
     PG_FAKE,
     PG_TABLED,
-    PQ_INACTIVE,
     UVM_PGA_NORESERVE,
-    VmPage,
     uvm_page_unbusy,
     uvm_pagealloc_run,
-    uvm_pagedeactivate_run,
     uvm_pagefree_run,
 )
 from vnpager.uvm.uvm_param import PROT_READ
@@ -69,27 +64,6 @@ def test_uvm_pagefree_run_gives_frames_back_in_the_order_a_run_takes_them() -> N
         assert [pg.frame for pg in again] == [pg.frame for pg in first]
         uvm_page_unbusy(again)
         uvm_pagefree_run(again)
-    vm.close()
-
-
-def test_uvm_pagedeactivate_run_asks_the_pmap_only_for_references_there_are(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pages mapped nowhere and unreferenced (the page daemon's idle pages,
-    unmapped first; a mount's pages, never mapped) have no reference to
-    clear: only the mapped one goes to the pmap, and every page's is clear."""
-    vm = machine(64)
-    _, uvn = mkfile(vm, pattern(8))
-    pgs = getpages(uvn, 0, 8)
-    pmap_enter(Pmap(vm), 0, pgs[0], PROT_READ, PROT_READ)  # mapped, and referenced
-    asked: list[list[VmPage]] = []
-    clear = vm.machine.pmap_clear_reference_run
-    monkeypatch.setattr(vm.machine, "pmap_clear_reference_run",
-                        lambda run: asked.append(list(run)) or clear(run))
-    with uvn.vmobjlock, vm.pageqlock:
-        uvm_pagedeactivate_run(pgs)
-    assert asked == [[pgs[0]]]
-    assert all(pg.pg_flags & PQ_INACTIVE and not pg.attrs & PG_REF for pg in pgs)
-    vm.check_invariants()
     vm.close()
 
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,7 +18,6 @@ from helpers import (
     flush,
     get_busy,
     getpages,
-    machine,
     mkfile,
     pattern,
     progfs,
@@ -32,7 +28,7 @@ from helpers import (
 )
 from vnpager import VM
 from vnpager.kern.lock import RW_WRITE
-from vnpager.uvm.pmap import Pmap, pmap_enter, pmap_is_modified
+from vnpager.uvm.pmap import Pmap, pmap_is_modified
 from vnpager.uvm.uvm_page import (
     PG_BUSY,
     PG_CLEAN,
@@ -53,7 +49,7 @@ from vnpager.uvm.uvm_pager import (
     VM_PAGER_OK,
     uvm_pagermapout,
 )
-from vnpager.uvm.uvm_param import MAXPHYS, PROT_READ, PROT_WRITE
+from vnpager.uvm.uvm_param import PROT_READ, PROT_WRITE
 from vnpager.uvm.uvm_vnode import UVM_VNODE_IOSYNC, uvn_attach, uvn_flush, uvn_get
 from vnpager.vfs.hostfs import hostfs_vget_path
 from vnpager.vfs.memfs import MemData
@@ -317,97 +313,3 @@ def test_uvn_flush_one_dirty_page_of_sparse_terabyte_file(vm: VM, tmp_path: Path
         f.seek(1 << 39)
         assert f.read(3) == b"far"
 
-
-
-# ---------------------------------------------------------------- runs (issue 10)
-
-CLUSTER = MAXPHYS // PS  # pages of one write-back cluster of a flush
-
-
-@pytest.fixture
-def big() -> Iterator[VM]:
-    """A machine of three clusters and some, with no page daemon."""
-    machine_ = machine(3 * CLUSTER + 64)
-    yield machine_
-    machine_.check_invariants()
-    machine_.close()
-
-
-@pytest.mark.parametrize("flags", [PGO_SYNCIO, PGO_SYNCIO | PGO_FREE, PGO_FREE, PGO_DEACTIVATE])
-def test_uvn_flush_writes_clusters_of_maxphys(big: VM, flags: int) -> None:
-    # the seed's clusters were MAXBSIZE (16 pages): 33 writes for these 522 pages
-    n = 2 * CLUSTER + 10
-    fs, _, uvn, pgs = dirty_progfs(big, n, tuple(range(n)))
-    assert flush(uvn, 0, 0, PGO_CLEANIT | PGO_ALLPAGES | flags)
-    assert writes(fs) == [(0, CLUSTER * PS), (CLUSTER * PS, CLUSTER * PS), (2 * CLUSTER * PS, 10 * PS)]
-    assert big.uvmexp.write_ios == 3 and big.uvmexp.pageouts == n
-    if flags & (PGO_FREE | PGO_DEACTIVATE) == PGO_FREE:  # freed, synchronously or by aiodone
-        assert uvn.uo_npages == 0 and all(pg.pg_flags == PQ_FREE for pg in pgs)
-        assert len(big.page_free) == len(big.pages)
-    else:
-        assert not any(modified(pg) or pg.pg_flags & PG_BUSY for pg in pgs)
-        assert all(pg.pg_flags & PQ_INACTIVE for pg in pgs) == bool(flags & PGO_DEACTIVATE)
-
-
-def test_uvn_flush_cluster_stops_at_a_clean_page(big: VM) -> None:
-    fs, _, uvn, _ = dirty_progfs(big, CLUSTER + 20, (*range(10), *range(11, CLUSTER + 20)))
-    assert flush(uvn, 0, 0, PGO_CLEANIT | PGO_SYNCIO | PGO_ALLPAGES)
-    assert writes(fs) == [(0, 10 * PS), (11 * PS, CLUSTER * PS), ((11 + CLUSTER) * PS, 9 * PS)]
-
-
-class _PmapCalls:
-    """Counts the machine's per-page and run calls of the pmap interface."""
-
-    NAMES = ("pmap_page_protect", "pmap_page_protect_run", "pmap_clear_modify", "pmap_clear_modify_run")
-
-    def __init__(self, vm: VM, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls: Counter[str] = Counter()
-        for name in self.NAMES:
-            monkeypatch.setattr(vm.machine, name, self._counted(name, getattr(vm.machine, name)))
-
-    def _counted(self, name: str, f: Callable[..., Any]) -> Callable[..., Any]:
-        def counted(*args: Any, **kw: Any) -> Any:
-            self.calls[name] += 1
-            return f(*args, **kw)
-        return counted
-
-
-def test_uvn_flush_frees_clean_mapped_pages_as_a_run(big: VM, monkeypatch: pytest.MonkeyPatch) -> None:
-    n = CLUSTER
-    vp, uvn = mkfile(big, pattern(n))
-    pgs = getpages(uvn, 0, n)
-    pm = Pmap(big)
-    for pg in pgs:
-        pmap_enter(pm, pg.offset, pg, PROT_READ, PROT_READ)
-    calls = _PmapCalls(big, monkeypatch).calls
-    assert flush(uvn, 0, 0, PGO_CLEANIT | PGO_SYNCIO | PGO_FREE | PGO_ALLPAGES)
-    assert uvn.uo_npages == 0 and not pm.pm_pte and big.uvmexp.write_ios == 0
-    assert all(pg.pg_flags == PQ_FREE and not pg.pv for pg in pgs) and len(big.page_free) == len(big.pages)
-    # the seed: a pmap_page_protect per page
-    assert calls["pmap_page_protect"] == 0 and calls["pmap_page_protect_run"] <= 2
-    assert contents(vp) == pattern(n)
-
-
-def test_uvn_flush_writes_a_run_with_a_pmap_call_per_step(big: VM, monkeypatch: pytest.MonkeyPatch) -> None:
-    n = 2 * CLUSTER
-    data, uvn, pgs = dirty_file(big, n, dirty=tuple(range(n)))
-    calls = _PmapCalls(big, monkeypatch).calls
-    assert flush(uvn, 0, 0, PGO_CLEANIT | PGO_SYNCIO | PGO_ALLPAGES)
-    assert big.uvmexp.write_ios == 2 and not any(modified(pg) for pg in pgs)
-    assert all(data.pread(i * PS, len(b"new%d" % i)) == b"new%d" % i for i in (0, CLUSTER, n - 1))
-    # per cluster: its centre write-protected, then its other pages, then the modified bits cleared
-    assert calls["pmap_page_protect"] == 2 and calls["pmap_clear_modify"] == 0
-    assert calls["pmap_page_protect_run"] == 2 and calls["pmap_clear_modify_run"] == 2
-
-
-def test_uvn_flush_async_failure_keeps_a_cluster_dirty_and_resident(big: VM) -> None:
-    n = CLUSTER + 4
-    fs, _, uvn, pgs = dirty_progfs(big, n, tuple(range(n)))
-    fs.fail["write"] = errno.EIO
-    flush(uvn, 0, 0, PGO_CLEANIT | PGO_FREE | PGO_ALLPAGES)  # asynchronous: errseq reports it
-    assert writes(fs) == [(0, CLUSTER * PS), (CLUSTER * PS, 4 * PS)]
-    assert uvn.u_errseq == 2 and uvn.uo_npages == n
-    assert all(modified(pg) and not pg.pg_flags & (PG_BUSY | PG_RELEASED) for pg in pgs)
-    del fs.fail["write"]
-    assert flush(uvn, 0, 0, PGO_CLEANIT | PGO_SYNCIO | PGO_FREE | PGO_ALLPAGES)
-    assert uvn.uo_npages == 0 and len(big.page_free) == len(big.pages)

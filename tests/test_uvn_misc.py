@@ -14,7 +14,7 @@ from vnpager.kern.lock import kernel_lock
 from vnpager.uvm.pmap import Pmap, pmap_is_modified
 from vnpager.uvm.uvm_page import PG_CLEAN, PQ_FREE
 from vnpager.uvm.uvm_pager import PGO_ALLPAGES, PGO_CLEANIT, PGO_SYNCIO
-from vnpager.uvm.uvm_param import MAXPHYS, PROT_READ
+from vnpager.uvm.uvm_param import MAXBSIZE, PROT_READ
 from vnpager.uvm.uvm_vnode import (
     UVM_VNODE_WRITEABLE,
     uvm_vnp_revalidate,
@@ -155,9 +155,9 @@ def test_uvm_vnp_sync_keeps_object_whose_write_failed_on_writeable_list(vm: VM) 
     assert uvn not in vm.uvn_wlist and contents(vp)[:4] == b"full"
 
 
-def test_uvn_cluster_is_maxphys_from_offset(vm: VM) -> None:
-    _, uvn = mkfile(vm, size=4 << 20)
-    assert uvn_cluster(uvn, 3 * PS) == (3 * PS, 3 * PS + MAXPHYS)
+def test_uvn_cluster_is_maxbsize_from_offset(vm: VM) -> None:
+    _, uvn = mkfile(vm, size=1 << 20)
+    assert uvn_cluster(uvn, 3 * PS) == (3 * PS, 3 * PS + MAXBSIZE)
 
 
 def test_uvn_cluster_is_clipped_to_rounded_size(vm: VM) -> None:

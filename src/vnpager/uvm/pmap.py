@@ -69,10 +69,7 @@ memoryview a VmPage exposes as ``pg.data`` while it is free, which I/O
 reads and writes in place and whose bytes every mapping of the page sees.
 ``frames.bind(pg)`` (at uvm_pageinsert) and ``frames.unbind(pg)`` (at
 uvm_pageremove) let a machine whose frames belong to objects move
-``pg.data`` onto the object's own memory and back (``frames.bind_run(uobj,
-pgs)`` and ``frames.unbind_run(uobj, pgs)``: the same for a run of one
-object's pages, as uvm_pagealloc_run and uvm_pagefree_run take them);
-``frames.setsize(uobj,
+``pg.data`` onto the object's own memory and back; ``frames.setsize(uobj,
 size)`` follows an object's size (uvm_vnp_setsize); ``frames.resident()``
 is the pages the frames hold now (``VmStats.frames_resident``).
 

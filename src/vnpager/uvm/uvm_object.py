@@ -7,7 +7,6 @@ so that flush and sync visit only the pages that exist, in offset order.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -86,34 +85,37 @@ class PageTree:
         return n
 
     def insert_run(self, off: int, pgs: list[VmPage]) -> None:
-        """Insert ``pgs[i]`` at ``off + i`` pages for each i, with no Python
-        step per page: the dict takes them in one update, and each chunk's
-        mask is or-ed with its stretch of bits.  An offset that holds a page
+        """Insert ``pgs[i]`` at ``off + i`` pages for each i: a chunk's mask
+        is stored once for the pages in it.  An offset that holds a page
         already is a bug (panic)."""
-        if not pgs:
-            return
-        pages, shift = self._pages, self._shift
-        offs = range(off, off + (len(pgs) << shift), 1 << shift)
-        if not pages.keys().isdisjoint(offs):
-            clash = next(o for o in offs if o in pages)
-            panic(f"uvm_pageinsert: page already at offset {clash:#x}")
-        pages.update(zip(offs, pgs, strict=True))
-        self._mark(off >> shift, (off >> shift) + len(pgs), True)
+        pages, masks, shift = self._pages, self._masks, self._shift
+        pn = off >> shift
+        step = 1 << shift
+        c, mask = -1, 0
+        for pg in pgs:
+            if pn >> CHUNK_SHIFT != c:
+                if c >= 0:
+                    masks[c] = mask
+                c = pn >> CHUNK_SHIFT
+                mask = masks.get(c, 0)
+                if not mask:
+                    self._chunks.add(c)
+            mask |= 1 << (pn & 63)
+            if off in pages:
+                panic(f"uvm_pageinsert: page already at offset {off:#x}")
+            pages[off] = pg
+            off += step
+            pn += 1
+        if c >= 0:
+            masks[c] = mask
 
     def remove_run(self, offs: list[int]) -> None:
-        """Remove the pages at *offs* (each resident): contiguous ones (a
-        cluster's, a scan's run) with no Python step per page, as
-        insert_run; others a chunk's mask stored once per stretch in it."""
-        if not offs:
-            return
+        """Remove the pages at *offs* (each resident): a chunk's mask is
+        stored once for a stretch of offsets in it."""
         pages, masks, shift = self._pages, self._masks, self._shift
-        deque(map(pages.pop, offs), maxlen=0)  # KeyError: not resident, or twice
-        lo, hi = min(offs), max(offs)
-        if hi - lo == (len(offs) - 1) << shift:  # distinct, so every page of [lo, hi]
-            self._mark(lo >> shift, (hi >> shift) + 1, False)
-            return
         c, mask = -1, 0
         for off in offs:
+            del pages[off]
             pn = off >> shift
             if pn >> CHUNK_SHIFT != c:
                 if c >= 0:
@@ -123,22 +125,6 @@ class PageTree:
             mask &= ~(1 << (pn & 63))
         if c >= 0:
             self._store_mask(c, mask)
-
-    def _mark(self, first: int, end: int, present: bool) -> None:
-        """Set (*present*) or clear the bits of page numbers [first, end)
-        in their chunks' masks."""
-        masks = self._masks
-        for c in range(first >> CHUNK_SHIFT, ((end - 1) >> CHUNK_SHIFT) + 1):
-            base = c << CHUNK_SHIFT
-            lo, hi = max(first, base), min(end, base + 64)
-            bits = ((1 << (hi - lo)) - 1) << (lo - base)
-            mask = masks.get(c, 0)
-            if present:
-                if not mask:
-                    self._chunks.add(c)
-                masks[c] = mask | bits
-            else:
-                self._store_mask(c, mask & ~bits)
 
     def _store_mask(self, c: int, mask: int) -> None:
         if mask:

@@ -31,7 +31,6 @@ from vnpager.kern.debug import DEBUG, KASSERT, panic
 from vnpager.kern.synch import rwsleep, wakeup
 from vnpager.uvm.pmap import (
     PG_MOD,
-    PG_REF,
     pmap_clear_reference,
     pmap_clear_reference_run,
     pmap_is_modified,
@@ -203,16 +202,17 @@ def uvm_pagealloc_run(vm: VM, uobj: UvmObject | None, off: int, npages: int, fla
             return []
         pgs = free[:-n - 1:-1]  # pop() order: the lowest frame first
         del free[-n:]
+        for pg in pgs:
+            pg.pg_flags = PG_BUSY | PG_CLEAN | PG_FAKE
         if vm.npages_free_low():
             wakeup(vm.pagedaemon_chan)
-    # the pages are the caller's (off the free list, on no queue): their
-    # flags are set out of the page queue lock, with the insert
+    # the pages are the caller's: out of the page queue lock
     if uobj is not None:
         _pageinsert_run(pgs, uobj, off, owner)
     else:
         for pg in pgs:
-            pg.pg_flags = PG_BUSY | PG_CLEAN | PG_FAKE
             pg.owner = owner
+            pg.attrs = 0
     if flags & UVM_PGA_ZERO:  # after the insert, which may have moved pg.data (frames.bind)
         for pg in pgs:
             pg.data[:] = vm.zero_page
@@ -221,21 +221,22 @@ def uvm_pagealloc_run(vm: VM, uobj: UvmObject | None, off: int, npages: int, fla
 
 def _pageinsert_run(pgs: list[VmPage], uobj: UvmObject, off: int, owner: str) -> None:
     """uvm_pageinsert of ``pgs[i]`` at ``off + i`` pages, new pages of
-    uvm_pagealloc_run (made PG_BUSY|PG_CLEAN|PG_FAKE here), tagged *owner*:
-    the object's tree takes the run in one call.  => caller holds the
-    object lock and owns the pages."""
-    if DEBUG:  # a free page's attrs are clear (every free clears them)
+    uvm_pagealloc_run, tagged *owner*: the object's tree takes the run in
+    one call.  => caller holds the object lock and owns the pages."""
+    if DEBUG:
         for pg in pgs:
-            KASSERT(pg.pg_flags == PQ_FREE and not pg.attrs, "uvm_pageinsert: not a free page")
+            KASSERT((pg.pg_flags & PG_TABLED) == 0, "uvm_pageinsert: already tabled")
     uobj.memt.insert_run(off, pgs)
     ps = uobj.vm.page_size
+    bind = uobj.vm.frames.bind
     for pg in pgs:
-        pg.pg_flags = PG_BUSY | PG_CLEAN | PG_FAKE | PG_TABLED
         pg.owner = owner
+        pg.attrs = 0
         pg.uobject = uobj
         pg.offset = off
+        pg.pg_flags |= PG_TABLED
+        bind(pg)  # the uffd machine's frames are the object's memfd pages
         off += ps
-    uobj.vm.frames.bind_run(uobj, pgs)  # the uffd machine's frames are the object's memfd pages
 
 
 def uvm_pagewant_ra(vm: VM, npages: int) -> None:
@@ -305,9 +306,7 @@ def uvm_pagefree(pg: VmPage) -> None:
 
 def uvm_pagefree_run(pgs: list[VmPage]) -> None:
     """uvm_pagefree of each page of *pgs*: unmapped in one pmap call, then
-    taken off their queues, out of their objects (each object's tree and
-    frames told once per stretch of its pages) and freed under one hold of
-    the page queue lock, with one wakeup.
+    freed under one hold of the page queue lock, with one wakeup.
 
     => caller holds the pages' object lock, not the page queue lock.
     """
@@ -315,33 +314,25 @@ def uvm_pagefree_run(pgs: list[VmPage]) -> None:
         return
     pmap_page_protect_run([pg for pg in pgs if pg.pv], PROT_NONE)
     vm = pgs[0].vm
+    # highest frame first: the free list pops them lowest first, so that
+    # the next run allocated lies on consecutive frames wherever these
+    # were, and the TLB joins the pages of the next read into one run
+    pgs = sorted(pgs, key=_FRAME, reverse=True)
     with vm.pageqlock:
         if DEBUG:
             KASSERT(not any(pg.pv for pg in pgs), "uvm_pagefree_run: page still mapped")
-        active, inactive = vm.page_active, vm.page_inactive
-        for pg in pgs:  # _pagedequeue, and the wakeup of _pagefree_locked
-            flags = pg.pg_flags
-            if flags & PQ_ACTIVE:
-                del active[pg]
-                if pg.uobject is not None:
-                    del pg.uobject.uo_active[pg]
-            elif flags & PQ_INACTIVE:
-                del inactive[pg]
-            if flags & PG_WANTED:
+        _pagedequeue_run(vm, pgs)
+        _pageremove_run([pg for pg in pgs if pg.pg_flags & PG_TABLED])
+        free = vm.page_free
+        for pg in pgs:
+            if pg.pg_flags & PG_WANTED:
                 wakeup(pg)
-            pg.pg_flags = flags & ~(PQ_ACTIVE | PQ_INACTIVE)
-        _pageremove_run(pgs)
-        for pg in pgs:  # _pageremove_run's and _pagefree_locked's resets
             pg.pg_flags = PQ_FREE
-            pg.uobject = None
             pg.wire_count = 0
             pg.uanon = None
             pg.owner = None
             pg.attrs = 0
-        # highest frame first: the free list pops them lowest first, so that
-        # the next run allocated lies on consecutive frames wherever these
-        # were, and the TLB joins the pages of the next read into one run
-        vm.page_free.extend(sorted(pgs, key=_FRAME, reverse=True))
+        free.extend(pgs)
         vm.uvmexp.frees += len(pgs)
     wakeup(vm.free_chan)
 
@@ -349,25 +340,53 @@ def uvm_pagefree_run(pgs: list[VmPage]) -> None:
 _FRAME = attrgetter("frame")
 
 
+def _pagedequeue_run(vm: VM, pgs: list[VmPage]) -> None:
+    """_pagedequeue of each page of *pgs*.  => caller holds the page queue lock."""
+    active, inactive = vm.page_active, vm.page_inactive
+    for pg in pgs:
+        flags = pg.pg_flags
+        if flags & PQ_ACTIVE:
+            del active[pg]
+            if pg.uobject is not None:
+                del pg.uobject.uo_active[pg]
+        elif flags & PQ_INACTIVE:
+            del inactive[pg]
+        pg.pg_flags = flags & ~(PQ_ACTIVE | PQ_INACTIVE)
+
+
 def _pageremove_run(pgs: list[VmPage]) -> None:
-    """The object side of uvm_pageremove for the tabled pages of *pgs* (in
-    the caller's order: offsets, mostly), each object's tree and frames
-    told once per stretch of its pages; the caller then clears PG_TABLED
-    and ``uobject`` (uvm_pagefree_run, with the rest of the page).
-    => caller holds the pages' object locks and the page queue lock."""
-    frames = pgs[0].vm.frames
+    """uvm_pageremove of each page of *pgs*, each object's tree told once
+    per stretch of its pages.  => caller holds the pages' object locks."""
+    if not pgs:
+        return
+    unbind = pgs[0].vm.frames.unbind
     for uobj, stretch in groupby(pgs, key=_UOBJECT):
-        if uobj is None:  # an anon's page: in no tree
-            continue
         run = list(stretch)
         if DEBUG:
-            KASSERT(all(pg.pg_flags & (PG_TABLED | PQ_ACTIVE) == PG_TABLED for pg in run),
-                    "uvm_pageremove: active or untabled page")
-        frames.unbind_run(uobj, run)  # the uffd machine punches them out of the object's memfd
+            KASSERT(uobj is not None and not any(pg.pg_flags & PQ_ACTIVE for pg in run),
+                    "uvm_pageremove: active page")
+        for pg in run:
+            unbind(pg)  # the uffd machine punches the page out of the object's memfd
+            pg.pg_flags &= ~PG_TABLED
+            pg.uobject = None
         uobj.memt.remove_run([pg.offset for pg in run])
 
 
 _UOBJECT = attrgetter("uobject")
+
+
+def uvm_pglistfree(pgs: list[VmPage]) -> None:
+    """Free pages already taken apart by uvm_pageclean().
+
+    => page queue lock not held (we take it).
+    """
+    if not pgs:
+        return
+    vm = pgs[0].vm
+    with vm.pageqlock:
+        for pg in pgs:
+            _pagefree_locked(pg)
+    wakeup(vm.free_chan)
 
 
 def uvm_pagewait(pg: VmPage, lock: Interlock, wmesg: str) -> None:
@@ -409,22 +428,19 @@ def _pagedeactivate_dequeue(vm: VM, pg: VmPage) -> None:
 
 def uvm_pagedeactivate_run(pgs: list[VmPage]) -> None:
     """uvm_pagedeactivate of each page of *pgs*, the references cleared in
-    one pmap call (for the pages that have one to clear: mapped, or
-    referenced; a page gains a mapping only under its object's lock).
+    one pmap call.
 
-    => caller holds the page queue lock and the pages' object lock.
+    => caller holds the page queue lock.
     """
     if not pgs:
         return
     vm = pgs[0].vm
     if DEBUG:
         KASSERT(vm.pageqlock.held(), "uvm_pagedeactivate_run: pageq not locked")
+    pgs = [pg for pg in pgs if not (pg.pg_flags & PQ_INACTIVE or pg.wire_count)]
     active = vm.page_active
-    moved: list[VmPage] = []
     for pg in pgs:  # _pagedeactivate_dequeue, inline
         flags = pg.pg_flags
-        if flags & PQ_INACTIVE or pg.wire_count:
-            continue
         if flags & PQ_ACTIVE:
             del active[pg]
             if pg.uobject is not None:
@@ -432,12 +448,12 @@ def uvm_pagedeactivate_run(pgs: list[VmPage]) -> None:
             flags &= ~PQ_ACTIVE
         if flags & PG_CLEAN and pg.attrs & PG_MOD:
             flags &= ~PG_CLEAN
-        pg.pg_flags = flags | PQ_INACTIVE  # the pmap reads no queue bit
-        moved.append(pg)
-    # a page mapped nowhere and unreferenced has nothing to clear: a page
-    # daemon's idle pages (unmapped first), a mount's pages (never mapped)
-    pmap_clear_reference_run([pg for pg in moved if pg.pv or pg.attrs & PG_REF])
-    vm.page_inactive.update(dict.fromkeys(moved))
+        pg.pg_flags = flags
+    pmap_clear_reference_run(pgs)
+    inactive = vm.page_inactive
+    for pg in pgs:
+        inactive[pg] = None
+        pg.pg_flags |= PQ_INACTIVE
 
 
 def uvm_pageactivate(pg: VmPage) -> None:

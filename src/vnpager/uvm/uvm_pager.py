@@ -25,10 +25,10 @@ from vnpager.kern.debug import KASSERT
 from vnpager.kern.lock import Mutex, fork_gate
 from vnpager.kern.synch import nsleepers, rwsleep, wakeup
 from vnpager.uvm.pmap import (
-    PG_MOD,
-    pmap_clear_modify_run,
-    pmap_clear_reference_run,
-    pmap_page_protect_run,
+    pmap_clear_modify,
+    pmap_clear_reference,
+    pmap_is_modified,
+    pmap_page_protect,
 )
 from vnpager.uvm.uvm_page import (
     PG_BUSY,
@@ -37,8 +37,9 @@ from vnpager.uvm.uvm_page import (
     PG_RELEASED,
     PG_WANTED,
     PQ_INACTIVE,
+    UVM_PAGE_OWN,
     VmPage,
-    uvm_pagefree_run,
+    uvm_pagefree,
 )
 from vnpager.uvm.uvm_param import PROT_READ
 
@@ -235,50 +236,41 @@ def uvm_mk_pcluster(uobj: UvmObject, center: VmPage, maxpages: int, flags: int,
     """Gather the dirty, unbusy pages contiguous with *center* for one write.
 
     The window comes from the pager's pgo_cluster, clipped to [mlo, mhi)
-    unless PGO_ALLPAGES, and to *maxpages* around the centre where it is
-    longer (the seed gives up clustering then: the vnode pager's window is
-    MAXPHYS, the flush's clusters, and the page daemon asks for MAXBSIZE).
-    Active (possibly mapped) neighbours are taken only
+    unless PGO_ALLPAGES.  Active (possibly mapped) neighbours are taken only
     with PGO_DOACTCLUST, and their PG_CLEAN is synced from the pmap first.
-    Every page taken is made busy, and the neighbours are write-protected
-    together (one pmap call for the cluster).
+    Every page taken is made busy and write-protected.
 
-    => caller holds the object lock; *center* is busy, write-protected and
-       owned by the caller.
+    => caller holds the object lock; *center* is busy and owned by the caller.
     """
     lo, hi = uobj.pgops.pgo_cluster(uobj, center.offset)
     if not flags & PGO_ALLPAGES:
         lo, hi = max(lo, mlo), min(hi, mhi)
     page_size = uobj.vm.page_size
     if (hi - lo) // page_size > maxpages:
-        lo = max(lo, min(center.offset, hi - maxpages * page_size))
-        hi = lo + maxpages * page_size
-    lookup = uobj.memt.get
-    doactclust = flags & PGO_DOACTCLUST
+        return [center]
     before: list[VmPage] = []
     after: list[VmPage] = []
     for side, step in ((before, -page_size), (after, page_size)):
         off = center.offset + step
         while lo <= off < hi:
-            pg = lookup(off)
+            pg = uobj.memt.get(off)
             if pg is None:
                 break
-            pflags = pg.pg_flags
-            if not pflags & PQ_INACTIVE:
-                if not doactclust:
+            if not pg.pg_flags & PQ_INACTIVE:
+                if not flags & PGO_DOACTCLUST:
                     break
-                if not pflags & PG_CLEANCHK:  # pmap_is_modified, inline (pg.attrs on every machine)
-                    if pflags & (PG_CLEAN | PG_BUSY) == PG_CLEAN and pg.attrs & PG_MOD:
-                        pflags &= ~PG_CLEAN
-                    pg.pg_flags = pflags = pflags | PG_CLEANCHK
-            if pflags & (PG_CLEAN | PG_BUSY):
+                if not pg.pg_flags & PG_CLEANCHK:
+                    if pg.pg_flags & (PG_CLEAN | PG_BUSY) == PG_CLEAN and pmap_is_modified(pg):
+                        pg.pg_flags &= ~PG_CLEAN
+                    pg.pg_flags |= PG_CLEANCHK
+            if pg.pg_flags & (PG_CLEAN | PG_BUSY):
                 break
-            pg.pg_flags = pflags | PG_BUSY
-            pg.owner = "uvm_mk_pcluster"  # UVM_PAGE_OWN
+            pg.pg_flags |= PG_BUSY
+            UVM_PAGE_OWN(pg, "uvm_mk_pcluster")
+            pmap_page_protect(pg, PROT_READ)
             side.append(pg)
             off += step
     before.reverse()
-    pmap_page_protect_run(before + after, PROT_READ)
     return [*before, center, *after]
 
 
@@ -288,20 +280,10 @@ def pager_unbusy(pg: VmPage) -> None:
 
     => caller holds the page's object lock.
     """
-    pager_unbusy_run([pg])
-
-
-def pager_unbusy_run(pgs: list[VmPage]) -> None:
-    """pager_unbusy of each page of *pgs* (a cluster after its I/O).
-
-    => caller holds the pages' object lock.
-    """
-    for pg in pgs:
-        pflags = pg.pg_flags
-        if pflags & PG_WANTED:
-            wakeup(pg)
-        pg.pg_flags = pflags & ~(PG_BUSY | PG_WANTED)
-        pg.owner = None  # UVM_PAGE_OWN
+    if pg.pg_flags & PG_WANTED:
+        wakeup(pg)
+    pg.pg_flags &= ~(PG_BUSY | PG_WANTED)
+    UVM_PAGE_OWN(pg, None)
 
 
 def uvm_pager_dropcluster(uobj: UvmObject, pg: VmPage | None, ppsp: list[VmPage], flags: int) -> None:
@@ -309,24 +291,23 @@ def uvm_pager_dropcluster(uobj: UvmObject, pg: VmPage | None, ppsp: list[VmPage]
 
     After a failed put they are unbusied and stay dirty, to be retried with
     the next flush.  With PGO_PDFREECLUST (a successful put for the page
-    daemon) they are marked clean.  Released pages are freed.  Each step
-    is taken for the cluster's pages together.
+    daemon) they are marked clean.  Released pages are freed.
 
-    => caller holds the object lock, not the page queue lock.
+    => caller holds the object lock.
     """
-    rest = [p for p in ppsp if p is not pg]
-    pager_unbusy_run(rest)
-    released: list[VmPage] = []
-    kept: list[VmPage] = []
-    for p in rest:
-        (released if p.pg_flags & PG_RELEASED else kept).append(p)
-    for p in released:
-        p.pg_flags &= ~PG_RELEASED
-    uvm_pagefree_run(released)
-    if flags & PGO_PDFREECLUST:
-        pmap_clear_reference_run(kept)
-        pmap_clear_modify_run(kept)
-        for p in kept:
+    vm = uobj.vm
+    for p in ppsp:
+        if p is pg:
+            continue
+        pager_unbusy(p)
+        if p.pg_flags & PG_RELEASED:
+            p.pg_flags &= ~PG_RELEASED
+            with vm.pageqlock:
+                uvm_pagefree(p)
+            continue
+        if flags & PGO_PDFREECLUST:
+            pmap_clear_reference(p)
+            pmap_clear_modify(p)
             p.pg_flags |= PG_CLEAN
 
 

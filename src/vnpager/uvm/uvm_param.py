@@ -11,10 +11,7 @@ import mmap
 import re
 
 PAGE_SIZE = 4096  # the default
-MAXBSIZE = 64 * 1024  # the largest buffer: a read's run at least, the page daemon's cluster
-# the largest transfer a write-back cluster may be (FreeBSD's MAXPHYS, 1 MiB
-# since 13.0): a pwritev of 256 iovecs (IOV_MAX is 1024), a FUSE max_write
-MAXPHYS = 1024 * 1024
+MAXBSIZE = 64 * 1024  # the largest transfer the pager clusters into
 
 # the host's sys/mman.h values, which the software machine's pmap takes too
 PROT_NONE = 0x0

@@ -50,16 +50,6 @@ Cost
   allocated in one call (uvm_pagealloc_run) and a flush that only
   deactivates takes its range as one run (one pmap call, one hold of the
   page queue lock), as the page daemon and the last detach do.
-* uvn_flush's main loop takes its range a window of resident pages at a
-  time: the pages that need no cleaning are freed or deactivated together
-  (one pmap call, one hold of the page queue lock), and a cluster is
-  busied, write-protected, unbusied, marked clean and disposed of in one
-  pass per step (uvm_mk_pcluster, pager_unbusy_run, uvn_aiodone alike).
-  Its clusters are up to MAXPHYS (1 MiB, 256 pages: FreeBSD's MAXPHYS, a
-  FUSE request's largest write), not MAXBSIZE (64 KiB): uvn_cluster's
-  window is MAXPHYS, and uvm_mk_pcluster clips a window longer than its
-  caller's *maxpages* around the centre where the seed gives up clustering
-  (the page daemon still asks for MAXBSIZE: it writes for a shortage).
 
 Life and locks
 * the legal ``u_flags`` states and moves are data (UVN_STATES,
@@ -126,6 +116,7 @@ from vnpager.kern.synch import rwsleep, wakeup
 from vnpager.kern.trace import traced
 from vnpager.uvm.pmap import (
     PG_MOD,
+    pmap_clear_modify,
     pmap_clear_modify_run,
     pmap_is_modified,
     pmap_page_protect,
@@ -144,11 +135,15 @@ from vnpager.uvm.uvm_page import (
     VmPage,
     uvm_pagealloc,
     uvm_pagealloc_run,
+    uvm_pageclean,
+    uvm_pagedeactivate,
     uvm_pagedeactivate_run,
+    uvm_pagefree,
     uvm_pagefree_run,
     uvm_pagelookup,
     uvm_pagewait,
     uvm_pagewant_ra,
+    uvm_pglistfree,
     uvm_wait,
 )
 from vnpager.uvm.uvm_pager import (
@@ -176,13 +171,12 @@ from vnpager.uvm.uvm_pager import (
     UvmAioDesc,
     UvmPagerOps,
     pager_unbusy,
-    pager_unbusy_run,
     uvm_mk_pcluster,
     uvm_pager_put,
     uvm_pagermapin,
     uvm_pagermapout,
 )
-from vnpager.uvm.uvm_param import MAXBSIZE, MAXPHYS, PROT_NONE, PROT_READ, PROT_WRITE
+from vnpager.uvm.uvm_param import MAXBSIZE, PROT_NONE, PROT_READ, PROT_WRITE
 from vnpager.uvm.uvm_readahead import UvmRactx
 from vnpager.vfs.mount import vref, vrele
 from vnpager.vfs.specfs import D_DISK
@@ -680,7 +674,9 @@ def _free_unwritten(uvn: UvmVnode) -> None:
     """
     dead = [pg for pg in uvn.memt.values() if not pg.pg_flags & PG_BUSY]
     lost = sum(1 for pg in dead if not pg.pg_flags & PG_CLEAN or pmap_is_modified(pg))
-    uvm_pagefree_run(dead)
+    with uvn.vm.pageqlock:
+        for pg in dead:
+            uvm_pagefree(pg)
     if lost:
         log.warning("%r: %d dirty pages lost: the vnode is being recycled and "
                     "write-back failed with errno %d", uvn, lost, uvn.u_error)
@@ -705,14 +701,10 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
     does not write them again (one failed cluster costs one write).
 
     The steps are the seed's: the CLEANCHK pass (:func:`_flush_clearchk`),
-    the main loop (:func:`_flush_pass`, the seed's "pp" loop, a window of
-    pages at a time in :func:`_flush_window`, with the disposal of the pages
-    that need no cleaning in :func:`_flush_dispose` and of a cluster after
-    its put in :func:`_flush_cluster_done`), and the IOSYNC wait
-    (:func:`_flush_iosync`); then our second pass over the busy pages.
-    Where the seed takes each step page by page, we take it for a run of
-    pages (one pmap call, one hold of the page queue lock), and write
-    clusters of up to MAXPHYS, not MAXBSIZE.
+    the main loop (:func:`_flush_pass`, the seed's "pp" loop, with the
+    disposal of a page that needs no cleaning in :func:`_flush_page` and of
+    a cluster after its put in :func:`_flush_cluster_done`), and the IOSYNC
+    wait (:func:`_flush_iosync`); then our second pass over the busy pages.
 
     => caller holds the object lock (write); it may be dropped and retaken.
     => caller must not hold the page queue lock.
@@ -738,6 +730,7 @@ def uvn_flush(uobj: UvmObject, start: int, stop: int, flags: int) -> bool:
         # between its pgo_get passes (no I/O to wait for): it would report
         # that page written.  Wait for each page found busy, and clean it.
         _flush_pass(fl, wait_busy=True)
+    uvm_pglistfree(fl.dead)
     return fl.retval
 
 
@@ -754,6 +747,7 @@ class _Flush:
     need_iosync: bool = False  # the first pass met a busy page under CLEANIT|SYNCIO
     was_busy: set[int] = field(default_factory=set)  # offsets of those pages
     failed: SortedList = field(default_factory=SortedList)  # offsets whose write failed here
+    dead: list[VmPage] = field(default_factory=list)  # taken apart, freed at the end
 
 
 def _flush_deactivate(fl: _Flush) -> None:
@@ -763,7 +757,10 @@ def _flush_deactivate(fl: _Flush) -> None:
 
     => caller holds the object lock, not the page queue lock.
     """
-    _flush_dispose(fl, fl.uvn.pages_in(fl.start, fl.stop), free=False)
+    pgs = [pg for pg in fl.uvn.pages_in(fl.start, fl.stop) if pg.wire_count == 0]
+    pmap_page_protect_run(pgs, PROT_NONE)
+    with fl.uvn.vm.pageqlock:
+        uvm_pagedeactivate_run(pgs)
 
 
 def _flush_clearchk(fl: _Flush) -> None:
@@ -775,68 +772,61 @@ def _flush_clearchk(fl: _Flush) -> None:
 
 def _flush_pass(fl: _Flush, wait_busy: bool) -> None:
     """The seed's main loop over the resident pages of the range, in offset
-    order, taken a window of pages at a time (:func:`_flush_window`).  With
-    *wait_busy* (the second pass) only the pages the first pass found busy
-    are looked at, and a page still busy is waited for.  A page whose write
-    failed in this call is not tried again.
+    order.  With *wait_busy* (the second pass) only the pages the first pass
+    found busy are looked at, and a page still busy is waited for.  A page
+    whose write failed in this call is not tried again.
     """
-    uvn = fl.uvn
     curoff = fl.start
-    while (pp := _next_page(uvn, curoff, fl.stop)) is not None:
-        window = uvn.pages_in(pp.offset, min(pp.offset + MAXPHYS, fl.stop))
-        curoff = _flush_window(fl, window, wait_busy)
+    while (pp := _next_page(fl.uvn, curoff, fl.stop)) is not None:
+        curoff = pp.offset + fl.uvn.vm.page_size
+        if (wait_busy and pp.offset not in fl.was_busy) or pp.offset in fl.failed:
+            continue
+        curoff = _flush_page(fl, pp, wait_busy)
 
 
-def _flush_window(fl: _Flush, pgs: list[VmPage], wait_busy: bool) -> int:
-    """The main loop's work on *pgs*, resident pages of the range in offset
-    order: the pages that need no cleaning are disposed of together
-    (:func:`_flush_dispose`), up to the first that needs a wait or a write,
-    which ends the window (the lock may be dropped there: the pages after it
-    are looked up again).  Returns the offset the loop looks at next.
+def _flush_page(fl: _Flush, pp: VmPage, wait_busy: bool) -> int:
+    """Deal with one page: dispose of it, wait for it, or write it with its
+    cluster.  Returns the offset the loop looks at next.
 
     => caller holds the object lock; it may be dropped and retaken.
     """
     flags = fl.flags
-    ps = fl.uvn.vm.page_size
-    end = pgs[-1].offset + ps
-    if wait_busy or fl.failed:
-        pgs = [pg for pg in pgs if (pg.offset in fl.was_busy or not wait_busy) and pg.offset not in fl.failed]
-    cleanit = flags & PGO_CLEANIT
-    syncwait = flags & (PGO_CLEANIT | PGO_SYNCIO) == PGO_CLEANIT | PGO_SYNCIO
-    free_only = flags & (PGO_FREE | PGO_DEACTIVATE) == PGO_FREE
-    if cleanit and flags & PGO_FREE:
-        # freeing: unmap first, so that PG_CLEAN cannot go stale after
-        pmap_page_protect_run([pg for pg in pgs if pg.pg_flags & (PG_BUSY | PG_CLEAN | PQ_ACTIVE)
-                               == PG_CLEAN | PQ_ACTIVE], PROT_NONE)
-    done: list[VmPage] = []  # pages that need no cleaning: disposed of together
-    for pp in pgs:
-        pflags = pp.pg_flags
-        if cleanit and not pflags & PG_BUSY:
-            # PG_CLEAN synced from the pmap (pmap_is_modified: pg.attrs on every machine)
-            if pflags & PG_CLEAN and pp.attrs & PG_MOD:
-                pflags &= ~PG_CLEAN
-            pp.pg_flags = pflags | PG_CLEANCHK
-            if not pflags & PG_CLEAN:  # dirty: write it with its cluster
-                _flush_dispose(fl, done, free=True)
-                result, ppsp = _flush_put(fl, pp)
-                # go on after the cluster's last page: a page of a pending write is
-                # busy, and one whose write failed is not tried again by this call
-                nextoff = ppsp[-1].offset + ps
-                _flush_cluster_done(fl, pp, result, ppsp)
-                return nextoff
-        elif pflags & PG_BUSY:
-            if syncwait:
-                if wait_busy:
-                    _flush_dispose(fl, done, free=True)
-                    return _flush_wait(fl, pp)
-                fl.need_iosync = True
-                fl.was_busy.add(pp.offset)
-            if free_only:  # it must be freed: wait for it
-                _flush_dispose(fl, done, free=True)
+    if not flags & PGO_CLEANIT or pp.pg_flags & PG_BUSY:
+        if pp.pg_flags & PG_BUSY and flags & (PGO_CLEANIT | PGO_SYNCIO) == PGO_CLEANIT | PGO_SYNCIO:
+            if wait_busy:
                 return _flush_wait(fl, pp)
-        done.append(pp)
-    _flush_dispose(fl, done, free=True)
-    return end
+            fl.need_iosync = True
+            fl.was_busy.add(pp.offset)
+        needs_clean = False
+    else:
+        needs_clean = _flush_sync_clean(pp, flags)
+
+    if not needs_clean:
+        if flags & (PGO_FREE | PGO_DEACTIVATE) == PGO_FREE and pp.pg_flags & PG_BUSY:
+            return _flush_wait(fl, pp)
+        _flush_dispose(fl, pp, free=True)
+        return pp.offset + fl.uvn.vm.page_size
+
+    result, ppsp = _flush_put(fl, pp)
+    # go on after the cluster's last page: a page of a pending write is
+    # busy, and one whose write failed is not tried again by this call
+    nextoff = ppsp[-1].offset + fl.uvn.vm.page_size
+    _flush_cluster_done(fl, pp, result, ppsp)
+    return nextoff
+
+
+def _flush_sync_clean(pp: VmPage, flags: int) -> bool:
+    """Sync the PG_CLEAN of an unbusy page from the pmap; True if it is dirty.
+
+    => caller holds the object lock.
+    """
+    # freeing: unmap first, so that PG_CLEAN cannot go stale after
+    if pp.pg_flags & PG_CLEAN and flags & PGO_FREE and pp.pg_flags & PQ_ACTIVE:
+        pmap_page_protect(pp, PROT_NONE)
+    if pp.pg_flags & PG_CLEAN and pmap_is_modified(pp):
+        pp.pg_flags &= ~PG_CLEAN
+    pp.pg_flags |= PG_CLEANCHK
+    return not pp.pg_flags & PG_CLEAN
 
 
 def _flush_wait(fl: _Flush, pp: VmPage) -> int:
@@ -849,31 +839,30 @@ def _flush_wait(fl: _Flush, pp: VmPage) -> int:
     return off
 
 
-def _flush_dispose(fl: _Flush, pgs: list[VmPage], free: bool) -> None:
-    """The seed's disposal of pages the flush is done with, for *pgs*
-    together: PGO_DEACTIVATE deactivates them (busy or not: the seed allows
-    it), else PGO_FREE with *free* frees them (none may be busy): one pmap
-    call and one hold of the page queue lock.
+def _flush_dispose(fl: _Flush, pg: VmPage, free: bool) -> None:
+    """The seed's disposal of a page the flush is done with: PGO_DEACTIVATE
+    deactivates it (busy or not: the seed allows it), else PGO_FREE with
+    *free* frees it (onto ``fl.dead``; the page must not be busy).
 
     => caller holds the object lock, not the page queue lock.
     """
-    if not pgs:
-        return
+    vm = fl.uvn.vm
     if fl.flags & PGO_DEACTIVATE:
-        pgs = [pg for pg in pgs if pg.wire_count == 0]
-        # only a fault, under the object lock, maps a page: those unmapped stay so
-        pmap_page_protect_run([pg for pg in pgs if pg.pv], PROT_NONE)
-        with fl.uvn.vm.pageqlock:
-            uvm_pagedeactivate_run(pgs)
+        if pg.wire_count == 0:
+            pmap_page_protect(pg, PROT_NONE)
+            with vm.pageqlock:
+                uvm_pagedeactivate(pg)
     elif fl.flags & PGO_FREE and free:
-        uvm_pagefree_run(pgs)
+        pmap_page_protect(pg, PROT_NONE)
+        with vm.pageqlock:
+            uvm_pageclean(pg)
+        fl.dead.append(pg)
 
 
 def _flush_put(fl: _Flush, pp: VmPage) -> tuple[int, list[VmPage]]:
     """Write the dirty page *pp* with its neighbours (uvm_pager_put), as
     the seed's ReTry loop does: an asynchronous put that finds no pager map
-    is done synchronously, and so is the rest of the flush.  The cluster
-    may be MAXPHYS long (the seed's: MAXBSIZE).
+    is done synchronously, and so is the rest of the flush.
 
     The cluster stays inside the range and never takes a page whose write
     failed in this call.  => caller holds the object lock; *pp* is unbusy.
@@ -886,15 +875,13 @@ def _flush_put(fl: _Flush, pp: VmPage) -> tuple[int, list[VmPage]]:
     # will not be freed must not be left PG_RELEASED
     if fl.flags & (PGO_FREE | PGO_SYNCIO | PGO_DEACTIVATE) == PGO_FREE:
         pp.pg_flags |= PG_RELEASED
-    lo, hi = fl.start, fl.stop
-    if fl.failed:
-        below = next(fl.failed.irange(maximum=pp.offset, reverse=True), None)
-        above = next(fl.failed.irange(minimum=pp.offset), None)
-        lo = lo if below is None else below + ps
-        hi = hi if above is None else above
+    below = next(fl.failed.irange(maximum=pp.offset, reverse=True), None)
+    above = next(fl.failed.irange(minimum=pp.offset), None)
+    lo = fl.start if below is None else below + ps
+    hi = fl.stop if above is None else above
     while True:
         # [lo, hi) bounds the cluster: PGO_ALLPAGES would lift the bounds
-        result, ppsp = uvm_pager_put(fl.uvn, pp, MAXPHYS // ps,
+        result, ppsp = uvm_pager_put(fl.uvn, pp, MAXBSIZE // ps,
                                      (fl.flags | PGO_DOACTCLUST) & ~PGO_ALLPAGES, lo, hi)
         if result != VM_PAGER_AGAIN:
             return result, ppsp
@@ -904,8 +891,7 @@ def _flush_put(fl: _Flush, pp: VmPage) -> tuple[int, list[VmPage]]:
 
 
 def _flush_cluster_done(fl: _Flush, pp: VmPage, result: int, ppsp: list[VmPage]) -> None:
-    """The seed's disposal of a cluster after its put, each step for the
-    cluster's pages together.
+    """The seed's disposal of a cluster after its put.
 
     Pending: uvn_aiodone finishes the pages and frees the released ones (it
     needs the object lock we hold: none is done yet).  Written: the pages
@@ -918,25 +904,25 @@ def _flush_cluster_done(fl: _Flush, pp: VmPage, result: int, ppsp: list[VmPage])
     => caller holds the object lock.
     """
     if result == VM_PAGER_PEND:
-        _flush_dispose(fl, ppsp, free=False)
-        if fl.flags & (PGO_FREE | PGO_DEACTIVATE) == PGO_FREE:
-            for ptmp in ppsp:
+        for ptmp in ppsp:
+            _flush_dispose(fl, ptmp, free=False)
+            if fl.flags & (PGO_FREE | PGO_DEACTIVATE) == PGO_FREE:
                 ptmp.pg_flags |= PG_RELEASED
         return
-    if result != VM_PAGER_OK:
+    ok = result == VM_PAGER_OK
+    if not ok:
         fl.retval = False
         fl.failed.update(ptmp.offset for ptmp in ppsp)
         pp.pg_flags &= ~PG_RELEASED
-        pager_unbusy(pp)
-        # a dropped page that was released is gone
-        _flush_dispose(fl, [ptmp for ptmp in ppsp if ptmp.uobject is fl.uvn], free=False)
-        return
-    pager_unbusy_run(ppsp)
     for ptmp in ppsp:
-        ptmp.pg_flags |= PG_CLEAN | PG_CLEANCHK
-    if fl.flags & (PGO_FREE | PGO_DEACTIVATE) != PGO_FREE:  # they stay: clean
-        pmap_clear_modify_run(ppsp)
-    _flush_dispose(fl, [ptmp for ptmp in ppsp if ptmp.uobject is fl.uvn], free=True)
+        if ptmp is pp or ok:
+            pager_unbusy(ptmp)
+        if ok:
+            ptmp.pg_flags |= PG_CLEAN | PG_CLEANCHK
+            if fl.flags & (PGO_FREE | PGO_DEACTIVATE) != PGO_FREE:  # it stays: clean
+                pmap_clear_modify(ptmp)
+        if ptmp.uobject is fl.uvn:  # a dropped page that was released is gone
+            _flush_dispose(fl, ptmp, free=ok)
 
 
 def _flush_iosync(uvn: UvmVnode) -> None:
@@ -964,7 +950,7 @@ def uvn_cluster(uobj: UvmObject, offset: int) -> tuple[int, int]:
     uvn = _uvn(uobj)
     if offset >= uvn.u_size:
         panic(f"uvn_cluster: offset {offset:#x} out of range (size {uvn.u_size:#x})")
-    return offset, min(offset + MAXPHYS, uobj.vm.round_page(uvn.u_size))
+    return offset, min(offset + MAXBSIZE, uobj.vm.round_page(uvn.u_size))
 
 
 @traced
@@ -1278,22 +1264,27 @@ def uvn_aiodone(desc: UvmAioDesc) -> None:
     uvm_pagermapout(vm.pager_map)
     vm.uvmexp.write_ios += 1
     vm.uvmexp.pageouts += len(desc.pps)
-    pps = desc.pps
+    dead: list[VmPage] = []
     with uvn.vmobjlock:
-        pager_unbusy_run(pps)
         if desc.error:
             uvn_record_error(uvn, desc.error)
-            for pg in pps:
+        for pg in desc.pps:
+            pager_unbusy(pg)
+            if desc.error:
                 pg.pg_flags &= ~PG_RELEASED
-        else:
+                continue
             # write-protected and busy while written: no store can have raced
-            for pg in pps:
-                pg.pg_flags |= PG_CLEAN | PG_CLEANCHK
-            pmap_clear_modify_run(pps)
-            uvm_pagefree_run([pg for pg in pps if pg.pg_flags & PG_RELEASED])
+            pg.pg_flags |= PG_CLEAN | PG_CLEANCHK
+            pmap_clear_modify(pg)
+            if pg.pg_flags & PG_RELEASED:
+                pmap_page_protect(pg, PROT_NONE)
+                with vm.pageqlock:
+                    uvm_pageclean(pg)
+                dead.append(pg)
         uvn.u_nio -= 1
         if uvn.u_flags & UVM_VNODE_IOSYNC and uvn.u_nio == 0:
             wakeup((uvn, "u_nio"))
+    uvm_pglistfree(dead)
     if vm.npages_free_low():  # the daemon's pageouts are clean now: free them
         wakeup(vm.pagedaemon_chan)
 

@@ -40,12 +40,6 @@ class Frames:
     def unbind(self, pg: VmPage) -> None:
         """*pg* left its object: its frame stays where it is."""
 
-    def bind_run(self, uobj: UvmObject, pgs: list[VmPage]) -> None:
-        """bind of each page of *pgs*, pages of *uobj*: nothing to do."""
-
-    def unbind_run(self, uobj: UvmObject, pgs: list[VmPage]) -> None:
-        """unbind of each page of *pgs*, pages of *uobj*: nothing to do."""
-
     def setsize(self, uobj: UvmObject, size: int) -> None:
         """*uobj*'s size changed: the frames do not follow objects."""
 

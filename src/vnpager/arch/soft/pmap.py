@@ -207,16 +207,14 @@ def pmap_page_protect_run(pgs: list[VmPage], prot: int) -> None:
     """pmap_page_protect of each page of *pgs*, under one hold of the lock."""
     if not pgs:
         return
-    if prot & PROT_WRITE:
-        return
     with pgs[0].vm.pmap_lock:
-        mapped = [pg for pg in pgs if pg.pv]
-        _tlb_shootdown_run(mapped, loads=prot == PROT_NONE)
         if prot != PROT_NONE:
-            for pg in mapped:  # the rest of _page_protect(pg, PROT_READ)
-                for pmap, va in pg.pv:
-                    pmap.pm_pte[va] = (pg, pmap.pm_pte[va][1] & ~PROT_WRITE)
+            for pg in pgs:
+                if pg.pv:
+                    _page_protect(pg, prot)
             return
+        mapped = [pg for pg in pgs if pg.pv]
+        _tlb_shootdown_run(mapped, loads=True)
         for pg in mapped:  # the rest of _page_protect(pg, PROT_NONE)
             for pmap, va in pg.pv:
                 del pmap.pm_pte[va]

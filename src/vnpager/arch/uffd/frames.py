@@ -120,15 +120,6 @@ class ObjectFrames:
         self.bound.add(offset)
         return self.view.mem[offset:end]
 
-    def pages(self, offsets: list[int]) -> list[memoryview]:
-        """page() of each of *offsets* (ascending): the memfd and the view
-        grown once, for the last."""
-        if offsets:
-            self.page(offsets[-1])
-        self.bound.update(offsets)
-        mem = self.view.mem
-        return [mem[off:off + PAGE_SIZE] for off in offsets]
-
     def resize(self) -> None:
         """The memfd's size: the object's, but never below a bound page's end."""
         want = max(self.size, max(self.bound, default=-PAGE_SIZE) + PAGE_SIZE)
@@ -215,14 +206,6 @@ class Frames:
         assert pg.uobject is not None
         pg.data = self._of(pg.uobject, punch=True).page(pg.offset)
 
-    def bind_run(self, uobj: UvmObject, pgs: list[VmPage]) -> None:
-        """bind of each page of *pgs*, pages of *uobj* in offset order (a
-        read's run): the object's frames looked up, the pending punches
-        done and the memfd grown once.  => caller holds the object lock."""
-        of = self._of(uobj, punch=True)
-        for pg, data in zip(pgs, of.pages([pg.offset for pg in pgs]), strict=True):
-            pg.data = data
-
     def unbind(self, pg: VmPage) -> None:
         """*pg* leaves its object: its page is to be punched out of the
         memfd, and the object's frames dropped if that was the last page of
@@ -235,20 +218,14 @@ class Frames:
         it counts among the resident pages -- never more of them than
         physmem all the same, as no freed slot is bound again before the
         punch."""
-        assert pg.uobject is not None
-        self.unbind_run(pg.uobject, [pg])
-
-    def unbind_run(self, uobj: UvmObject, pgs: list[VmPage]) -> None:
-        """unbind of each page of *pgs*, pages of *uobj* (a run freed), under
-        one hold of the lock.  => as unbind."""
-        offsets = [pg.offset for pg in pgs]
-        for pg in pgs:
-            pg.data = self.unbound
+        uobj = pg.uobject
+        assert uobj is not None
+        pg.data = self.unbound
         with self.lock:
             of = self.objects[uobj]
-            of.bound.difference_update(offsets)
-            of.pending += offsets
-            self.npending += len(offsets)
+            of.bound.discard(pg.offset)
+            of.pending.append(pg.offset)
+            self.npending += 1
             self.unpunched[of] = None
             idle = not of.bound and uobj.uo_refs == 0
             if idle or of.memsize > of.size:  # dropped, or shrunk below a page kept past a truncation
@@ -257,7 +234,7 @@ class Frames:
                 del self.objects[uobj]
         if idle:
             of.close()
-        elif of.memsize > of.size and max(offsets) + PAGE_SIZE >= of.memsize:
+        elif of.memsize > of.size and pg.offset + PAGE_SIZE >= of.memsize:
             of.resize()  # the page kept past a truncation is gone: the memfd shrinks to the object
 
     def _punch_pending(self) -> None:
